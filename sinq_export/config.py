@@ -1,0 +1,155 @@
+"""One frozen configuration object, validated once, passed everywhere.
+
+The CLI builds it from flags; a Python user builds it directly. Functions take the config and
+never re-parse flags, so a bad value is reported once, at construction, with its name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+METHODS = ("sinq", "rtn")
+RUNTIMES = ("stock", "custom")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DTYPES = ("fp32", "fp16")
+COL_SCALE_MODES = ("mul", "fold", "fused")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def check_bits(bits: int, where: str = "bits") -> None:
+    if bits not in QUANT_BITS:
+        raise ConfigError(f"{where}={bits!r} is not supported; choose one of {QUANT_BITS}")
+
+
+def check_group_size(group_size: int, where: str = "group_size") -> None:
+    # MatMulNBits accepts power-of-two block sizes from 16 to 256.
+    ok = isinstance(group_size, int) and 16 <= group_size <= 256
+    if not ok or group_size & (group_size - 1):
+        raise ConfigError(
+            f"{where}={group_size!r} must be a power of two between 16 and 256 "
+            "(MatMulNBits' block size constraint)"
+        )
+
+
+def _compile_all(patterns: tuple[str, ...], where: str) -> None:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ConfigError(f"{where}: invalid regular expression {p!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SinqConfig:
+    """Everything that decides how a model is quantized and exported.
+
+    Attributes:
+        bits: code width for quantized linears (2-8; stock onnxruntime runs 2/4/8).
+        group_size: block size along K (power of two, 16-256).
+        method: ``"sinq"`` (Sinkhorn normalisation, then RTN) or ``"rtn"`` (the baseline).
+        symmetric: fixed mid-range zero point instead of min/max asymmetric quantization.
+        sinkhorn_iters: normalisation iterations per tile (the paper uses 16).
+        kurtosis_gate: if set, a layer whose whole-matrix kurtosis exceeds it falls back to
+            RTN (the reference's default is 5.0; off by default, see README for measurements).
+        include / exclude: regular expressions matched (``re.search``) against module names.
+        overrides: regex -> bits for per-layer bit widths (first match wins).
+        runtime: ``"stock"`` (MatMulNBits, 3/5/6/7-bit codes in 4/8-bit containers) or
+            ``"custom"`` (our ``sinq.ops::SinqMatMulNBits`` with true packed size).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 = fp32 compute, 4 = int8 activations).
+        dtype: float type of the exported graph's activations and scales.
+        col_scale: how the column scale t is applied in the graph: an explicit ``Mul``,
+            ``fold`` it into a preceding norm / up_proj where exact, or ``fused`` into the
+            custom op.
+        shared_col_scale: run Sinkhorn jointly on linears that read the same input
+            (q/k/v, gate/up) so they share one t, which then folds into the norm weight.
+        lm_head_bits: quantize the output projection to this width (None keeps it float).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    method: Literal["sinq", "rtn"] = "sinq"
+    symmetric: bool = False
+    sinkhorn_iters: int = 16
+    kurtosis_gate: float | None = None
+    include: tuple[str, ...] = (r".*",)
+    exclude: tuple[str, ...] = (r"(^|\.)lm_head$",)
+    overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    runtime: Literal["stock", "custom"] = "stock"
+    accuracy_level: int = 0
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    col_scale: Literal["mul", "fold", "fused"] = "mul"
+    shared_col_scale: bool = False
+    lm_head_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overrides, Mapping):
+            object.__setattr__(self, "overrides", tuple(self.overrides.items()))
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not one of {METHODS}")
+        if not isinstance(self.sinkhorn_iters, int) or not 0 <= self.sinkhorn_iters <= 1000:
+            raise ConfigError(f"sinkhorn_iters={self.sinkhorn_iters!r} must be an int in [0, 1000]")
+        if self.kurtosis_gate is not None and not self.kurtosis_gate > 0:
+            raise ConfigError(f"kurtosis_gate={self.kurtosis_gate!r} must be positive or None")
+        _compile_all(self.include, "include")
+        _compile_all(self.exclude, "exclude")
+        _compile_all(tuple(p for p, _ in self.overrides), "overrides")
+        for pattern, b in self.overrides:
+            check_bits(b, where=f"overrides[{pattern!r}]")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ConfigError(f"accuracy_level={self.accuracy_level!r} not in {ACCURACY_LEVELS}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.col_scale not in COL_SCALE_MODES:
+            raise ConfigError(f"col_scale={self.col_scale!r} is not one of {COL_SCALE_MODES}")
+        if self.col_scale == "fused" and self.runtime != "custom":
+            raise ConfigError("col_scale='fused' needs runtime='custom' (the fused op is ours)")
+        if self.lm_head_bits is not None:
+            check_bits(self.lm_head_bits, where="lm_head_bits")
+
+    def bits_for(self, name: str) -> int | None:
+        """Bit width for module ``name``, or None when it stays in float."""
+        if self.lm_head_bits is not None and re.search(r"(^|\.)lm_head$", name):
+            return self.lm_head_bits
+        if not any(re.search(p, name) for p in self.include):
+            return None
+        if any(re.search(p, name) for p in self.exclude):
+            return None
+        for pattern, b in self.overrides:
+            if re.search(pattern, name):
+                return b
+        return self.bits
+
+    def replace(self, **changes: Any) -> SinqConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["include"] = list(self.include)
+        d["exclude"] = list(self.exclude)
+        d["overrides"] = [list(o) for o in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SinqConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key in ("include", "exclude"):
+            if key in known:
+                known[key] = tuple(known[key])
+        if "overrides" in known:
+            known["overrides"] = tuple((p, int(b)) for p, b in known["overrides"])
+        return cls(**known)

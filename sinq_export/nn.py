@@ -1,0 +1,283 @@
+"""The PyTorch stage: `SinqLinear` and `quantize_model(model, config)`.
+
+`SinqLinear` is the reference the ONNX graph is checked against, so it computes exactly what
+the graph computes, in the same order: ``y = (x * t) @ ((Q - z) * s).T + b``. Its buffers are
+the very tensors of the `QuantizedWeight` record that the exporter writes as initializers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SinqConfig
+from .io import atomic_output_dir, read_json, write_json
+from .quant.core import quantize_jointly, quantize_weight, relative_error
+from .quant.record import QuantizedWeight
+
+# Linears that read the same input tensor; with `shared_col_scale` they share one t.
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZED_META_FILE = "sinq_quantized.json"
+FORMAT_VERSION = 1
+
+
+class SinqLinear(nn.Module):
+    """A linear layer whose weight is a packed SINQ/RTN `QuantizedWeight`."""
+
+    def __init__(self, record: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = record.in_features, record.out_features
+        self.bits, self.group_size = record.bits, record.group_size
+        self.register_buffer("packed", record.packed)
+        self.register_buffer("scales", record.scales)
+        self.register_buffer("zero_points", record.zero_points)
+        self.register_buffer("col_scale", record.col_scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._dequantized: torch.Tensor | None = None
+
+    @property
+    def record(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            packed=self.packed,
+            scales=self.scales,
+            zero_points=self.zero_points,
+            col_scale=self.col_scale,
+            bits=self.bits,
+            group_size=self.group_size,
+            shape=(self.out_features, self.in_features),
+        )
+
+    def grouped_weight(self) -> torch.Tensor:
+        """``(Q - z) * s`` (cached: the record is immutable once built)."""
+        if self._dequantized is None:
+            self._dequantized = self.record.dequantize_grouped()
+        return self._dequantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.grouped_weight().to(x.dtype)
+        if self.col_scale is not None:
+            x = x * self.col_scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        self._dequantized = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        t = "t" if self.col_scale is not None else "no t"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, {t}")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    method: str
+    seconds: float
+    rel_error: float | None = None
+
+
+@dataclass
+class QuantizationReport:
+    config: SinqConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def eligible_linears(model: nn.Module, config: SinqConfig) -> dict[str, tuple[nn.Linear, int]]:
+    """Module name -> (linear, bits) for every nn.Linear the config quantizes."""
+    return {
+        name: (m, bits)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (bits := config.bits_for(name)) is not None
+    }
+
+
+def _joint_groups(names: Iterable[str], bits_of: dict[str, int]) -> list[list[str]]:
+    """Group names that read one input (same parent, names in SHARED_INPUT_GROUPS, same bits)."""
+    present = set(names)
+    groups = []
+    for name in sorted(present):
+        parent, _, leaf = name.rpartition(".")
+        for members in SHARED_INPUT_GROUPS:
+            if leaf != members[0]:
+                continue
+            full = [f"{parent}.{m}" if parent else m for m in members]
+            if all(f in present for f in full) and len({bits_of[f] for f in full}) == 1:
+                groups.append(full)
+    return groups
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: SinqConfig | None = None,
+    *,
+    progress: bool = True,
+    measure_error: bool = False,
+) -> QuantizationReport:
+    """Replace every eligible ``nn.Linear`` of ``model`` in place by a `SinqLinear`.
+
+    Follows torchao's ``quantize_(model, config)``: one entry point, one config object.
+    Tied weights (e.g. lm_head sharing the embedding) are quantized from the shared tensor
+    but the embedding itself stays float.
+    """
+    config = config or SinqConfig()
+    start = time.perf_counter()
+    linears = eligible_linears(model, config)
+    bits_of = {name: bits for name, (_, bits) in linears.items()}
+    groups = _joint_groups(linears, bits_of) if config.shared_col_scale else []
+    grouped = {n for g in groups for n in g}
+    units = groups + [[n] for n in linears if n not in grouped]
+    units.sort(key=lambda names: list(linears).index(names[0]))
+
+    report = QuantizationReport(config=config)
+    for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
+        t0 = time.perf_counter()
+        bits = bits_of[names[0]]
+        kwargs = dict(
+            bits=bits,
+            group_size=config.group_size,
+            method=config.method,
+            symmetric=config.symmetric,
+            sinkhorn_iters=config.sinkhorn_iters,
+            kurtosis_gate=config.kurtosis_gate,
+        )
+        weights = [linears[n][0].weight for n in names]
+        if len(names) > 1:
+            records = quantize_jointly(weights, names, **kwargs)
+        else:
+            records = [quantize_weight(weights[0], name=names[0], **kwargs)]
+        dt = (time.perf_counter() - t0) / len(names)
+        for name, record, weight in zip(names, records, weights):
+            linear = linears[name][0]
+            err = relative_error(weight, record) if measure_error else None
+            _set_module(model, name, SinqLinear(record, linear.bias))
+            method = config.method if record.col_scale is not None or config.method == "rtn" \
+                else "rtn(gated)"
+            report.layers.append(
+                LayerReport(name, record.shape, bits, method, dt, err)
+            )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def quantized_layers(model: nn.Module) -> dict[str, SinqLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SinqLinear)}
+
+
+def _layer_meta(m: SinqLinear) -> dict:
+    return {
+        "shape": [m.out_features, m.in_features],
+        "bits": m.bits,
+        "group_size": m.group_size,
+        "col_scale": m.col_scale is not None,
+        "bias": m.bias is not None,
+    }
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: SinqConfig,
+    *,
+    tokenizer=None,  # noqa: ANN001
+    overwrite: bool = False,
+) -> Path:
+    """Save a quantized model as safetensors + JSON (never pickle), atomically.
+
+    Layout: ``quantized.safetensors`` (float params and packed buffers), ``sinq_quantized.json``
+    (format version, config, per-layer layout), plus the HF ``config.json`` and tokenizer when
+    the model has them, so `load_quantized` can rebuild the module tree without the source.
+    """
+    from safetensors.torch import save_model
+
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        save_model(model, str(tmp / QUANTIZED_WEIGHTS_FILE), metadata={"format": "pt"})
+        hf_config = getattr(model, "config", None)
+        if hf_config is not None and hasattr(hf_config, "save_pretrained"):
+            hf_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(
+            tmp / QUANTIZED_META_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "config": config.to_dict(),
+                "layers": {n: _layer_meta(m) for n, m in quantized_layers(model).items()},
+            },
+        )
+    return Path(out_dir)
+
+
+def _empty_record(meta: dict) -> QuantizedWeight:
+    from .quant import packing
+
+    n, k = meta["shape"]
+    bits, g = meta["bits"], meta["group_size"]
+    nb = packing.n_blocks(k, g)
+    return QuantizedWeight(
+        packed=torch.zeros(n, nb, packing.packed_block_bytes(g, bits), dtype=torch.uint8),
+        scales=torch.zeros(n, nb),
+        zero_points=torch.zeros(n, packing.packed_zero_point_bytes(nb, bits), dtype=torch.uint8),
+        col_scale=torch.zeros(k) if meta["col_scale"] else None,
+        bits=bits,
+        group_size=g,
+        shape=(n, k),
+    )
+
+
+def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, SinqConfig]:
+    """Rebuild a model saved by `save_quantized`.
+
+    ``model`` is the float skeleton to load into (any torch module with the same structure);
+    when omitted, it is built from the saved HF ``config.json`` (no weights are downloaded).
+    """
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    meta_file = path / QUANTIZED_META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved quantized model (no {QUANTIZED_META_FILE})")
+    meta = read_json(meta_file)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r}")
+    if model is None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    for name, layer in meta["layers"].items():
+        if not re.fullmatch(r"[\w.]+", name):
+            raise ValueError(f"{meta_file}: bad layer name {name!r}")
+        _set_module(model, name, SinqLinear(_empty_record(layer),
+                                            torch.zeros(layer["shape"][0]) if layer["bias"]
+                                            else None))
+    load_model(model, str(path / QUANTIZED_WEIGHTS_FILE), strict=True)
+    model.eval()
+    return model, SinqConfig.from_dict(meta["config"])
