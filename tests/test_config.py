@@ -1,0 +1,37 @@
+import pytest
+
+from sinq_export.config import ConfigError, SinqConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 1}, "bits=1"),
+        ({"bits": 9}, "bits=9"),
+        ({"group_size": 48}, "power of two"),
+        ({"group_size": 8}, "between 16 and 256"),
+        ({"group_size": 512}, "between 16 and 256"),
+        ({"method": "gptq"}, "method"),
+        ({"exclude": ("(",)}, "invalid regular expression"),
+        ({"overrides": {"down_proj": 11}}, "overrides"),
+        ({"col_scale": "fused"}, "runtime='custom'"),
+        ({"accuracy_level": 7}, "accuracy_level"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SinqConfig(**kwargs)
+
+
+def test_bits_for_include_exclude_overrides():
+    cfg = SinqConfig(bits=4, overrides={r"down_proj$": 8})
+    assert cfg.bits_for("model.layers.0.self_attn.q_proj") == 4
+    assert cfg.bits_for("model.layers.0.mlp.down_proj") == 8
+    assert cfg.bits_for("lm_head") is None
+    assert SinqConfig(lm_head_bits=8).bits_for("lm_head") == 8
+    assert SinqConfig(include=(r"mlp",)).bits_for("model.layers.0.self_attn.q_proj") is None
+
+
+def test_dict_round_trip():
+    cfg = SinqConfig(bits=3, overrides={"a": 8}, exclude=("x", "y"), kurtosis_gate=5.0)
+    assert SinqConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,162 @@
+"""SINQ quantizer: references, properties, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sinq_export.quant import QuantizationError, quantize_weight, relative_error
+from sinq_export.quant.core import kurtosis, quantize_jointly
+from sinq_export.quant.rtn import dequantize_groups, quantize_groups
+from sinq_export.quant.sinkhorn import sinkhorn_scales
+
+
+def outlier_matrix(n=256, k=512, seed=0):
+    """A weight with heavy rows and columns, like real LLM layers."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w *= torch.exp(torch.randn(n, 1, generator=g) * 0.6)
+    w *= torch.exp(torch.randn(1, k, generator=g) * 0.6)
+    return w
+
+
+def naive_sinkhorn(tile: torch.Tensor, iters: int = 16):
+    """Per-tile loop written straight from Alg. 1 with torch.std: the reference for the batched kernel."""
+    m = tile.double()
+
+    def imbalance(x):
+        s1, s2 = x.std(1), x.std(0)
+        return max(s1.max(), s2.max()) / max(min(s1.min(), s2.min()), 1e-12)
+
+    target = min(m.std(1).clamp(1e-3, 1e3).min(), m.std(0).clamp(1e-3, 1e3).min()) + 1e-6
+    log_c, log_r = torch.zeros(m.shape[1], dtype=m.dtype), torch.zeros(m.shape[0], dtype=m.dtype)
+    best = (imbalance(m), torch.ones_like(log_r), torch.ones_like(log_c))
+    for _ in range(iters):
+        cur = m / log_r.exp()[:, None] / log_c.exp()[None, :]
+        ib = imbalance(cur)
+        if ib <= best[0]:
+            best = (ib, log_r.exp(), log_c.exp())
+        if ib > best[0]:
+            break
+        sr = cur.std(1).clamp(1e-3, 1e3)
+        sc = cur.std(0).clamp(1e-3, 1e3)
+        log_r = (log_r + (sr / target).clamp(0.7, 2.0).log()).clamp(-0.3, 10.0)
+        log_c = (log_c + (sc / target).clamp(0.7, 2.0).log()).clamp(-0.3, 10.0)
+    return best
+
+
+def test_batched_sinkhorn_matches_naive_per_tile_loop():
+    w = outlier_matrix(128, 256)
+    tiles = w.reshape(128, 4, 64).permute(1, 0, 2)
+    s = sinkhorn_scales(tiles, 16)
+    for i in range(4):
+        imb, r, c = naive_sinkhorn(tiles[i])
+        assert math.isclose(float(s.imbalance[i]), float(imb), rel_tol=1e-4)
+        torch.testing.assert_close(s.row[i].double(), r, rtol=1e-4, atol=0)
+        torch.testing.assert_close(s.col[i].double(), c, rtol=1e-4, atol=0)
+
+
+def test_sinkhorn_reduces_imbalance():
+    w = outlier_matrix(128, 128)
+    tiles = w.reshape(128, 2, 64).permute(1, 0, 2)
+    s = sinkhorn_scales(tiles, 16)
+    before = [naive_sinkhorn(t, 0)[0] for t in tiles]
+    assert all(float(a) < 0.8 * float(b) for a, b in zip(s.imbalance, before))
+
+
+@settings(max_examples=50, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), sym=st.booleans(),
+       scale=st.floats(1e-4, 1e3))
+def test_group_quantizer_against_numpy_reference(bits, seed, sym, scale):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((6, 32)) * scale).astype(np.float32)
+    q = quantize_groups(torch.from_numpy(x), bits, symmetric=sym)
+    qmax = 2**bits - 1
+    for r in range(6):
+        row = x[r]
+        if sym:
+            half = 2 ** (bits - 1)
+            s = max(-row.min() / half, row.max() / (half - 1), 1e-10)
+            z = half
+        else:
+            lo, hi = min(row.min(), 0.0), max(row.max(), 0.0)
+            s = max((hi - lo) / qmax, 1e-10)
+            z = np.clip(np.round(-lo / s), 0, qmax)
+        codes = np.clip(np.round(row / np.float32(s) + z), 0, qmax)
+        assert np.isclose(q.scales[r].item(), s, rtol=1e-6)
+        assert q.zeros[r].item() == z
+        assert np.abs(q.codes[r].numpy().astype(int) - codes).max() <= 1  # rounding ties
+    err = (dequantize_groups(q) - torch.from_numpy(x)).abs()
+    assert bool((err <= q.scales[:, None] * 0.5 * (1 + 1e-4) + 1e-30).all())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("method", ["sinq", "rtn"])
+def test_record_dequantizes_to_its_formula(bits, method):
+    w = outlier_matrix(64, 200)  # K not a multiple of the group
+    q = quantize_weight(w, bits, 64, method)
+    codes, zeros = q.codes().float(), q.zeros().float()
+    assert int(codes.max()) <= 2**bits - 1 and int(zeros.max()) <= 2**bits - 1
+    g = torch.arange(200) // 64
+    manual = (codes - zeros[:, g]) * q.scales[:, g]
+    if method == "sinq":
+        manual = manual * q.col_scale
+    else:
+        assert q.col_scale is None
+    torch.testing.assert_close(q.dequantize(), manual)
+    assert relative_error(w, q) < {2: 0.7, 3: 0.3, 4: 0.15, 5: 0.07, 6: 0.04, 8: 0.01}[bits]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_sinq_beats_rtn_on_imbalanced_weights(bits):
+    wins = 0
+    for seed in range(5):
+        w = outlier_matrix(seed=seed)
+        wins += relative_error(w, quantize_weight(w, bits, 64, "sinq")) < relative_error(
+            w, quantize_weight(w, bits, 64, "rtn"))
+    assert wins == 5
+
+
+def test_symmetric_uses_mid_range_zero_point():
+    q = quantize_weight(outlier_matrix(32, 64), 4, 32, "sinq", symmetric=True)
+    assert bool((q.zeros() == 8).all())
+
+
+def test_kurtosis_gate_falls_back_to_rtn():
+    w = outlier_matrix(64, 128)
+    w[3, 7] = 50.0  # one huge outlier -> enormous kurtosis
+    assert kurtosis(w) > 5
+    assert quantize_weight(w, 4, 64, "sinq", kurtosis_gate=5.0).col_scale is None
+    assert quantize_weight(w, 4, 64, "sinq").col_scale is not None
+
+
+def test_joint_quantization_shares_the_column_scale():
+    ws = [outlier_matrix(64, 128, seed=s) for s in range(3)]
+    qs = quantize_jointly(ws, ["q", "k", "v"], bits=4, group_size=64)
+    assert all(torch.equal(q.col_scale, qs[0].col_scale) for q in qs)
+    for w, q in zip(ws, qs):
+        assert q.shape == tuple(w.shape) and relative_error(w, q) < 0.15
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (torch.full((4, 64), float("nan")), "NaN/Inf"),
+        (torch.tensor([[1.0, float("inf")] * 32] * 4), "NaN/Inf"),
+        (torch.zeros(0, 64), "empty"),
+        (torch.zeros(1, 64), "single output row"),
+        (torch.zeros(2, 3, 4), "2-D"),
+    ],
+)
+def test_bad_weights_name_the_layer(weight, message):
+    with pytest.raises(QuantizationError, match=f"layers.3.mlp.up_proj: .*{message}"):
+        quantize_weight(weight, 4, 64, name="layers.3.mlp.up_proj")
+
+
+def test_all_zero_weight_is_exact():
+    q = quantize_weight(torch.zeros(8, 64), 4, 64)
+    assert bool(torch.isfinite(q.scales).all())
+    assert float(q.dequantize().abs().max()) == 0.0
