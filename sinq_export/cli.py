@@ -103,6 +103,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 # --- model: quantize + export to ONNX (issue: exporter) ------------------------------------
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
+    from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, RUNTIMES
+
     p = sub.add_parser("model", help="quantize a model and export it to ONNX")
     p.add_argument("model_dir", nargs="?", default=None,
                    help="HF causal-LM folder (default: bundled SmolLM2-135M-Instruct)")
@@ -110,32 +112,185 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["onnx"], default="onnx")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
+                        "custom: sinq.ops::SinqMatMulNBits where stock cannot run the width")
+    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=None,
+                   help="MatMulNBits accuracy_level (0 = fp32 compute, 4 = int8 activations)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
+    p.add_argument("--col-scale", choices=COL_SCALE_MODES, default=None,
+                   help="column scale t: explicit Mul (default), fold into norms / up_proj rows "
+                        "where exact, or fused into the custom op")
+    p.add_argument("--shared-col-scale", action="store_true",
+                   help="one Sinkhorn t for q/k/v and for gate/up (lets --col-scale fold "
+                        "fold it into the norm weights)")
+    p.add_argument("--lm-head-bits", type=int, choices=QUANT_BITS, default=None,
+                   help="also quantize lm_head at this width (default: keep it float)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not write OUT_DIR/reference (the PyTorch model `validate` uses)")
+    p.add_argument("--float-export", default=None, metavar="DIR",
+                   help="keep / reuse optimum's float ONNX export of the model in DIR "
+                        "(saves ~30-60 s when exporting the same model again)")
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _print_model_summary(s: dict) -> None:
+    c = s["config"]
+    bits = ", ".join(f"{b}-bit: {n}" for b, n in s["layers_by_bits"].items())
+    before, after = s["linear_weight_bytes_before"], s["linear_weight_bytes_after"]
+    ratio = f" ({after / before:.3f}x)" if before else ""
+    rows = [
+        ("output", s["output"]),
+        ("model", f"{s['source_model']} ({s['kind']})"),
+        ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {c['runtime']}, "
+                   f"accuracy_level {c['accuracy_level']}, {c['dtype']}, col_scale {c['col_scale']}"),
+        ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
+        ("col-scale Mul nodes", str(s["mul_nodes"])),
+        ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),
+        ("ONNX files", f"{_mb(s['onnx_bytes_before'])} (float) -> {_mb(s['onnx_bytes_after'])}"),
+    ]
+    t = s["timings_s"]
+    rows.append(("time", " | ".join(f"{k} {v:.1f} s" for k, v in t.items())
+                 + f" | total {sum(t.values()):.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    print("sinq-export model: done")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    raise UsageError("the ONNX exporter is not available in this build yet")
+    from .export import ExportError, export_causal_lm
+
+    config = config_from_args(args)
+    try:
+        result = export_causal_lm(
+            args.model_dir, args.output, config, overwrite=args.overwrite,
+            progress=not args.json, reference=not args.no_reference,
+            float_export_dir=args.float_export,
+        )
+    except ExportError as exc:
+        raise UsageError(str(exc)) from exc
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        _print_model_summary(summary)
+    return EXIT_OK
 
 
 # --- validate: parity torch vs onnxruntime (issue: validator) ------------------------------
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check an exported model against its PyTorch reference")
+    p = sub.add_parser(
+        "validate", help="check an exported model against its PyTorch reference",
+        description="Feed identical real-text tokens (prefill, then greedy decode steps through "
+                    "the KV cache) to OUT_DIR/reference (PyTorch) and OUT_DIR/model.onnx "
+                    "(onnxruntime); compare logits end to end and every quantized layer. Exit 0: "
+                    "every provider that ran passed (unavailable ones are reported as skipped, "
+                    "never as passed); 1: parity failure; 2: bad usage, or none of the "
+                    "requested providers is available. Without reference/ it falls back to "
+                    "ONNX-only per-op NumPy checks and says so.")
     p.add_argument("out_dir", help="a folder written by `sinq-export model`")
+    p.add_argument("--providers", default="cpu",
+                   help="comma list of cpu, cuda, tensorrt, rocm, dml, ... or 'all' (default cpu)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="override MatMulNBits accuracy_level (default: as exported)")
+    p.add_argument("--tokens", type=int, default=256, help="prefill tokens of real text (default 256)")
+    p.add_argument("--decode-steps", type=int, default=8, help="greedy decode steps (default 8)")
+    p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON ('-': stdout)")
+    p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of per-layer error")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    raise UsageError("the validator is not available in this build yet")
+    from pathlib import Path
+
+    from .validate import ValidationError, format_report, plot_layers, validate
+
+    try:
+        report = validate(args.out_dir, providers=args.providers, accuracy_level=args.accuracy_level,
+                          tokens=args.tokens, decode_steps=args.decode_steps, text=args.text)
+    except ValidationError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json != "-":
+        print(format_report(report))
+    if args.json:
+        text = json.dumps(report.to_dict(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text + "\n")
+    if args.plot:
+        plot_layers(report, args.plot)
+    if report.status == "skipped":
+        print("sinq-export validate: error: none of the requested providers is available "
+              f"({', '.join(p.provider for p in report.providers)}); nothing was validated",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK if report.status == "passed" else EXIT_FAILED
 
 
 # --- eval: perplexity on real text (issue: validator) -------------------------------------
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity on real text")
-    p.add_argument("model", nargs="?", default=None, help="model folder or export folder")
+    p = sub.add_parser(
+        "eval", help="perplexity on real text",
+        description="Perplexity on the first --windows non-overlapping --length-token windows "
+                    "(stride = length) of a real text, add_special_tokens=False, each window "
+                    "scored from an empty context. A model folder (or none: the bundled "
+                    "SmolLM2) is evaluated in PyTorch for each --compare method and --bits; an "
+                    "export folder is evaluated in onnxruntime (or --backend torch: its "
+                    "reference/).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model folder (default: bundled SmolLM2) or a `sinq-export model` folder")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                   help="default: onnxruntime for an export folder, torch for a model folder")
+    p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
+    p.add_argument("--windows", type=int, default=4, help="number of windows (default 4)")
+    p.add_argument("--length", type=int, default=512, help="tokens per window = stride (default 512)")
+    p.add_argument("--compare", default="float,rtn,sinq",
+                   help="methods for a model folder: float,rtn,sinq (default all three)")
+    p.add_argument("--bits", default="4", help="comma list of widths for rtn/sinq (default 4)")
+    p.add_argument("--group-size", type=int, default=64, help="group size (default 64)")
+    p.add_argument("--provider", default="cpu", help="onnxruntime provider (default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    raise UsageError("eval is not available in this build yet")
+    from pathlib import Path
+
+    from . import eval as ev
+    from .validate import EXPORT_META_FILE, ValidationError
+
+    if args.windows < 1 or args.length < 2:
+        raise UsageError("--windows must be >= 1 and --length >= 2")
+    is_export = args.model is not None and (Path(args.model) / EXPORT_META_FILE).is_file()
+    try:
+        if is_export:
+            table = ev.evaluate_export(args.model, backend=args.backend or "onnxruntime",
+                                       text=args.text, n_windows=args.windows, length=args.length,
+                                       provider=args.provider)
+        else:
+            if args.backend == "onnxruntime":
+                raise UsageError(f"{args.model or 'the default model'} is not an export folder; "
+                                 "export it first (`sinq-export model ... -o OUT`) and pass OUT")
+            check_group = SinqConfig(group_size=args.group_size)  # validates the group size
+            table = ev.compare(args.model, methods=ev.parse_methods(args.compare),
+                               bits=ev.parse_bits(args.bits), group_size=check_group.group_size,
+                               text=args.text, n_windows=args.windows, length=args.length)
+    except (ValueError, ValidationError) as exc:
+        if isinstance(exc, (UsageError, ConfigError)):
+            raise
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(table.to_dict(), indent=2))
+    else:
+        print(table.to_markdown())
+    return EXIT_OK
 
 
 COMMANDS = {

@@ -1,0 +1,111 @@
+"""``sinq_export.json`` (the contract in docs/export-format.md) and the export result object.
+
+The manifest holds only what is fixed by the inputs (config, layer layout, versions, sizes):
+no timestamps, timings or absolute paths, so two runs give byte-identical folders. Timings
+live in `ExportResult.timings` and reach the user through the CLI summary / ``--json``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..config import SinqConfig
+from .graph import custom_domains
+from .rewrite import RewriteReport
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "sinq_export.json"
+ONNX_FILE = "model.onnx"
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist, key in (("sinq-export", "sinq_export"), ("torch", "torch"), ("onnx", "onnx"),
+                      ("onnxruntime", "onnxruntime"), ("transformers", "transformers"),
+                      ("optimum-onnx", "optimum_onnx")):
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def onnx_section(model: onnx.ModelProto) -> dict[str, Any]:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {
+        "file": ONNX_FILE,
+        "data_file": ONNX_FILE + ".data",
+        "ir_version": model.ir_version,
+        "opset": opset,
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+        "custom_domains": custom_domains(model),
+    }
+
+
+def build_manifest(
+    *,
+    kind: str,
+    config: SinqConfig,
+    source: str | None,
+    model: onnx.ModelProto,
+    rewrite: RewriteReport,
+    onnx_bytes: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": config.to_dict(),
+        "source_model": source,
+        "versions": versions(),
+        "onnx": onnx_section(model),
+        "layers": rewrite.layers,
+        "mul_nodes": rewrite.mul_nodes,
+        "sizes": {
+            "linear_weight_bytes": rewrite.linear_weight_bytes,
+            "float_linear_weight_bytes": rewrite.float_linear_bytes,
+            "onnx_bytes": onnx_bytes,
+        },
+    }
+    manifest.update(extra or {})
+    return manifest
+
+
+@dataclass
+class ExportResult:
+    """What an export produced. ``model`` is the quantized torch reference (`SinqLinear`s)."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    model: Any = None
+    tokenizer: Any = None
+    float_onnx_bytes: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Everything the CLI prints (JSON-friendly); timings included, unlike the manifest."""
+        m = self.manifest
+        bits: dict[str, int] = {}
+        for layer in m["layers"].values():
+            bits[str(layer["bits"])] = bits.get(str(layer["bits"]), 0) + 1
+        return {
+            "output": str(self.out_dir),
+            "kind": m["kind"],
+            "source_model": m["source_model"],
+            "layers_quantized": len(m["layers"]),
+            "layers_by_bits": dict(sorted(bits.items())),
+            "ops": sorted({la["op"] for la in m["layers"].values()}),
+            "mul_nodes": m["mul_nodes"],
+            "linear_weight_bytes_before": m["sizes"]["float_linear_weight_bytes"],
+            "linear_weight_bytes_after": m["sizes"]["linear_weight_bytes"],
+            "onnx_bytes_before": self.float_onnx_bytes,
+            "onnx_bytes_after": m["sizes"]["onnx_bytes"],
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            "config": m["config"],
+        }

@@ -1,0 +1,99 @@
+"""Generic route: any ``torch.nn.Module`` with ``nn.Linear`` layers (an MLP, a vision model).
+
+``torch.onnx.export`` (TorchScript exporter, like optimum uses) traces the *float* module;
+the module is quantized with the same `quantize_model` and the graph gets the same rewrite
+as the causal-LM route. Linears traced as ``MatMul`` (3-D inputs) or ``Gemm`` (2-D inputs)
+are both recognised.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from ..config import SinqConfig
+from ..io import OutputExistsError, atomic_output_dir, write_json
+from ..nn import eligible_linears, quantize_model, quantized_layers
+from .dtype import convert_to_fp16
+from .graph import fingerprint
+from .manifest import MANIFEST_FILE, ONNX_FILE, ExportResult, build_manifest, versions
+from .reference import save_reference
+from .rewrite import LayerInput, quantize_graph
+from .stages import Stages
+from .writer import check_model, write_model
+
+DEFAULT_OPSET = 18
+
+
+def export_module(
+    module: torch.nn.Module,
+    example_inputs: Any,
+    out_dir: str | os.PathLike,
+    config: SinqConfig | None = None,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    progress: bool = False,
+    inplace: bool = False,
+    reference: bool = True,
+) -> ExportResult:
+    """Quantize ``module``'s linears with SINQ and export it to ``out_dir/model.onnx``.
+
+    ``example_inputs``: a tensor or tuple of tensors for tracing. The caller's module stays
+    float unless ``inplace=True``; the quantized copy is returned as ``result.model``.
+    """
+    config = config or SinqConfig()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {out_dir.absolute()} already exists (pass --overwrite)")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model = module if inplace else copy.deepcopy(module)
+    model.eval()
+    stages = Stages(["float_export", "quantize", "rewrite", "write", "check"], progress=progress)
+    try:
+        fingerprints = {n: fingerprint(lin.weight) for n, (lin, _) in eligible_linears(model, config).items()}
+        with stages.stage("float_export"), tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "float.onnx"
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
+                torch.onnx.export(
+                    model, args, str(path), dynamo=False, opset_version=opset,
+                    input_names=list(input_names) if input_names else None,
+                    output_names=list(output_names) if output_names else None,
+                    dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
+                    do_constant_folding=True,
+                )
+            graph = onnx.load(str(path))
+            float_bytes = path.stat().st_size
+        with stages.stage("quantize"):
+            quantize_model(model, config, progress=progress)
+        with stages.stage("rewrite"):
+            layers = {n: LayerInput(m.record, fingerprints[n]) for n, m in quantized_layers(model).items()}
+            rewrite = quantize_graph(graph, layers, config)
+            if config.dtype == "fp16":
+                convert_to_fp16(graph)
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
+            with stages.stage("write"):
+                onnx_bytes = write_model(graph, tmp_out / ONNX_FILE, versions()["sinq_export"] or "")
+                if reference:
+                    save_reference(model, tmp_out, config)
+                manifest = build_manifest(kind="module", config=config, source=type(module).__name__,
+                                          model=graph, rewrite=rewrite, onnx_bytes=onnx_bytes)
+                write_json(tmp_out / MANIFEST_FILE, manifest)
+            with stages.stage("check"):
+                check_model(tmp_out / ONNX_FILE)
+    finally:
+        stages.close()
+    return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings, model=model,
+                        float_onnx_bytes=float_bytes)

@@ -1,0 +1,291 @@
+"""Our onnxruntime custom ops: ``sinq.ops::SinqMatMulNBits`` (version 1).
+
+    Y[..., N] = (A[..., K] * col_scale) @ ((Q - z) * s)^T + bias
+
+The native library (C++ CPU kernel; CUDA kernel where built) lives in ``runtime_ops/`` at the
+repository root and is compiled at install time (``setup.py`` -> ``runtime_ops/build.py``) into
+this package folder. This module finds it, registers it with onnxruntime, and holds the NumPy
+reference implementation the tests compare against.
+
+Typical use::
+
+    from sinq_export import runtime_ops
+    so = runtime_ops.session_options()          # onnxruntime.SessionOptions, library registered
+    sess = onnxruntime.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+Operator contract (inputs in order; ``T`` is float32 or float16):
+
+* ``A`` T ``[..., K]``; ``B`` uint8 ``[N, nb, bs*bits/8]`` (``nb = ceil(K/bs)``, one LSB-first
+  bitstream of ``bs`` codes per block, see :mod:`sinq_export.quant.packing`);
+  ``scales`` T ``[N, nb]``; ``zero_points`` uint8 ``[N, ceil(nb*bits/8)]``, optional, default
+  ``2^(bits-1)``; ``col_scale`` T ``[K]``, optional; ``bias`` T ``[N]``, optional.
+* attributes ``K``, ``N``, ``bits`` (2..8), ``block_size`` (power of two, 16..2048).
+* For bits 2/4/8 this is exactly ``Mul(A, col_scale)`` -> ``com.microsoft::MatMulNBits``
+  (+ ``Add(bias)``) on the same initializers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DOMAIN = "sinq.ops"
+OP_TYPE = "SinqMatMulNBits"
+OPSET_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+LIB_NAME = "libsinq_ops.so"
+CUDA_LIB_NAME = "libsinq_ops_cuda.so"
+INPUT_NAMES = ("A", "B", "scales", "zero_points", "col_scale", "bias")
+
+_PKG_DIR = Path(__file__).resolve().parent
+_REPO_ROOT = _PKG_DIR.parent.parent
+_BUILD_SCRIPT = _REPO_ROOT / "runtime_ops" / "build.py"
+
+BUILD_HINT = (
+    "Build it with `python -m sinq_export.runtime_ops build` from a source checkout (needs g++ "
+    "and either apt access to a Debian mirror for the libonnxruntime-dev headers or "
+    "ORT_INCLUDE_DIR=<folder with onnxruntime_cxx_api.h>), or reinstall with "
+    "`pip install -e .`, which builds it. Set SINQ_OPS_LIBRARY to use a library built elsewhere."
+)
+
+
+class RuntimeOpsUnavailable(RuntimeError):
+    """The custom-op library is missing or cannot be loaded into this onnxruntime."""
+
+
+# --------------------------------------------------------------------------------------------
+# Library location, build, registration
+# --------------------------------------------------------------------------------------------
+def _candidates(cuda: bool) -> list[Path]:
+    name = CUDA_LIB_NAME if cuda else LIB_NAME
+    env = os.environ.get("SINQ_OPS_CUDA_LIBRARY" if cuda else "SINQ_OPS_LIBRARY")
+    out = [Path(env)] if env else []
+    return out + [_PKG_DIR / name]
+
+
+def library_path(*, cuda: bool = False) -> Path:
+    """Path of the built library (``cuda=True``: the CUDA-enabled variant).
+
+    Raises :class:`RuntimeOpsUnavailable` with build instructions when it is missing.
+    """
+    for cand in _candidates(cuda):
+        if cand.is_file():
+            return cand
+    what = "CUDA-enabled sinq.ops library" if cuda else "sinq.ops custom-op library"
+    extra = (
+        " The CUDA variant is built only where nvcc and an onnxruntime with the CUDA provider "
+        "are present (or with SINQ_OPS_CUDA=1)."
+        if cuda
+        else ""
+    )
+    raise RuntimeOpsUnavailable(
+        f"The {what} was not found (looked for {', '.join(map(str, _candidates(cuda)))}). {BUILD_HINT}{extra}"
+    )
+
+
+def is_available(*, cuda: bool = False) -> bool:
+    try:
+        library_path(cuda=cuda)
+    except RuntimeOpsUnavailable:
+        return False
+    return True
+
+
+def _load_build_module():
+    if not _BUILD_SCRIPT.is_file():
+        raise RuntimeOpsUnavailable(
+            f"Cannot build the custom-op library: its sources ({_BUILD_SCRIPT.parent}) are not "
+            "next to this package (a wheel install). Reinstall from a source checkout "
+            "(`pip install -e .`) or set SINQ_OPS_LIBRARY."
+        )
+    spec = importlib.util.spec_from_file_location("_sinq_ops_build", _BUILD_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("_sinq_ops_build", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(*, force: bool = False, cuda: bool | None = None) -> Path:
+    """Compile the library into this package folder (see ``runtime_ops/build.py``)."""
+    mod = _load_build_module()
+    try:
+        return mod.build(_PKG_DIR, force=force, cuda=cuda)
+    except mod.BuildError as e:
+        raise RuntimeOpsUnavailable(f"Building the sinq.ops library failed: {e}") from e
+
+
+def ensure_built(*, cuda: bool = False) -> Path:
+    """The library path, building it first (from a source checkout) if it is missing."""
+    if is_available(cuda=cuda):
+        return library_path(cuda=cuda)
+    build(cuda=True if cuda else None)
+    return library_path(cuda=cuda)
+
+
+def session_options(
+    options: Any = None,
+    *,
+    cuda: bool = False,
+    intra_op_num_threads: int | None = None,
+) -> Any:
+    """``onnxruntime.SessionOptions`` with the sinq.ops library registered.
+
+    Args:
+        options: existing SessionOptions to register into (default: a new one).
+        cuda: register the CUDA-enabled variant (CPU + CUDA kernels); needs it built.
+        intra_op_num_threads: convenience setter (the CPU kernel uses onnxruntime's intra-op
+            thread pool).
+    """
+    import onnxruntime as ort
+
+    so = options if options is not None else ort.SessionOptions()
+    if intra_op_num_threads is not None:
+        so.intra_op_num_threads = int(intra_op_num_threads)
+    path = library_path(cuda=cuda)
+    try:
+        so.register_custom_ops_library(str(path))
+    except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
+        raise RuntimeOpsUnavailable(
+            f"onnxruntime {ort.__version__} could not load {path}: {e}. The library may be "
+            f"built for another onnxruntime/CPU, or be corrupt. Rebuild it with "
+            f"`python -m sinq_export.runtime_ops build --force`. {BUILD_HINT}"
+        ) from e
+    return so
+
+
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+# --------------------------------------------------------------------------------------------
+# Graph helper
+# --------------------------------------------------------------------------------------------
+def make_node(
+    inputs: Sequence[str],
+    output: str,
+    *,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+    name: str | None = None,
+):
+    """An ``onnx.NodeProto`` for the op. ``inputs``: A, B, scales[, zero_points[, col_scale[,
+    bias]]] — use ``""`` for an absent optional input that precedes a present one."""
+    import onnx
+
+    inputs = list(inputs)
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    if len(inputs) < 3 or len(inputs) > 6:
+        raise ValueError(f"{OP_TYPE} takes 3 to 6 inputs ({', '.join(INPUT_NAMES)}), got {inputs}")
+    return onnx.helper.make_node(
+        OP_TYPE,
+        inputs,
+        [output],
+        name=name,
+        domain=DOMAIN,
+        K=int(K),
+        N=int(N),
+        bits=int(bits),
+        block_size=int(block_size),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy reference
+# --------------------------------------------------------------------------------------------
+def reference_sinq_matmul(
+    a: np.ndarray,
+    packed: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    col_scale: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    *,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+) -> np.ndarray:
+    """What ``SinqMatMulNBits`` computes, in NumPy (unpacking via :mod:`sinq_export.quant.packing`).
+
+    ``W = (Q - z) * s`` is formed in float32 as MatMulNBits dequantises, ``A * col_scale`` in
+    A's precision as the ``Mul`` node would, the product is accumulated in float64 and the
+    result returned in A's dtype.
+    """
+    import torch
+
+    from sinq_export.quant import packing
+
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} not in {SUPPORTED_BITS}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size={block_size} must be a power of two >= 16")
+    a = np.asarray(a)
+    if a.shape[-1] != K:
+        raise ValueError(f"A has shape {a.shape}; its last dimension must be K={K}")
+    nb = packing.n_blocks(K, block_size)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(N, nb, -1)
+    q = packing.unpack_codes(torch.from_numpy(np.ascontiguousarray(packed)), bits, block_size, K)
+    q = q.numpy().astype(np.float32)  # [N, K]
+    if zero_points is None:
+        z = np.full((N, nb), packing.default_zero_point(bits), dtype=np.float32)
+    else:
+        zp = np.ascontiguousarray(np.asarray(zero_points, dtype=np.uint8).reshape(N, -1))
+        z = packing.unpack_zero_points(torch.from_numpy(zp), bits, nb).numpy().astype(np.float32)
+    s = np.asarray(scales).reshape(N, nb).astype(np.float32)
+    col = np.arange(K) // block_size
+    w = (q - z[:, col]) * s[:, col]  # float32 [N, K]
+    x = a if col_scale is None else a * np.asarray(col_scale, dtype=a.dtype)
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    return y.astype(a.dtype if a.dtype in (np.float16, np.float32) else np.float32)
+
+
+def reference_from_record(a: np.ndarray, qw, bias: np.ndarray | None = None) -> np.ndarray:
+    """:func:`reference_sinq_matmul` for a :class:`~sinq_export.quant.record.QuantizedWeight`."""
+    n, k = qw.shape
+    return reference_sinq_matmul(
+        a,
+        qw.packed.numpy(),
+        qw.scales.float().numpy(),
+        qw.zero_points.numpy(),
+        None if qw.col_scale is None else qw.col_scale.float().numpy(),
+        bias,
+        K=k,
+        N=n,
+        bits=qw.bits,
+        block_size=qw.group_size,
+    )
+
+
+__all__ = [
+    "BUILD_HINT",
+    "CUDA_LIB_NAME",
+    "DOMAIN",
+    "INPUT_NAMES",
+    "LIB_NAME",
+    "OPSET_VERSION",
+    "OP_TYPE",
+    "RuntimeOpsUnavailable",
+    "SUPPORTED_BITS",
+    "build",
+    "cuda_provider_available",
+    "ensure_built",
+    "is_available",
+    "library_path",
+    "make_node",
+    "reference_from_record",
+    "reference_sinq_matmul",
+    "session_options",
+]

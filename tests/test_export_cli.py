@@ -1,0 +1,76 @@
+"""`sinq-export model` bad input: clear errors, exit code 2, nothing written (no model loaded)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sinq_export.cli import EXIT_USAGE, main
+
+
+def _run(args, capsys):  # noqa: ANN001, ANN202
+    rc = main(["model", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    rc, err = _run([str(tmp_path / "nope"), "-o", str(tmp_path / "out")], capsys)
+    assert rc == EXIT_USAGE and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_causal_lm(tmp_path, capsys):
+    src = tmp_path / "bert"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    rc, err = _run([str(src), "-o", str(tmp_path / "out")], capsys)
+    assert rc == EXIT_USAGE and "causal" in err and "LlamaForCausalLM" in err
+
+
+def test_pickle_only_weights_refused(tmp_path, capsys):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (src / "pytorch_model.bin").write_bytes(b"not unpickled")
+    rc, err = _run([str(src), "-o", str(tmp_path / "out")], capsys)
+    assert rc == EXIT_USAGE and "pickle" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_exists(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    rc, err = _run([str(tmp_path / "nope"), "-o", str(tmp_path / "out")], capsys)
+    assert rc == EXIT_USAGE and "--overwrite" in err
+
+
+def test_fused_needs_custom_runtime(tmp_path, capsys):
+    rc, err = _run(["-o", str(tmp_path / "out"), "--col-scale", "fused"], capsys)
+    assert rc == EXIT_USAGE and "runtime='custom'" in err
+
+
+@pytest.mark.parametrize("flag", [["--bits", "9"], ["--accuracy-level", "7"], ["--dtype", "bf16"]])
+def test_bad_flag_values(tmp_path, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "-o", str(tmp_path / "out"), *flag])
+    assert exc.value.code == EXIT_USAGE
+
+
+def test_float_export_dir_must_be_ours(tmp_path, monkeypatch, capsys):
+    """--float-export never deletes a folder it did not create."""
+    import sinq_export.models as models
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    src = tmp_path / "src"
+    src.mkdir()
+    monkeypatch.setattr(models, "load_causal_lm", lambda folder: (_FakeLM(), None))
+    rc = main(["model", str(src), "-o", str(tmp_path / "out"), "--float-export", str(foreign)])
+    assert rc == EXIT_USAGE and "not a float export" in capsys.readouterr().err
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+class _FakeLM:
+    def named_modules(self):  # noqa: ANN201
+        return iter(())
