@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import numpy as np
 import onnxruntime_genai as og
+
+
+def peak_rss_kb() -> int:
+    """VmHWM of this process. (ru_maxrss is not used: Linux carries the parent's high-water
+    mark across fork + exec, so a worker started from a 1.5 GB orchestrator would report that.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return -1
 
 
 def main() -> None:
@@ -62,7 +71,7 @@ def main() -> None:
         steps.append(s)
     print(json.dumps({"load_s": load_s, "prefill_s": prefill, "decode_s": decode, "steps": steps,
                       "prompt_tokens": P, "decode_steps": N,
-                      "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "peak_rss_kb": peak_rss_kb(),
                       "onnxruntime_genai": og.__version__}))
 
 

@@ -1,4 +1,4 @@
-"""Timing worker of bench/e2e.py: one model, one process (so ru_maxrss is this model's alone).
+"""Timing worker of bench/e2e.py: one model, one process (so its peak RSS is this model's alone).
 
 Imports only numpy and onnxruntime. Drives an optimum-style decoder graph (input_ids,
 attention_mask, position_ids, past_key_values.* -> logits, present.*) with a numpy KV cache:
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import numpy as np
@@ -19,6 +18,16 @@ import onnxruntime as ort
 
 NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
       "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def peak_rss_kb() -> int:
+    """VmHWM of this process. (ru_maxrss is not used: Linux carries the parent's high-water
+    mark across fork + exec, so a worker started from a 1.5 GB orchestrator would report that.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return -1
 
 
 def main() -> None:
@@ -88,7 +97,7 @@ def main() -> None:
         decode.append(d)
     print(json.dumps({"load_s": load_s, "prefill_s": prefill, "decode_s": decode,
                       "prompt_tokens": P, "decode_steps": N,
-                      "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "peak_rss_kb": peak_rss_kb(),
                       "onnxruntime": ort.__version__}))
 
 

@@ -10,7 +10,7 @@ same prompt for every model. Per variant: model file size; build (quantize + exp
 prefill and decode tokens/s (prefill a fixed ``--prompt-tokens`` (128) tokens of the Wikipedia
 text, then ``--decode-steps`` single-token steps through the KV cache), median over
 ``--rounds`` interleaved rounds, each in its own process (``_e2e_worker.py``, or
-``_e2e_genai.py`` for onnxruntime-genai), whose peak RSS (ru_maxrss) is reported; every speed
+``_e2e_genai.py`` for onnxruntime-genai), whose peak RSS (VmHWM) is reported; every speed
 also as a ratio to fp32 in the same run; perplexity on 4 x 512 tokens of the real text (the
 protocol of ``sinq_export.eval``, computed in onnxruntime).
 
@@ -105,7 +105,7 @@ class Result:
     col_scale_muls: int | None = None
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
-    maxrss_kb: list[int] = field(default_factory=list)
+    peak_rss_kb: list[int] = field(default_factory=list)
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
     prefill_x_fp32: float | None = None
@@ -282,7 +282,7 @@ class Builder:
             for p in out.iterdir():
                 p.rename(tmp / p.name)
             out.rmdir()
-            return {"cli": "sinq-export " + " ".join(args), "summary_timings": summary.get("timings")}
+            return {"cli": "sinq-export " + " ".join(args), "summary_timings": summary.get("timings_s")}
 
         name = v.base or v.name
         return self._get(name, {"what": "sinq", "args": args, **self.vers}, make)
@@ -464,7 +464,7 @@ def markdown(results: list[Result], meta: dict) -> str:
         f"{meta['rounds']} interleaved rounds, each model in its own process after a short warm-up "
         "(`bench/_e2e_worker.py`: numpy KV cache, the same driver for every optimum-style graph; "
         "genai: `bench/_e2e_genai.py`, onnxruntime-genai's own generator loop). (×fp32) = ratio to the "
-        "fp32 row of the same run. Peak RSS = ru_maxrss of that process (Python + onnxruntime + model). "
+        "fp32 row of the same run. Peak RSS = VmHWM (peak resident set) of that process (Python + onnxruntime + model). "
         "Size = model.onnx + external data.",
         "",
         f"Perplexity: {meta['ppl_protocol']}; computed in onnxruntime (acc4 rows with their int8 "
@@ -680,14 +680,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r.prefill_s += res["prefill_s"]
             r.decode_s += res["decode_s"]
-            r.maxrss_kb.append(res["maxrss_kb"])
+            r.peak_rss_kb.append(res["peak_rss_kb"])
             if v.family == "genai" and min(res.get("steps", [args.decode_steps])) < args.decode_steps:
                 r.build_note = "genai stopped early (EOS)"
         live = [r for r in live if r.status == "ok"]
     for r in live:
         r.prefill_tok_s = args.prompt_tokens / statistics.median(r.prefill_s)
         r.decode_tok_s = args.decode_steps / statistics.median(r.decode_s)
-        r.peak_rss_mb = max(r.maxrss_kb) / 1024
+        r.peak_rss_mb = max(r.peak_rss_kb) / 1024
     fp32 = next((r for r in live if r.variant["name"] == "fp32"), None)
     for r in live:
         if fp32:

@@ -4,6 +4,10 @@ Python API (the CLI is a thin shell over these):
 
     from sinq_export import SinqConfig, quantize_model
     report = quantize_model(model, SinqConfig(bits=4, group_size=64))
+    export_causal_lm(None, "out/smollm2-sinq4", SinqConfig(bits=4))   # -> onnxruntime folder
+    validate("out/smollm2-sinq4")                                      # parity report
+
+The ONNX-side names are imported lazily so `import sinq_export` stays light.
 """
 
 from .config import ConfigError, SinqConfig
@@ -12,7 +16,25 @@ from .quant import QuantizationError, QuantizedWeight, quantize_weight
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "export_causal_lm": "sinq_export.export",
+    "export_module": "sinq_export.export",
+    "validate": "sinq_export.validate",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sinq_export' has no attribute {name!r}")
+
+
 __all__ = [
+    "export_causal_lm",
+    "export_module",
+    "validate",
     "ConfigError",
     "QuantizationError",
     "QuantizedWeight",

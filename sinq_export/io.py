@@ -29,6 +29,9 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False) -> Ite
         raise OutputExistsError(f"output folder {target} already exists (pass --overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result is a normal folder
     try:
         yield tmp
         if target.exists():

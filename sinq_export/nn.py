@@ -7,6 +7,7 @@ the very tensors of the `QuantizedWeight` record that the exporter writes as ini
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable
@@ -220,6 +221,7 @@ def save_quantized(
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         save_model(model, str(tmp / QUANTIZED_WEIGHTS_FILE), metadata={"format": "pt"})
+        canonical_safetensors_header(tmp / QUANTIZED_WEIGHTS_FILE)
         hf_config = getattr(model, "config", None)
         if hf_config is not None and hasattr(hf_config, "save_pretrained"):
             hf_config.save_pretrained(tmp)
@@ -234,6 +236,23 @@ def save_quantized(
             },
         )
     return Path(out_dir)
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys at the same length (space padded).
+
+    Why: safetensors serialises ``__metadata__`` from a hash map, so with two or more entries
+    (``format`` plus the alias it adds for tied weights) the key order changes between
+    processes and two saves of one model differ. Tensor offsets are relative to the end of the
+    header, whose length is kept, so the tensor bytes are untouched.
+    """
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= n:  # always true: same content, no whitespace
+            fh.seek(8)
+            fh.write(text + b" " * (n - len(text)))
 
 
 def _empty_record(meta: dict) -> QuantizedWeight:

