@@ -79,16 +79,22 @@ def all_variants() -> list[Variant]:
         ("sinq2", "SINQ 2-bit, Mul", ("--bits", "2"), 2),
         ("sinq8", "SINQ 8-bit, Mul", ("--bits", "8"), 8),
         ("sinq4-lmh8", "SINQ 4-bit + lm_head 8-bit", ("--bits", "4", "--lm-head-bits", "8"), 4),
+        ("sinq4-lmh4", "SINQ 4-bit + lm_head 4-bit", ("--bits", "4", "--lm-head-bits", "4"), 4),
     ]
     for name, label, args, bits in sinq:
         v.append(Variant(f"{name}-acc0", label, "sinq", 0, sinq_args=args, bits=bits))
         v.append(Variant(f"{name}-acc4", label, "sinq", 4, base=f"{name}-acc0", sinq_args=args, bits=bits))
-    v.insert(-4, Variant("sinq3-custom", "SINQ 3-bit, sinq.ops custom op", "sinq", None,
-                         sinq_args=("--bits", "3", "--runtime", "custom"), bits=3))
+    at = [x.name for x in v].index("sinq2-acc0")
+    v[at:at] = [
+        Variant("sinq3-custom", "SINQ 3-bit, sinq.ops custom op, Mul", "sinq", None,
+                sinq_args=("--bits", "3", "--runtime", "custom"), bits=3),
+        Variant("sinq3-fused", "SINQ 3-bit, sinq.ops custom op, fused t", "sinq", None,
+                sinq_args=("--bits", "3", "--runtime", "custom", "--col-scale", "fused"), bits=3),
+    ]
     return v
 
 
-QUICK = ["fp32", "ort-rtn-acc0", "sinq4-mul-acc0", "sinq4-mul-acc4", "sinq3-custom", "genai-int4"]
+QUICK = ["fp32", "ort-rtn-acc0", "sinq4-mul-acc0", "sinq4-mul-acc4", "sinq3-fused", "genai-int4"]
 
 
 @dataclass
@@ -103,6 +109,7 @@ class Result:
     build_note: str = ""
     quantized_nodes: int | None = None
     col_scale_muls: int | None = None
+    quant_format: str = ""
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
     peak_rss_kb: list[int] = field(default_factory=list)
@@ -130,6 +137,19 @@ def versions() -> dict:
 
     return {"sinq_export": sinq_export.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
+
+
+def source_hash() -> str:
+    """Hash of the sinq_export sources (and the custom-op library): SINQ builds are rebuilt when
+    the quantizer or exporter changes."""
+    import sinq_export
+
+    pkg = Path(sinq_export.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")) + sorted(pkg.rglob("*.so")):
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def key_hash(obj) -> str:  # noqa: ANN001
@@ -182,6 +202,29 @@ def count_nodes(folder: Path) -> tuple[int, int]:
     q = sum(n.op_type in ("MatMulNBits", "SinqMatMulNBits") for n in m.graph.node)
     muls = sum(n.op_type == "Mul" and any(i.endswith("col_scale") for i in n.input) for n in m.graph.node)
     return q, muls
+
+
+def describe(folder: Path) -> str:
+    """Quantized-node summary, e.g. '210 MatMulNBits 4-bit bs64 acc0 uint8-zp; 1 GatherBlockQuantized'."""
+    import collections
+
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    kinds: collections.Counter = collections.Counter()
+    for n in m.graph.node:
+        if n.op_type not in ("MatMulNBits", "SinqMatMulNBits", "GatherBlockQuantized"):
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        zp = "no-zp"
+        if n.op_type != "GatherBlockQuantized" and len(n.input) > 3 and n.input[3]:
+            t = inits.get(n.input[3])
+            zp = "float-zp" if t is not None and t.data_type in (1, 10) else "uint8-zp"
+        acc = "" if n.op_type != "MatMulNBits" else f" acc{a.get('accuracy_level', 0)}"
+        kinds[f"{n.op_type} {a.get('bits', 4)}-bit bs{a.get('block_size')}{acc} {zp}"] += 1
+    return "; ".join(f"{c}× {k}" for k, c in kinds.items()) or "float"
 
 
 # ----------------------------------------------------------------------------------- builds
@@ -249,7 +292,8 @@ class Builder:
             lm_head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output
                        or "lm_head" in n.name]
             if algo == "rtn":
-                cfg = DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=False, accuracy_level=0, bits=4)
+                cfg = DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=False, accuracy_level=0,
+                                                   bits=4)
             else:
                 cfg = HQQWeightOnlyQuantConfig(block_size=64, bits=4)
             q = MatMulNBitsQuantizer(model, bits=4, block_size=64, is_symmetric=False, accuracy_level=0,
@@ -285,7 +329,7 @@ class Builder:
             return {"cli": "sinq-export " + " ".join(args), "summary_timings": summary.get("timings_s")}
 
         name = v.base or v.name
-        return self._get(name, {"what": "sinq", "args": args, **self.vers}, make)
+        return self._get(name, {"what": "sinq", "args": args, "source": source_hash(), **self.vers}, make)
 
     def derived_acc4(self, base_dir: Path, base_rec: dict, name: str) -> tuple[Path, dict, bool]:
         """The acc0 model with accuracy_level=4 on every MatMulNBits node."""
@@ -464,7 +508,8 @@ def markdown(results: list[Result], meta: dict) -> str:
         f"{meta['rounds']} interleaved rounds, each model in its own process after a short warm-up "
         "(`bench/_e2e_worker.py`: numpy KV cache, the same driver for every optimum-style graph; "
         "genai: `bench/_e2e_genai.py`, onnxruntime-genai's own generator loop). (×fp32) = ratio to the "
-        "fp32 row of the same run. Peak RSS = VmHWM (peak resident set) of that process (Python + onnxruntime + model). "
+        "fp32 row of the same run. Peak RSS = VmHWM (peak resident set) of that process "
+        "(Python + onnxruntime + model). "
         "Size = model.onnx + external data.",
         "",
         f"Perplexity: {meta['ppl_protocol']}; computed in onnxruntime (acc4 rows with their int8 "
@@ -475,9 +520,9 @@ def markdown(results: list[Result], meta: dict) -> str:
         "time is the fp32 row); acc4 rows = their acc0 build + rewriting the accuracy_level attribute. "
         "The genai row is the model builder from the HF folder (its own export).",
         "",
-        "| variant | acc | size MB | build s | prefill tok/s (×fp32) | decode tok/s (×fp32) | "
+        "| variant | acc | t Muls | size MB | build s | prefill tok/s (×fp32) | decode tok/s (×fp32) | "
         "decode ×genai | peak RSS MB | ppl | " + " | ".join(TARGET_COLS) + " |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---|" * len(TARGET_COLS),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---|" * len(TARGET_COLS),
     ]
     for r in results:
         v = r.variant
@@ -486,7 +531,7 @@ def markdown(results: list[Result], meta: dict) -> str:
             acc = "as built"
         if r.status != "ok":
             lines.append(f"| {v['label']} (`{v['name']}`) | {acc} | {r.status}: {r.reason[:160]} |"
-                         + " |" * (7 + len(TARGET_COLS)))
+                         + " |" * (8 + len(TARGET_COLS)))
             continue
         build = fmt(r.build_s, ".0f") + ("*" if r.build_cached else "")
         gx = (fmt(r.decode_tok_s / genai.decode_tok_s, ".2f") + "×") if genai and r.decode_tok_s \
@@ -496,15 +541,23 @@ def markdown(results: list[Result], meta: dict) -> str:
             t = tg.get(v["name"], {}).get(c)
             cells.append("" if t is None else f"{'**pass**' if t[0] else '**FAIL**'} ({t[1]})")
         lines.append(
-            f"| {v['label']} (`{v['name']}`) | {acc} | {fmt((r.size_bytes or 0) / 1e6, '.1f')} | {build} | "
+            f"| {v['label']} (`{v['name']}`) | {acc} | {r.col_scale_muls} | "
+            f"{fmt((r.size_bytes or 0) / 1e6, '.1f')} | "
+            f"{build} | "
             f"{fmt(r.prefill_tok_s)} ({fmt(r.prefill_x_fp32, '.2f')}) | "
             f"{fmt(r.decode_tok_s)} ({fmt(r.decode_x_fp32, '.2f')}) | {gx} | {fmt(r.peak_rss_mb, '.0f')} | "
             f"{fmt(r.ppl, '.2f')} | " + " | ".join(cells) + " |")
+    lines += ["", "Quantized nodes per model (from the graph):", ""]
+    for r in results:
+        if r.status == "ok":
+            lines.append(f"- `{r.variant['name']}`: {r.quant_format}")
     lines += ["", "Notes:"]
     for r in results:
         notes = [n for n in (r.build_note, r.ppl_note if r.ppl is None else "") if n]
         if notes:
             lines.append(f"- `{r.variant['name']}`: {'; '.join(notes)}")
+    lines.append("- `t Muls`: column-scale Mul nodes in the graph (SINQ's per-input-channel t; 0 where "
+                 "folded into norms / previous layers or fused into the custom op).")
     if genai and genai.decode_tok_s:
         best = [r for r in results if r.status == "ok" and r.variant["family"] == "sinq" and r.decode_tok_s
                 and r.ppl and genai.ppl and r.decode_tok_s >= 0.9 * genai.decode_tok_s and r.ppl < genai.ppl]
@@ -513,13 +566,18 @@ def markdown(results: list[Result], meta: dict) -> str:
             + ("met by " + ", ".join(f"`{r.variant['name']}` ({r.decode_tok_s / genai.decode_tok_s:.2f}×, "
                                      f"ppl {r.ppl:.2f} vs {genai.ppl:.2f})" for r in best)
                if best else "not met by any SINQ row in this run."))
-    lines.append("- The genai int4 model is the builder's default for `-p int4 -e cpu` (symmetric, "
-                 "block 32, accuracy_level 4, quantized embeddings / lm_head per its defaults); "
-                 "every other quantized row keeps lm_head and the embedding float except `sinq4-lmh8`.")
+    lines.append("- genai int4 is the builder's default for `-p int4 -e cpu`: symmetric, block 32, "
+                 "accuracy_level 4, fused q/k/v, int4 lm_head and embedding, GroupQueryAttention and fused "
+                 "norms, KV cache in place (past_present_share_buffer); the optimum-style graphs keep "
+                 "lm_head (28 M weights) and the embedding float (except `sinq4-lmh*`), unfused attention, "
+                 "and their KV cache is re-fed each step, so part of its lead is graph-level, not "
+                 "quantization.")
+    lines.append("- ORT quantizer HQQ writes float zero points, which keep MatMulNBits off its fast "
+                 "integer paths (acc4 changes nothing there).")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[Result], path: Path) -> None:
+def plot(results: list[Result], path: Path, ppl_what: str = "4×512", threads: int = 2) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -533,19 +591,20 @@ def plot(results: list[Result], path: Path) -> None:
     ax1.barh(names, [r.decode_tok_s for r in ok], color=[colors[r.variant["family"]] for r in ok])
     ax1.invert_yaxis()
     ax1.set_xlabel("decode tokens/s (higher is better)")
-    ax1.set_title("decode speed, onnxruntime CPU, 2 threads")
+    ax1.set_title(f"decode speed, onnxruntime CPU, {threads} threads")
     for i, r in enumerate(ok):
         ax1.text(r.decode_tok_s, i, f" {r.decode_tok_s:.1f}", va="center", fontsize=8)
     for r in ok:
         if r.ppl is None:
             continue
-        ax2.scatter(r.decode_tok_s, r.ppl, s=20 + (r.size_bytes or 0) / 2e6, color=colors[r.variant["family"]],
+        ax2.scatter(r.decode_tok_s, r.ppl, s=20 + (r.size_bytes or 0) / 2e6,
+                    color=colors[r.variant["family"]],
                     alpha=0.7)
         ax2.annotate(r.variant["name"], (r.decode_tok_s, r.ppl), fontsize=7, xytext=(3, 3),
                      textcoords="offset points")
     ax2.set_yscale("log")
     ax2.set_xlabel("decode tokens/s")
-    ax2.set_ylabel("perplexity, 4×512 Wikipedia tokens (log, lower is better)")
+    ax2.set_ylabel(f"perplexity, {ppl_what} Wikipedia tokens (log, lower is better)")
     ax2.set_title("quality vs speed (marker area ∝ file size)")
     ax2.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -565,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=None, help="default 32 (quick: 8)")
-    ap.add_argument("--rounds", type=int, default=None, help="default 3 (quick: 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 5 (quick: 1)")
     ap.add_argument("--ppl-windows", type=int, default=None, help="default 4 (quick: 1)")
     ap.add_argument("--ppl-length", type=int, default=None, help="default 512 (quick: 128)")
     ap.add_argument("--no-ppl", action="store_true")
@@ -577,14 +636,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     q = args.quick
     args.decode_steps = args.decode_steps or (8 if q else 32)
-    args.rounds = args.rounds or (1 if q else 3)
+    args.rounds = args.rounds or (1 if q else 5)
     args.ppl_windows = args.ppl_windows or (1 if q else 4)
     args.ppl_length = args.ppl_length or (128 if q else 512)
 
     variants = all_variants()
     if args.list:
         for v in variants:
-            print(f"{v.name:22s} {v.label}" + ("" if v.accuracy_level is None else f", acc{v.accuracy_level}"))
+            acc = "" if v.accuracy_level is None else f", acc{v.accuracy_level}"
+            print(f"{v.name:22s} {v.label}{acc}")
         return 0
     wanted = args.only.split(",") if args.only else (QUICK if q else None)
     if wanted:
@@ -634,13 +694,15 @@ def main(argv: list[str] | None = None) -> int:
             if v.base:
                 folder, rec, was = b.derived_acc4(folder, rec, v.name)
                 r.build_s = rec["base_seconds"] + rec["seconds"]
-                r.build_note = f"acc0 build {rec['base_seconds']:.0f} s + attribute rewrite {rec['seconds']:.0f} s"
+                r.build_note = (f"acc0 build {rec['base_seconds']:.0f} s + attribute rewrite "
+                                f"{rec['seconds']:.0f} s")
             else:
                 r.build_s = rec["seconds"]
             r.build_cached = was
             r.folder = str(folder)
             r.size_bytes = onnx_size(folder)
             r.quantized_nodes, r.col_scale_muls = count_nodes(folder)
+            r.quant_format = describe(folder)
             folders[v.name], recs[v.name] = folder, rec
         except Exception as exc:  # noqa: BLE001
             r.status = "unavailable" if v.family == "genai" else "failed"
@@ -712,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
             dump()
     meta = dump()
     try:
-        plot(results, out_dir / f"{args.name}.png")
+        plot(results, out_dir / f"{args.name}.png", f"{args.ppl_windows}×{args.ppl_length}",
+             args.threads)
     except Exception as exc:  # noqa: BLE001
         log(f"plot failed: {exc}")
     print((out_dir / f"{args.name}.md").read_text())
