@@ -80,7 +80,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
+def hub_offline() -> Iterator[None]:
     """Set ``HF_HUB_OFFLINE=1`` for the duration of a load (restored afterwards).
 
     Loads also pass ``local_files_only=True``, which holds even when huggingface_hub was
@@ -135,7 +135,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
-    with _hub_offline():
+    with hub_offline():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, dtype=torch.float32, **kwargs
@@ -307,7 +307,7 @@ def load_causal_lm(
     _check_weights(folder)
     _check_safetensors_headers(folder)
     kwargs = {"local_files_only": True, "trust_remote_code": False}
-    with _hub_offline():
+    with hub_offline():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, use_safetensors=True, **kwargs

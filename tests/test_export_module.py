@@ -219,7 +219,7 @@ def test_output_exists_refused(mlp, tmp_path):
 
 
 def test_disk_full_leaves_nothing(mlp, tmp_path, monkeypatch):
-    import sinq_export.export.module as mod
+    import sinq_export.export.pipeline as mod
 
     def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -24,39 +24,22 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
 from ..config import SinqConfig
-from ..io import OutputExistsError, atomic_output_dir, read_json, write_json
-from ..nn import eligible_linears, quantize_model, quantized_layers
-from .dtype import convert_to_fp16
+from ..io import OutputExistsError, read_json, write_json
+from ..models import hub_offline
 from .genai import genai_config
-from .graph import ExportError, fingerprint
-from .manifest import MANIFEST_FILE, ONNX_FILE, ExportResult, build_manifest, versions
-from .reference import save_reference
-from .rewrite import LayerInput, quantize_graph
+from .graph import ExportError
+from .manifest import ONNX_FILE, ExportResult, versions
+from .pipeline import linear_fingerprints, quantize_rewrite_write
 from .stages import Stages
-from .writer import check_model, write_model
 
 TASK = "text-generation-with-past"
 FLOAT_STAMP = "sinq_float_export.json"
 _ONNX_SUFFIXES = (".onnx", ".onnx_data", ".data")
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
 
 
 def export_float_causal_lm(model_dir: str | os.PathLike, float_dir: str | os.PathLike) -> Path:
@@ -80,7 +63,7 @@ def export_float_causal_lm(model_dir: str | os.PathLike, float_dir: str | os.Pat
             f"{float_dir} exists and is not a float export made by sinq-export (no {FLOAT_STAMP}); "
             "pass a new or empty folder"
         )
-    with _offline(), warnings.catch_warnings():
+    with hub_offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter from torch.onnx and transformers
         main_export(str(model_dir), str(float_dir), task=TASK, device="cpu", do_validation=False,
                     local_files_only=True, library_name="transformers")
@@ -127,8 +110,7 @@ def export_causal_lm(
         with stages.stage("load"):
             folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
             model, tokenizer = load_causal_lm(folder)
-            fingerprints = {name: fingerprint(lin.weight)
-                            for name, (lin, _) in eligible_linears(model, config).items()}
+            fingerprints = linear_fingerprints(model, config)
         with contextlib.ExitStack() as stack:
             with stages.stage("float_export"):
                 if float_export_dir is None:
@@ -138,31 +120,19 @@ def export_causal_lm(
                     float_dir = export_float_causal_lm(folder, Path(tmp) / "float")
                 else:
                     float_dir = export_float_causal_lm(folder, float_export_dir)
-            with stages.stage("quantize"):
-                quantize_model(model, config, progress=progress)
-            with stages.stage("rewrite"):
-                graph = onnx.load(str(float_dir / ONNX_FILE))
-                layers = {name: LayerInput(m.record, fingerprints[name])
-                          for name, m in quantized_layers(model).items()}
-                rewrite = quantize_graph(graph, layers, config)
-                if config.dtype == "fp16":
-                    convert_to_fp16(graph)
+            graph = onnx.load(str(float_dir / ONNX_FILE))
             float_bytes = _file_bytes(float_dir)
-            with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
-                with stages.stage("write"):
-                    onnx_bytes = write_model(graph, tmp_out / ONNX_FILE, versions()["sinq_export"] or "")
-                    _copy_hf_files(float_dir, tmp_out)
-                    write_json(tmp_out / "genai_config.json",
-                               genai_config(model.config, getattr(model, "generation_config", None)))
-                    if reference:
-                        save_reference(model, tmp_out, config, tokenizer=tokenizer)
-                    manifest = build_manifest(
-                        kind="causal-lm", config=config, source=folder.name, model=graph,
-                        rewrite=rewrite, onnx_bytes=onnx_bytes,
-                    )
-                    write_json(tmp_out / MANIFEST_FILE, manifest)
-                with stages.stage("check"):
-                    check_model(tmp_out / ONNX_FILE)
+
+            def hf_files(tmp_out: Path) -> None:
+                _copy_hf_files(float_dir, tmp_out)
+                write_json(tmp_out / "genai_config.json",
+                           genai_config(model.config, getattr(model, "generation_config", None)))
+
+            manifest = quantize_rewrite_write(
+                model, graph, fingerprints, config, stages, out_dir, kind="causal-lm",
+                source=folder.name, overwrite=overwrite, reference=reference, progress=progress,
+                tokenizer=tokenizer, extra_files=hf_files,
+            )
     finally:
         stages.close()
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings, model=model,

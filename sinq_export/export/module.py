@@ -20,15 +20,10 @@ import onnx
 import torch
 
 from ..config import SinqConfig
-from ..io import OutputExistsError, atomic_output_dir, write_json
-from ..nn import eligible_linears, quantize_model, quantized_layers
-from .dtype import convert_to_fp16
-from .graph import fingerprint
-from .manifest import MANIFEST_FILE, ONNX_FILE, ExportResult, build_manifest, versions
-from .reference import save_reference
-from .rewrite import LayerInput, quantize_graph
+from ..io import OutputExistsError
+from .manifest import ExportResult
+from .pipeline import linear_fingerprints, quantize_rewrite_write
 from .stages import Stages
-from .writer import check_model, write_model
 
 DEFAULT_OPSET = 18
 
@@ -62,7 +57,7 @@ def export_module(
     model.eval()
     stages = Stages(["float_export", "quantize", "rewrite", "write", "check"], progress=progress)
     try:
-        fingerprints = {n: fingerprint(lin.weight) for n, (lin, _) in eligible_linears(model, config).items()}
+        fingerprints = linear_fingerprints(model, config)
         with stages.stage("float_export"), tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "float.onnx"
             with torch.no_grad(), warnings.catch_warnings():
@@ -76,23 +71,11 @@ def export_module(
                 )
             graph = onnx.load(str(path))
             float_bytes = path.stat().st_size
-        with stages.stage("quantize"):
-            quantize_model(model, config, progress=progress)
-        with stages.stage("rewrite"):
-            layers = {n: LayerInput(m.record, fingerprints[n]) for n, m in quantized_layers(model).items()}
-            rewrite = quantize_graph(graph, layers, config)
-            if config.dtype == "fp16":
-                convert_to_fp16(graph)
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
-            with stages.stage("write"):
-                onnx_bytes = write_model(graph, tmp_out / ONNX_FILE, versions()["sinq_export"] or "")
-                if reference:
-                    save_reference(model, tmp_out, config)
-                manifest = build_manifest(kind="module", config=config, source=type(module).__name__,
-                                          model=graph, rewrite=rewrite, onnx_bytes=onnx_bytes)
-                write_json(tmp_out / MANIFEST_FILE, manifest)
-            with stages.stage("check"):
-                check_model(tmp_out / ONNX_FILE)
+        manifest = quantize_rewrite_write(
+            model, graph, fingerprints, config, stages, out_dir, kind="module",
+            source=type(module).__name__, overwrite=overwrite, reference=reference,
+            progress=progress,
+        )
     finally:
         stages.close()
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings, model=model,

@@ -1,0 +1,70 @@
+"""The tail both export routes share: quantize -> rewrite the float graph -> write -> check.
+
+A route (`llm`, `module`) only has to produce a float ONNX graph and the weight fingerprints
+of the eligible linears taken *before* quantization; everything after is this one function,
+so the two routes cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+from torch import nn
+
+from ..config import SinqConfig
+from ..io import atomic_output_dir, write_json
+from ..nn import eligible_linears, quantize_model, quantized_layers
+from .dtype import convert_to_fp16
+from .graph import fingerprint
+from .manifest import MANIFEST_FILE, ONNX_FILE, build_manifest, versions
+from .reference import save_reference
+from .rewrite import LayerInput, quantize_graph
+from .stages import Stages
+from .writer import check_model, write_model
+
+
+def linear_fingerprints(model: nn.Module, config: SinqConfig) -> dict[str, str]:
+    """Hashes of the float weights the rewrite matches graph initializers against."""
+    return {name: fingerprint(lin.weight) for name, (lin, _) in eligible_linears(model, config).items()}
+
+
+def quantize_rewrite_write(
+    model: nn.Module,
+    graph: onnx.ModelProto,
+    fingerprints: dict[str, str],
+    config: SinqConfig,
+    stages: Stages,
+    out_dir: Path,
+    *,
+    kind: str,
+    source: str,
+    overwrite: bool,
+    reference: bool,
+    progress: bool,
+    tokenizer=None,  # noqa: ANN001
+    extra_files: Callable[[Path], None] | None = None,
+) -> dict:
+    """Quantize ``model`` in place, rewrite ``graph``, write OUT_DIR atomically; return the manifest."""
+    with stages.stage("quantize"):
+        quantize_model(model, config, progress=progress)
+    with stages.stage("rewrite"):
+        layers = {name: LayerInput(m.record, fingerprints[name])
+                  for name, m in quantized_layers(model).items()}
+        rewrite = quantize_graph(graph, layers, config)
+        if config.dtype == "fp16":
+            convert_to_fp16(graph)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
+        with stages.stage("write"):
+            onnx_bytes = write_model(graph, tmp_out / ONNX_FILE, versions()["sinq_export"] or "")
+            if extra_files is not None:
+                extra_files(tmp_out)
+            if reference:
+                save_reference(model, tmp_out, config, tokenizer=tokenizer)
+            manifest = build_manifest(kind=kind, config=config, source=source, model=graph,
+                                      rewrite=rewrite, onnx_bytes=onnx_bytes)
+            write_json(tmp_out / MANIFEST_FILE, manifest)
+        with stages.stage("check"):
+            check_model(tmp_out / ONNX_FILE)
+    return manifest
