@@ -113,6 +113,7 @@ class Result:
     prefill_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
     peak_rss_kb: list[int] = field(default_factory=list)
+    session_load_s: list[float] = field(default_factory=list)
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
     prefill_x_fp32: float | None = None
@@ -743,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
             r.prefill_s += res["prefill_s"]
             r.decode_s += res["decode_s"]
             r.peak_rss_kb.append(res["peak_rss_kb"])
+            r.session_load_s.append(res["load_s"])
             if v.family == "genai" and min(res.get("steps", [args.decode_steps])) < args.decode_steps:
                 r.build_note = "genai stopped early (EOS)"
         live = [r for r in live if r.status == "ok"]
