@@ -1,0 +1,279 @@
+"""Reading an export folder and its ONNX graph: sessions, exposed outputs, layer sites."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import read_json
+from .providers import CUSTOM_DOMAIN, EXPORT_META_FILE, PROVIDERS, QUANT_OPS, ValidationError
+
+# ------------------------------------------------------------------------------ export folder
+
+
+@dataclass
+class ExportInfo:
+    out_dir: Path
+    meta: dict
+    onnx_path: Path
+    kind: str
+    dtype: str
+    accuracy_level: int
+    custom_domains: list[str]
+    layers: dict[str, dict]
+
+
+def read_export(out_dir: str | Path) -> ExportInfo:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValidationError(f"{out_dir}: not a folder")
+    meta_file = out_dir / EXPORT_META_FILE
+    if not meta_file.is_file():
+        raise ValidationError(f"{out_dir}: no {EXPORT_META_FILE} (not a `sinq-export model` folder)")
+    meta = read_json(meta_file)
+    onnx_meta = meta.get("onnx", {})
+    onnx_path = out_dir / onnx_meta.get("file", "model.onnx")
+    if not onnx_path.is_file():
+        raise ValidationError(f"{out_dir}: {onnx_path.name} is missing")
+    config = meta.get("config", {})
+    return ExportInfo(
+        out_dir=out_dir,
+        meta=meta,
+        onnx_path=onnx_path,
+        kind=meta.get("kind", "causal-lm"),
+        dtype=config.get("dtype", "fp32"),
+        accuracy_level=int(config.get("accuracy_level", 0)),
+        custom_domains=list(onnx_meta.get("custom_domains", []) or []),
+        layers=dict(meta.get("layers", {})),
+    )
+
+
+# ------------------------------------------------------------------------------ onnx helpers
+
+_NP_OF_ONNX = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32, 9: np.bool_,
+               16: np.float32}
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _initializers(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def _attr(node, name: str, default=None):  # noqa: ANN001
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _float_elem_type(model) -> int:
+    for o in model.graph.output:
+        if o.name == "logits" or o.type.tensor_type.elem_type in (1, 10, 16):
+            return o.type.tensor_type.elem_type
+    return 1
+
+
+def instrumented_copy(model, expose: Iterable[str], accuracy_level: int | None = None):
+    """A copy of ``model`` with ``expose`` tensors added as graph outputs and, if given,
+    every MatMulNBits/SinqMatMulNBits ``accuracy_level`` attribute overridden."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    elem = _float_elem_type(m)
+    for name in dict.fromkeys(expose):
+        if name and name not in existing:
+            m.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+            existing.add(name)
+    if accuracy_level is not None:
+        for node in m.graph.node:
+            if node.op_type in QUANT_OPS:
+                for a in list(node.attribute):
+                    if a.name == "accuracy_level":
+                        node.attribute.remove(a)
+                node.attribute.append(helper.make_attribute("accuracy_level", int(accuracy_level)))
+    return m
+
+
+def _session_options(info: ExportInfo, provider: str = "cpu"):
+    """SessionOptions; registers the sinq.ops library when the model uses its domain.
+
+    A missing CPU library is bad input (`ValidationError`); a missing CUDA variant makes that
+    provider skipped (RuntimeError).
+    """
+    import onnxruntime as ort
+
+    if CUSTOM_DOMAIN in info.custom_domains:
+        try:
+            from .. import runtime_ops
+        except ImportError as exc:
+            raise ValidationError(
+                f"{info.onnx_path} uses custom domain {CUSTOM_DOMAIN!r} but "
+                f"sinq_export.runtime_ops is not available ({exc})") from exc
+        try:
+            opts = runtime_ops.session_options(cuda=provider == "cuda")
+        except runtime_ops.RuntimeOpsUnavailable as exc:
+            if provider != "cpu":
+                raise RuntimeError(f"custom-op library for {provider}: {exc}") from exc
+            raise ValidationError(f"{info.onnx_path.name} needs the {CUSTOM_DOMAIN} custom-op "
+                                  f"library: {exc}") from exc
+    else:
+        opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return opts
+
+
+def _session(model_or_path, info: ExportInfo, provider: str):  # noqa: ANN001
+    """An InferenceSession on ``provider`` (short name). Raises RuntimeError on fallback."""
+    import onnxruntime as ort
+
+    opts = _session_options(info, provider)
+    full = PROVIDERS[provider]
+    providers = [full] if provider == "cpu" else [full, "CPUExecutionProvider"]
+    if isinstance(model_or_path, (str, Path)):
+        sess = ort.InferenceSession(str(model_or_path), opts, providers=providers)
+    else:
+        data = model_or_path.SerializeToString() if model_or_path.ByteSize() < 2_000_000_000 else None
+        if data is not None:
+            sess = ort.InferenceSession(data, opts, providers=providers)
+        else:  # >2 GB: write the copy with external data next to a temp file
+            import onnx
+
+            tmp = Path(tempfile.mkdtemp(prefix="sinq-validate-"))
+            onnx.save(model_or_path, str(tmp / "model.onnx"), save_as_external_data=True,
+                      location="model.onnx.data")
+            sess = ort.InferenceSession(str(tmp / "model.onnx"), opts, providers=providers)
+    if full not in sess.get_providers():
+        raise RuntimeError(f"onnxruntime fell back to {sess.get_providers()} instead of {full}")
+    return sess
+
+
+# ------------------------------------------------------------------------------ per-layer map
+
+
+@dataclass
+class _LayerSite:
+    """Where one quantized linear lives in the graph."""
+
+    name: str
+    node: Any  # NodeProto of the MatMulNBits / SinqMatMulNBits
+    output: str  # tensor compared (the contract's onnx_output)
+    local_input: str  # tensor fed to the local reference
+    input_has_col_scale: bool  # True: local_input already includes x * t (mul mode, folded)
+    output_scaled_by: str | None
+    order: int
+    meta: dict = field(default_factory=dict)
+
+
+def _producers(model) -> dict[str, Any]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
+    """Map each layer of ``sinq_export.json`` to its quantized node; in graph order.
+
+    The local reference input is the pre-``Mul`` activation for ``col_scale: mul`` (so a
+    corrupted column-scale initializer is caught at its layer), the node's input otherwise.
+    """
+    nodes = {n.name: (i, n) for i, n in enumerate(model.graph.node)}
+    producers = _producers(model)
+    inits = {t.name for t in model.graph.initializer}
+    consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    sites = []
+    for name, meta in info.layers.items():
+        entry = nodes.get(meta.get("onnx_node", ""))
+        if entry is None and meta.get("onnx_output") in producers:
+            node = producers[meta["onnx_output"]]
+            entry = nodes.get(node.name)
+        if entry is None or entry[1].op_type not in QUANT_OPS:
+            raise ValidationError(
+                f"{info.onnx_path.name}: layer {name}: node {meta.get('onnx_node')!r} "
+                f"({meta.get('op')}) not found in the graph")
+        order, node = entry
+        local_input, has_t = node.input[0], False
+        mode = str(meta.get("col_scale", "none"))
+        if mode == "mul":
+            mul = producers.get(node.input[0])
+            if mul is not None and mul.op_type == "Mul":
+                others = [i for i in mul.input if i not in inits and i not in consts]
+                if len(others) == 1:
+                    local_input = others[0]
+            has_t = local_input == node.input[0]
+        elif mode.startswith("folded"):
+            has_t = True
+        sites.append(_LayerSite(name, node, meta.get("onnx_output") or node.output[0],
+                                local_input, has_t, meta.get("output_scaled_by"), order, meta))
+    sites.sort(key=lambda s: s.order)
+    return sites
+
+
+def dequantize_node(node, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """NumPy dequantisation of a MatMulNBits / SinqMatMulNBits node's initializers.
+
+    Returns ``W`` (float64 ``[N, K]``, ``(Q - z) * s``), ``col_scale`` (``[K]`` or None, the
+    custom op's fused t) and ``bias`` (``[N]`` or None).
+    """
+    import torch
+
+    from ..quant import packing
+
+    k, n = int(_attr(node, "K")), int(_attr(node, "N"))
+    bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
+    nb = packing.n_blocks(k, bs)
+
+    def get(i: int) -> np.ndarray | None:
+        if i < len(node.input) and node.input[i]:
+            if node.input[i] not in inits:
+                raise ValidationError(f"node {node.name}: input {node.input[i]!r} is not an initializer")
+            return inits[node.input[i]]
+        return None
+
+    b = get(1)
+    scales = get(2).astype(np.float64).reshape(n, nb)
+    extra = [get(i) for i in range(3, len(node.input))]
+    zp = col_scale = bias = None
+    if node.op_type == "MatMulNBits":
+        zp = extra[0] if extra else None
+        if len(extra) > 1 and extra[1] is not None:
+            raise ValidationError(f"node {node.name}: g_idx is not supported by the NumPy reference")
+        bias = extra[2] if len(extra) > 2 else None
+    else:  # SinqMatMulNBits: A, B, scales, zero_points, col_scale, bias (all but A/B/s optional)
+        zp, col_scale, bias = (extra + [None, None, None])[:3]
+    codes = packing.unpack_codes(torch.from_numpy(np.array(b, copy=True).reshape(n, nb, -1)),
+                                 bits, bs, k).numpy().astype(np.float64)
+    if zp is None:
+        z = np.full((n, nb), packing.default_zero_point(bits), dtype=np.float64)
+    elif zp.dtype == np.uint8:
+        z = packing.unpack_zero_points(torch.from_numpy(np.array(zp, copy=True).reshape(n, -1)),
+                                       bits, nb).numpy().astype(np.float64)
+    else:
+        z = zp.astype(np.float64).reshape(n, nb)
+    g = np.repeat(np.arange(nb), bs)[:k]
+    w = (codes - z[:, g]) * scales[:, g]
+    return {
+        "W": w,
+        "col_scale": None if col_scale is None else col_scale.astype(np.float64).reshape(k),
+        "bias": None if bias is None else bias.astype(np.float64).reshape(n),
+    }
