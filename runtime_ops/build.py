@@ -91,6 +91,16 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------------------------
 # Headers
 # --------------------------------------------------------------------------------------------
+
+def _link(cmd: list[str], tmp: Path, out: Path, stamp_file: Path, stamp: str) -> None:
+    """Link into ``tmp``, then move it into place and record the stamp (never a half library)."""
+    r = _run(cmd)
+    if r.returncode != 0:
+        raise BuildError(f"link failed:\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+    os.replace(tmp, out)
+    stamp_file.write_text(stamp)
+    _log(f"built {out}")
+
 def _header_dir_of(root: Path) -> Path | None:
     for cand in (root, root / "onnxruntime", root / "include" / "onnxruntime"):
         if all((cand / h).is_file() for h in REQUIRED_HEADERS):
@@ -477,12 +487,7 @@ def build(
                 "-Wl,-z,defs",
                 "-Wl,--exclude-libs,ALL",
             ]
-            r = _run(link)
-            if r.returncode != 0:
-                raise BuildError(f"link failed:\n$ {' '.join(link)}\n{r.stdout}{r.stderr}")
-            os.replace(tmp, out)
-            stamp_file.write_text(stamp)
-            _log(f"built {out}")
+            _link(link, tmp, out, stamp_file, stamp)
 
         want_cuda = cuda if cuda is not None else bool(_cuda_wanted())
         if want_cuda:
@@ -585,12 +590,7 @@ def _build_cuda(cxx, inc, common, cpu_jobs, build_dir: Path, out_dir: Path, forc
         "-lrt",
         "-Wl,--exclude-libs,ALL",
     ]
-    r = _run(link)
-    if r.returncode != 0:
-        raise BuildError(f"link failed:\n$ {' '.join(link)}\n{r.stdout}{r.stderr}")
-    os.replace(tmp, out)
-    stamp_file.write_text(stamp)
-    _log(f"built {out}")
+    _link(link, tmp, out, stamp_file, stamp)
     return out
 
 
