@@ -595,8 +595,10 @@ def plot(results: list[Result], path: Path, ppl_what: str = "4×512", threads: i
     ax1.set_title(f"decode speed, onnxruntime CPU, {threads} threads")
     for i, r in enumerate(ok):
         ax1.text(r.decode_tok_s, i, f" {r.decode_tok_s:.1f}", va="center", fontsize=8)
+    cap = 100.0  # 2-bit rows (ppl ~1e4-1e5) would squash the rest: listed in the title instead
+    off = [r.variant["name"] for r in ok if r.ppl is not None and r.ppl > cap]
     for r in ok:
-        if r.ppl is None:
+        if r.ppl is None or r.ppl > cap:
             continue
         ax2.scatter(r.decode_tok_s, r.ppl, s=20 + (r.size_bytes or 0) / 2e6,
                     color=colors[r.variant["family"]],
@@ -606,7 +608,8 @@ def plot(results: list[Result], path: Path, ppl_what: str = "4×512", threads: i
     ax2.set_yscale("log")
     ax2.set_xlabel("decode tokens/s")
     ax2.set_ylabel(f"perplexity, {ppl_what} Wikipedia tokens (log, lower is better)")
-    ax2.set_title("quality vs speed (marker area ∝ file size)")
+    ax2.set_title("quality vs speed (marker area ∝ file size)"
+                  + (f"\noff scale (ppl > {cap:.0f}): {', '.join(off)}" if off else ""), fontsize=10)
     ax2.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -634,7 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--genai-venv", default=None, help="default <sinq-export cache>/genai-venv")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for e2e.md/json/png")
     ap.add_argument("--name", default="e2e", help="output file stem")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw e2e.png from an existing e2e.json in --out")
     args = ap.parse_args(argv)
+    if args.replot:
+        data = json.loads((Path(args.out) / f"{args.name}.json").read_text())
+        res = [Result(**r) for r in data["results"]]
+        plot(res, Path(args.out) / f"{args.name}.png", threads=data["meta"]["threads"])
+        return 0
     q = args.quick
     args.decode_steps = args.decode_steps or (8 if q else 32)
     args.rounds = args.rounds or (1 if q else 5)
