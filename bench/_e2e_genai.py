@@ -15,16 +15,7 @@ import time
 
 import numpy as np
 import onnxruntime_genai as og
-
-
-def peak_rss_kb() -> int:
-    """VmHWM of this process. (ru_maxrss is not used: Linux carries the parent's high-water
-    mark across fork + exec, so a worker started from a 1.5 GB orchestrator would report that.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return -1
+from _sysinfo import peak_rss_kb
 
 
 def main() -> None:

@@ -15,19 +15,10 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from _sysinfo import peak_rss_kb
 
 NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
       "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
-
-def peak_rss_kb() -> int:
-    """VmHWM of this process. (ru_maxrss is not used: Linux carries the parent's high-water
-    mark across fork + exec, so a worker started from a 1.5 GB orchestrator would report that.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return -1
 
 
 def main() -> None:

@@ -47,6 +47,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from _sysinfo import cpu_name
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BUILD_FILE = "bench_build.json"
@@ -727,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
             "wall_min": (time.perf_counter() - start) / 60, "load_before": f"{load_before[0]:.2f}",
             "model": "SmolLM2-135M-Instruct (bundled; 30 layers, 211 linears)",
-            "cpu": _cpu_name(), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
+            "cpu": cpu_name(), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
             "decode_steps": args.decode_steps, "rounds": args.rounds, "versions": b.vers,
             "ppl_protocol": ev.protocol("wikipedia", args.ppl_windows, args.ppl_length)["description"],
             "cache": str(cache),
@@ -793,16 +795,6 @@ def main(argv: list[str] | None = None) -> int:
     print((out_dir / f"{args.name}.md").read_text())
     log(f"done in {meta['wall_min']:.1f} min")
     return 0 if all(r.status == "ok" or r.variant["family"] == "genai" for r in results) else 1
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

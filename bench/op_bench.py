@@ -44,6 +44,9 @@ if str(ROOT) not in sys.path:
 from sinq_export import runtime_ops as ro  # noqa: E402
 from sinq_export.quant import packing  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sysinfo import cpu_name  # noqa: E402
+
 # (label, N, K): weight shape [N, K] = [out_features, in_features]
 SHAPES = [
     ("4096x4096", 4096, 4096),
@@ -386,7 +389,7 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "pairs": args.pairs,
         "spin": args.spin,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "machine": platform.machine(),
         "isa": os.environ.get("SINQ_OPS_ISA", "auto"),
         "library": str(ro.library_path()),
@@ -427,16 +430,6 @@ def instructions_main(args, bits_list, ms) -> int:
     (out / "op_bench_instructions.md").write_text(md)
     print(md)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def render(meta, results, vlist, bits_list) -> str:
