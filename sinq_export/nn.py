@@ -156,7 +156,8 @@ def quantize_model(
     groups = _joint_groups(linears, bits_of) if config.shared_col_scale else []
     grouped = {n for g in groups for n in g}
     units = groups + [[n] for n in linears if n not in grouped]
-    units.sort(key=lambda names: list(linears).index(names[0]))
+    position = {name: i for i, name in enumerate(linears)}
+    units.sort(key=lambda names: position[names[0]])
 
     report = QuantizationReport(config=config)
     for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):

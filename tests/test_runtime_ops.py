@@ -510,15 +510,22 @@ def problems(draw):
     return bits, bs, k, n, m, seed, flags
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems())
-def test_reference_equals_plain_dequantize_matmul(p):
+def problem_tensors(p):  # noqa: ANN001, ANN201
+    """Weights, activations and the optional col_scale / bias of one `problems()` draw."""
     bits, bs, k, n, m, seed, (use_zp, use_col, use_bias) = p
     packed, scales, zps = make_weights(bits, bs, k, n, seed=seed, zp=use_zp)
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, k)).astype(np.float32)
     col = rng.uniform(0.25, 4, k).astype(np.float32) if use_col else None
     bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    return packed, scales, zps, a, col, bias
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_reference_equals_plain_dequantize_matmul(p):
+    bits, bs, k, n, m, seed, (use_zp, use_col, use_bias) = p
+    packed, scales, zps, a, col, bias = problem_tensors(p)
     nb = -(-k // bs)
     q = _independent_unpack(packed, bits, bs, k)
     z = _independent_unpack_zp(zps, bits, nb) if use_zp else np.full((n, nb), 2 ** (bits - 1))
@@ -535,11 +542,7 @@ def test_reference_equals_plain_dequantize_matmul(p):
 @given(problems())
 def test_native_op_equals_reference_property(lib, p):
     bits, bs, k, n, m, seed, (use_zp, use_col, use_bias) = p
-    packed, scales, zps = make_weights(bits, bs, k, n, seed=seed, zp=use_zp)
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((m, k)).astype(np.float32)
-    col = rng.uniform(0.25, 4, k).astype(np.float32) if use_col else None
-    bias = rng.standard_normal(n).astype(np.float32) if use_bias else None
+    packed, scales, zps, a, col, bias = problem_tensors(p)
     y = run(sinq_model(bits, bs, k, n, packed, scales, zps, col, bias), a, threads=1)
     ref = ro.reference_sinq_matmul(a, packed, scales, zps, col, bias, K=k, N=n, bits=bits, block_size=bs)
     assert rel_err(y, ref) <= 1e-5
