@@ -153,9 +153,9 @@ def record_from_node(node, tensors, rows: tuple[int, int] | None = None,
     if col_scale is not None:
         t = torch.from_numpy(np.array(tensors[col_scale], dtype=np.float32).reshape(k))
     return QuantizedWeight(
-        packed=torch.from_numpy(np.ascontiguousarray(packed[a:b])),
-        scales=torch.from_numpy(np.ascontiguousarray(scales[a:b])),
-        zero_points=torch.from_numpy(np.ascontiguousarray(zp[a:b])),
+        packed=torch.from_numpy(np.array(packed[a:b])),
+        scales=torch.from_numpy(np.array(scales[a:b])),
+        zero_points=torch.from_numpy(np.array(zp[a:b])),
         col_scale=t, bits=bits, group_size=bs, shape=(b - a, k),
     )
 
@@ -178,6 +178,21 @@ def layer_col_scale(meta: dict, node) -> str | None:  # noqa: ANN001
     if node.op_type == "SinqMatMulNBits" and len(node.input) > 4 and node.input[4]:
         return node.input[4]
     return None
+
+
+def norm_folds(layers: dict[str, dict]) -> dict[str, str]:
+    """Norm weight -> the ONNX initializer holding it with a column scale folded in.
+
+    ``folded_into`` names a norm weight initializer (or a linear, for a fold into up_proj's
+    rows, which needs nothing here: that linear's ONNX scales already carry it). The source
+    norm lacks ``t``, so the reference takes the folded one from the graph.
+    """
+    out = {}
+    for meta in layers.values():
+        target = meta.get("folded_into")
+        if str(meta.get("col_scale_mode")) == "fold" and target and target not in layers:
+            out[target if target.endswith(".weight") else target + ".weight"] = target
+    return out
 
 
 # ------------------------------------------------------------------------------ the model
