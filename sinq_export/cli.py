@@ -209,8 +209,21 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=256, help="prefill tokens of real text (default 256)")
     p.add_argument("--decode-steps", type=int, default=8, help="greedy decode steps (default 8)")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
+    p.add_argument("--source", metavar="DIR", default=None,
+                   help="the model folder the export was made from (default: the path recorded "
+                        "in sinq_export.json, else OUT_DIR/reference)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of per-layer error")
+
+
+def _check_report_path(path: str | None, flag: str) -> None:
+    """Refuse a report path that cannot be a file *before* minutes of work (exit 2)."""
+    from pathlib import Path
+
+    if path is None or path == "-":
+        return
+    if Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: is a folder (expected a file path)")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -218,22 +231,25 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     from .validate import ValidationError, format_report, plot_layers, validate
 
+    _check_report_path(args.json, "--json")
+    _check_report_path(args.plot, "--plot")
     try:
         report = validate(args.out_dir, providers=args.providers, accuracy_level=args.accuracy_level,
-                          tokens=args.tokens, decode_steps=args.decode_steps, text=args.text)
+                          tokens=args.tokens, decode_steps=args.decode_steps, text=args.text,
+                          source=args.source)
     except ValidationError as exc:
         raise UsageError(str(exc)) from exc
-    if args.json != "-":
-        print(format_report(report))
-    if args.json:
-        text = json.dumps(report.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text + "\n")
+    # Files first, verdict last: a failing write (exit 3) never follows a printed PASSED.
+    text = json.dumps(report.to_dict(), indent=2)
+    if args.json and args.json != "-":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
     if args.plot:
         plot_layers(report, args.plot)
+    if args.json == "-":
+        print(text)
+    else:
+        print(format_report(report))
     if report.status == "skipped":
         print("sinq-export validate: error: none of the requested providers is available "
               f"({', '.join(p.provider for p in report.providers)}); nothing was validated",
