@@ -172,13 +172,13 @@ def _edit_config(folder, **changes) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type='gpt2'.*supported: llama"),
-    ({"architectures": ["Qwen2ForCausalLM"]}, "disagrees with model_type='llama'"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM.*llama|llama.*Qwen2ForCausalLM"),
     ({"rope_scaling": {"rope_type": "longrope2", "factor": 2.0}}, "rope_type='longrope2'.*supported"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, changes, message):
     make_model_dir(tmp_path / "hf", "llama")
     _edit_config(tmp_path / "hf", **changes)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises((ExportError, ModelLoadError), match=message):
         export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -111,20 +111,15 @@ class SinqMatMul(nn.Module):
 
 
 def check_supported(config: Mapping, folder: object) -> str:
-    """The config's model_type, after refusing what the builder cannot honour (one line each)."""
+    """The config's model_type, after refusing what the builder cannot honour (one line each).
+
+    (`Checkpoint.open` has already refused a model_type that disagrees with architectures.)
+    """
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ExportError(
             f"{folder}: config.json model_type={model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    archs = config.get("architectures") or []
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if archs and expected and archs[0] != expected:
-        raise ExportError(
-            f"{folder}: config.json architectures={archs[0]!r} disagrees with "
-            f"model_type={model_type!r} (expected {expected!r})")
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if isinstance(rope, Mapping):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
