@@ -101,9 +101,10 @@ class SinqMatMul(nn.Module):
         while inputs[-1] is None:
             inputs.pop()
         y = op.SinqMatMulNBits(*inputs, _domain=plan.choice.domain, **attrs)
-        y.dtype = x.dtype
-        if x.shape is not None:
-            y.shape = ir.Shape([*x.shape[:-1], n])
+        y.dtype = self.scales.dtype  # the graph's float type (custom ops carry no inference)
+        # decoder activations are [batch, sequence, features]
+        y.shape = ir.Shape([*x.shape[:-1], n]) if x.shape is not None else ir.Shape(
+            ["batch", "sequence_len", n])
         return y
 
 

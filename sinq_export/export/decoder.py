@@ -29,7 +29,7 @@ from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
 from .genai import genai_config
 from .graph import ExportError
-from .layout import choose_node
+from .layout import CUSTOM_DOMAIN, choose_node
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, ONNX_FILE, ExportResult, source_section, versions
 from .stages import Stages
 from .weights import PARTS, LinearBinding, RecordCache, bind_weights
@@ -167,6 +167,17 @@ def _copy_hf_files(src: Path, dest: Path) -> None:
             shutil.copyfile(path, dest / path.name)
 
 
+def _copy_ops_library(out: Path) -> None:
+    """Put the ``sinq.ops`` library in OUT_DIR: genai loads custom ops only from there, and the
+    folder then runs on any machine with the same onnxruntime ABI."""
+    from ..runtime_ops import LIB_NAME, RuntimeOpsUnavailable, library_path
+
+    try:
+        shutil.copyfile(library_path(), out / LIB_NAME)
+    except RuntimeOpsUnavailable as exc:
+        raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
+
+
 def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
     """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md)."""
     out = {}
@@ -294,9 +305,12 @@ def export_causal_lm(
             with stages.stage("write"):
                 _save(model, tmp_out / ONNX_FILE, stages)
                 _copy_hf_files(folder, tmp_out)
+                custom = any(p.choice.domain == CUSTOM_DOMAIN for p in plan.linears.values())
+                if custom:
+                    _copy_ops_library(tmp_out)
                 write_json(tmp_out / "genai_config.json",
-                           genai_config(hf_config, folder, custom_ops=bool(
-                               {p.choice.domain for p in plan.linears.values()} - {"com.microsoft"})))
+                           genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
+                               n.op_type == "GroupQueryAttention" for n in model.graph)))
                 if with_reference:
                     _write_reference(folder, tmp_out, config)
                 manifest = _manifest(model, plan, layers, config, graph_config, folder, tmp_out)
