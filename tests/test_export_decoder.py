@@ -35,6 +35,14 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128,
                   intermediate_size=320, num_attention_heads=4, num_key_value_heads=2,
                   tie_word_embeddings=False, rope_theta=1000000.0),
+    # Qwen3's: per-head q/k RMSNorm, explicit head_dim != hidden / heads
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=96,
+                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
+    # Mistral's: GQA 4:1, untied head
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=128,
+                    intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+                    tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
 }
 
 
