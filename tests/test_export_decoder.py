@@ -257,3 +257,32 @@ def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
     run = run_ort_lm(sess, PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
     assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
+
+
+@pytest.mark.parametrize(("family", "embedding_bits", "col_scale"), [
+    ("llama", 4, "mul"), ("llama", 4, "fold"), ("qwen2", 8, "mul")])
+def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col_scale):
+    """GatherBlockQuantized table (t applied after the gather); a tied head at the same width
+    reads the same record: one table on disk."""
+    from sinq_export.quant.core import quantize_weight
+
+    model = make_model_dir(tmp_path / "hf", family, seed=3)
+    table = model.model.embed_tokens.weight.detach().clone()
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG,
+                           GraphConfig(embedding_bits=embedding_bits, col_scale=col_scale),
+                           progress=False)
+    layers = res.manifest["layers"]
+    assert layers["model.embed_tokens"]["op"] == "GatherBlockQuantized"
+    tied = FAMILIES[family]["tie_word_embeddings"]
+    assert layers["lm_head"]["shared_with"] == ("model.embed_tokens" if tied else None)
+    inits = {t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx"),
+                                       load_external_data=False).graph.initializer}
+    assert "model.embed_tokens.weight" not in inits and ("lm_head.qweight" in inits) != tied
+    ref = reference(model, CFG)
+    record = quantize_weight(table, bits=embedding_bits, group_size=CFG.group_size)
+    with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this
+        ref.model.embed_tokens.weight.copy_(record.dequantize())
+    torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
