@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import METHODS, QUANT_BITS, ConfigError, SinqConfig
+from .config import METHODS, QUANT_BITS, ConfigError, GraphConfig, SinqConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,11 +58,16 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     )
     if args.exclude is not None:
         fields["exclude"] = tuple(args.exclude)
-    for name in ("runtime", "accuracy_level", "dtype", "col_scale", "shared_col_scale",
-                 "lm_head_bits"):
+    for name in ("shared_col_scale", "lm_head_bits"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     return SinqConfig(**fields)
+
+
+def graph_config_from_args(args: argparse.Namespace) -> GraphConfig:
+    """The graph settings (runtime, accuracy level, dtype, t placement, embedding)."""
+    names = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
+    return GraphConfig(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
 
 
 # --- quantize: PyTorch-only quantization, saved as safetensors + JSON ---------------------
@@ -126,11 +131,14 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "fold it into the norm weights)")
     p.add_argument("--lm-head-bits", type=int, choices=QUANT_BITS, default=None,
                    help="also quantize lm_head at this width (default: keep it float)")
-    p.add_argument("--no-reference", action="store_true",
-                   help="do not write OUT_DIR/reference (the PyTorch model `validate` uses)")
-    p.add_argument("--float-export", default=None, metavar="DIR",
-                   help="keep / reuse optimum's float ONNX export of the model in DIR "
-                        "(saves ~30-60 s when exporting the same model again)")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
+                   help="store the token embedding quantized (GatherBlockQuantized; shared with a "
+                        "tied lm_head); default: float")
+    p.add_argument("--with-reference", action="store_true",
+                   help="also write OUT_DIR/reference (the PyTorch model) for validating the "
+                        "export away from the source folder; loads the float model")
+    p.add_argument("--allow-unquantized", action="store_true",
+                   help="accept an export in which no linear is quantized")
 
 
 def _mb(n: int | None) -> str:
@@ -138,23 +146,25 @@ def _mb(n: int | None) -> str:
 
 
 def _print_model_summary(s: dict) -> None:
-    c = s["config"]
+    c, g = s["config"], s["graph"]
     bits = ", ".join(f"{b}-bit: {n}" for b, n in s["layers_by_bits"].items())
     before, after = s["linear_weight_bytes_before"], s["linear_weight_bytes_after"]
     ratio = f" ({after / before:.3f}x)" if before else ""
     rows = [
         ("output", s["output"]),
         ("model", f"{s['source_model']} ({s['kind']})"),
-        ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {c['runtime']}, "
-                   f"accuracy_level {c['accuracy_level']}, {c['dtype']}, col_scale {c['col_scale']}"),
+        ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {g['runtime']}, "
+                   f"accuracy_level {g['accuracy_level']}, {g['dtype']}, col_scale {g['col_scale']}"),
         ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
         ("col-scale Mul nodes", str(s["mul_nodes"])),
         ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),
-        ("ONNX files", f"{_mb(s['onnx_bytes_before'])} (float) -> {_mb(s['onnx_bytes_after'])}"),
+        ("ONNX files", _mb(s["onnx_bytes_after"])),
     ]
     t = s["timings_s"]
     rows.append(("time", " | ".join(f"{k} {v:.1f} s" for k, v in t.items())
                  + f" | total {sum(t.values()):.1f} s"))
+    if s.get("peak_rss_mb"):
+        rows.append(("peak RSS", f"{max(s['peak_rss_mb'].values()):.0f} MiB"))
     width = max(len(k) for k, _ in rows)
     print("sinq-export model: done")
     for k, v in rows:
@@ -167,9 +177,9 @@ def _run_model(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         result = export_causal_lm(
-            args.model_dir, args.output, config, overwrite=args.overwrite,
-            progress=not args.json, reference=not args.no_reference,
-            float_export_dir=args.float_export,
+            args.model_dir, args.output, config, graph_config_from_args(args),
+            overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
+            allow_unquantized=args.allow_unquantized,
         )
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
