@@ -97,6 +97,10 @@ def validate(
     if info.kind not in ("causal-lm", "module"):
         raise ValidationError(f"{out_dir}: unknown export kind {info.kind!r}")
     is_lm = info.kind == "causal-lm"
+    context = context_length(info) if is_lm else None
+    if context is not None and tokens + decode_steps > context:
+        raise ValidationError(f"--tokens {tokens} + --decode-steps {decode_steps} exceed the "
+                              f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
     tensors = OnnxTensors(model, info.out_dir)
     src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
@@ -258,7 +262,10 @@ def _run_ort(run, sess, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
 
 def _sites_from_graph(model, info: ExportInfo) -> list[_LayerSite]:
     """ONNX-only mode: every quantized node, named by sinq_export.json when it lists it."""
-    by_node = {layer_node_name(m): (n, m) for n, m in info.layers.items() if m.get("rows") is None}
+    by_node: dict[str, tuple[str, dict]] = {}
+    for n, m in info.layers.items():  # a packed node (qkv) is named by all its linears
+        name, _ = by_node.get(layer_node_name(m), (None, None))
+        by_node[layer_node_name(m)] = (n if name is None else f"{name}+{n}", m)
     sites = []
     for i, node in enumerate(model.graph.node):
         if node.op_type not in QUANT_OPS:

@@ -183,7 +183,7 @@ def layer_col_scale(meta: dict, node) -> str | None:  # noqa: ANN001
 def norm_folds(layers: dict[str, dict]) -> dict[str, str]:
     """Norm weight -> the ONNX initializer holding it with a column scale folded in.
 
-    ``folded_into`` names a norm weight initializer (or a linear, for a fold into up_proj's
+    ``folded_into`` names a norm module (or a linear, for a fold into up_proj's
     rows, which needs nothing here: that linear's ONNX scales already carry it). The source
     norm lacks ``t``, so the reference takes the folded one from the graph.
     """
@@ -191,7 +191,8 @@ def norm_folds(layers: dict[str, dict]) -> dict[str, str]:
     for meta in layers.values():
         target = meta.get("folded_into")
         if str(meta.get("col_scale_mode")) == "fold" and target and target not in layers:
-            out[target if target.endswith(".weight") else target + ".weight"] = target
+            weight = target if target.endswith(".weight") else target + ".weight"
+            out[weight] = weight  # the graph names its norm initializers like HF parameters
     return out
 
 
