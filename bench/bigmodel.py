@@ -226,16 +226,25 @@ def main() -> int:
                                      "--tokens", "128", "--decode-steps", "4", "--json",
                                      str(work / "validate-1.5B.json")], env)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items()}, default=str)[:2000], flush=True)
+        write_results(rows)  # after every size: a long run keeps what it measured
+        print(json.dumps(row, default=str)[:2000], flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(src, ignore_errors=True)
-    write_results(rows)
     return 0
 
 
 def write_results(rows: list[dict]) -> None:
+    """Merge ``rows`` into bench/results/bigmodel.{json,md} (rows of other sizes are kept)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    try:
+        old = json.loads((RESULTS / "bigmodel.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        old = []
+    sizes = {r["size"] for r in rows}
+    order = list(SHAPES)
+    rows = sorted([r for r in old if r["size"] not in sizes] + rows,
+                  key=lambda r: order.index(r["size"]) if r["size"] in order else 99)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs "
                        "while measured: numbers are under contention)",
             "command": "python bench/bigmodel.py", "rows": rows}
