@@ -169,10 +169,14 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     wall = time.perf_counter() - start
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     cpu = re.search(r"Percent of CPU this job got: (\d+)%", proc.stderr)
+    user = re.search(r"User time \(seconds\): ([\d.]+)", proc.stderr)
+    system = re.search(r"System time \(seconds\): ([\d.]+)", proc.stderr)
     tail = [line for line in proc.stderr.splitlines() if not line.startswith("\t")][-5:]
     return {"rc": proc.returncode, "wall_s": round(wall, 1),
             "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
             "cpu_percent": int(cpu.group(1)) if cpu else None,
+            # CPU seconds: with the machine shared, cpu_s / 2 estimates the wall on 2 idle cores
+            "cpu_s": round(float(user.group(1)) + float(system.group(1)), 1) if user and system else None,
             "stdout": proc.stdout[-4000:], "stderr_tail": tail}
 
 
@@ -252,14 +256,15 @@ def write_results(rows: list[dict]) -> None:
     lines = ["# Streaming export of Qwen2.5-shaped random checkpoints (bf16, 2 shards, untied lm_head)",
              "", f"Machine: {meta['machine']}. Export: default 4-bit SINQ, group 64, one fresh "
              "process each, measured by `/usr/bin/time -v`.", "",
-             "| shape | params | checkpoint | export wall | export peak RSS | OUT_DIR | ONNX files | "
-             "validate (1.5B) |", "|---|---|---|---|---|---|---|---|"]
+             "| shape | params | checkpoint | export wall | export CPU (user+sys) | export peak RSS | "
+             "OUT_DIR | ONNX files | validate (1.5B) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e, v = r["export"], r.get("validate")
-        val = "-" if v is None else (f"rc {v['rc']}, {v['wall_s']} s, {v['peak_rss_mb']} MB")
+        val = "-" if v is None else (f"rc {v['rc']}, {v['wall_s']} s, {v['peak_rss_mb']} MB peak")
         lines.append(
             f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / 1e9:.2f} GB | "
-            f"{e['wall_s']} s (rc {e['rc']}) | {e['peak_rss_mb']} MB | "
+            f"{e['wall_s']} s (rc {e['rc']}, {e.get('cpu_percent')}% CPU) | {e.get('cpu_s')} s | "
+            f"{e['peak_rss_mb']} MB | "
             f"{r.get('out_dir_bytes', 0) / 1e9:.3f} GB | {r.get('onnx_bytes', 0) / 1e9:.3f} GB | {val} |")
     (RESULTS / "bigmodel.md").write_text("\n".join(lines) + "\n")
 
