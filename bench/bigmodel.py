@@ -6,7 +6,8 @@ fresh subprocess under ``/usr/bin/time -v`` (peak RSS of that process alone, wal
 runs ``validate`` on the 1.5B export the same way, and records OUT_DIR's size against the ONNX
 files. Writes ``bench/results/bigmodel.{md,json}``. Not a test: minutes of CPU, GBs of disk.
 
-    python bench/bigmodel.py [--sizes 0.5B,1.5B,3B] [--work DIR] [--keep] [--no-validate]
+    python bench/bigmodel.py [--sizes 0.5B,1.5B,3B] [--method sinq|rtn] [--work DIR] [--keep]
+                             [--no-validate]
 
 Why a hand-written safetensors writer (`write_checkpoint`): ``safetensors.torch.save_file``
 takes every tensor at once, so generating a 6 GB checkpoint would need 6 GB of RAM. The format
@@ -180,7 +181,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
             "stdout": proc.stdout[-4000:], "stderr_tail": tail}
 
 
-def worker_export(src: str, out: str) -> None:
+def worker_export(src: str, out: str, method: str = "sinq") -> None:
     """In the subprocess: the default 4-bit export, stage summary as JSON on stdout."""
     import torch
 
@@ -188,7 +189,8 @@ def worker_export(src: str, out: str) -> None:
     from sinq_export.config import SinqConfig
     from sinq_export.export import export_causal_lm
 
-    result = export_causal_lm(src, out, SinqConfig(bits=4), overwrite=True, progress=False)
+    result = export_causal_lm(src, out, SinqConfig(bits=4, method=method), overwrite=True,
+                              progress=False)
     print(json.dumps({"timings_s": {k: round(v, 2) for k, v in result.timings.items()}}))
 
 
@@ -198,7 +200,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/sinq-bigmodel")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and exports")
     ap.add_argument("--no-validate", action="store_true")
-    ap.add_argument("--worker", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="sinq", choices=("sinq", "rtn"),
+                    help="quantizer (default sinq; rtn: same memory path, a fraction of the CPU)")
+    ap.add_argument("--worker", nargs=3, metavar=("SRC", "OUT", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker_export(*args.worker)
@@ -214,9 +218,10 @@ def main() -> int:
             write_checkpoint(src, size)
         gen_s = time.perf_counter() - t0
         shutil.rmtree(out, ignore_errors=True)
-        run = timed([sys.executable, str(Path(__file__).resolve()), "--worker", str(src), str(out)],
-                    env)
-        row = {"size": size, "params": sum(math.prod(s) for s in tensor_shapes(qwen2_config(size)).values()),
+        run = timed([sys.executable, str(Path(__file__).resolve()), "--worker", str(src), str(out),
+                     args.method], env)
+        params = sum(math.prod(s) for s in tensor_shapes(qwen2_config(size)).values())
+        row = {"size": size, "method": args.method, "params": params,
                "checkpoint_bytes": _folder_bytes(src), "generate_s": round(gen_s, 1), "export": run}
         try:
             row["export"]["summary"] = json.loads(run["stdout"].strip().splitlines()[-1])
@@ -262,7 +267,8 @@ def write_results(rows: list[dict]) -> None:
         e, v = r["export"], r.get("validate")
         val = "-" if v is None else (f"rc {v['rc']}, {v['wall_s']} s, {v['peak_rss_mb']} MB peak")
         lines.append(
-            f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['checkpoint_bytes'] / 1e9:.2f} GB | "
+            f"| {r['size']} ({r.get('method', 'sinq')}) | {r['params'] / 1e9:.2f} B | "
+            f"{r['checkpoint_bytes'] / 1e9:.2f} GB | "
             f"{e['wall_s']} s (rc {e['rc']}, {e.get('cpu_percent')}% CPU) | {e.get('cpu_s')} s | "
             f"{e['peak_rss_mb']} MB | "
             f"{r.get('out_dir_bytes', 0) / 1e9:.3f} GB | {r.get('onnx_bytes', 0) / 1e9:.3f} GB | {val} |")
