@@ -282,13 +282,18 @@ def evaluate_export(out_dir: str | Path, backend: str = "onnxruntime", text: str
 
     from .config import SinqConfig
     from .validate import REFERENCE_DIR, ValidationError, read_export
-    from .validate.core import context_length, reference_model
+    from .validate.core import check_export_runs, context_length, reference_model
 
     info = read_export(out_dir)
     folder = Path(out_dir)
     context = context_length(info)
     if context is not None and length > context:
         raise ValidationError(f"--length {length} exceeds the model's context of {context} tokens")
+    model = None
+    if backend == "torch":  # a missing source or damaged folder fails before any text work
+        model = reference_model(out_dir)
+    else:
+        check_export_runs(info)
     source = Path((info.meta.get("source") or {}).get("path") or folder / REFERENCE_DIR)
     tok_dir = next((d for d in (folder, source, folder / REFERENCE_DIR)
                     if (d / "tokenizer_config.json").is_file()), None)
@@ -298,8 +303,7 @@ def evaluate_export(out_dir: str | Path, backend: str = "onnxruntime", text: str
     windows = text_windows(tokenizer, text, n_windows, length)
     table = PplTable(protocol=protocol(text, n_windows, length))
     cfg = info.meta.get("config", {})
-    if backend == "torch":
-        model = reference_model(out_dir)
+    if model is not None:
         qcfg = SinqConfig.from_dict(cfg)
         table.rows.append(perplexity_torch(model, windows, qcfg.method, qcfg.bits, qcfg.group_size,
                                            source=str(out_dir)))

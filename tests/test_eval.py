@@ -64,10 +64,10 @@ def tiny(tmp_path_factory):
 
 @needs_tokenizer
 def test_torch_and_onnxruntime_perplexity_agree(tiny):
-    from sinq_export.nn import load_quantized
+    from sinq_export.validate.core import reference_model
 
     windows = _windows(2, 24)
-    ref, _ = load_quantized(tiny / "reference")
+    ref = reference_model(tiny)  # rebuilt from the source folder + the ONNX tensors
     pt = ev.perplexity_torch(ref, windows, "sinq")
     ox = ev.perplexity_onnx(tiny, windows)
     assert pt.n_predictions == ox.n_predictions == 2 * 23
@@ -77,11 +77,11 @@ def test_torch_and_onnxruntime_perplexity_agree(tiny):
 
 @needs_tokenizer
 def test_compare_float_rtn_sinq_on_the_fly(fixed_windows):
-    from test_validate_fixtures import TOKENIZER_DIR
+    from test_validate_fixtures import tokenizer_dir
     from transformers import AutoTokenizer
 
     model = tiny_float_model()
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
     table = ev.compare(model=model, tokenizer=tok, methods=["float", "rtn", "sinq"], bits=[3],
                        group_size=16, n_windows=2, length=24)
     labels = [(r.label, r.bits) for r in table.rows]

@@ -1,4 +1,4 @@
-"""Validator unit tests on hand-made tiny export folders (see test_validate_fixtures.py)."""
+"""Validator unit tests on tiny export folders written by the exporter (test_validate_fixtures)."""
 
 from __future__ import annotations
 
@@ -104,12 +104,25 @@ def test_tiny_export_passes_and_reports_every_layer(tiny):
     assert len(p.layers) == 14 and all(la.passed for la in p.layers)
     assert max(la.local_rel for la in p.layers) < 1e-5  # fp32 acc 0: kernel rounding only
     assert all(la.propagated_rel is not None for la in p.layers)
-    # output_scaled_by (layer 0 folds down_proj's t into up_proj's rows) is handled
-    up = next(la for la in p.layers if la.name == "model.layers.0.mlp.up_proj")
-    assert up.local_rel < 1e-5 and up.propagated_rel < 1e-5
+    assert all(la.weight_steps is not None and la.weight_steps <= 1.0 + 1e-4 for la in p.layers)
     e = p.end_to_end
     assert e.n_prefill == 40 and e.n_decode == 3 and e.top1 == 1.0 and e.ppl_delta_rel < 1e-5
     assert "PASSED" in r.format_table()
+
+
+@needs_tokenizer
+def test_folded_column_scales_pass(tmp_path_factory):
+    """col_scale=fold: t inside norm weights / up_proj rows; the rebuilt reference takes the
+    folded norms from the graph (the source norms lack t) and still matches."""
+    folded = cached_tiny_export(tmp_path_factory, key="fold", col_scale="fold",
+                                shared_col_scale=True)
+    layers = json.loads((folded / "sinq_export.json").read_text())["layers"]
+    targets = {m["folded_into"] for m in layers.values() if m["col_scale_mode"] == "fold"}
+    assert any("layernorm" in str(t) for t in targets)  # q/k/v's shared t is in the norm
+    r = V.validate(folded, token_ids=tiny_tokens(40), tokens=40, decode_steps=3)
+    assert r.passed, r.format_table()
+    (p,) = r.providers
+    assert max(la.local_rel for la in p.layers) < 1e-5 and p.end_to_end.rel < 1e-4
 
 
 @needs_tokenizer
@@ -184,9 +197,12 @@ def test_mismatched_tokenizer_exit_2(tiny, tmp_path, fixed_tokens, capsys):
 
 
 @needs_tokenizer
-def test_onnx_only_mode_without_reference(tiny, tmp_path, fixed_tokens, capsys):
+def test_onnx_only_mode_without_a_recorded_source(tiny, tmp_path, fixed_tokens, capsys):
     bare = tmp_path / "bare"
-    shutil.copytree(tiny, bare, ignore=shutil.ignore_patterns("reference"))
+    shutil.copytree(tiny, bare)
+    meta = json.loads((bare / "sinq_export.json").read_text())
+    meta["source"] = {"path": None, "config_sha256": None}
+    (bare / "sinq_export.json").write_text(json.dumps(meta))
     code = main(["validate", str(bare), "--tokens", "24", "--decode-steps", "2",
                  "--json", str(tmp_path / "o.json")])
     out = capsys.readouterr().out
@@ -200,19 +216,19 @@ def test_onnx_only_mode_without_reference(tiny, tmp_path, fixed_tokens, capsys):
 
 @needs_tokenizer
 def test_numpy_dequantization_matches_the_record(tiny):
-    """The ONNX-only reference dequantises initializers exactly like QuantizedWeight does."""
-    import onnx
+    """The ONNX-only NumPy dequantisation and the reference's torch records agree exactly."""
+    from sinq_export.validate.rebuild import layer_col_scale, layer_rows, record_from_node
+    from sinq_export.validate.tensors import OnnxTensors, load_graph
 
-    from sinq_export.nn import load_quantized, quantized_layers
-
-    model = onnx.load(str(tiny / "model.onnx"))
-    inits = V._initializers(model)
+    model = load_graph(tiny / "model.onnx")
+    tensors = OnnxTensors(model, tiny)
     meta = json.loads((tiny / "sinq_export.json").read_text())["layers"]
-    ref = quantized_layers(load_quantized(tiny / "reference")[0])
     name = "model.layers.1.self_attn.q_proj"
-    node = next(n for n in model.graph.node if n.name == meta[name]["onnx_node"])
-    d = V.dequantize_node(node, inits)
-    np.testing.assert_allclose(d["W"], ref[name].grouped_weight().double().numpy(), rtol=0, atol=1e-7)
+    node = next(n for n in model.graph.node if n.name == meta[name]["node"])
+    d = V.dequantize_node(node, tensors)
+    rec = record_from_node(node, tensors, layer_rows(meta[name], node), layer_col_scale(meta[name], node))
+    np.testing.assert_allclose(d["W"], rec.dequantize_grouped().double().numpy(), rtol=0, atol=1e-7)
+    assert rec.col_scale is not None and meta[name]["col_scale_mode"] == "mul"
 
 
 def test_module_export_reference_and_onnx_only(tmp_path):

@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from sinq_export.checkpoint import Checkpoint
@@ -187,3 +189,26 @@ def test_damaged_onnx_folder_is_named(tmp_path, damage):
         path.write_bytes(path.read_bytes()[:40])
         with pytest.raises(ValidationError, match="cannot parse the ONNX model"):
             load_graph(path)
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), method=st.sampled_from(["sinq", "rtn"]),
+       symmetric=st.booleans(), n=st.integers(2, 24), k=st.integers(2, 80), seed=st.integers(0, 99))
+def test_quantized_weights_are_within_one_step_and_a_flipped_code_is_not(
+        bits, method, symmetric, n, k, seed):
+    from sinq_export.quant import packing
+    from sinq_export.quant.core import quantize_weight
+    from sinq_export.quant.record import QuantizedWeight
+    from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
+    from sinq_export.validate.rebuild import quantization_steps
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    rec = quantize_weight(w, bits, 16, method=method, symmetric=symmetric)
+    assert quantization_steps(w, rec) <= 1.0 + 1e-4
+    codes = rec.codes().clone()
+    qmax = (1 << bits) - 1
+    codes[n // 2, k // 2] = qmax if codes[n // 2, k // 2] < (1 << (bits - 1)) else 0  # far move
+    moved = QuantizedWeight(packing.pack_codes(codes, bits, 16), rec.scales, rec.zero_points,
+                            rec.col_scale, bits, 16, rec.shape)
+    if bits > 2:  # a 2-bit code moved to the other end is only 2-3 steps away
+        assert quantization_steps(w, moved) > WEIGHT_STEP_LIMIT

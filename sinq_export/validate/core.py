@@ -27,13 +27,21 @@ from .providers import (
     PROVIDERS,
     QUANT_OPS,
     REFERENCE_DIR,
+    WEIGHT_STEP_LIMIT,
     Tolerance,
     ValidationError,
     available_providers,
     parse_providers,
     tolerance_for,
 )
-from .rebuild import ReferenceSource, build_reference, layer_node_name, norm_folds, resolve_source
+from .rebuild import (
+    ReferenceSource,
+    build_reference,
+    layer_node_name,
+    norm_folds,
+    resolve_source,
+    weight_steps,
+)
 from .report import LayerResult, ProviderResult, ValidationReport, _fmt
 from .runners import (
     _check_tokenizers,
@@ -89,6 +97,10 @@ def validate(
     if info.kind not in ("causal-lm", "module"):
         raise ValidationError(f"{out_dir}: unknown export kind {info.kind!r}")
     is_lm = info.kind == "causal-lm"
+    context = context_length(info) if is_lm else None
+    if context is not None and tokens + decode_steps > context:
+        raise ValidationError(f"--tokens {tokens} + --decode-steps {decode_steps} exceed the "
+                              f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
     tensors = OnnxTensors(model, info.out_dir)
     src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
@@ -125,13 +137,15 @@ def validate(
         report.n_prefill = max(int(np.prod(v.shape[:-1])) if v.ndim > 1 else 1 for v in feeds.values())
 
     # --- torch reference (once, shared by every provider)
-    ref_run, decode_tokens, ref_layers = None, None, {}
+    ref_run, decode_tokens, ref_layers, weight_check = None, None, {}, {}
     if has_ref:
         if reference is None:
             reference = _load_reference(src, info, model, tensors)
         from ..nn import quantized_layers
 
         ref_layers = quantized_layers(reference)
+        if src is not None and src.kind == "source":  # ONNX weights vs the source weights
+            weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers)
         missing = sorted(set(info.layers) - set(ref_layers))
         if missing:
             raise ValidationError(f"layers in {EXPORT_META_FILE} but not in the reference: {missing[:5]}")
@@ -199,7 +213,7 @@ def validate(
             e.ppl_ort = perplexity_from_logits(ort_run.logits[: len(prefill)], prefill)
             pr.end_to_end = e
         pr.layers = _check_layers(sites, probe_run.captures, tensors, ref_layers,
-                                  ref_run.captures if ref_run else {}, pr.tolerance)
+                                  ref_run.captures if ref_run else {}, pr.tolerance, weight_check)
         _verdict(pr, report.mode)
         pr.seconds = time.perf_counter() - start
     return report
@@ -248,7 +262,10 @@ def _run_ort(run, sess, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
 
 def _sites_from_graph(model, info: ExportInfo) -> list[_LayerSite]:
     """ONNX-only mode: every quantized node, named by sinq_export.json when it lists it."""
-    by_node = {layer_node_name(m): (n, m) for n, m in info.layers.items() if m.get("rows") is None}
+    by_node: dict[str, tuple[str, dict]] = {}
+    for n, m in info.layers.items():  # a packed node (qkv) is named by all its linears
+        name, _ = by_node.get(layer_node_name(m), (None, None))
+        by_node[layer_node_name(m)] = (n if name is None else f"{name}+{n}", m)
     sites = []
     for i, node in enumerate(model.graph.node):
         if node.op_type not in QUANT_OPS:
@@ -258,7 +275,8 @@ def _sites_from_graph(model, info: ExportInfo) -> list[_LayerSite]:
     return sites
 
 
-def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Tolerance) -> list[LayerResult]:
+def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Tolerance,
+                  weight_check: dict[str, float | None] | None = None) -> list[LayerResult]:
     """Local error of every site (see module docstring), propagated error where hooked.
 
     The local reference runs in float32 (torch, multi-threaded): its own rounding (~1e-7
@@ -266,6 +284,7 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
     """
     import torch
 
+    weight_check = weight_check or {}
     results = []
     for s in sites:
         got = captures[s.output]
@@ -312,6 +331,13 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
                 perr = layer_error(hooked, got)
                 res.propagated_rel, res.propagated_cosine = perr["rel"], perr["cosine"]
         res.passed = bool(res.local_rel <= tol.layer_rel)
+        steps = weight_check.get(s.name)
+        if steps is not None:
+            res.weight_steps = steps
+            if not steps <= WEIGHT_STEP_LIMIT:
+                res.passed = False
+                res.note = (f"weights {steps:.1f} quantization steps from the source "
+                            f"(limit {WEIGHT_STEP_LIMIT})")
         results.append(res)
     return results
 
@@ -322,8 +348,10 @@ def _verdict(pr: ProviderResult, mode: str) -> None:
     if failing:
         pr.first_diverging_layer = failing[0].name
         pr.failures.append(
-            f"{len(failing)} layer(s) past local rel {tol.layer_rel:.1e}; first diverging layer: "
-            f"{failing[0].name} (local rel {_fmt(failing[0].local_rel)})")
+            f"{len(failing)} layer(s) past local rel {tol.layer_rel:.1e} or {WEIGHT_STEP_LIMIT} "
+            f"quantization steps from the source weights; first diverging layer: "
+            f"{failing[0].name} (local rel {_fmt(failing[0].local_rel)}"
+            + (f", {failing[0].note})" if failing[0].note else ")"))
     if e is not None and mode == "reference":
         checks = [
             ("logits rel err", e.rel, tol.logits_rel, "<="),

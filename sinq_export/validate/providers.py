@@ -124,6 +124,13 @@ TOLERANCES: dict[tuple[str, int, str], Tolerance] = {
 }
 
 
+# Largest distance of a dequantized weight from its source weight, in quantization steps
+# (`rebuild.quantization_steps`): round-to-nearest codes + rounded zero points stay <= 1.0;
+# the 0.5 margin leaves room for scale searches that clip slightly, while a flipped packed
+# byte (codes moved by 3-15 steps at 4 bits) or a corrupted scale lands far above it.
+WEIGHT_STEP_LIMIT = 1.5
+
+
 def tolerance_for(provider: str, accuracy_level: int, dtype: str = "fp32") -> Tolerance:
     """The tolerance row for a provider / accuracy level / dtype.
 

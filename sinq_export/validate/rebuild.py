@@ -183,7 +183,7 @@ def layer_col_scale(meta: dict, node) -> str | None:  # noqa: ANN001
 def norm_folds(layers: dict[str, dict]) -> dict[str, str]:
     """Norm weight -> the ONNX initializer holding it with a column scale folded in.
 
-    ``folded_into`` names a norm weight initializer (or a linear, for a fold into up_proj's
+    ``folded_into`` names a norm module (or a linear, for a fold into up_proj's
     rows, which needs nothing here: that linear's ONNX scales already carry it). The source
     norm lacks ``t``, so the reference takes the folded one from the graph.
     """
@@ -191,7 +191,8 @@ def norm_folds(layers: dict[str, dict]) -> dict[str, str]:
     for meta in layers.values():
         target = meta.get("folded_into")
         if str(meta.get("col_scale_mode")) == "fold" and target and target not in layers:
-            out[target if target.endswith(".weight") else target + ".weight"] = target
+            weight = target if target.endswith(".weight") else target + ".weight"
+            out[weight] = weight  # the graph names its norm initializers like HF parameters
     return out
 
 
@@ -270,6 +271,39 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
     if still_meta:
         raise ValidationError(f"{ckpt.folder}: checkpoint lacks tensor {still_meta[0]!r}")
     return model.eval()
+
+
+def quantization_steps(weight: torch.Tensor, record: QuantizedWeight) -> float:
+    """Largest ``|W - W_hat|`` of a layer, in units of its own quantization step ``s * t``.
+
+    The parity run uses the ONNX tensors on both sides, so it cannot see a weight that was
+    damaged (or mis-quantized) before it shipped; this can. Round-to-nearest with the zero
+    point rounded too stays within 1 step (0.5 from the code, 0.5 from the zero point at the
+    clamped edge); one flipped packed byte moves codes by up to 2^bits - 1 steps.
+    """
+    n, k = record.shape
+    g = record.group_size
+    step = record.scales.float().repeat_interleave(g, dim=1)[:, :k]
+    if record.col_scale is not None:
+        step = step * record.col_scale.float()
+    err = (weight.float() - record.dequantize()).abs()
+    return float((err / step.abs().clamp_min(1e-30)).max())
+
+
+def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict) -> dict[str, float | None]:
+    """`quantization_steps` of every layer against the source weight (one at a time).
+
+    None where a column scale was folded elsewhere (into a norm or another layer's rows): the
+    ONNX tensors of such a layer are not the quantized source weight alone.
+    """
+    out: dict[str, float | None] = {}
+    for name, meta in layers.items():
+        folded = str(meta.get("col_scale_mode", "")).startswith("fold") or meta.get("output_scaled_by")
+        if folded or name not in modules or name + ".weight" not in ckpt:
+            out[name] = None
+            continue
+        out[name] = quantization_steps(_load(ckpt, name + ".weight"), modules[name].record)
+    return out
 
 
 def _load(ckpt: Checkpoint, name: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ class LayerResult:
     local_max_abs: float | None = None
     propagated_rel: float | None = None  # drift, reported only
     propagated_cosine: float | None = None
+    weight_steps: float | None = None  # max |W_source - W_onnx| in quantization steps (gated)
     passed: bool = True
     note: str = ""
 
@@ -138,11 +139,12 @@ def format_report(report: ValidationReport, max_layers: int = 12) -> str:
                          f"{_fmt(tol.layer_rel)}; {label}:")
             w = max(5, *(len(la.name) for la in shown))
             lines.append(f"    {'layer':<{w}}  {'op':<15} {'local rel':>10} {'propag rel':>10}"
-                         f" {'cosine':>10}")
+                         f" {'cosine':>10} {'w steps':>8}")
             for la in shown:
                 lines.append(f"    {la.name:<{w}}  {la.op:<15} {_fmt(la.local_rel):>10} "
                              f"{_fmt(la.propagated_rel):>10} "
-                             f"{_fmt(la.propagated_cosine, '.6f'):>10}"
+                             f"{_fmt(la.propagated_cosine, '.6f'):>10} "
+                             f"{_fmt(la.weight_steps, '.3f'):>8}"
                              + ("" if la.passed else "  FAIL") + (f"  {la.note}" if la.note else ""))
         if p.first_diverging_layer:
             lines.append(f"  first diverging layer: {p.first_diverging_layer}")

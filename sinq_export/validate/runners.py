@@ -87,6 +87,14 @@ def run_ort_lm(session, prefill: np.ndarray, decode: Sequence[int] | int,
     return run
 
 
+def _cache_kwargs(out) -> dict:  # noqa: ANN001
+    """The KV cache of a transformers output, under the name this version takes (``cache``
+    since 5.24; ``past_key_values`` before, deprecated after)."""
+    if "cache" in getattr(out, "__dataclass_fields__", {}):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 def run_torch_lm(model, prefill: np.ndarray, decode_steps: int, hook_layers: dict | None = None
                  ) -> tuple[_LMRun, list[int]]:
     """Torch reference: prefill then ``decode_steps`` greedy steps; returns the fed tokens."""
@@ -110,8 +118,7 @@ def run_torch_lm(model, prefill: np.ndarray, decode_steps: int, hook_layers: dic
                     break
                 nxt = int(lg[-1].argmax())
                 fed.append(nxt)
-                out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values,
-                            use_cache=True)
+                out = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **_cache_kwargs(out))
     finally:
         for h in handles:
             h.remove()
