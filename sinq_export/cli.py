@@ -163,6 +163,8 @@ def _print_model_summary(s: dict) -> None:
     t = s["timings_s"]
     rows.append(("time", " | ".join(f"{k} {v:.1f} s" for k, v in t.items())
                  + f" | total {sum(t.values()):.1f} s"))
+    if s.get("peak_rss_mb"):
+        rows.append(("peak RSS", f"{max(s['peak_rss_mb'].values()):.0f} MiB"))
     width = max(len(k) for k, _ in rows)
     print("sinq-export model: done")
     for k, v in rows:

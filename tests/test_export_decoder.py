@@ -172,13 +172,13 @@ def _edit_config(folder, **changes) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type='gpt2'.*supported: llama"),
-    ({"architectures": ["Qwen2ForCausalLM"]}, "disagrees with model_type='llama'"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM.*llama|llama.*Qwen2ForCausalLM"),
     ({"rope_scaling": {"rope_type": "longrope2", "factor": 2.0}}, "rope_type='longrope2'.*supported"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, changes, message):
     make_model_dir(tmp_path / "hf", "llama")
     _edit_config(tmp_path / "hf", **changes)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises((ExportError, ModelLoadError), match=message):
         export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -219,3 +219,33 @@ def _empty_feed(out) -> dict:  # noqa: ANN001
         if i.name.startswith("past_key_values"):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
     return feed
+
+
+@pytest.mark.parametrize(("bits", "graph", "tol"), [
+    (3, GraphConfig(runtime="custom"), 1e-4),
+    (4, GraphConfig(runtime="custom", col_scale="fused"), 1e-4),
+    (4, GraphConfig(dtype="fp16"), 1e-2),
+], ids=["3bit-custom", "4bit-fused", "fp16"])
+def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
+    """Custom-op graphs run in genai through the library the export ships (genai_config names
+    it); fp16 (standard Attention on CPU) runs with an unshared cache."""
+    from sinq_export import runtime_ops
+
+    model = make_model_dir(tmp_path / "hf", "qwen2", seed=2)
+    cfg = SinqConfig(bits=bits, group_size=32, lm_head_bits=bits)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, graph, progress=False)
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    options = genai["model"]["decoder"]["session_options"]
+    if graph.runtime == "custom":
+        assert {la["op"] for la in res.manifest["layers"].values()} == {"SinqMatMulNBits"}
+        assert options["custom_ops_library"] == runtime_ops.LIB_NAME
+        assert (tmp_path / "out" / runtime_ops.LIB_NAME).is_file()
+    else:
+        assert "custom_ops_library" not in options
+    assert genai["search"]["past_present_share_buffer"] is (graph.dtype == "fp32")
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+                                runtime_ops.session_options(), providers=["CPUExecutionProvider"])
+    run = run_ort_lm(sess, PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint
 from ..config import GraphConfig, SinqConfig
@@ -27,9 +26,10 @@ from ..models import ModelLoadError, hub_offline
 from ..nn import _joint_groups
 from ..quant.core import kurtosis
 from . import builder
+from .diskspace import check_free_space, estimate_output_bytes
 from .genai import genai_config
 from .graph import ExportError
-from .layout import choose_node
+from .layout import CUSTOM_DOMAIN, choose_node
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, ONNX_FILE, ExportResult, source_section, versions
 from .stages import Stages
 from .weights import PARTS, LinearBinding, RecordCache, bind_weights
@@ -167,6 +167,17 @@ def _copy_hf_files(src: Path, dest: Path) -> None:
             shutil.copyfile(path, dest / path.name)
 
 
+def _copy_ops_library(out: Path) -> None:
+    """Put the ``sinq.ops`` library in OUT_DIR: genai loads custom ops only from there, and the
+    folder then runs on any machine with the same onnxruntime ABI."""
+    from ..runtime_ops import LIB_NAME, RuntimeOpsUnavailable, library_path
+
+    try:
+        shutil.copyfile(library_path(), out / LIB_NAME)
+    except RuntimeOpsUnavailable as exc:
+        raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
+
+
 def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
     """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md)."""
     out = {}
@@ -211,16 +222,23 @@ def _onnx_section(model: ir.Model) -> dict:
     }
 
 
-def _save(model: ir.Model, path: Path, progress: bool, n_tensors: int) -> None:
-    bar = tqdm(total=n_tensors, desc="write", unit="tensor", disable=not progress, leave=False)
+def _save(model: ir.Model, path: Path, stages: Stages) -> None:
+    """onnx_ir's writer: it evaluates each lazy initializer in graph order, writes it to the
+    data file and lets it go (measured: peak RSS stays flat, see docs/export-format.md)."""
+    inits = [v.const_value for v in model.graph.initializers.values()]
+    with stages.tensors(sum(t.nbytes for t in inits), len(inits), desc="write") as bar:
+        ir.save(model, path, external_data=DATA_FILE, alignment=64,
+                callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
 
-    def callback(tensor, info) -> None:  # noqa: ANN001
-        bar.update(1)
 
-    try:
-        ir.save(model, path, external_data=DATA_FILE, callback=callback, alignment=64)
-    finally:
-        bar.close()
+def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
+                out_dir: Path) -> None:
+    """Refuse up front (ENOSPC, one line) when OUT_DIR's file system cannot hold the export."""
+    bits = {src: plan.linears[n].bits for n, src in plan.sources.items() if src == f"{n}.weight"}
+    needed = estimate_output_bytes(ckpt, lambda name, shape: bits.get(name), config.group_size,
+                                   runtime=graph.runtime,
+                                   float_bytes=2 if graph.dtype == "fp16" else 4)
+    check_free_space(out_dir, needed)
 
 
 def export_causal_lm(
@@ -265,6 +283,7 @@ def export_causal_lm(
             if not plan.linears and not allow_unquantized:
                 raise ExportError("the config quantizes no linear layer (check --exclude / "
                                   "--include); pass allow_unquantized to export a float model")
+            _check_disk(ckpt, plan, config, graph_config, out_dir)
         with stages.stage("build"):
             builder.replace_linears(module, plan.linears)
             model = builder.build_graph(module, cfg)
@@ -272,11 +291,9 @@ def export_causal_lm(
             model.producer_name = "sinq-export"
             model.producer_version = versions()["sinq_export"] or ""
             model.graph.name = "sinq-export-decoder"
-            bar = tqdm(total=len(set(plan.units.values())), desc="SINQ quantize", unit="unit",
-                       disable=not progress, leave=False)
             cache = RecordCache(ckpt, config, sources=plan.sources, units=plan.units,
                                 bits={n: p.bits for n, p in plan.linears.items()},
-                                uses=_uses(plan), progress=lambda _: bar.update(1))
+                                uses=_uses(plan))
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n))
                         for n, p in plan.linears.items()}
@@ -286,24 +303,27 @@ def export_causal_lm(
             layers = _layer_records(model, plan)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
             with stages.stage("write"):
-                try:
-                    _save(model, tmp_out / ONNX_FILE, progress, len(model.graph.initializers))
-                finally:
-                    bar.close()
+                _save(model, tmp_out / ONNX_FILE, stages)
                 _copy_hf_files(folder, tmp_out)
+                custom = any(p.choice.domain == CUSTOM_DOMAIN for p in plan.linears.values())
+                if custom:
+                    _copy_ops_library(tmp_out)
                 write_json(tmp_out / "genai_config.json",
-                           genai_config(hf_config, folder, custom_ops=bool(
-                               {p.choice.domain for p in plan.linears.values()} - {"com.microsoft"})))
+                           genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
+                               n.op_type == "GroupQueryAttention" for n in model.graph)))
                 if with_reference:
                     _write_reference(folder, tmp_out, config)
                 manifest = _manifest(model, plan, layers, config, graph_config, folder, tmp_out)
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / ONNX_FILE), full_check=False)
+        # quantization runs inside the writer's pulls: report it apart from the I/O
         stages.timings["quantize"] = cache.stats.seconds
+        stages.timings["write"] -= cache.stats.seconds
     finally:
         stages.close()
-    return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings)
+    return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
+                        peak_rss=stages.report()["peak_rss_mb"])
 
 
 def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,

@@ -103,6 +103,7 @@ class ExportResult:
     model: Any = None
     tokenizer: Any = None
     float_onnx_bytes: int | None = None
+    peak_rss: dict[str, float] = field(default_factory=dict)  # stage -> MiB
 
     def summary(self) -> dict[str, Any]:
         """Everything the CLI prints (JSON-friendly); timings included, unlike the manifest."""
@@ -123,6 +124,7 @@ class ExportResult:
             "onnx_bytes_before": self.float_onnx_bytes,
             "onnx_bytes_after": m["sizes"]["onnx_bytes"],
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            "peak_rss_mb": dict(self.peak_rss),
             "config": m["config"],
             "graph": m["graph"],
         }

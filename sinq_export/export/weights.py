@@ -42,7 +42,7 @@ class RecordCache:
 
     def __init__(self, checkpoint: Checkpoint, config: SinqConfig, *, sources: Mapping[str, str],
                  units: Mapping[str, tuple[str, ...]], bits: Mapping[str, int],
-                 uses: Mapping[str, int], progress: Callable[[str], None] | None = None) -> None:
+                 uses: Mapping[str, int]) -> None:
         self._ckpt = checkpoint
         self._config = config
         self._sources = sources  # linear -> checkpoint tensor of its weight
@@ -51,7 +51,6 @@ class RecordCache:
         self._uses = dict(uses)
         self._records: dict[str, QuantizedWeight] = {}
         self._locks = {unit: threading.Lock() for unit in set(units.values())}
-        self._progress = progress
         self.stats = QuantStats()
 
     def _quantize(self, names: Sequence[str]) -> list[QuantizedWeight]:
@@ -74,8 +73,6 @@ class RecordCache:
                     self._records[n] = r
                 self.stats.units += 1
                 self.stats.seconds += time.perf_counter() - t0
-                if self._progress is not None:
-                    self._progress(unit[0])
                 record = self._records[name]
         return record
 
