@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sinq_export import SinqConfig
+from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
 from sinq_export.nn import quantize_model
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
@@ -89,6 +89,10 @@ def prompt_for(model) -> np.ndarray:  # noqa: ANN001
     return np.array(bos + PROMPT, dtype=np.int64)
 
 
+def _session(out) -> ort.InferenceSession:  # noqa: ANN001
+    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
@@ -100,8 +104,7 @@ def test_export_matches_transformers(tmp_path, model_type):
     quantize_model(model, CFG, progress=False)
     prompt = prompt_for(model)
     want, fed = run_torch_lm(model, prompt, STEPS)
-    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = _session(tmp_path / "out")
     forced = run_ort_lm(sess, prompt, fed)
     rel = rel_error(forced.logits, want.logits)
     print(f"{model_type}: logits rel error {rel:.2e}")
@@ -111,3 +114,24 @@ def test_export_matches_transformers(tmp_path, model_type):
     manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
     assert set(manifest["layers"]) == quantized
+
+
+@pytest.mark.parametrize(("model_type", "folded_into"), [
+    # Gemma's norms are x * (1 + w): only down_proj's t folds (into up_proj's rows)
+    ("gemma3_text", {"model.layers.0.mlp.up_proj"}),
+    # Phi3's fused qkv_proj / gate_up_proj fold into the norms they read
+    ("phi3", {"model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+              "model.norm"}),
+])
+def test_folded_column_scales_match_transformers(tmp_path, model_type, folded_into):
+    model = make_model_dir(tmp_path / "hf", model_type, seed=SEEDS.get(model_type, 0))
+    cfg = CFG.replace(shared_col_scale=True)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                           progress=False)
+    folded = {la["folded_into"] for la in res.manifest["layers"].values()} - {None}
+    assert folded == folded_into | {f.replace(".0.", ".1.") for f in folded_into}
+    quantize_model(model, cfg, progress=False)
+    prompt = prompt_for(model)
+    want, fed = run_torch_lm(model, prompt, STEPS)
+    got = run_ort_lm(_session(tmp_path / "out"), prompt, fed)
+    assert rel_error(got.logits, want.logits) <= TOL

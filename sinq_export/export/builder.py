@@ -39,6 +39,8 @@ from .layout import STOCK_OP, NodeChoice
 # model_types with tiny-model parity tests (tests/test_architectures.py); `families` holds the
 # per-family fixes around mobius (Gemma3's attention, Phi3's fused qkv_proj).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+# Their RMSNorm weights enter the graph as ``1 + w``: no column scale folds into them.
+OFFSET_NORM_MODEL_TYPES = ("gemma3_text",)
 # rope_scaling / rope_parameters "rope_type" values mobius implements and we test.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 

@@ -33,9 +33,6 @@ from onnxscript import OpBuilder, nn
 
 from .graph import ExportError
 
-# Norms whose weight enters the graph as ``1 + w`` (a t folded into ``w`` would be wrong).
-OFFSET_NORM_FAMILIES = ("gemma3_text",)
-
 
 def check_family_config(config: Mapping, folder: object) -> None:
     """Refuse config fields a family's builder cannot honour (one line naming the field)."""
