@@ -20,6 +20,7 @@ import torch
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
 from sinq_export.nn import quantize_model
+from sinq_export.validate.core import reference_model
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
 
 STEPS = 16
@@ -114,6 +115,9 @@ def test_export_matches_transformers(tmp_path, model_type):
     manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
     assert set(manifest["layers"]) == quantized
+    # the validator's reference, rebuilt from the source folder + the ONNX tensors, is the same
+    rebuilt, rebuilt_fed = run_torch_lm(reference_model(tmp_path / "out"), prompt, STEPS)
+    assert rebuilt_fed == fed and rel_error(rebuilt.logits, want.logits) <= 1e-6
 
 
 @pytest.mark.parametrize(("model_type", "folded_into"), [
@@ -135,3 +139,57 @@ def test_folded_column_scales_match_transformers(tmp_path, model_type, folded_in
     want, fed = run_torch_lm(model, prompt, STEPS)
     got = run_ort_lm(_session(tmp_path / "out"), prompt, fed)
     assert rel_error(got.logits, want.logits) <= TOL
+
+
+def test_supported_model_types_and_architectures_agree():
+    """The export builder's model types and the loader's architecture names are one set."""
+    from sinq_export.checkpoint import architecture_model_type
+    from sinq_export.export.builder import SUPPORTED_MODEL_TYPES
+    from sinq_export.models import SUPPORTED_ARCHITECTURES
+
+    assert {architecture_model_type(a) for a in SUPPORTED_ARCHITECTURES} == set(SUPPORTED_MODEL_TYPES)
+    assert set(SUPPORTED_MODEL_TYPES) == set(ARCHS)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("tiny")
+    for model_type in ("llama", "gemma3_text"):
+        make_model_dir(root / model_type, model_type)
+    return root
+
+
+@pytest.mark.parametrize(("model_type", "changes", "message"), [
+    # a causal LM transformers knows but the builder does not: every supported one is listed
+    ("llama", {"model_type": "olmo", "architectures": ["OlmoForCausalLM"]},
+     "model_type='olmo' is not supported; supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3"),
+    ("llama", {"model_type": "qwen2"}, "model_type 'qwen2' disagrees with architectures"),
+    ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}},
+     "rope_scaling.rope_type='su-rope' is not supported"),
+    ("llama", {"head_dim": 24}, "head_dim=24 is not supported"),
+    ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}},
+     "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
+    ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "longrope", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope_parameters.full_attention.rope_type='longrope' is not supported"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+])
+def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys, model_type,
+                                                     changes, message):
+    import shutil
+
+    from sinq_export.cli import EXIT_USAGE, main
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_dirs / model_type, src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (src / "config.json").write_text(json.dumps(config))
+    rc = main(["model", str(src), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

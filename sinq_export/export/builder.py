@@ -124,6 +124,12 @@ def check_supported(config: Mapping, folder: object) -> str:
         raise ExportError(
             f"{folder}: config.json model_type={model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+    if head_dim % 16:
+        field = "head_dim" if config.get("head_dim") else "hidden_size / num_attention_heads"
+        raise ExportError(f"{folder}: config.json {field}={head_dim} is not supported "
+                          "(GroupQueryAttention's rotary needs a multiple of 16)")
     for field, rope in _rope_sections(config):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
