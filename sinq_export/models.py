@@ -32,10 +32,14 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".sinq-export-complete"
 CONVERSION_VERSION = "1"
 
+# transformers classes of the model_types `export.builder.SUPPORTED_MODEL_TYPES` builds
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "MistralForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
 )
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

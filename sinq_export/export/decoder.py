@@ -77,25 +77,28 @@ def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Che
     return kurtosis(w) <= config.kurtosis_gate
 
 
-def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]],
-                  planned: Mapping[str, int]) -> tuple[str, str] | None:
+def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapping[str, int],
+                  offset_norms: bool) -> tuple[str, str] | None:
     """('norm', initializer) or ('rows', linear) where ``name``'s t folds exactly, else None.
 
-    Llama-family decoders (every type in `builder.SUPPORTED_MODEL_TYPES`): q/k/v read
-    ``input_layernorm``'s output and gate/up ``post_attention_layernorm``'s, so a t they
-    share (one joint unit) multiplies that norm's weight; ``down_proj`` reads
-    ``act(gate) * up``, so its t multiplies ``up_proj``'s output rows; ``lm_head`` reads the
-    final norm only.
+    Llama-family decoders (every type in `builder.SUPPORTED_MODEL_TYPES`): q/k/v (Phi3's fused
+    qkv_proj) read ``input_layernorm``'s output and gate/up (gate_up_proj)
+    ``post_attention_layernorm``'s, so a t they share (one joint unit) multiplies that norm's
+    weight; ``down_proj`` reads ``act(gate) * up``, so its t multiplies ``up_proj``'s output
+    rows; ``lm_head`` reads the final norm only. Norms computed as ``x * (1 + w)``
+    (``offset_norms``: Gemma) cannot absorb a t into ``w``; only the row fold applies.
     """
     parent, _, leaf = name.rpartition(".")
     layer = parent.rpartition(".")[0]
     unit = units[name]
-    if leaf in ("q_proj", "k_proj", "v_proj") and len(unit) == 3:
-        return ("norm", f"{layer}.input_layernorm.weight")
-    if leaf in ("gate_proj", "up_proj") and len(unit) == 2:
-        return ("norm", f"{layer}.post_attention_layernorm.weight")
     if leaf == "down_proj" and f"{parent}.up_proj" in planned:
         return ("rows", f"{parent}.up_proj")
+    if offset_norms:
+        return None
+    if leaf in ("q_proj", "k_proj", "v_proj") and len(unit) == 3 or leaf == "qkv_proj":
+        return ("norm", f"{layer}.input_layernorm.weight")
+    if leaf in ("gate_proj", "up_proj") and len(unit) == 2 or leaf == "gate_up_proj":
+        return ("norm", f"{layer}.post_attention_layernorm.weight")
     if name == "lm_head":
         return ("norm", "model.norm.weight")
     return None
@@ -142,6 +145,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             units[n] = tuple(g)
     if shared_head:
         units["lm_head"] = (EMBEDDING,)
+    offset_norms = ckpt.config.get("model_type") in builder.OFFSET_NORM_MODEL_TYPES
     has_t = {}
     for unit in dict.fromkeys(units.values()):
         t = _has_col_scale(unit, sources, ckpt, config)
@@ -163,7 +167,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             modes[n] = "mul"  # t scales the gathered rows' columns: after the gather
         elif choice.fused_col_scale and not (shared_head and n == "lm_head"):
             modes[n] = "fused"
-        elif graph.col_scale == "fold" and (target := _fold_targets(n, units, bits)):
+        elif graph.col_scale == "fold" and (target := _fold_targets(n, units, bits, offset_norms)):
             kind, where = target
             if kind == "rows":
                 row_scale_from[where] = n

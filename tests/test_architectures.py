@@ -1,0 +1,211 @@
+"""Every supported decoder family, exported by the built route, against transformers.
+
+Each family is a real transformers class built offline from a config that keeps the real
+model's structural features (GQA ratio, explicit head_dim, biases, q/k norms, sliding-window
+layers and their rope theta, fused projections, tied or untied head) at toy widths. The
+export (4 bits, accuracy_level 0) must match the same model with `SinqLinear`s swapped in (the
+reference the validator rebuilds): logits relative error <= 1e-4, teacher-forced over a
+prefill + 16 decode steps through the KV cache, and the same 16 greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from sinq_export import GraphConfig, SinqConfig
+from sinq_export.export import export_causal_lm
+from sinq_export.nn import quantize_model
+from sinq_export.validate.core import reference_model
+from sinq_export.validate.runners import run_ort_lm, run_torch_lm
+
+STEPS = 16
+PROMPT = [5, 17, 99, 3, 42, 250, 7, 18, 64, 11, 12, 77]  # 12 + 16 tokens: past any window below
+CFG = SinqConfig(group_size=32, lm_head_bits=4)
+TOL = 1e-4
+
+# model_type -> (real model the shape is taken from, config overrides at toy size)
+ARCHS = {
+    "llama": ("SmolLM2-135M: GQA 3:1, tied head", dict(
+        hidden_size=96, intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
+        tie_word_embeddings=True, rope_theta=100000.0)),
+    "qwen2": ("Qwen2.5-0.5B: q/k/v biases, untied head, GQA 7:1", dict(
+        hidden_size=112, intermediate_size=320, num_attention_heads=7, num_key_value_heads=1,
+        tie_word_embeddings=False, rope_theta=1000000.0)),
+    "qwen3": ("Qwen3-0.6B: per-head q/k RMSNorm, head_dim 128 != hidden/heads, GQA 2:1, tied", dict(
+        hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=128, tie_word_embeddings=True, rope_theta=1000000.0)),
+    "mistral": ("Mistral-7B-v0.1: GQA 4:1, sliding window on every layer, untied", dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=32, sliding_window=8, tie_word_embeddings=False, rope_theta=10000.0)),
+    "gemma3_text": ("Gemma3-1B: head_dim 256, sliding layers with rope_local_base_freq, "
+                    "sqrt(hidden) embedding scale, 4 norms a layer, q/k norms, BOS, tied", dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0)),
+    "phi3": ("Phi-3-mini-4k: fused qkv_proj and gate_up_proj, MHA, head_dim 96, untied", dict(
+        hidden_size=192, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2,
+        tie_word_embeddings=False, rope_theta=10000.0, sliding_window=2047)),
+}
+
+SEEDS = {"gemma3_text": 2}  # seeds whose greedy continuation does not settle on one token
+
+
+def make_model_dir(path, model_type: str, seed: int = 0, **overrides):  # noqa: ANN001, ANN201
+    """Save a random-weight ``model_type`` model to ``path``; return the transformers model.
+
+    Norm weights and biases are randomised too (they are ones/zeros at init, which would hide
+    a norm or bias the graph drops), and weights are spread wide enough that greedy decoding
+    does not collapse to one token.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": 320,
+            "num_hidden_layers": 2, "max_position_embeddings": 256, "initializer_range": 0.2,
+            **ARCHS[model_type][1], **overrides}
+    cfg = AutoConfig.for_model(model_type, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".post_" in name and name.endswith("norm.weight"):  # Gemma's branch-output norms
+                p.uniform_(4.0, 8.0)  # so the layers, not the scaled embedding, pick the token
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def prompt_for(model) -> np.ndarray:  # noqa: ANN001
+    """The prompt, after the BOS token for families that need it (Gemma)."""
+    bos = [model.config.bos_token_id] if model.config.model_type.startswith("gemma") else []
+    return np.array(bos + PROMPT, dtype=np.int64)
+
+
+def _session(out) -> ort.InferenceSession:  # noqa: ANN001
+    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def genai_greedy(out, prompt: np.ndarray) -> list[int]:  # noqa: ANN001
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + STEPS, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt.tolist())
+    tokens = []
+    while not gen.is_done() and len(tokens) < STEPS:
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+def rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+def test_export_matches_transformers(tmp_path, model_type):
+    model = make_model_dir(tmp_path / "hf", model_type, seed=SEEDS.get(model_type, 0))
+    export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
+    quantize_model(model, CFG, progress=False)
+    prompt = prompt_for(model)
+    want, fed = run_torch_lm(model, prompt, STEPS)
+    sess = _session(tmp_path / "out")
+    forced = run_ort_lm(sess, prompt, fed)
+    rel = rel_error(forced.logits, want.logits)
+    print(f"{model_type}: logits rel error {rel:.2e}")
+    assert rel <= TOL
+    assert run_ort_lm(sess, prompt, STEPS).fed == fed
+    assert len(set(fed)) > 2  # the test model does not collapse to one repeated token
+    assert genai_greedy(tmp_path / "out", prompt) == fed  # genai's loop: shared KV buffer
+    manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
+    quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
+    assert set(manifest["layers"]) == quantized
+    # the validator's reference, rebuilt from the source folder + the ONNX tensors, is the same
+    rebuilt, rebuilt_fed = run_torch_lm(reference_model(tmp_path / "out"), prompt, STEPS)
+    assert rebuilt_fed == fed and rel_error(rebuilt.logits, want.logits) <= 1e-6
+
+
+@pytest.mark.parametrize(("model_type", "folded_into"), [
+    # Gemma's norms are x * (1 + w): only down_proj's t folds (into up_proj's rows)
+    ("gemma3_text", {"model.layers.0.mlp.up_proj"}),
+    # Phi3's fused qkv_proj / gate_up_proj fold into the norms they read
+    ("phi3", {"model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+              "model.norm"}),
+])
+def test_folded_column_scales_match_transformers(tmp_path, model_type, folded_into):
+    model = make_model_dir(tmp_path / "hf", model_type, seed=SEEDS.get(model_type, 0))
+    cfg = CFG.replace(shared_col_scale=True)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                           progress=False)
+    folded = {la["folded_into"] for la in res.manifest["layers"].values()} - {None}
+    assert folded == folded_into | {f.replace(".0.", ".1.") for f in folded_into}
+    quantize_model(model, cfg, progress=False)
+    prompt = prompt_for(model)
+    want, fed = run_torch_lm(model, prompt, STEPS)
+    got = run_ort_lm(_session(tmp_path / "out"), prompt, fed)
+    assert rel_error(got.logits, want.logits) <= TOL
+
+
+def test_supported_model_types_and_architectures_agree():
+    """The export builder's model types and the loader's architecture names are one set."""
+    from sinq_export.checkpoint import architecture_model_type
+    from sinq_export.export.builder import SUPPORTED_MODEL_TYPES
+    from sinq_export.models import SUPPORTED_ARCHITECTURES
+
+    assert {architecture_model_type(a) for a in SUPPORTED_ARCHITECTURES} == set(SUPPORTED_MODEL_TYPES)
+    assert set(SUPPORTED_MODEL_TYPES) == set(ARCHS)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("tiny")
+    for model_type in ("llama", "gemma3_text"):
+        make_model_dir(root / model_type, model_type)
+    return root
+
+
+@pytest.mark.parametrize(("model_type", "changes", "message"), [
+    # a causal LM transformers knows but the builder does not: every supported one is listed
+    ("llama", {"model_type": "olmo", "architectures": ["OlmoForCausalLM"]},
+     "model_type='olmo' is not supported; supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3"),
+    ("llama", {"model_type": "qwen2"}, "model_type 'qwen2' disagrees with architectures"),
+    ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}},
+     "rope_scaling.rope_type='su-rope' is not supported"),
+    ("llama", {"head_dim": 24}, "head_dim=24 is not supported"),
+    ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}},
+     "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
+    ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "longrope", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope_parameters.full_attention.rope_type='longrope' is not supported"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+])
+def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys, model_type,
+                                                     changes, message):
+    import shutil
+
+    from sinq_export.cli import EXIT_USAGE, main
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_dirs / model_type, src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (src / "config.json").write_text(json.dumps(config))
+    rc = main(["model", str(src), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
