@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from .quant import METHODS as _REGISTRY
+
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
-METHODS = ("sinq", "rtn")
+METHODS = tuple(_REGISTRY)  # the registered quantization methods (sinq_export.quant.methods)
 RUNTIMES = ("stock", "custom")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DTYPES = ("fp32", "fp16")
@@ -63,6 +65,17 @@ class SinqConfig:
         shared_col_scale: run Sinkhorn jointly on linears that read the same input
             (q/k/v, gate/up) so they share one t, which then folds into the norm weight.
         lm_head_bits: quantize the output projection to this width (None keeps it float).
+        lm_head_group_size: block size for the output projection (None = ``group_size``).
+        scale_search: per-group range search under the integer-zero-point constraint (None =
+            the method's default: on for sinq, off for the rtn baseline).
+        tile_gate: SINQ keeps a tile's Sinkhorn scale only where it lowers the error.
+        calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
+            ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
+            are disjoint from the evaluation windows (see ``quant.calibrate``).
+        awq / gptq: the two calibrated steps (A-SINQ's activation-aware t, GPTQ rounding),
+            each on by default when ``calibrate`` is set.
+        avg_bits / max_size_mb: the budget a bit allocation (``quant.allocate``) was solved
+            for; the chosen widths themselves are the ``overrides``.
     """
 
     bits: int = 4
@@ -76,6 +89,16 @@ class SinqConfig:
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     shared_col_scale: bool = False
     lm_head_bits: int | None = None
+    lm_head_group_size: int | None = None
+    scale_search: bool | None = None
+    tile_gate: bool = False
+    calibrate: bool = False
+    calibration_windows: int = 16
+    calibration_length: int = 512
+    awq: bool = True
+    gptq: bool = True
+    avg_bits: float | None = None
+    max_size_mb: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, Mapping):
@@ -99,6 +122,16 @@ class SinqConfig:
             check_bits(b, where=f"overrides[{pattern!r}]")
         if self.lm_head_bits is not None:
             check_bits(self.lm_head_bits, where="lm_head_bits")
+        if self.lm_head_group_size is not None:
+            check_group_size(self.lm_head_group_size, where="lm_head_group_size")
+        for name in ("calibration_windows", "calibration_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 4096:
+                raise ConfigError(f"{name}={value!r} must be an int in [1, 4096]")
+        if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:
+            raise ConfigError(f"avg_bits={self.avg_bits!r} must be between 2 and 8")
+        if self.max_size_mb is not None and not self.max_size_mb > 0:
+            raise ConfigError(f"max_size_mb={self.max_size_mb!r} must be positive")
 
     def bits_for(self, name: str) -> int | None:
         """Bit width for module ``name``, or None when it stays in float."""
@@ -112,6 +145,21 @@ class SinqConfig:
             if re.search(pattern, name):
                 return b
         return self.bits
+
+    def group_size_for(self, name: str) -> int:
+        """Block size for module ``name`` (the output projection may use finer groups)."""
+        if self.lm_head_group_size is not None and re.search(r"(^|\.)lm_head$", name):
+            return self.lm_head_group_size
+        return self.group_size
+
+    def method_config(self, name: str, bits: int):  # noqa: ANN201
+        """The registered method's config (`quant.methods`) for module ``name`` at ``bits``."""
+        from .quant.methods import make_config
+
+        return make_config(self.method, bits=bits, group_size=self.group_size_for(name),
+                           symmetric=self.symmetric, sinkhorn_iters=self.sinkhorn_iters,
+                           kurtosis_gate=self.kurtosis_gate, scale_search=self.scale_search,
+                           tile_gate=self.tile_gate, awq=self.awq, gptq=self.gptq)
 
     def replace(self, **changes: Any) -> SinqConfig:
         return replace(self, **changes)

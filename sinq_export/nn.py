@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .config import SinqConfig
 from .io import atomic_output_dir, read_json, write_json
-from .quant.core import quantize_jointly, quantize_weight, relative_error
+from .quant.core import quantize_jointly, relative_error
+from .quant.methods import quantize
 from .quant.record import QuantizedWeight
 
 # Linears that read the same input tensor; with `shared_col_scale` they share one t.
@@ -135,6 +136,42 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def _units(linears: dict[str, tuple[nn.Linear, int]], config: SinqConfig) -> list[list[str]]:
+    """Quantization units in module order: joint groups (shared t) and single linears."""
+    bits_of = {name: bits for name, (_, bits) in linears.items()}
+    groups = _joint_groups(linears, bits_of) if config.shared_col_scale else []
+    grouped = {n for g in groups for n in g}
+    units = groups + [[n] for n in linears if n not in grouped]
+    position = {name: i for i, name in enumerate(linears)}
+    units.sort(key=lambda names: position[names[0]])
+    return units
+
+
+def _quantize_unit(root: nn.Module, prefix: str, names: list[str],
+                   linears: dict[str, tuple[nn.Linear, int]], config: SinqConfig,
+                   report: QuantizationReport, measure_error: bool, stats=None) -> None:  # noqa: ANN001
+    """Quantize one unit (names relative to the model; ``root`` is the module at ``prefix``)."""
+    t0 = time.perf_counter()
+    bits = linears[names[0]][1]
+    method = config.method_config(names[0], bits)
+    weights = [linears[n][0].weight for n in names]
+    calibration = None if stats is None else stats[names[0][len(prefix):]]
+    if len(names) > 1:
+        records = quantize_jointly(weights, names, calibration=calibration, config=method)
+    else:
+        records = [quantize(weights[0], method, calibration=calibration, name=names[0])]
+    dt = (time.perf_counter() - t0) / len(names)
+    for name, record, weight in zip(names, records, weights):
+        linear = linears[name][0]
+        err = relative_error(weight, record) if measure_error else None
+        _set_module(root, name[len(prefix):], SinqLinear(record, linear.bias))
+        label = config.method if record.col_scale is not None or config.method == "rtn" \
+            else "rtn(gated)"
+        if stats is not None:
+            label += "+calibrated"
+        report.layers.append(LayerReport(name, record.shape, bits, label, dt, err))
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -142,52 +179,69 @@ def quantize_model(
     *,
     progress: bool = True,
     measure_error: bool = False,
+    calibration: torch.Tensor | None = None,
 ) -> QuantizationReport:
     """Replace every eligible ``nn.Linear`` of ``model`` in place by a `SinqLinear`.
 
     Follows torchao's ``quantize_(model, config)``: one entry point, one config object.
     Tied weights (e.g. lm_head sharing the embedding) are quantized from the shared tensor
     but the embedding itself stays float.
+
+    With ``config.calibrate``, ``calibration`` holds the ``[n, L]`` calibration token windows
+    (`quant.calibrate.calibration_windows`); the model is then quantized block by block on
+    statistics of each block's inputs (`quant.calibrate.calibrate_block`).
     """
     config = config or SinqConfig()
     start = time.perf_counter()
     linears = eligible_linears(model, config)
-    bits_of = {name: bits for name, (_, bits) in linears.items()}
-    groups = _joint_groups(linears, bits_of) if config.shared_col_scale else []
-    grouped = {n for g in groups for n in g}
-    units = groups + [[n] for n in linears if n not in grouped]
-    position = {name: i for i, name in enumerate(linears)}
-    units.sort(key=lambda names: position[names[0]])
-
+    units = _units(linears, config)
     report = QuantizationReport(config=config)
-    for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
-        t0 = time.perf_counter()
-        bits = bits_of[names[0]]
-        kwargs = dict(
-            bits=bits,
-            group_size=config.group_size,
-            method=config.method,
-            symmetric=config.symmetric,
-            sinkhorn_iters=config.sinkhorn_iters,
-            kurtosis_gate=config.kurtosis_gate,
-        )
-        weights = [linears[n][0].weight for n in names]
-        if len(names) > 1:
-            records = quantize_jointly(weights, names, **kwargs)
-        else:
-            records = [quantize_weight(weights[0], name=names[0], **kwargs)]
-        dt = (time.perf_counter() - t0) / len(names)
-        for name, record, weight in zip(names, records, weights):
-            linear = linears[name][0]
-            err = relative_error(weight, record) if measure_error else None
-            _set_module(model, name, SinqLinear(record, linear.bias))
-            method = config.method if record.col_scale is not None or config.method == "rtn" \
-                else "rtn(gated)"
-            report.layers.append(
-                LayerReport(name, record.shape, bits, method, dt, err)
-            )
+    if config.calibrate:
+        if calibration is None:
+            raise ValueError("config.calibrate is set but no calibration windows were given")
+        _quantize_calibrated(model, linears, units, config, report, measure_error,
+                             calibration, progress)
+    else:
+        for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
+            _quantize_unit(model, "", names, linears, config, report, measure_error)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _quantize_calibrated(model, linears, units, config, report, measure_error,  # noqa: ANN001
+                         windows, progress) -> None:  # noqa: ANN001
+    """Block by block: statistics of each block's inputs, quantize its units, propagate."""
+    from .quant.calibrate import (
+        LayerStats,
+        calibrate_block,
+        capture_block_inputs,
+        decoder_blocks,
+    )
+
+    blocks = decoder_blocks(model)
+    block_prefix = {id(m): n for n, m in model.named_modules()}
+    hidden, kwargs = capture_block_inputs(model, windows)
+    done: set[str] = set()
+    for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
+        prefix = block_prefix[id(block)] + "."
+        mine = [u for u in units if u[0].startswith(prefix)]
+        rel = [n[len(prefix):] for u in mine for n in u]
+
+        def quantize_block(blk, stats, mine=mine, prefix=prefix):  # noqa: ANN001, ANN202
+            for names in mine:
+                _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
+
+        hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel)
+        done.update(rel_name for u in mine for rel_name in u)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    for names in (u for u in units if u[0] not in done):
+        stats = None
+        if norm is not None and linears[names[0]][0] is head:
+            # The output projection reads the final norm of the last block's output.
+            stats = {names[0]: LayerStats(head.in_features)}
+            stats[names[0]].add(norm(hidden))
+        _quantize_unit(model, "", names, linears, config, report, measure_error, stats)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, SinqLinear]:

@@ -1,9 +1,19 @@
-"""Weight matrix -> `QuantizedWeight`: Sinkhorn normalisation per tile, then group RTN, then packing.
+"""Weight matrix -> `QuantizedWeight`: the ``rtn`` and ``sinq`` handlers and their shared steps.
 
-A tile is the ``N x g`` column slab that one quantization group spans, so the tile's row scale
-folds straight into that group's scales and its column scale becomes ``t`` for those ``g``
-input channels. All tiles of a matrix are processed in one batch (no Python loop per group);
-a last partial tile (K not a multiple of g) is processed as a batch of its own.
+Every method here is the same three steps on an ``[N, K]`` weight ``W``:
+
+1. a per-input-channel scale ``t`` [K] (all ones for RTN; Sinkhorn's column scale per tile for
+   SINQ, times the activation-aware factor when calibrated, see `calibrate`);
+2. group parameters (scale ``s``, integer zero point ``z``) of ``W / t`` per ``1 x g`` group,
+   by min/max or by the weighted range search of `rtn.search_params`;
+3. integer codes: round to nearest, or GPTQ's error-compensating rounding (`gptq`) when a
+   Hessian of the layer's inputs is known.
+
+Why SINQ needs no row scale here: Sinkhorn returns a row and a column scale per tile, but a
+per-row factor inside one group is absorbed by that group's own scale (min/max, the shrink
+search and the least-squares refit are all invariant to it), so only the column scale ``t``
+changes the result. A tile is the ``N x g`` column slab one group spans; all tiles of a matrix
+go through Sinkhorn in one batch, a last partial tile (K not a multiple of g) in its own.
 """
 
 from __future__ import annotations
@@ -13,8 +23,9 @@ from collections.abc import Sequence
 import torch
 
 from . import packing
+from .methods import MethodConfig, RTNConfig, SINQConfig, make_config, quantize, register
 from .record import QuantizedWeight
-from .rtn import quantize_groups
+from .rtn import minmax_params, search_params
 from .sinkhorn import sinkhorn_scales
 
 
@@ -48,35 +59,169 @@ def kurtosis(weight: torch.Tensor) -> float:
     return float(c2.square().mean() / var.square())
 
 
-def _tiles(weight: torch.Tensor, g: int) -> list[torch.Tensor]:
-    """``[N, K]`` -> batches ``[T, N, g]`` of full tiles, plus ``[1, N, K % g]`` for a tail."""
-    n, k = weight.shape
+# ------------------------------------------------------------------------------ groups
+
+
+def to_groups(x: torch.Tensor, g: int) -> list[torch.Tensor]:
+    """``[..., K]`` -> ``[..., K // g, g]`` full groups, plus ``[..., 1, K % g]`` for a tail."""
+    k = x.shape[-1]
     full = k // g
     out = []
     if full:
-        out.append(weight[:, : full * g].reshape(n, full, g).permute(1, 0, 2))
+        out.append(x[..., : full * g].reshape(*x.shape[:-1], full, g))
     if k % g:
-        out.append(weight[:, full * g :].unsqueeze(0))
+        out.append(x[..., full * g :].unsqueeze(-2))
     return out
 
 
-def _quantize_tiles(
-    tiles: torch.Tensor, bits: int, symmetric: bool, normalise: bool, iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch of tiles -> (codes [N, T*w], scales [N, T], zeros [N, T], col_scale [T*w])."""
-    t, n, w = tiles.shape
-    if normalise and w >= 2 and iters > 0:
-        s = sinkhorn_scales(tiles, iters)
-        row, col = s.row, s.col
-        normalised = tiles / (row.unsqueeze(-1) * col.unsqueeze(1))
+def from_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `to_groups`: ``[..., B, w]`` pieces -> ``[..., K]``."""
+    return torch.cat([p.reshape(*p.shape[:-2], -1) for p in parts], dim=-1)
+
+
+def group_params(w: torch.Tensor, bits: int, g: int, importance: torch.Tensor | None,
+                 symmetric: bool, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) ``[N, n_blocks]`` of ``w [N, K]``; ``importance`` broadcasts to ``w``."""
+    imp = torch.ones_like(w) if importance is None else importance.expand_as(w)
+    out = []
+    for x, i in zip(to_groups(w, g), to_groups(imp, g)):
+        out.append(search_params(x, bits, i, symmetric) if search
+                   else minmax_params(x, bits, symmetric))
+    return torch.cat([s for s, _ in out], -1), torch.cat([z for _, z in out], -1)
+
+
+def expand_groups(p: torch.Tensor, g: int, k: int) -> torch.Tensor:
+    """``[N, n_blocks]`` per-group values -> ``[N, K]`` per element."""
+    return p.repeat_interleave(g, dim=-1)[..., :k]
+
+
+def round_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                g: int) -> torch.Tensor:
+    """Round-to-nearest integer codes ``[N, K]`` of ``w`` on the given group grid."""
+    k = w.shape[-1]
+    s, z = expand_groups(scales, g, k), expand_groups(zeros, g, k)
+    return torch.round(w / s + z).clamp(0, (1 << bits) - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     g: int) -> torch.Tensor:
+    """``(q - z) * s`` per element, ``[N, K]``."""
+    k = codes.shape[-1]
+    return (codes - expand_groups(zeros, g, k)) * expand_groups(scales, g, k)
+
+
+def per_group_sum(x: torch.Tensor, g: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N, n_blocks]`` sums over each group."""
+    return torch.cat([p.sum(-1) for p in to_groups(x, g)], -1)
+
+
+def record(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+           col_scale: torch.Tensor | None, bits: int, g: int) -> QuantizedWeight:
+    n, k = codes.shape
+    return QuantizedWeight(
+        packed=packing.pack_codes(codes, bits, g),
+        scales=scales.float().contiguous(),
+        zero_points=packing.pack_zero_points(zeros, bits),
+        col_scale=None if col_scale is None else col_scale.float().contiguous(),
+        bits=bits,
+        group_size=g,
+        shape=(n, k),
+    )
+
+
+# ------------------------------------------------------------------------------ column scale
+
+
+def sinkhorn_col_scale(w: torch.Tensor, g: int, iters: int) -> torch.Tensor:
+    """Sinkhorn's column scale of every ``N x g`` tile, concatenated to ``t [K]``."""
+    cols = []
+    for tiles in to_groups(w, g):  # [N, T, w]
+        tiles = tiles.permute(1, 0, 2)
+        if tiles.shape[-1] >= 2 and iters > 0:
+            cols.append(sinkhorn_scales(tiles, iters).col.reshape(-1))
+        else:
+            cols.append(torch.ones(tiles.shape[0] * tiles.shape[-1]))
+    return torch.cat(cols)
+
+
+def grid_for(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scales, zeros, importance) of ``W / t``; importance = ``t^2 h`` (the original units)."""
+    importance = t.square() if h is None else t.square() * h
+    importance = importance.expand_as(w)
+    s, z = group_params(w / t, config.bits, config.group_size, importance, config.symmetric,
+                        config.scale_search)
+    return s, z, importance
+
+
+def rtn_error(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
+              ) -> torch.Tensor:
+    """Per-group weighted RTN error ``[N, n_blocks]`` of ``W`` quantized with column scale ``t``."""
+    g = config.group_size
+    s, z, imp = grid_for(w, t, h, config)
+    wn = w / t
+    codes = round_codes(wn, s, z, config.bits, g)
+    return per_group_sum(imp * (wn - dequantize_codes(codes, s, z, g)).square(), g)
+
+
+def gate_tiles(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
+               ) -> torch.Tensor:
+    """``t`` with tiles reset to 1 where plain RTN's error is lower (per-tile gate)."""
+    g = config.group_size
+    ones = torch.ones_like(t)
+    keep = rtn_error(w, t, h, config).sum(0) <= rtn_error(w, ones, h, config).sum(0)
+    return torch.where(expand_groups(keep[None], g, t.shape[0])[0], t, ones)
+
+
+def sinq_col_scale(w: torch.Tensor, config: SINQConfig, h: torch.Tensor | None) -> torch.Tensor | None:
+    """SINQ's ``t`` for ``w``, or None when the (whole-matrix) kurtosis gate says RTN."""
+    if config.kurtosis_gate is not None and kurtosis(w) > config.kurtosis_gate:
+        return None
+    t = sinkhorn_col_scale(w, config.group_size, config.sinkhorn_iters)
+    return gate_tiles(w, t, h, config) if config.tile_gate else t
+
+
+# ------------------------------------------------------------------------------ handlers
+
+
+def quantize_with_scale(w: torch.Tensor, t: torch.Tensor | None, config: MethodConfig,
+                        calibration=None) -> QuantizedWeight:  # noqa: ANN001
+    """Steps 2 and 3 of the module docstring for a fixed column scale ``t`` (None = ones)."""
+    from .gptq import gptq_codes
+
+    g, bits = config.group_size, config.bits
+    ones = torch.ones(w.shape[1])
+    tt = ones if t is None else t
+    h = None if calibration is None else calibration.diag()
+    if calibration is not None and getattr(config, "gptq", False):
+        codes, s, z = gptq_codes(w, tt, calibration.hessian(), config)
     else:
-        row, col = torch.ones(t, n), torch.ones(t, w)
-        normalised = tiles
-    q = quantize_groups(normalised, bits, symmetric)
-    codes = q.codes.permute(1, 0, 2).reshape(n, t * w)
-    scales = (q.scales * row).T
-    zeros = q.zeros.T
-    return codes, scales, zeros, col.reshape(t * w)
+        s, z, _ = grid_for(w, tt, h, config)
+        codes = round_codes(w / tt, s, z, bits, g)
+    return record(codes, s, z, t, bits, g)
+
+
+@register("rtn", RTNConfig)
+def quantize_rtn(weight: torch.Tensor, config: RTNConfig, *, calibration=None,  # noqa: ANN001
+                 name: str = "weight") -> QuantizedWeight:
+    """Group RTN (min/max, or the weighted range search with ``scale_search``)."""
+    check_weight(weight, name)
+    return quantize_with_scale(weight.detach().float().cpu(), None, config, calibration)
+
+
+@register("sinq", SINQConfig)
+def quantize_sinq(weight: torch.Tensor, config: SINQConfig, *, calibration=None,  # noqa: ANN001
+                  name: str = "weight") -> QuantizedWeight:
+    """SINQ; with ``calibration`` also A-SINQ's activation-aware ``t`` and GPTQ rounding."""
+    check_weight(weight, name)
+    w = weight.detach().float().cpu()
+    h = None if calibration is None else calibration.diag()
+    t = sinq_col_scale(w, config, h)
+    if calibration is not None and config.awq:
+        from .calibrate import activation_aware_scale
+
+        t = activation_aware_scale(w, t, calibration, config)
+    return quantize_with_scale(w, t, config, calibration)
 
 
 def quantize_weight(
@@ -88,25 +233,18 @@ def quantize_weight(
     sinkhorn_iters: int = 16,
     kurtosis_gate: float | None = None,
     name: str = "weight",
+    *,
+    calibration=None,  # noqa: ANN001
+    **options,  # noqa: ANN003
 ) -> QuantizedWeight:
-    """Quantize one ``[N, K]`` weight with SINQ (``method="sinq"``) or plain RTN (``"rtn"``)."""
-    check_weight(weight, name)
-    w = weight.detach().to(torch.float32).cpu()
-    normalise = method == "sinq"
-    if normalise and kurtosis_gate is not None and kurtosis(w) > kurtosis_gate:
-        normalise = False
-    parts = [_quantize_tiles(t, bits, symmetric, normalise, sinkhorn_iters)
-             for t in _tiles(w, group_size)]
-    codes, scales, zeros, col = (torch.cat(x, dim=-1) for x in zip(*parts))
-    return QuantizedWeight(
-        packed=packing.pack_codes(codes, bits, group_size),
-        scales=scales.contiguous(),
-        zero_points=packing.pack_zero_points(zeros, bits),
-        col_scale=col.contiguous() if normalise else None,
-        bits=bits,
-        group_size=group_size,
-        shape=(w.shape[0], w.shape[1]),
-    )
+    """Quantize one ``[N, K]`` weight with the registered ``method`` (``"sinq"``, ``"rtn"``, ...).
+
+    A thin wrapper over `methods.quantize` kept for callers that pass loose arguments;
+    ``options`` are further fields of the method's config (e.g. ``scale_search=False``).
+    """
+    config = make_config(method, bits=bits, group_size=group_size, symmetric=symmetric,
+                         sinkhorn_iters=sinkhorn_iters, kurtosis_gate=kurtosis_gate, **options)
+    return quantize(weight, config, calibration=calibration, name=name)
 
 
 def split_rows(q: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight]:
@@ -134,7 +272,8 @@ def split_rows(q: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight
 
 
 def quantize_jointly(
-    weights: Sequence[torch.Tensor], names: Sequence[str], **kwargs
+    weights: Sequence[torch.Tensor], names: Sequence[str], *, config: MethodConfig | None = None,
+    calibration=None, **kwargs,  # noqa: ANN001, ANN003
 ) -> list[QuantizedWeight]:
     """Quantize weights that read the same input with one shared column scale ``t``.
 
@@ -146,7 +285,10 @@ def quantize_jointly(
         check_weight(w, name)
     if len({w.shape[1] for w in weights}) != 1:
         raise QuantizationError(f"{', '.join(names)}: joint quantization needs one common K")
-    joint = quantize_weight(torch.cat([w.float() for w in weights]), name="+".join(names), **kwargs)
+    joint_w, joint_name = torch.cat([w.float() for w in weights]), "+".join(names)
+    if config is None:
+        config = make_config(kwargs.pop("method", "sinq"), **kwargs)
+    joint = quantize(joint_w, config, calibration=calibration, name=joint_name)
     return split_rows(joint, [w.shape[0] for w in weights])
 
 
@@ -154,3 +296,6 @@ def relative_error(weight: torch.Tensor, q: QuantizedWeight) -> float:
     """Relative Frobenius reconstruction error ||W - W_hat||_F / ||W||_F."""
     w = weight.detach().float()
     return float(torch.linalg.norm(w - q.dequantize()) / torch.linalg.norm(w).clamp_min(1e-30))
+
+
+

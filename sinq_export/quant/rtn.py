@@ -1,12 +1,19 @@
-"""Group-wise uniform round-to-nearest quantizer (the second half of SINQ, and the RTN baseline).
+"""Group-wise uniform quantizer (the second half of SINQ, and the RTN baseline).
 
 Works on the last axis: every ``[..., g]`` slice is one group with one scale and one integer
 zero point. Dequantisation is ``(q - z) * s``.
 
-Why the range always contains 0 (asymmetric mode): MatMulNBits' fast kernels want integer zero
-points inside ``[0, 2^bits - 1]``. Widening ``[min, max]`` to include 0 guarantees that with
-no clamping error; it only costs resolution in groups whose values all share one sign, which
-real weight groups of 16+ elements essentially never do (measured in bench/quant_bench.py).
+Why the min/max range always contains 0 (asymmetric mode): MatMulNBits' fast kernels want
+integer zero points inside ``[0, 2^bits - 1]``. Widening ``[min, max]`` to include 0 guarantees
+that with no clamping error; it only costs resolution in groups whose values all share one
+sign, which real weight groups of 16+ elements essentially never do (bench/quant_bench.py).
+
+`search_groups` improves on min/max under the same integer-zero-point constraint: it tries a
+small grid of shrunken ranges per group (clipping the extremes buys resolution for the bulk)
+and, for the best candidate, refits the scale by weighted least squares with codes and zero
+point fixed. It minimises an importance-weighted squared error, so the same kernel serves the
+calibration-free case (weights = t^2: the error in the original weight's units) and the
+calibrated one (weights = t^2 * E[x^2], the diagonal of the layer's input Hessian).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 MIN_SCALE = 1e-10  # an all-zero group gets a tiny positive scale, never 0 or NaN
+# Range shrink factors tried by `search_groups` (1.0 = plain min/max, always included).
+SHRINK_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 @dataclass(frozen=True)
@@ -25,22 +34,82 @@ class GroupQuant:
     zeros: torch.Tensor  # uint8 [...]
 
 
-def quantize_groups(x: torch.Tensor, bits: int, symmetric: bool = False) -> GroupQuant:
-    """Quantize every last-axis group of ``x`` to ``bits``-bit codes with integer zero points."""
+def _codes(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, qmax)
+
+
+def minmax_params(x: torch.Tensor, bits: int, symmetric: bool = False, shrink: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, integer zeros as float) of the min/max range of each group, shrunk by ``shrink``."""
     qmax = (1 << bits) - 1
-    x = x.float()
     if symmetric:
         half = 1 << (bits - 1)
         # Cover both the negative side (half levels) and the positive side (half-1 levels).
-        scales = torch.maximum(x.amin(-1).neg() / half, x.amax(-1) / (half - 1))
+        scales = torch.maximum(x.amin(-1).neg() / half, x.amax(-1) / (half - 1)) * shrink
         scales = scales.clamp_min(MIN_SCALE)
-        zeros = torch.full_like(scales, float(half))
-    else:
-        lo = x.amin(-1).clamp(max=0.0)
-        hi = x.amax(-1).clamp(min=0.0)
-        scales = ((hi - lo) / qmax).clamp_min(MIN_SCALE)
-        zeros = torch.round(-lo / scales).clamp(0, qmax)
-    codes = torch.round(x / scales.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, qmax)
+        return scales, torch.full_like(scales, float(half))
+    lo = x.amin(-1).clamp(max=0.0) * shrink
+    hi = x.amax(-1).clamp(min=0.0) * shrink
+    scales = ((hi - lo) / qmax).clamp_min(MIN_SCALE)
+    return scales, torch.round(-lo / scales).clamp(0, qmax)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, symmetric: bool = False) -> GroupQuant:
+    """Quantize every last-axis group of ``x`` to ``bits``-bit codes with integer zero points."""
+    x = x.float()
+    scales, zeros = minmax_params(x, bits, symmetric)
+    codes = _codes(x, scales, zeros, (1 << bits) - 1)
+    return GroupQuant(codes.to(torch.uint8), scales, zeros.to(torch.uint8))
+
+
+def group_error(x: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Weighted squared error ``sum importance * (x - (q - z) s)^2`` of each group."""
+    q = _codes(x, scales, zeros, (1 << bits) - 1)
+    return (importance * (x - (q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).square()).sum(-1)
+
+
+def refit_scales(x: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Weighted least-squares scale for the codes and zero point of the current ``scales``."""
+    d = _codes(x, scales, zeros, (1 << bits) - 1) - zeros.unsqueeze(-1)
+    num = (importance * x * d).sum(-1)
+    den = (importance * d.square()).sum(-1)
+    fitted = torch.where(den > 0, num / den.clamp_min(1e-30), scales)
+    return torch.where(fitted > MIN_SCALE, fitted, scales)
+
+
+def search_params(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
+                  symmetric: bool = False, grid: tuple[float, ...] = SHRINK_GRID
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) minimising each group's weighted error over shrunken min/max ranges.
+
+    The zero point stays an integer in ``[0, 2^bits - 1]``; the refit only moves the scale and
+    is kept only where it lowers the error, so the result is never worse than min/max.
+    """
+    x = x.float()
+    imp = torch.ones_like(x) if importance is None else importance.float().expand_as(x)
+    best_s, best_z = minmax_params(x, bits, symmetric)
+    best_e = group_error(x, imp, best_s, best_z, bits)
+    for shrink in grid:
+        if shrink == 1.0:
+            continue
+        s, z = minmax_params(x, bits, symmetric, shrink)
+        e = group_error(x, imp, s, z, bits)
+        better = e < best_e
+        best_s, best_z, best_e = (torch.where(better, s, best_s), torch.where(better, z, best_z),
+                                  torch.minimum(e, best_e))
+    s = refit_scales(x, imp, best_s, best_z, bits)
+    better = group_error(x, imp, s, best_z, bits) < best_e
+    return torch.where(better, s, best_s), best_z
+
+
+def search_groups(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
+                  symmetric: bool = False, grid: tuple[float, ...] = SHRINK_GRID) -> GroupQuant:
+    """`quantize_groups` with the range chosen by `search_params` (see module docstring)."""
+    x = x.float()
+    scales, zeros = search_params(x, bits, importance, symmetric, grid)
+    codes = _codes(x, scales, zeros, (1 << bits) - 1)
     return GroupQuant(codes.to(torch.uint8), scales, zeros.to(torch.uint8))
 
 

@@ -1,0 +1,129 @@
+"""Bit allocation to a size budget: one width per linear from `WIDTHS`, minimising the
+predicted loss increase at a given number of bytes.
+
+Model (the linearity result of HIGGS, arXiv 2411.17525): the loss increase of a quantized
+model is close to a sum of independent per-layer terms, ``dL ~ sum_l a_l * err_l(b_l)``. We
+measure each term directly with a diagonal empirical Fisher ``F = E[g^2]`` of the language
+modelling loss on a few calibration windows (one backward pass per window):
+``cost_l(b) = 1/2 * sum F_l * (W_l - W_hat_l(b))^2`` - the second-order Taylor term of the
+loss for that layer's actual quantization error at width ``b``, i.e. ``a_l * rel_err_l(b)``
+with ``a_l = 1/2 * sum F_l W_l^2`` when the error pattern is uniform.
+
+Solver (`allocate`): an exact multiple-choice knapsack by dynamic programming over the byte
+budget in units of `UNIT` bytes. Each layer's size is rounded *up* to whole units, so the
+chosen widths never exceed the budget; the DP itself is exact on those sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from . import packing
+
+WIDTHS = (2, 3, 4, 5, 6, 8)
+UNIT = 4096  # DP resolution in bytes
+
+
+def layer_bytes(shape: Sequence[int], bits: float, group_size: int) -> int:
+    """Bytes of one quantized ``[N, K]`` linear: codes, fp32 scales, zero points, fp32 ``t``."""
+    n, k = shape
+    nb = packing.n_blocks(k, group_size)
+    return math.ceil(n * nb * group_size * bits / 8 + n * nb * 4
+                     + n * math.ceil(nb * bits / 8) + k * 4)
+
+
+def budget_bytes(shapes: Mapping[str, Sequence[int]], bits: float, group_size: int) -> int:
+    """The bytes of every layer at ``bits`` (fractional bits give an average-bits budget)."""
+    return sum(layer_bytes(s, bits, group_size) for s in shapes.values())
+
+
+def allocate(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, Mapping[int, int]],
+             budget: int, unit: int = UNIT) -> dict[str, int]:
+    """Width per layer minimising ``sum cost[l][b]`` subject to ``sum size[l][b] <= budget``.
+
+    Raises ValueError when even the narrowest widths do not fit.
+    """
+    names = list(costs)
+    cap = budget // unit
+    inf = np.inf
+    dp = np.full(cap + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((len(names), cap + 1), dtype=np.int8)
+    for i, name in enumerate(names):
+        widths = sorted(costs[name])
+        new = np.full(cap + 1, inf)
+        arg = np.zeros(cap + 1, dtype=np.int8)
+        for j, b in enumerate(widths):
+            u = -(-sizes[name][b] // unit)
+            if u > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[u:] = dp[: cap + 1 - u] + costs[name][b]
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        dp, choice[i] = new, arg
+    if not np.isfinite(dp).any():
+        raise ValueError(f"no width assignment fits in {budget} bytes")
+    c = int(np.argmin(dp))
+    out: dict[str, int] = {}
+    for i in range(len(names) - 1, -1, -1):
+        name = names[i]
+        b = sorted(costs[name])[int(choice[i, c])]
+        out[name] = b
+        c -= -(-sizes[name][b] // unit)
+    return {n: out[n] for n in names}
+
+
+def fisher_diagonal(model, names: Sequence[str], windows) -> dict:  # noqa: ANN001
+    """``E[g^2]`` of the LM loss w.r.t. each named linear's weight, one window per sample."""
+    import torch
+
+    weights = {n: model.get_submodule(n).weight for n in names}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    try:
+        for win in windows:
+            ids = torch.as_tensor(win).reshape(1, -1)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for n, g in zip(weights, grads):
+                fisher[n] += g.float().square() / len(windows)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return fisher
+
+
+def quantization_costs(model, config, windows, widths: Sequence[int] = WIDTHS  # noqa: ANN001
+                       ) -> tuple[dict[str, dict[int, float]], dict[str, tuple[int, int]]]:
+    """(cost[layer][bits], shape[layer]) for every linear ``config`` quantizes (see module doc)."""
+    from ..nn import eligible_linears
+    from .methods import quantize
+
+    linears = eligible_linears(model, config)
+    fisher = fisher_diagonal(model, list(linears), windows)
+    costs: dict[str, dict[int, float]] = {}
+    for name, (lin, _) in linears.items():
+        w = lin.weight.detach().float()
+        costs[name] = {}
+        for b in widths:
+            q = quantize(w, config.method_config(name, b), name=name)
+            costs[name][b] = 0.5 * float((fisher[name] * (w - q.dequantize()).square()).sum())
+    return costs, {n: tuple(lin.weight.shape) for n, (lin, _) in linears.items()}
+
+
+def plan_overrides(costs: Mapping[str, Mapping[int, float]], shapes: Mapping[str, Sequence[int]],
+                   group_size: int, budget: int) -> tuple[tuple[str, int], ...]:
+    """`SinqConfig.overrides` (one anchored pattern per layer) of the allocation at ``budget``."""
+    import re
+
+    sizes = {n: {b: layer_bytes(shapes[n], b, group_size) for b in costs[n]} for n in costs}
+    widths = allocate(costs, sizes, budget)
+    return tuple((f"^{re.escape(n)}$", b) for n, b in widths.items())

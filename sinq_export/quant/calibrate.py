@@ -1,0 +1,195 @@
+"""Calibration for SINQ: input statistics per linear, A-SINQ's activation-aware ``t``, and a
+block-by-block driver that never needs more than one decoder block's weights at a time.
+
+Statistics (`LayerStats`): ``H = E[x x^T]`` ``[K, K]`` and ``E|x|`` ``[K]`` of a linear's input,
+accumulated over calibration tokens by a forward hook.
+
+A-SINQ (`activation_aware_scale`): AWQ's observation (arXiv 2306.00978) is that scaling a weight
+column up by ``s_k`` before quantization (and the activation down by ``1/s_k``) cuts the
+relative error of the channels that carry large activations. Here that factor folds into SINQ's
+column scale: ``t <- t / s`` with ``s = E|x|^alpha`` (geometric-mean normalised), ``alpha``
+searched on a grid by the layer's output error ``tr((W - W_hat) H (W - W_hat)^T)``. ``alpha = 0``
+(plain SINQ) is on the grid, so the search never does worse on the calibration data. The graph
+already multiplies activations by ``t``, so the search costs nothing at run time.
+
+Block-by-block driver (`calibrate_blocks`): capture the inputs of the first decoder block for
+the calibration windows, then per block: hook its linears, run the float block (statistics),
+quantize its linears, run the quantized block to get the next block's inputs (so each block is
+calibrated on what the quantized model will actually feed it). A streaming export plugs in at
+`calibrate_block`: it builds one float decoder block from the checkpoint, calls
+`calibrate_block(block, hidden, block_kwargs, quantize_unit)`, writes the records and drops
+the block; only the ``[windows, length, hidden]`` activations persist between blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .methods import MethodConfig
+from .rtn import MIN_SCALE
+
+ALPHA_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+# Calibration windows start here: far past every evaluation window (the protocol scores the
+# first n x 512 tokens; 64 windows would end at token 32768), so the two never overlap.
+CALIBRATION_OFFSET = 65536
+
+
+@dataclass
+class LayerStats:
+    """Running ``sum x x^T``, ``sum |x|`` and count of one linear's input rows."""
+
+    k: int
+    xtx: torch.Tensor = field(init=False)
+    abs_sum: torch.Tensor = field(init=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.xtx = torch.zeros(self.k, self.k)
+        self.abs_sum = torch.zeros(self.k)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.k).float()
+        self.xtx.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx / max(self.count, 1)
+
+    def diag(self) -> torch.Tensor:
+        return self.xtx.diagonal() / max(self.count, 1)
+
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)``: the layer's mean squared output error."""
+    e = w - w_hat
+    return float(((e @ h) * e).sum())
+
+
+def activation_aware_scale(w: torch.Tensor, t: torch.Tensor | None, stats: LayerStats,
+                           config: MethodConfig, grid: Sequence[float] = ALPHA_GRID
+                           ) -> torch.Tensor:
+    """A-SINQ: ``t / s`` with ``s = E|x|^alpha`` for the alpha of least output error."""
+    from .core import quantize_with_scale
+
+    base = torch.ones(w.shape[1]) if t is None else t
+    act = stats.abs_mean().clamp_min(1e-6)
+    h = stats.hessian()
+    plain = type(config)(**{**config.__dict__, "gptq": False}) if hasattr(config, "gptq") \
+        else config
+    best, best_err = base, float("inf")
+    for alpha in grid:
+        s = act.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        cand = (base / s).clamp_min(MIN_SCALE)
+        err = output_error(w, quantize_with_scale(w, cand, plain, stats).dequantize(), h)
+        if err < best_err:
+            best, best_err = cand, err
+    return best
+
+
+# ------------------------------------------------------------------------------ windows
+
+
+def calibration_windows(tokenizer, n_windows: int = 16, length: int = 512,  # noqa: ANN001
+                        text: str = "wikipedia", offset: int = CALIBRATION_OFFSET
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[n_windows, length]`` calibration tokens and the manifest record that describes them."""
+    from ..data import load_text
+
+    ids = tokenizer(load_text(text), add_special_tokens=False)["input_ids"]
+    stop = offset + n_windows * length
+    if len(ids) < stop:
+        raise ValueError(f"text {text!r} has {len(ids)} tokens; calibration needs {stop}")
+    win = torch.tensor(ids[offset:stop], dtype=torch.long).reshape(n_windows, length)
+    info = {"text": text, "token_range": [offset, stop], "n_windows": n_windows,
+            "length": length, "tokens": n_windows * length,
+            "disjoint_from": "evaluation windows (the first n x length tokens, n <= 64)"}
+    return win, info
+
+
+# ------------------------------------------------------------------------------ blocks
+
+
+class _Captured(Exception):
+    pass
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder's block list (``model.model.layers`` for Llama/Qwen/Mistral-style LMs)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+        mod = model
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    raise ValueError(f"{type(model).__name__}: no decoder block list found for calibration")
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(hidden states entering block 0, the keyword arguments every block is called with)."""
+    first = decoder_blocks(model)[0]
+    seen: dict[str, Any] = {}
+
+    def hook(_mod, args, kwargs):  # noqa: ANN001, ANN202
+        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=windows, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen["hidden"], seen["kwargs"]
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any]
+                  ) -> tuple[dict[str, LayerStats], Any]:
+    """Input statistics of ``module``'s linears ``names`` while ``run()`` executes."""
+    stats, handles = {}, []
+    for name in names:
+        lin = module.get_submodule(name)
+        st = stats[name] = LayerStats(lin.in_features)
+        handles.append(lin.register_forward_hook(lambda _m, inp, _o, st=st: st.add(inp[0])))
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, result
+
+
+@torch.no_grad()
+def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
+                    quantize_unit: Callable[[nn.Module, dict[str, LayerStats]], None],
+                    names: Sequence[str]) -> torch.Tensor:
+    """Calibrate and quantize one block in place; return the next block's input.
+
+    ``quantize_unit(block, stats)`` replaces ``block``'s linears ``names`` by quantized ones
+    using their input statistics (what `nn.quantize_model` and a streaming export provide).
+    """
+    stats, _ = collect_stats(block, names, lambda: _block_output(block, hidden, kwargs))
+    quantize_unit(block, stats)
+    return _block_output(block, hidden, kwargs)

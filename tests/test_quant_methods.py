@@ -1,0 +1,209 @@
+"""Method registry, range search, GPTQ, calibration driver and bit allocation vs references."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sinq_export.quant import METHODS, QuantizedWeight, SINQConfig, make_config, quantize
+from sinq_export.quant.allocate import allocate, layer_bytes
+from sinq_export.quant.calibrate import LayerStats, output_error
+from sinq_export.quant.gptq import gptq_codes
+from sinq_export.quant.rtn import SHRINK_GRID, minmax_params, search_params
+
+
+def outlier_matrix(n=64, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w *= torch.exp(torch.randn(n, 1, generator=g) * 0.6)
+    w *= torch.exp(torch.randn(1, k, generator=g) * 0.6)
+    return w
+
+
+def correlated_stats(k, seed=0, tokens=512):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(tokens, k, generator=g) @ mix * torch.exp(torch.randn(k, generator=g))
+    st_ = LayerStats(k)
+    st_.add(x)
+    return st_
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_registry_has_both_methods_with_their_own_configs():
+    assert {"sinq", "rtn"} <= set(METHODS)
+    assert isinstance(make_config("sinq", bits=3, group_size=32), SINQConfig)
+    assert make_config("rtn", bits=3, sinkhorn_iters=4).bits == 3  # unknown knobs ignored
+    with pytest.raises(ValueError, match="unknown quantization method 'nf4'"):
+        make_config("nf4")
+
+
+@pytest.mark.parametrize("method", ["sinq", "rtn"])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_every_method_yields_an_integer_zero_point_record(method, calibrated):
+    w = outlier_matrix(64, 200)  # K not a multiple of the group
+    stats = correlated_stats(200) if calibrated else None
+    for bits in (2, 3, 4, 8):
+        q = quantize(w, make_config(method, bits=bits, group_size=64), calibration=stats)
+        assert isinstance(q, QuantizedWeight) and not hasattr(q, "g_idx")
+        assert int(q.zeros().max()) <= 2**bits - 1 and q.zeros().dtype == torch.uint8
+        assert int(q.codes().max()) <= 2**bits - 1
+
+
+# ------------------------------------------------------------------------------ range search
+
+
+def numpy_search(x, imp, bits, grid=SHRINK_GRID):
+    """Brute-force reference: every shrink factor per group, then the least-squares refit."""
+    qmax = 2**bits - 1
+    out_s, out_z = [], []
+    for row, w in zip(x.astype(np.float64), imp.astype(np.float64)):
+        def err(s, z, row=row, w=w):
+            q = np.clip(np.round(row / s + z), 0, qmax)
+            return float((w * (row - (q - z) * s) ** 2).sum()), q
+        best = None
+        for p in grid:
+            lo, hi = min(row.min(), 0.0) * p, max(row.max(), 0.0) * p
+            s = max((hi - lo) / qmax, 1e-10)
+            z = np.clip(np.round(-lo / s), 0, qmax)
+            e, _ = err(s, z)
+            if best is None or e < best[0]:
+                best = (e, s, z)
+        e, s, z = best
+        _, q = err(s, z)
+        d = q - z
+        if (w * d * d).sum() > 0:
+            s2 = (w * row * d).sum() / (w * d * d).sum()
+            if s2 > 1e-10 and err(s2, z)[0] < e:
+                s = s2
+        out_s.append(s)
+        out_z.append(z)
+    return np.array(out_s), np.array(out_z)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 6), seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e2))
+def test_range_search_matches_numpy_reference_and_never_loses(bits, seed, scale):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(4, (8, 32)) * scale).astype(np.float32)
+    imp = rng.uniform(0.1, 2.0, (8, 32)).astype(np.float32)
+    s, z = search_params(torch.from_numpy(x), bits, torch.from_numpy(imp))
+    rs, rz = numpy_search(x, imp, bits)
+    np.testing.assert_allclose(s.numpy(), rs, rtol=2e-4)
+    np.testing.assert_array_equal(z.numpy(), rz)
+    assert float(z.min()) >= 0 and float(z.max()) <= 2**bits - 1
+    ms, mz = minmax_params(torch.from_numpy(x), bits)
+
+    def err(s_, z_):
+        q = np.clip(np.round(x / s_[:, None] + z_[:, None]), 0, 2**bits - 1)
+        return (imp * (x - (q - z_[:, None]) * s_[:, None]) ** 2).sum(1)
+
+    assert (err(s.numpy(), z.numpy()) <= err(ms.numpy(), mz.numpy()) * (1 + 1e-5) + 1e-12).all()
+
+
+# ------------------------------------------------------------------------------ GPTQ
+
+
+def numpy_gptq(w, t, h, bits, g, damp=0.01):
+    """Textbook unblocked GPTQ in float64 with min/max group parameters at each group start."""
+    qmax = 2**bits - 1
+    wn = (w / t).astype(np.float64)
+    hp = h.astype(np.float64) * t[:, None] * t[None, :]
+    hp = hp + damp * hp.diagonal().mean() * np.eye(len(t))
+    u = np.linalg.cholesky(np.linalg.inv(hp)).T  # upper factor of H^-1
+    codes = np.zeros_like(wn)
+    s = z = None
+    for i in range(wn.shape[1]):
+        if i % g == 0:
+            grp = wn[:, i : i + g]
+            lo, hi = np.minimum(grp.min(1), 0), np.maximum(grp.max(1), 0)
+            s = np.maximum((hi - lo) / qmax, 1e-10)
+            z = np.clip(np.round(-lo / s), 0, qmax)
+        q = np.clip(np.round(wn[:, i] / s + z), 0, qmax)
+        codes[:, i] = q
+        e = (wn[:, i] - (q - z) * s) / u[i, i]
+        wn[:, i:] -= np.outer(e, u[i, i:])
+    return codes
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), seed=st.integers(0, 1000), k=st.sampled_from([64, 96, 256]))
+def test_gptq_matches_numpy_reference(bits, seed, k):
+    w = outlier_matrix(16, k, seed)
+    t = torch.exp(torch.randn(k, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    h = correlated_stats(k, seed).hessian()
+    cfg = make_config("sinq", bits=bits, group_size=32, scale_search=False)
+    codes, _, _ = gptq_codes(w, t, h, cfg)
+    ref = numpy_gptq(w.double().numpy(), t.double().numpy(), h.double().numpy(), bits, 32)
+    assert float((codes.numpy() == ref).mean()) > 0.98  # float32 vs float64 near-ties
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_lowers_the_output_error(bits):
+    wins = 0
+    for seed in range(4):
+        w, st_ = outlier_matrix(48, 128, seed), correlated_stats(128, seed)
+        base = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=False)
+        gptq = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=True)
+        e0 = output_error(w, quantize(w, base, calibration=st_).dequantize(), st_.hessian())
+        e1 = output_error(w, quantize(w, gptq, calibration=st_).dequantize(), st_.hessian())
+        wins += e1 < e0
+    assert wins == 4
+
+
+def test_activation_aware_scale_never_loses_on_calibration_data():
+    w, st_ = outlier_matrix(48, 128, 3), correlated_stats(128, 3)
+    plain = make_config("sinq", bits=3, group_size=32, awq=False, gptq=False)
+    awq = make_config("sinq", bits=3, group_size=32, awq=True, gptq=False)
+    e0 = output_error(w, quantize(w, plain, calibration=st_).dequantize(), st_.hessian())
+    e1 = output_error(w, quantize(w, awq, calibration=st_).dequantize(), st_.hessian())
+    assert e1 <= e0 * (1 + 1e-6)
+
+
+def test_layer_stats_hessian_is_the_mean_outer_product():
+    x = torch.randn(3, 40, 16)
+    st_ = LayerStats(16)
+    st_.add(x[:2])
+    st_.add(x[2:])
+    flat = x.reshape(-1, 16).double()
+    torch.testing.assert_close(st_.hessian().double(), flat.T @ flat / 120, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st_.abs_mean().double(), flat.abs().mean(0), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ allocation
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_allocation_dp_matches_brute_force(data):
+    n_layers = data.draw(st.integers(1, 4))
+    widths = data.draw(st.lists(st.sampled_from([2, 3, 4, 5, 6, 8]), min_size=1, max_size=4,
+                                unique=True))
+    costs, sizes = {}, {}
+    for i in range(n_layers):
+        costs[f"l{i}"] = {b: data.draw(st.floats(0, 100)) for b in widths}
+        sizes[f"l{i}"] = {b: data.draw(st.integers(1, 20)) * b for b in widths}
+    budget = data.draw(st.integers(0, 200))
+    best = None
+    for combo in itertools.product(widths, repeat=n_layers):
+        size = sum(sizes[f"l{i}"][b] for i, b in enumerate(combo))
+        cost = sum(costs[f"l{i}"][b] for i, b in enumerate(combo))
+        if size <= budget and (best is None or cost < best):
+            best = cost
+    if best is None:
+        with pytest.raises(ValueError, match="fits"):
+            allocate(costs, sizes, budget, unit=1)
+        return
+    got = allocate(costs, sizes, budget, unit=1)
+    assert sum(sizes[n][b] for n, b in got.items()) <= budget
+    assert sum(costs[n][b] for n, b in got.items()) == pytest.approx(best, abs=1e-9)
+
+
+def test_layer_bytes_matches_a_record():
+    q = quantize(outlier_matrix(64, 192), make_config("sinq", bits=3, group_size=64))
+    assert layer_bytes((64, 192), 3, 64) == q.nbytes()
