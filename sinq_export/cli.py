@@ -161,10 +161,22 @@ def _print_model_summary(s: dict) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def _require_custom_ops(args: argparse.Namespace) -> None:
+    """Fail before any work when the flags need the optional sinq.ops library and it is not built."""
+    wants = [flag for flag, on in (("--runtime custom", getattr(args, "runtime", None) == "custom"),
+                                   ("--col-scale fused", getattr(args, "col_scale", None) == "fused"))
+             if on]
+    if wants:
+        from . import runtime_ops
+
+        runtime_ops.require(" / ".join(wants))
+
+
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
 
     config = config_from_args(args)
+    _require_custom_ops(args)
     try:
         result = export_causal_lm(
             args.model_dir, args.output, config, overwrite=args.overwrite,
@@ -316,9 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .io import OutputExistsError
     from .quant.core import QuantizationError
+    from .runtime_ops import RuntimeOpsUnavailable
 
     errors: list[type[BaseException]] = [
         UsageError, ConfigError, QuantizationError, OutputExistsError, FileNotFoundError,
+        RuntimeOpsUnavailable,
     ]
     try:
         from .models import ModelLoadError
