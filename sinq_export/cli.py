@@ -12,10 +12,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, verbosity
 from .config import METHODS, QUANT_BITS, ConfigError, SinqConfig
+from .gguf import resolve_model_input
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
+              "the cache); default: the bundled SmolLM2-135M-Instruct")
 
 
 class UsageError(ValueError):
@@ -69,8 +72,7 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model in PyTorch and save it (no ONNX)")
-    p.add_argument("model_dir", nargs="?", default=None,
-                   help="HF causal-LM folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
@@ -81,7 +83,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .nn import quantize_model, save_quantized
 
     config = config_from_args(args)
-    model, tokenizer = load_causal_lm(args.model_dir)
+    model, tokenizer = load_causal_lm(resolve_model_input(args.model_dir))
     report = quantize_model(model, config, progress=not args.json, measure_error=True)
     save_quantized(model, args.output, config, tokenizer=tokenizer, overwrite=args.overwrite)
     errors = [la.rel_error for la in report.layers]
@@ -106,8 +108,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, RUNTIMES
 
     p = sub.add_parser("model", help="quantize a model and export it to ONNX")
-    p.add_argument("model_dir", nargs="?", default=None,
-                   help="HF causal-LM folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--target", choices=["onnx"], default="onnx")
     p.add_argument("--overwrite", action="store_true")
@@ -179,7 +180,7 @@ def _run_model(args: argparse.Namespace) -> int:
     _require_custom_ops(args)
     try:
         result = export_causal_lm(
-            args.model_dir, args.output, config, overwrite=args.overwrite,
+            resolve_model_input(args.model_dir), args.output, config, overwrite=args.overwrite,
             progress=not args.json, reference=not args.no_reference,
             float_export_dir=args.float_export,
         )
@@ -258,7 +259,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     "export folder is evaluated in onnxruntime (or --backend torch: its "
                     "reference/).")
     p.add_argument("model", nargs="?", default=None,
-                   help="HF model folder (default: bundled SmolLM2) or a `sinq-export model` folder")
+                   help="HF model folder, GGUF file (default: bundled SmolLM2) or a `sinq-export "
+                        "model` folder")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
                    help="default: onnxruntime for an export folder, torch for a model folder")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
@@ -291,7 +293,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.model or 'the default model'} is not an export folder; "
                                  "export it first (`sinq-export model ... -o OUT`) and pass OUT")
             check_group = SinqConfig(group_size=args.group_size)  # validates the group size
-            table = ev.compare(args.model, methods=ev.parse_methods(args.compare),
+            table = ev.compare(resolve_model_input(args.model), methods=ev.parse_methods(args.compare),
                                bits=ev.parse_bits(args.bits), group_size=check_group.group_size,
                                text=args.text, n_windows=args.windows, length=args.length)
     except (ValueError, ValidationError) as exc:
@@ -320,8 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the dependencies' warnings, logs and progress bars")
     for add, _ in COMMANDS.values():
         add(sub)
+    for p in sub.choices.values():
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also show the dependencies' warnings, logs and progress bars")
     return parser
 
 
@@ -346,6 +353,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbosity.configure(args.verbose)
     _, run = COMMANDS[args.command]
     try:
         return run(args)
