@@ -19,6 +19,7 @@ from .gguf import resolve_model_input
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
               "the cache); default: the bundled SmolLM2-135M-Instruct")
+VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bars (default: only ours)"
 
 
 class UsageError(ValueError):
@@ -259,8 +260,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     "export folder is evaluated in onnxruntime (or --backend torch: its "
                     "reference/).")
     p.add_argument("model", nargs="?", default=None,
-                   help="HF model folder, GGUF file (default: bundled SmolLM2) or a `sinq-export "
-                        "model` folder")
+                   help="HF model folder or GGUF file (default: bundled SmolLM2), or a "
+                        "`sinq-export model` folder")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
                    help="default: onnxruntime for an export folder, torch for a model folder")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
@@ -322,13 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show the dependencies' warnings, logs and progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     for add, _ in COMMANDS.values():
         add(sub)
-    for p in sub.choices.values():
+    for p in sub.choices.values():  # also accepted after the subcommand
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="also show the dependencies' warnings, logs and progress bars")
+                       help=VERBOSE_HELP)
     return parser
 
 
@@ -353,10 +353,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    verbosity.configure(args.verbose)
     _, run = COMMANDS[args.command]
     try:
-        return run(args)
+        with verbosity.cli_output(args.verbose):
+            return run(args)
     except _known_errors() as exc:
         print(f"sinq-export {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -317,6 +317,22 @@ def convert(path: str | os.PathLike, *, name: str | None = None) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers() -> Iterator[None]:
+    """transformers' GGUF loader draws its dequantisation bar with plain ``tqdm``, ignoring
+    transformers' own progress-bar switch (``disable_progress_bar``, which the CLI uses when
+    quiet); for the duration of a load it gets transformers' switch-aware ``tqdm`` instead."""
+    from transformers import modeling_gguf_pytorch_utils as loader
+    from transformers.utils import logging as hf_logging
+
+    plain = loader.tqdm
+    loader.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        loader.tqdm = plain
+
+
 def _dequantise_to_folder(info: GgufInfo, out_dir: Path) -> None:
     """transformers' GGUF loader -> a plain fp32 safetensors HF folder (weights, config,
     tokenizer with its chat template, generation config) in ``out_dir``.
@@ -330,7 +346,7 @@ def _dequantise_to_folder(info: GgufInfo, out_dir: Path) -> None:
 
     kwargs = {"gguf_file": info.path.name, "local_files_only": True}
     try:
-        with hub_offline():
+        with hub_offline(), _gguf_bar_follows_transformers():
             tokenizer = AutoTokenizer.from_pretrained(info.path.parent, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(info.path.parent, dtype=torch.float32, **kwargs)
     except Exception as exc:  # the GGUF loader's errors have no common base

@@ -6,16 +6,19 @@ log lines and progress bars (transformers, huggingface_hub, torch.onnx, onnxscri
 mobius, onnxruntime's C++ logger) are silenced. ``--verbose`` restores them all and shows our
 debug lines.
 
-Only the CLI calls `configure`: importing the library changes no global state, so a program
-that uses the Python API keeps its own warning and logging set-up.
+Only the CLI uses `cli_output`, around one command: importing the library changes no global
+state, and everything is restored when the command returns, so a program that uses the Python
+API (or calls ``cli.main`` in-process, as the tests do) keeps its own warning and logging set-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 # Python loggers of the dependencies that log warnings/info during a successful run.
 THIRD_PARTY_LOGGERS = ("transformers", "huggingface_hub", "torch", "onnxscript", "onnx_ir", "mobius",
@@ -27,61 +30,71 @@ _QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
-ORT_SEVERITY_QUIET, ORT_SEVERITY_VERBOSE = 3, 2  # onnxruntime: 2 warning, 3 error
+ORT_SEVERITY_QUIET, ORT_SEVERITY_DEFAULT = 3, 2  # onnxruntime: 2 warning (its default), 3 error
 
 
-def _our_logger(verbose: bool) -> None:
+def _our_handler(verbose: bool) -> logging.Handler:
     """``sinq_export.*`` log records go to stderr as bare lines (INFO; DEBUG when verbose)."""
     logger = logging.getLogger("sinq_export")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(getattr(h, "_sinq_export", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._sinq_export = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
     logger.propagate = False
+    return handler
 
 
-def _quiet_imported_libraries() -> None:
-    """Libraries that keep their own verbosity switches (when installed and importable)."""
-    try:
-        from transformers.utils import logging as hf_logging
+def _set_progress_bars(transformers_on: bool, hub_on: bool) -> tuple[bool, bool]:
+    """Set transformers' and huggingface_hub's own progress-bar switches; return what they were."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        pass
+    before = (hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled())
+    hf_logging.enable_progress_bar() if transformers_on else hf_logging.disable_progress_bar()
+    hub.enable_progress_bars() if hub_on else hub.disable_progress_bars()
+    return before
 
 
 def _onnxruntime_severity(level: int) -> None:
-    try:
-        import onnxruntime
+    import onnxruntime
 
-        onnxruntime.set_default_logger_severity(level)
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        pass
+    onnxruntime.set_default_logger_severity(level)
 
 
-def configure(verbose: bool = False) -> None:
-    """Set warning filters and the dependencies' log levels for one CLI run."""
-    _our_logger(verbose)
-    if verbose:
-        warnings.simplefilter("default")
-        _onnxruntime_severity(ORT_SEVERITY_VERBOSE)
-        return
-    for key, value in _QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    warnings.simplefilter("ignore")
-    warnings.filterwarnings("default", module=r"sinq_export(\.|$)")  # ours stay visible
-    for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    _quiet_imported_libraries()
-    _onnxruntime_severity(ORT_SEVERITY_QUIET)
+@contextlib.contextmanager
+def cli_output(verbose: bool = False) -> Iterator[None]:
+    """Warning filters, the dependencies' log levels and progress bars for one CLI command."""
+    ours = logging.getLogger("sinq_export")
+    saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
+    saved_levels = {name: logging.getLogger(name).level for name in THIRD_PARTY_LOGGERS}
+    saved_ours = (ours.level, ours.propagate)
+    with warnings.catch_warnings():
+        handler = _our_handler(verbose)
+        bars = None
+        if verbose:
+            warnings.simplefilter("default")
+        else:
+            for key, value in _QUIET_ENV.items():
+                os.environ.setdefault(key, value)
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("default", module=r"sinq_export(\.|$)")  # ours stay visible
+            for name in THIRD_PARTY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+            bars = _set_progress_bars(False, False)
+            _onnxruntime_severity(ORT_SEVERITY_QUIET)
+        try:
+            yield
+        finally:
+            ours.removeHandler(handler)
+            ours.setLevel(saved_ours[0])
+            ours.propagate = saved_ours[1]
+            for name, level in saved_levels.items():
+                logging.getLogger(name).setLevel(level)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if bars is not None:
+                _set_progress_bars(*bars)
+                _onnxruntime_severity(ORT_SEVERITY_DEFAULT)

@@ -53,6 +53,55 @@ def write_gguf(path: Path, arch: str = "llama", tokenizer: bool = True) -> Path:
     return path
 
 
+def write_tiny_llama_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 128, heads: int = 4,
+                          kv: int = 2) -> Path:
+    """A complete one-layer llama GGUF (hyper-parameters, a GPT-2 style BPE tokenizer, a chat
+    template, Q4_0/Q4_1/Q8_0/F32 tensors, tied head) that transformers' loader converts."""
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(d // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    letters = [chr(ord("a") + i) for i in range(26)]
+    tokens = ["<s>", "</s>", *letters, *(f"\u0120{c}" for c in letters), "ab", "\u0120"]
+    tokens += [f"x{i}" for i in range(vocab - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (vocab - 2))
+    w.add_token_merges(["a b", "\u0120 a"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
+    rng = np.random.default_rng(0)
+    q = GGMLQuantizationType
+    hd = d // heads
+    for name, shape, qtype in [
+        ("token_embd.weight", (vocab, d), q.Q8_0), ("output_norm.weight", (d,), None),
+        ("blk.0.attn_norm.weight", (d,), None), ("blk.0.ffn_norm.weight", (d,), None),
+        ("blk.0.attn_q.weight", (d, d), q.Q4_0), ("blk.0.attn_k.weight", (kv * hd, d), q.Q4_0),
+        ("blk.0.attn_v.weight", (kv * hd, d), q.Q4_0), ("blk.0.attn_output.weight", (d, d), q.Q4_0),
+        ("blk.0.ffn_gate.weight", (ff, d), q.Q4_1), ("blk.0.ffn_up.weight", (ff, d), q.Q4_1),
+        ("blk.0.ffn_down.weight", (d, ff), q.Q8_0),
+    ]:
+        a = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if qtype is None:
+            w.add_tensor(name, a)
+        else:
+            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def assert_one_line_error(exc: pytest.ExceptionInfo, *fragments: str) -> None:
     msg = str(exc.value)
     assert "\n" not in msg, msg
@@ -217,6 +266,29 @@ def _check_tensors_match_gguf(folder: Path, gguf_path: Path, names: dict[str, st
                     torch.testing.assert_close(got, ref.float(), rtol=0, atol=0)
                     found += 1
     assert found == len(names)
+
+
+def test_tiny_llama_gguf_converts_with_tokenizer_and_chat_template(tmp_path, cache):
+    gguf_path = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    folder = sg.resolve_model_input(gguf_path)
+    assert folder.parent == cache.resolve() and folder.name.startswith("gguf-tiny-")
+    assert sg.source_quantization(folder)["tensor_types"] == {"F32": 3, "Q4_0": 4, "Q4_1": 2, "Q8_0": 2}
+    _check_tensors_match_gguf(folder, gguf_path, {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
+        "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+    })
+    model, tokenizer = models.load_causal_lm(folder)
+    assert model.config.tie_word_embeddings
+    ids = tokenizer("ab c", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["ab", "\u0120", "c"]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "ab"}], tokenize=False)
+    assert chat == "<s>ab</s>"
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+    assert sg.resolve_model_input(gguf_path) == folder  # converted once
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [folder.name]
 
 
 def _real_text_ppl(folder: Path, n_tokens: int = 128) -> float:
