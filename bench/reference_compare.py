@@ -267,11 +267,11 @@ def run_reference(python: Path, job: dict, job_dir: Path) -> dict:
 
 def wait_for_model(timeout_s: float) -> Path:
     """The converted SmolLM2 folder; another process converts it, so we only wait for it."""
-    from sinq_export import models
+    from sinq_export import gguf, models
 
     folder = models.cache_dir() / models.DEFAULT_MODEL_NAME
     deadline = time.monotonic() + timeout_s
-    while not (folder / models.COMPLETE_MARKER).is_file():
+    while not (folder / gguf.COMPLETE_MARKER).is_file():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{folder} not converted after {timeout_s:.0f} s "
                                "(run sinq_export.models.default_model_dir() once)")

@@ -16,16 +16,19 @@ Steps:
    ``dpkg-deb -x``.
 2. ``g++ -O3``: ``op.cpp`` (x86-64 baseline) + ``kernels.cpp`` compiled three times (baseline,
    ``-mavx2 -mfma``, ``-mavx512f -mavx512bw``); the operator picks one at run time from the
-   CPU, so the library runs on any x86-64 machine. Other architectures: baseline only.
+   CPU, so the library runs on any x86-64 machine. Other architectures: the portable baseline
+   kernels only; ``SINQ_OPS_PORTABLE=1`` builds exactly that on x86-64 too (how the non-x86 path
+   is tested here).
 3. CUDA (optional, never required): ``libsinq_ops_cuda.so`` with the same CPU op plus the
    CUDA kernel, only when ``nvcc`` exists and the installed onnxruntime has the CUDA provider
    (or ``SINQ_OPS_CUDA=1``); ``SINQ_OPS_CUDA=0`` disables it.
 
 Output is written atomically; a stamp in the build dir (hash of sources, flags, headers)
-skips rebuilds.
+skips rebuilds, and the last library linked is kept in the build dir so that building the same
+thing into another folder (an editable install, then ``pip wheel .``) copies it instead.
 Environment: ``ORT_INCLUDE_DIR``, ``CXX``, ``NVCC``, ``SINQ_OPS_BUILD_DIR`` (cache/objects,
-default ``runtime_ops/build``), ``SINQ_OPS_CUDA``, ``SINQ_OPS_DEB_RELEASES`` (space-separated
-release names to try, default ``trixie forky sid``).
+default ``runtime_ops/build``), ``SINQ_OPS_CUDA``, ``SINQ_OPS_PORTABLE``,
+``SINQ_OPS_DEB_RELEASES`` (space-separated release names to try, default ``trixie forky sid``).
 """
 
 from __future__ import annotations
@@ -334,6 +337,9 @@ def _cxx() -> str:
 
 
 def _is_x86_64() -> bool:
+    """Whether to add the AVX2/AVX-512 kernel variants (never with SINQ_OPS_PORTABLE=1)."""
+    if os.environ.get("SINQ_OPS_PORTABLE", "").strip().lower() in ("1", "yes", "true", "on"):
+        return False
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -360,6 +366,7 @@ def _compile_jobs(cxx: str, inc: Path, obj_dir: Path) -> tuple[list[tuple[list[s
                 obj_dir / "kernels_avx2.o",
             )
         )
+        op_defs.append("-DSINQ_HAVE_AVX2")
         probe = _run(
             [*cxx.split(), "-mavx512f", "-mavx512bw", "-x", "c++", "-E", "-", "-o", os.devnull], input=""
         )
@@ -471,8 +478,15 @@ def build(
         out = out_dir / LIB_NAME
         stamp_file = _stamp_file(build_dir, out)
         stamp = _stamp([cxx, str(inc), str(api), *(" ".join(a) for a, _ in jobs)])
+        cached, cached_stamp = build_dir / "last" / LIB_NAME, build_dir / "last" / "stamp"
         if not force and out.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
             _log(f"{out} is up to date")
+        elif not force and cached.is_file() and cached_stamp.is_file() and cached_stamp.read_text() == stamp:
+            tmp = out_dir / f".{LIB_NAME}.{os.getpid()}.tmp"
+            shutil.copy2(cached, tmp)
+            os.replace(tmp, out)
+            stamp_file.write_text(stamp)
+            _log(f"{out}: copied the identical build from {cached}")
         else:
             _log(f"compiling with {cxx} against onnxruntime API {api} headers in {inc}")
             _compile_all(cxx, jobs)
@@ -488,6 +502,9 @@ def build(
                 "-Wl,--exclude-libs,ALL",
             ]
             _link(link, tmp, out, stamp_file, stamp)
+            cached.parent.mkdir(exist_ok=True)
+            shutil.copy2(out, cached)
+            cached_stamp.write_text(stamp)
 
         want_cuda = cuda if cuda is not None else bool(_cuda_wanted())
         if want_cuda:

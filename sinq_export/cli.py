@@ -12,10 +12,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, verbosity
 from .config import METHODS, QUANT_BITS, ConfigError, GraphConfig, SinqConfig
+from .gguf import resolve_model_input
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
+              "the cache); default: the bundled SmolLM2-135M-Instruct")
+VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bars (default: only ours)"
 
 
 class UsageError(ValueError):
@@ -74,8 +78,7 @@ def graph_config_from_args(args: argparse.Namespace) -> GraphConfig:
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model in PyTorch and save it (no ONNX)")
-    p.add_argument("model_dir", nargs="?", default=None,
-                   help="HF causal-LM folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
@@ -86,7 +89,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .nn import quantize_model, save_quantized
 
     config = config_from_args(args)
-    model, tokenizer = load_causal_lm(args.model_dir)
+    model, tokenizer = load_causal_lm(resolve_model_input(args.model_dir))
     report = quantize_model(model, config, progress=not args.json, measure_error=True)
     save_quantized(model, args.output, config, tokenizer=tokenizer, overwrite=args.overwrite)
     errors = [la.rel_error for la in report.layers]
@@ -111,8 +114,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, RUNTIMES
 
     p = sub.add_parser("model", help="quantize a model and export it to ONNX")
-    p.add_argument("model_dir", nargs="?", default=None,
-                   help="HF causal-LM folder (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--target", choices=["onnx"], default="onnx")
     p.add_argument("--overwrite", action="store_true")
@@ -171,13 +173,25 @@ def _print_model_summary(s: dict) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
+def _require_custom_ops(args: argparse.Namespace) -> None:
+    """Fail before any work when the flags need the optional sinq.ops library and it is not built."""
+    wants = [flag for flag, on in (("--runtime custom", getattr(args, "runtime", None) == "custom"),
+                                   ("--col-scale fused", getattr(args, "col_scale", None) == "fused"))
+             if on]
+    if wants:
+        from . import runtime_ops
+
+        runtime_ops.require(" / ".join(wants))
+
+
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
 
     config = config_from_args(args)
+    _require_custom_ops(args)
     try:
         result = export_causal_lm(
-            args.model_dir, args.output, config, graph_config_from_args(args),
+            resolve_model_input(args.model_dir), args.output, config, graph_config_from_args(args),
             overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
             allow_unquantized=args.allow_unquantized,
         )
@@ -272,7 +286,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     "export folder is evaluated in onnxruntime (or --backend torch: its "
                     "reference/).")
     p.add_argument("model", nargs="?", default=None,
-                   help="HF model folder (default: bundled SmolLM2) or a `sinq-export model` folder")
+                   help="HF model folder or GGUF file (default: bundled SmolLM2), or a "
+                        "`sinq-export model` folder")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
                    help="default: onnxruntime for an export folder, torch for a model folder")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
@@ -305,7 +320,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.model or 'the default model'} is not an export folder; "
                                  "export it first (`sinq-export model ... -o OUT`) and pass OUT")
             check_group = SinqConfig(group_size=args.group_size)  # validates the group size
-            table = ev.compare(args.model, methods=ev.parse_methods(args.compare),
+            table = ev.compare(resolve_model_input(args.model), methods=ev.parse_methods(args.compare),
                                bits=ev.parse_bits(args.bits), group_size=check_group.group_size,
                                text=args.text, n_windows=args.windows, length=args.length)
     except (ValueError, ValidationError) as exc:
@@ -334,17 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     for add, _ in COMMANDS.values():
         add(sub)
+    for p in sub.choices.values():  # also accepted after the subcommand
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=VERBOSE_HELP)
     return parser
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .io import OutputExistsError
     from .quant.core import QuantizationError
+    from .runtime_ops import RuntimeOpsUnavailable
 
     errors: list[type[BaseException]] = [
         UsageError, ConfigError, QuantizationError, OutputExistsError, FileNotFoundError,
+        RuntimeOpsUnavailable,
     ]
     try:
         from .models import ModelLoadError
@@ -360,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]
     try:
-        return run(args)
+        with verbosity.cli_output(args.verbose):
+            return run(args)
     except _known_errors() as exc:
         print(f"sinq-export {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

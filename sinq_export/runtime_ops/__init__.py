@@ -4,8 +4,11 @@
 
 The native library (C++ CPU kernel; CUDA kernel where built) lives in ``runtime_ops/`` at the
 repository root and is compiled at install time (``setup.py`` -> ``runtime_ops/build.py``) into
-this package folder. This module finds it, registers it with onnxruntime, and holds the NumPy
-reference implementation the tests compare against.
+this package folder; a wheel carries it prebuilt, and its build script and sources (in
+``_native/``), so ``python -m sinq_export.runtime_ops build`` works from any install. The library
+is optional: without it everything that uses only stock onnxruntime ops works, and what needs it
+(:func:`require`) fails with one line saying how to build it. This module finds it, registers it
+with onnxruntime, and holds the NumPy reference implementation the tests compare against.
 
 Typical use::
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,14 +49,24 @@ INPUT_NAMES = ("A", "B", "scales", "zero_points", "col_scale", "bias")
 
 _PKG_DIR = Path(__file__).resolve().parent
 _REPO_ROOT = _PKG_DIR.parent.parent
-_BUILD_SCRIPT = _REPO_ROOT / "runtime_ops" / "build.py"
+# A source checkout builds from runtime_ops/ at the root; a wheel/sdist install from the copy
+# setup.py puts into the package (same files).
+_BUILD_SCRIPTS = (_REPO_ROOT / "runtime_ops" / "build.py", _PKG_DIR / "_native" / "build.py")
+BUILD_COMMAND = "python -m sinq_export.runtime_ops build"
 
-BUILD_HINT = (
-    "Build it with `python -m sinq_export.runtime_ops build` from a source checkout (needs g++ "
-    "and either apt access to a Debian mirror for the libonnxruntime-dev headers or "
-    "ORT_INCLUDE_DIR=<folder with onnxruntime_cxx_api.h>), or reinstall with "
-    "`pip install -e .`, which builds it. Set SINQ_OPS_LIBRARY to use a library built elsewhere."
-)
+
+def build_hint() -> str:
+    """One sentence: how to build the library on *this* machine (the Debian route only where apt is)."""
+    debian = (
+        ", or with no ORT_INCLUDE_DIR it fetches Debian's libonnxruntime-dev headers with apt-get"
+        if shutil.which("apt-get")
+        else ""
+    )
+    return (
+        f"build it with `{BUILD_COMMAND}` (needs a C++ compiler and onnxruntime's C/C++ API headers: "
+        f"set ORT_INCLUDE_DIR to a folder with onnxruntime_cxx_api.h, e.g. include/ of an onnxruntime "
+        f"release archive{debian}), or set SINQ_OPS_LIBRARY to a library built elsewhere"
+    )
 
 
 class RuntimeOpsUnavailable(RuntimeError):
@@ -79,14 +93,22 @@ def library_path(*, cuda: bool = False) -> Path:
             return cand
     what = "CUDA-enabled sinq.ops library" if cuda else "sinq.ops custom-op library"
     extra = (
-        " The CUDA variant is built only where nvcc and an onnxruntime with the CUDA provider "
-        "are present (or with SINQ_OPS_CUDA=1)."
+        " (the CUDA variant is built only where nvcc and an onnxruntime with the CUDA provider "
+        "are present, or with SINQ_OPS_CUDA=1)"
         if cuda
         else ""
     )
-    raise RuntimeOpsUnavailable(
-        f"The {what} was not found (looked for {', '.join(map(str, _candidates(cuda)))}). {BUILD_HINT}{extra}"
-    )
+    looked = ", ".join(map(str, _candidates(cuda)))
+    raise RuntimeOpsUnavailable(f"the {what} is not built (looked for {looked}); {build_hint()}{extra}")
+
+
+def require(what: str) -> Path:
+    """The library path, or :class:`RuntimeOpsUnavailable` saying that ``what`` needs it and how
+    to build it: called up front, before any work, by everything that emits or runs sinq.ops."""
+    if is_available():
+        return library_path()
+    raise RuntimeOpsUnavailable(f"{what} needs the sinq.ops custom-op library, which is not built: "
+                                f"{build_hint()}")
 
 
 def is_available(*, cuda: bool = False) -> bool:
@@ -98,13 +120,13 @@ def is_available(*, cuda: bool = False) -> bool:
 
 
 def _load_build_module():
-    if not _BUILD_SCRIPT.is_file():
+    script = next((p for p in _BUILD_SCRIPTS if p.is_file()), None)
+    if script is None:
         raise RuntimeOpsUnavailable(
-            f"Cannot build the custom-op library: its sources ({_BUILD_SCRIPT.parent}) are not "
-            "next to this package (a wheel install). Reinstall from a source checkout "
-            "(`pip install -e .`) or set SINQ_OPS_LIBRARY."
+            f"cannot build the custom-op library: its build script is in neither of "
+            f"{', '.join(map(str, _BUILD_SCRIPTS))}; reinstall sinq-export or set SINQ_OPS_LIBRARY"
         )
-    spec = importlib.util.spec_from_file_location("_sinq_ops_build", _BUILD_SCRIPT)
+    spec = importlib.util.spec_from_file_location("_sinq_ops_build", script)
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("_sinq_ops_build", mod)
     spec.loader.exec_module(mod)
@@ -117,7 +139,7 @@ def build(*, force: bool = False, cuda: bool | None = None) -> Path:
     try:
         return mod.build(_PKG_DIR, force=force, cuda=cuda)
     except mod.BuildError as e:
-        raise RuntimeOpsUnavailable(f"Building the sinq.ops library failed: {e}") from e
+        raise RuntimeOpsUnavailable(f"building the sinq.ops library failed: {e}") from e
 
 
 def ensure_built(*, cuda: bool = False) -> Path:
@@ -154,7 +176,7 @@ def session_options(
         raise RuntimeOpsUnavailable(
             f"onnxruntime {ort.__version__} could not load {path}: {e}. The library may be "
             f"built for another onnxruntime/CPU, or be corrupt. Rebuild it with "
-            f"`python -m sinq_export.runtime_ops build --force`. {BUILD_HINT}"
+            f"`{BUILD_COMMAND} --force`"
         ) from e
     return so
 
@@ -270,7 +292,7 @@ def reference_from_record(a: np.ndarray, qw, bias: np.ndarray | None = None) -> 
 
 
 __all__ = [
-    "BUILD_HINT",
+    "BUILD_COMMAND",
     "CUDA_LIB_NAME",
     "DOMAIN",
     "INPUT_NAMES",
@@ -280,6 +302,7 @@ __all__ = [
     "RuntimeOpsUnavailable",
     "SUPPORTED_BITS",
     "build",
+    "build_hint",
     "cuda_provider_available",
     "ensure_built",
     "is_available",
@@ -287,5 +310,6 @@ __all__ = [
     "make_node",
     "reference_from_record",
     "reference_sinq_matmul",
+    "require",
     "session_options",
 ]
