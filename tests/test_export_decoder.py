@@ -35,6 +35,14 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128,
                   intermediate_size=320, num_attention_heads=4, num_key_value_heads=2,
                   tie_word_embeddings=False, rope_theta=1000000.0),
+    # Qwen3's: per-head q/k RMSNorm, explicit head_dim != hidden / heads
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=96,
+                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
+    # Mistral's: GQA 4:1, untied head
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=128,
+                    intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+                    tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
 }
 
 
@@ -219,3 +227,62 @@ def _empty_feed(out) -> dict:  # noqa: ANN001
         if i.name.startswith("past_key_values"):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
     return feed
+
+
+@pytest.mark.parametrize(("bits", "graph", "tol"), [
+    (3, GraphConfig(runtime="custom"), 1e-4),
+    (4, GraphConfig(runtime="custom", col_scale="fused"), 1e-4),
+    (4, GraphConfig(dtype="fp16"), 1e-2),
+], ids=["3bit-custom", "4bit-fused", "fp16"])
+def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
+    """Custom-op graphs run in genai through the library the export ships (genai_config names
+    it); fp16 (standard Attention on CPU) runs with an unshared cache."""
+    from sinq_export import runtime_ops
+
+    model = make_model_dir(tmp_path / "hf", "qwen2", seed=2)
+    cfg = SinqConfig(bits=bits, group_size=32, lm_head_bits=bits)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, graph, progress=False)
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    options = genai["model"]["decoder"]["session_options"]
+    if graph.runtime == "custom":
+        assert {la["op"] for la in res.manifest["layers"].values()} == {"SinqMatMulNBits"}
+        assert options["custom_ops_library"] == runtime_ops.LIB_NAME
+        assert (tmp_path / "out" / runtime_ops.LIB_NAME).is_file()
+    else:
+        assert "custom_ops_library" not in options
+    assert genai["search"]["past_present_share_buffer"] is (graph.dtype == "fp32")
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+                                runtime_ops.session_options(), providers=["CPUExecutionProvider"])
+    run = run_ort_lm(sess, PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
+
+
+@pytest.mark.parametrize(("family", "embedding_bits", "col_scale"), [
+    ("llama", 4, "mul"), ("llama", 4, "fold"), ("qwen2", 8, "mul")])
+def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col_scale):
+    """GatherBlockQuantized table (t applied after the gather); a tied head at the same width
+    reads the same record: one table on disk."""
+    from sinq_export.quant.core import quantize_weight
+
+    model = make_model_dir(tmp_path / "hf", family, seed=3)
+    table = model.model.embed_tokens.weight.detach().clone()
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG,
+                           GraphConfig(embedding_bits=embedding_bits, col_scale=col_scale),
+                           progress=False)
+    layers = res.manifest["layers"]
+    assert layers["model.embed_tokens"]["op"] == "GatherBlockQuantized"
+    tied = FAMILIES[family]["tie_word_embeddings"]
+    assert layers["lm_head"]["shared_with"] == ("model.embed_tokens" if tied else None)
+    inits = {t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx"),
+                                       load_external_data=False).graph.initializer}
+    assert "model.embed_tokens.weight" not in inits and ("lm_head.qweight" in inits) != tied
+    ref = reference(model, CFG)
+    record = quantize_weight(table, bits=embedding_bits, group_size=CFG.group_size)
+    with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this
+        ref.model.embed_tokens.weight.copy_(record.dequantize())
+    torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed

@@ -34,7 +34,7 @@ from onnxscript import OpBuilder, nn
 
 from ..quant import packing
 from .graph import ExportError
-from .layout import STOCK_OP, NodeChoice
+from .layout import EMBEDDING_OP, STOCK_OP, NodeChoice
 
 # model_type -> families whose linears and norms we have tiny-model parity tests for.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,6 +54,7 @@ class LinearPlan:
     col_scale: str  # "mul" | "fused" | "none" | "folded:<where>"
     has_bias: bool
     accuracy_level: int
+    shared_with: str | None = None  # a tied head reads this embedding's tensors
 
     @property
     def col_scale_input(self) -> bool:
@@ -101,9 +102,10 @@ class SinqMatMul(nn.Module):
         while inputs[-1] is None:
             inputs.pop()
         y = op.SinqMatMulNBits(*inputs, _domain=plan.choice.domain, **attrs)
-        y.dtype = x.dtype
-        if x.shape is not None:
-            y.shape = ir.Shape([*x.shape[:-1], n])
+        y.dtype = self.scales.dtype  # the graph's float type (custom ops carry no inference)
+        # decoder activations are [batch, sequence, features]
+        y.shape = ir.Shape([*x.shape[:-1], n]) if x.shape is not None else ir.Shape(
+            ["batch", "sequence_len", n])
         return y
 
 
@@ -154,14 +156,80 @@ def linear_shapes(module: nn.Module) -> dict[str, tuple[tuple[int, int], bool]]:
     return out
 
 
+class SinqEmbedding(nn.Module):
+    """Quantized token embedding: ``GatherBlockQuantized`` rows, then ``* t`` (t acts on the
+    columns, so it follows the gather). ``qweight`` is the record's packed codes viewed 2-D
+    ``[V, K*bits/8]`` (same bytes), the layout GatherBlockQuantized reads."""
+
+    def __init__(self, plan: LinearPlan) -> None:
+        super().__init__()
+        self._plan = plan
+        v, k = plan.shape
+        nb = packing.n_blocks(k, plan.group_size)
+        bits = plan.choice.container_bits
+        self.qweight = nn.Parameter([v, k * bits // 8], dtype=ir.DataType.UINT8)
+        self.scales = nn.Parameter([v, nb])
+        self.qzeros = nn.Parameter([v, packing.packed_zero_point_bytes(nb, bits)],
+                                   dtype=ir.DataType.UINT8)
+        self.col_scale = nn.Parameter([k]) if plan.col_scale_input else None
+
+    def forward(self, op: OpBuilder, input_ids: ir.Value) -> ir.Value:
+        plan = self._plan
+        y = op.GatherBlockQuantized(self.qweight, input_ids, self.scales, self.qzeros,
+                                    bits=plan.choice.container_bits, block_size=plan.group_size,
+                                    gather_axis=0, quantize_axis=1, _domain=plan.choice.domain)
+        y.dtype = self.scales.dtype
+        y.shape = ir.Shape([*(input_ids.shape or ["batch", "sequence_len"]), plan.shape[1]])
+        return y if self.col_scale is None else op.Mul(y, self.col_scale)
+
+
+class SinqTiedHead(nn.Module):
+    """lm_head tied to a `SinqEmbedding`: the same record (one copy of the table on disk),
+    its codes reshaped back to MatMulNBits' ``[V, nb, blob]`` (a view ORT folds at load)."""
+
+    def __init__(self, embedding: SinqEmbedding, plan: LinearPlan) -> None:
+        super().__init__()
+        self._plan = plan
+        self.qweight, self.scales, self.qzeros = (embedding.qweight, embedding.scales,
+                                                  embedding.qzeros)
+        self.col_scale = embedding.col_scale if plan.col_scale == "mul" else None
+
+    def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
+        plan = self._plan
+        n, k = plan.shape
+        bits = plan.choice.container_bits
+        blob = packing.packed_block_bytes(plan.group_size, bits)
+        shape = np.array([n, packing.n_blocks(k, plan.group_size), blob], dtype=np.int64)
+        if self.col_scale is not None:
+            x = op.Mul(x, self.col_scale)
+        w = op.Reshape(self.qweight, op.Constant(value=ir.tensor(shape)))
+        return op.MatMulNBits(x, w, self.scales, self.qzeros, K=k, N=n, bits=bits,
+                              block_size=plan.group_size, accuracy_level=plan.accuracy_level,
+                              _domain=plan.choice.domain)
+
+
+def _submodule(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = module
+    for part in parent_name.split(".") if parent_name else ():
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    return parent, leaf
+
+
 def replace_linears(module: nn.Module, plans: Mapping[str, LinearPlan]) -> None:
-    """Swap each planned mobius ``Linear`` for a `SinqMatMul` (in place, before the build)."""
+    """Swap each planned mobius ``Linear`` for a `SinqMatMul` and a planned embedding for a
+    `SinqEmbedding` (+ `SinqTiedHead`), in place, before the build."""
     for name, plan in plans.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module
-        for part in parent_name.split(".") if parent_name else ():
-            parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
-        setattr(parent, leaf, SinqMatMul(plan))
+        if plan.choice.op == EMBEDDING_OP:
+            parent, leaf = _submodule(module, name)
+            setattr(parent, leaf, SinqEmbedding(plan))
+    for name, plan in plans.items():
+        parent, leaf = _submodule(module, name)
+        if plan.shared_with is not None:
+            emb_parent, emb_leaf = _submodule(module, plan.shared_with)
+            setattr(parent, leaf, SinqTiedHead(getattr(emb_parent, emb_leaf), plan))
+        elif plan.choice.op != EMBEDDING_OP:
+            setattr(parent, leaf, SinqMatMul(plan))
 
 
 def build_graph(module: nn.Module, cfg: object) -> ir.Model:
@@ -227,13 +295,16 @@ def fold_constant_transposes(model: ir.Model) -> int:
     return folded
 
 
-def node_of(model: ir.Model, initializer: str) -> ir.Node:
-    """The node reading ``initializer`` (a quantized linear's packed weight)."""
+def node_of(model: ir.Model, initializer: str, op_type: str) -> ir.Node:
+    """The ``op_type`` node reading ``initializer`` (through a Reshape for a tied head)."""
     value = model.graph.initializers[initializer]
     users = [u.node for u in value.uses()]
-    if len(users) != 1:
-        raise ExportError(f"initializer {initializer!r} has {len(users)} readers, expected 1")
-    return users[0]
+    users += [u.node for n in users if n.op_type == "Reshape" for u in n.outputs[0].uses()]
+    found = [n for n in users if n.op_type == op_type]
+    if len(found) != 1:
+        raise ExportError(f"initializer {initializer!r} has {len(found)} {op_type} readers, "
+                          "expected 1")
+    return found[0]
 
 
 def hf_module_names(module: nn.Module) -> list[str]:

@@ -29,7 +29,7 @@ from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
 from .genai import genai_config
 from .graph import ExportError
-from .layout import choose_node
+from .layout import CUSTOM_DOMAIN, EMBEDDING_OP, STOCK_DOMAIN, STOCK_OP, NodeChoice, choose_node
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, ONNX_FILE, ExportResult, source_section, versions
 from .stages import Stages
 from .weights import PARTS, LinearBinding, RecordCache, bind_weights
@@ -77,8 +77,8 @@ def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Che
     return kurtosis(w) <= config.kurtosis_gate
 
 
-def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapping[str, int],
-                  tied: bool) -> tuple[str, str] | None:
+def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]],
+                  planned: Mapping[str, int]) -> tuple[str, str] | None:
     """('norm', initializer) or ('rows', linear) where ``name``'s t folds exactly, else None.
 
     Llama-family decoders (every type in `builder.SUPPORTED_MODEL_TYPES`): q/k/v read
@@ -87,7 +87,6 @@ def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapp
     ``act(gate) * up``, so its t multiplies ``up_proj``'s output rows; ``lm_head`` reads the
     final norm only.
     """
-    del tied
     parent, _, leaf = name.rpartition(".")
     layer = parent.rpartition(".")[0]
     unit = units[name]
@@ -102,6 +101,17 @@ def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapp
     return None
 
 
+EMBEDDING = "model.embed_tokens"
+
+
+def _embedding_shape(module: object) -> tuple[int, int] | None:
+    from mobius.components import Embedding
+
+    parent, leaf = builder._submodule(module, EMBEDDING)
+    emb = getattr(parent, leaf, None)
+    return tuple(int(d) for d in emb.weight.shape) if isinstance(emb, Embedding) else None
+
+
 def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: GraphConfig,
                 tied: bool) -> Plan:
     """Decide every quantized linear's node, container and t placement from the config."""
@@ -112,26 +122,48 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         if ckpt.shape(src) != shapes[n][0]:
             raise ModelLoadError(f"{ckpt.folder}: tensor {src!r} has shape {ckpt.shape(src)}, "
                                  f"the config implies {shapes[n][0]}")
+    embedding, shared_head = None, False
+    if graph.embedding_bits is not None:
+        embedding = _embedding_shape(module)
+        if embedding is None:
+            raise ExportError(f"embedding_bits: this architecture has no plain {EMBEDDING} table")
+        if embedding[1] % config.group_size:
+            raise ExportError(f"embedding_bits: hidden size {embedding[1]} is not a multiple of "
+                              f"group_size {config.group_size} (GatherBlockQuantized blocks)")
+        sources[EMBEDDING] = _weight_source(EMBEDDING, ckpt, tied)
+        shapes[EMBEDDING] = (embedding, False)
+        bits[EMBEDDING] = graph.embedding_bits
+        # a tied head at the same width reads the embedding's record: one table on disk
+        shared_head = tied and bits.get("lm_head") == graph.embedding_bits
     groups = _joint_groups(bits, bits) if config.shared_col_scale else []
     units = {n: (n,) for n in bits}
     for g in groups:
         for n in g:
             units[n] = tuple(g)
+    if shared_head:
+        units["lm_head"] = (EMBEDDING,)
     has_t = {}
     for unit in dict.fromkeys(units.values()):
         t = _has_col_scale(unit, sources, ckpt, config)
         has_t.update(dict.fromkeys(unit, t))
+    if shared_head:
+        has_t["lm_head"] = has_t[EMBEDDING]
 
     modes: dict[str, str] = {}
     row_scale_from: dict[str, str] = {}
     norm_folds: dict[str, str] = {}
+    choices = {n: choose_node(bits[n], graph.runtime, graph.col_scale) for n in bits}
+    if embedding is not None:
+        choices[EMBEDDING] = NodeChoice(EMBEDDING_OP, STOCK_DOMAIN, graph.embedding_bits, False)
     for n in bits:
-        choice = choose_node(bits[n], graph.runtime, graph.col_scale)
+        choice = choices[n]
         if not has_t[n]:
             modes[n] = "none"
-        elif choice.fused_col_scale:
+        elif n == EMBEDDING:
+            modes[n] = "mul"  # t scales the gathered rows' columns: after the gather
+        elif choice.fused_col_scale and not (shared_head and n == "lm_head"):
             modes[n] = "fused"
-        elif graph.col_scale == "fold" and (target := _fold_targets(n, units, bits, tied)):
+        elif graph.col_scale == "fold" and (target := _fold_targets(n, units, bits)):
             kind, where = target
             if kind == "rows":
                 row_scale_from[where] = n
@@ -140,19 +172,25 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             modes[n] = f"folded:{where.removesuffix('.weight')}"
         else:
             modes[n] = "mul"
+    if shared_head:
+        choices["lm_head"] = NodeChoice(STOCK_OP, STOCK_DOMAIN, graph.embedding_bits, False)
     linears = {
         n: builder.LinearPlan(
             name=n, shape=shapes[n][0], bits=bits[n], group_size=config.group_size,
-            choice=choose_node(bits[n], graph.runtime, graph.col_scale), col_scale=modes[n],
-            has_bias=shapes[n][1], accuracy_level=graph.accuracy_level)
+            choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
+            accuracy_level=graph.accuracy_level,
+            shared_with=EMBEDDING if shared_head and n == "lm_head" else None)
         for n in bits
     }
+    if shared_head:
+        del units["lm_head"], sources["lm_head"]
     return Plan(linears, sources, units, row_scale_from, norm_folds)
 
 
 def _uses(plan: Plan) -> dict[str, int]:
     """How many lazy tensors read each record (so the cache knows when to drop it)."""
-    uses = {n: 3 + int(p.col_scale_input) for n, p in plan.linears.items()}
+    uses = {n: 3 + int(p.col_scale_input) for n, p in plan.linears.items()
+            if p.shared_with is None}
     for src in plan.norm_folds.values():
         uses[src] += 1
     for target, src in plan.row_scale_from.items():
@@ -167,11 +205,23 @@ def _copy_hf_files(src: Path, dest: Path) -> None:
             shutil.copyfile(path, dest / path.name)
 
 
+def _copy_ops_library(out: Path) -> None:
+    """Put the ``sinq.ops`` library in OUT_DIR: genai loads custom ops only from there, and the
+    folder then runs on any machine with the same onnxruntime ABI."""
+    from ..runtime_ops import LIB_NAME, RuntimeOpsUnavailable, library_path
+
+    try:
+        shutil.copyfile(library_path(), out / LIB_NAME)
+    except RuntimeOpsUnavailable as exc:
+        raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
+
+
 def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
     """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md)."""
     out = {}
     for name, p in plan.linears.items():
-        node = builder.node_of(model, f"{name}.qweight")
+        owner = p.shared_with or name
+        node = builder.node_of(model, f"{owner}.qweight", p.choice.op)
         output = node.outputs[0]
         users = [u.node for u in output.uses()]
         if p.has_bias and len(users) == 1 and users[0].op_type == "Add":
@@ -186,11 +236,12 @@ def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
             "node": node.name,
             "output": output.name,
             "initializers": {
-                "packed": f"{name}.qweight",
-                "scales": f"{name}.scales",
-                "zero_points": f"{name}.qzeros",
-                "col_scale": f"{name}.col_scale" if p.col_scale_input else None,
+                "packed": f"{owner}.qweight",
+                "scales": f"{owner}.scales",
+                "zero_points": f"{owner}.qzeros",
+                "col_scale": f"{owner}.col_scale" if p.col_scale_input else None,
             },
+            "shared_with": p.shared_with,
             "rows": [0, p.shape[0]],
             "col_scale_mode": mode,
             "folded_into": p.col_scale.split(":", 1)[1] if mode == "fold" else None,
@@ -284,8 +335,9 @@ def export_causal_lm(
                                 bits={n: p.bits for n, p in plan.linears.items()},
                                 uses=_uses(plan))
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
-                                         plan.row_scale_from.get(n))
-                        for n, p in plan.linears.items()}
+                                         plan.row_scale_from.get(n),
+                                         flat=p.choice.op == EMBEDDING_OP)
+                        for n, p in plan.linears.items() if p.shared_with is None}
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)
             builder.fold_constant_transposes(model)
@@ -294,9 +346,12 @@ def export_causal_lm(
             with stages.stage("write"):
                 _save(model, tmp_out / ONNX_FILE, stages)
                 _copy_hf_files(folder, tmp_out)
+                custom = any(p.choice.domain == CUSTOM_DOMAIN for p in plan.linears.values())
+                if custom:
+                    _copy_ops_library(tmp_out)
                 write_json(tmp_out / "genai_config.json",
-                           genai_config(hf_config, folder, custom_ops=bool(
-                               {p.choice.domain for p in plan.linears.values()} - {"com.microsoft"})))
+                           genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
+                               n.op_type == "GroupQueryAttention" for n in model.graph)))
                 if with_reference:
                     _write_reference(folder, tmp_out, config)
                 manifest = _manifest(model, plan, layers, config, graph_config, folder, tmp_out)

@@ -108,6 +108,7 @@ class LinearBinding:
     container_bits: int
     col_scale_input: bool  # the graph has a ``col_scale`` initializer for it
     row_scale_from: str | None  # linear whose t multiplies this linear's output rows
+    flat: bool = False  # packed codes stored 2-D [N, K*bits/8] (GatherBlockQuantized)
 
 
 def bind_weights(
@@ -182,7 +183,7 @@ def _part_func(cache: RecordCache, linear: str, part: str,
                 return _t(record, record.in_features).numpy()
             qt = quant_tensors(record, binding.container_bits)
             if part == "qweight":
-                return qt.packed
+                return qt.packed.reshape(qt.packed.shape[0], -1) if binding.flat else qt.packed
             if part == "qzeros":
                 return qt.zero_points
             scales = qt.scales
