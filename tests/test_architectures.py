@@ -170,31 +170,37 @@ def test_supported_model_types_and_architectures_agree():
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("tiny")
-    for model_type in ("llama", "gemma3_text"):
+    for model_type in ("llama", "qwen2", "mistral", "gemma3_text"):
         make_model_dir(root / model_type, model_type)
     return root
 
 
-@pytest.mark.parametrize(("model_type", "changes", "message"), [
+@pytest.mark.parametrize(("model_type", "changes", "args", "message"), [
     # a causal LM transformers knows but the builder does not: every supported one is listed
-    ("llama", {"model_type": "olmo", "architectures": ["OlmoForCausalLM"]},
+    ("llama", {"model_type": "olmo", "architectures": ["OlmoForCausalLM"]}, [],
      "model_type='olmo' is not supported; supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3"),
-    ("llama", {"model_type": "qwen2"}, "model_type 'qwen2' disagrees with architectures"),
-    ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}},
+    ("llama", {"model_type": "qwen2"}, [], "model_type 'qwen2' disagrees with architectures"),
+    ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}}, [],
      "rope_scaling.rope_type='su-rope' is not supported"),
-    ("llama", {"head_dim": 24}, "head_dim=24 is not supported"),
+    ("llama", {"head_dim": 24}, [], "head_dim=24 is not supported"),
     ("gemma3_text", {"rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}},
+        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}}, [],
      "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
     ("gemma3_text", {"rope_parameters": {
         "full_attention": {"rope_type": "longrope", "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, [],
      "rope_parameters.full_attention.rope_type='longrope' is not supported"),
-    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, [],
+     "final_logit_softcapping=30.0 is not supported"),
+    # windows the graph would not apply: mobius has none for mixed layers, none in fp16
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+               "layer_types": ["full_attention", "sliding_attention"]}, [],
+     "layer_types mixes sliding and full attention (sliding_window=8)"),
+    ("mistral", {}, ["--dtype", "fp16"], "sliding_window=8 cannot be honoured with dtype FLOAT16"),
 ])
 def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys, model_type,
-                                                     changes, message):
+                                                     changes, args, message):
     import shutil
 
     from sinq_export.cli import EXIT_USAGE, main
@@ -204,7 +210,7 @@ def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys,
     config = json.loads((src / "config.json").read_text())
     config.update(changes)
     (src / "config.json").write_text(json.dumps(config))
-    rc = main(["model", str(src), "-o", str(tmp_path / "out")])
+    rc = main(["model", str(src), "-o", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert rc == EXIT_USAGE
     assert message in err and err.count("\n") == 1, err

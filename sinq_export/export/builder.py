@@ -160,6 +160,7 @@ def mobius_model(hf_config: object, dtype: ir.DataType = ir.DataType.FLOAT):
 
     from . import families
 
+    families.check_window(hf_config, dtype)
     module_class = registry.get(hf_config.model_type)
     cfg = _config_from_hf(hf_config, parent_config=hf_config, module_class=module_class)
     if dtype != cfg.dtype:
