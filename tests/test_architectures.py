@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from test_export_decoder import _og_tokens, _session  # the route's own test helpers
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
@@ -90,25 +90,6 @@ def prompt_for(model) -> np.ndarray:  # noqa: ANN001
     return np.array(bos + PROMPT, dtype=np.int64)
 
 
-def _session(out) -> ort.InferenceSession:  # noqa: ANN001
-    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def genai_greedy(out, prompt: np.ndarray) -> list[int]:  # noqa: ANN001
-    import onnxruntime_genai as og
-
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + STEPS, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt.tolist())
-    tokens = []
-    while not gen.is_done() and len(tokens) < STEPS:
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
@@ -127,7 +108,7 @@ def test_export_matches_transformers(tmp_path, model_type):
     assert rel <= TOL
     assert run_ort_lm(sess, prompt, STEPS).fed == fed
     assert len(set(fed)) > 2  # the test model does not collapse to one repeated token
-    assert genai_greedy(tmp_path / "out", prompt) == fed  # genai's loop: shared KV buffer
+    assert _og_tokens(tmp_path / "out", prompt, STEPS) == fed  # genai's loop: shared KV buffer
     manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
     assert set(manifest["layers"]) == quantized
