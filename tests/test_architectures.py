@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
+from test_export_decoder import _og_tokens, _session  # the route's own test helpers
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
@@ -90,25 +90,6 @@ def prompt_for(model) -> np.ndarray:  # noqa: ANN001
     return np.array(bos + PROMPT, dtype=np.int64)
 
 
-def _session(out) -> ort.InferenceSession:  # noqa: ANN001
-    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def genai_greedy(out, prompt: np.ndarray) -> list[int]:  # noqa: ANN001
-    import onnxruntime_genai as og
-
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + STEPS, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt.tolist())
-    tokens = []
-    while not gen.is_done() and len(tokens) < STEPS:
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
 def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
@@ -127,7 +108,7 @@ def test_export_matches_transformers(tmp_path, model_type):
     assert rel <= TOL
     assert run_ort_lm(sess, prompt, STEPS).fed == fed
     assert len(set(fed)) > 2  # the test model does not collapse to one repeated token
-    assert genai_greedy(tmp_path / "out", prompt) == fed  # genai's loop: shared KV buffer
+    assert _og_tokens(tmp_path / "out", prompt, STEPS) == fed  # genai's loop: shared KV buffer
     manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
     assert set(manifest["layers"]) == quantized
@@ -170,31 +151,37 @@ def test_supported_model_types_and_architectures_agree():
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("tiny")
-    for model_type in ("llama", "gemma3_text"):
+    for model_type in ("llama", "qwen2", "mistral", "gemma3_text"):
         make_model_dir(root / model_type, model_type)
     return root
 
 
-@pytest.mark.parametrize(("model_type", "changes", "message"), [
+@pytest.mark.parametrize(("model_type", "changes", "args", "message"), [
     # a causal LM transformers knows but the builder does not: every supported one is listed
-    ("llama", {"model_type": "olmo", "architectures": ["OlmoForCausalLM"]},
+    ("llama", {"model_type": "olmo", "architectures": ["OlmoForCausalLM"]}, [],
      "model_type='olmo' is not supported; supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3"),
-    ("llama", {"model_type": "qwen2"}, "model_type 'qwen2' disagrees with architectures"),
-    ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}},
+    ("llama", {"model_type": "qwen2"}, [], "model_type 'qwen2' disagrees with architectures"),
+    ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}}, [],
      "rope_scaling.rope_type='su-rope' is not supported"),
-    ("llama", {"head_dim": 24}, "head_dim=24 is not supported"),
+    ("llama", {"head_dim": 24}, [], "head_dim=24 is not supported"),
     ("gemma3_text", {"rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}},
+        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}}, [],
      "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
     ("gemma3_text", {"rope_parameters": {
         "full_attention": {"rope_type": "longrope", "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, [],
      "rope_parameters.full_attention.rope_type='longrope' is not supported"),
-    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, [],
+     "final_logit_softcapping=30.0 is not supported"),
+    # windows the graph would not apply: mobius has none for mixed layers, none in fp16
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+               "layer_types": ["full_attention", "sliding_attention"]}, [],
+     "layer_types mixes sliding and full attention (sliding_window=8)"),
+    ("mistral", {}, ["--dtype", "fp16"], "sliding_window=8 cannot be honoured with dtype FLOAT16"),
 ])
 def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys, model_type,
-                                                     changes, message):
+                                                     changes, args, message):
     import shutil
 
     from sinq_export.cli import EXIT_USAGE, main
@@ -204,8 +191,28 @@ def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys,
     config = json.loads((src / "config.json").read_text())
     config.update(changes)
     (src / "config.json").write_text(json.dumps(config))
-    rc = main(["model", str(src), "-o", str(tmp_path / "out")])
+    rc = main(["model", str(src), "-o", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err
     assert rc == EXIT_USAGE
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_quantized_embedding_keeps_gemma_scale(tmp_path):
+    """`--embedding-bits` swaps Gemma3's scaled embedding for GatherBlockQuantized: the
+    sqrt(hidden) factor must survive the swap (and the tied head share the table)."""
+    from sinq_export.quant.core import quantize_weight
+
+    model = make_model_dir(tmp_path / "hf", "gemma3_text", seed=SEEDS["gemma3_text"])
+    table = model.model.embed_tokens.weight.detach().clone()
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, GraphConfig(embedding_bits=4),
+                           progress=False)
+    assert res.manifest["layers"]["lm_head"]["shared_with"] == "model.embed_tokens"
+    quantize_model(model, CFG, progress=False)
+    with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this table
+        model.model.embed_tokens.weight.copy_(
+            quantize_weight(table, bits=4, group_size=CFG.group_size).dequantize())
+    prompt = prompt_for(model)
+    want, fed = run_torch_lm(model, prompt, STEPS)
+    got = run_ort_lm(_session(tmp_path / "out"), prompt, fed)
+    assert rel_error(got.logits, want.logits) <= TOL

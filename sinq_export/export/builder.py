@@ -160,6 +160,7 @@ def mobius_model(hf_config: object, dtype: ir.DataType = ir.DataType.FLOAT):
 
     from . import families
 
+    families.check_window(hf_config, dtype)
     module_class = registry.get(hf_config.model_type)
     cfg = _config_from_hf(hf_config, parent_config=hf_config, module_class=module_class)
     if dtype != cfg.dtype:
@@ -182,11 +183,13 @@ def linear_shapes(module: nn.Module) -> dict[str, tuple[tuple[int, int], bool]]:
 class SinqEmbedding(nn.Module):
     """Quantized token embedding: ``GatherBlockQuantized`` rows, then ``* t`` (t acts on the
     columns, so it follows the gather). ``qweight`` is the record's packed codes viewed 2-D
-    ``[V, K*bits/8]`` (same bytes), the layout GatherBlockQuantized reads."""
+    ``[V, K*bits/8]`` (same bytes), the layout GatherBlockQuantized reads. ``embed_scale``
+    is the factor of the embedding it replaces (Gemma's ``sqrt(hidden)``; 1 elsewhere)."""
 
-    def __init__(self, plan: LinearPlan) -> None:
+    def __init__(self, plan: LinearPlan, embed_scale: float = 1.0) -> None:
         super().__init__()
         self._plan = plan
+        self._embed_scale = float(embed_scale)
         v, k = plan.shape
         nb = packing.n_blocks(k, plan.group_size)
         bits = plan.choice.container_bits
@@ -203,6 +206,8 @@ class SinqEmbedding(nn.Module):
                                     gather_axis=0, quantize_axis=1, _domain=plan.choice.domain)
         y.dtype = self.scales.dtype
         y.shape = ir.Shape([*(input_ids.shape or ["batch", "sequence_len"]), plan.shape[1]])
+        if self._embed_scale != 1.0:
+            y = op.Mul(y, self._embed_scale)
         return y if self.col_scale is None else op.Mul(y, self.col_scale)
 
 
@@ -245,7 +250,8 @@ def replace_linears(module: nn.Module, plans: Mapping[str, LinearPlan]) -> None:
     for name, plan in plans.items():
         if plan.choice.op == EMBEDDING_OP:
             parent, leaf = _submodule(module, name)
-            setattr(parent, leaf, SinqEmbedding(plan))
+            old = getattr(parent, leaf)
+            setattr(parent, leaf, SinqEmbedding(plan, getattr(old, "embed_scale", 1.0)))
     for name, plan in plans.items():
         parent, leaf = _submodule(module, name)
         if plan.shared_with is not None:

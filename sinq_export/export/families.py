@@ -49,6 +49,35 @@ def check_family_config(config: Mapping, folder: object) -> None:
                               f"{local['rope_type']!r} is not supported (only 'default')")
 
 
+def check_window(hf_config: Any, dtype: ir.DataType) -> None:
+    """Refuse a sliding window the graph would not apply (it diverges past the window).
+
+    mobius applies a window through GroupQueryAttention's ``local_window_size``, only when
+    every layer slides (Mistral, Phi3) and only where it emits GQA (float32 on CPU; fp16 gets
+    plain ``Attention`` without one). Gemma3's per-layer-type windows are ours
+    (`Gemma3GQATextModel`) or mobius' masks on the fp16 path; other mixed patterns (Qwen2
+    with ``use_sliding_window``) have no window in mobius at all.
+    """
+    from mobius._execution_providers import get_ep
+
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or window >= getattr(hf_config, "max_position_embeddings", window + 1):
+        return
+    if hf_config.model_type == "gemma3_text":
+        return
+    folder = getattr(hf_config, "_name_or_path", "")
+    sliding = [t == "sliding_attention" for t in getattr(hf_config, "layer_types", None) or []]
+    if sliding and not any(sliding):
+        return  # the window is declared but no layer uses it
+    if sliding and not all(sliding):
+        raise ExportError(f"{folder}: config.json layer_types mixes sliding and full attention "
+                          f"(sliding_window={window}), which is not supported for "
+                          f"{hf_config.model_type}")
+    if dtype not in get_ep("cpu").gqa_dtypes:
+        raise ExportError(f"{folder}: config.json sliding_window={window} cannot be honoured "
+                          f"with dtype {dtype.name} (only float32 graphs apply it); use fp32")
+
+
 def adapt(module: nn.Module, cfg: Any, hf_config: Any) -> nn.Module:
     """The module with the family's fixes applied (in place where possible)."""
     model_type = hf_config.model_type
