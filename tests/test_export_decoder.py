@@ -286,3 +286,21 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
     run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
+
+
+def test_overrides_and_float_layers(tmp_path):
+    """Per-layer widths (--override) and float layers (--exclude; a float tied head): the
+    float weights reach the graph as lazily transposed copies of the checkpoint's."""
+    model = make_model_dir(tmp_path / "hf", "llama", seed=4)
+    cfg = SinqConfig(group_size=32, overrides={r"down_proj$": 8},
+                     exclude=(r"(^|\.)lm_head$", r"layers\.0\.self_attn\.o_proj$"))
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False)
+    layers = res.manifest["layers"]
+    assert layers["model.layers.1.mlp.down_proj"]["bits"] == 8
+    assert "model.layers.0.self_attn.o_proj" not in layers and "lm_head" not in layers
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMul" for n in graph.node) == 2  # o_proj of layer 0, the head
+    assert not any(n.op_type == "Transpose" for n in graph.node)
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
