@@ -20,7 +20,7 @@ from test_export_decoder import _og_tokens, _session  # the route's own test hel
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
 from sinq_export.nn import quantize_model
-from sinq_export.validate.core import reference_model
+from sinq_export.validate.core import reference_model, validate
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
 
 STEPS = 16
@@ -123,6 +123,7 @@ def test_export_matches_transformers(tmp_path, model_type, overrides):
     # the validator's reference, rebuilt from the source folder + the ONNX tensors, is the same
     rebuilt, rebuilt_fed = run_torch_lm(reference_model(tmp_path / "out"), prompt, STEPS)
     assert rebuilt_fed == fed and rel_error(rebuilt.logits, want.logits) <= 1e-6
+    assert validate(tmp_path / "out", token_ids=prompt, decode_steps=4).status == "passed"
 
 
 @pytest.mark.parametrize(("model_type", "folded_into"), [
