@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sinq4": ("SINQ 4-bit g64, lm_head float, acc4", ("--accuracy-level", "4")),
     "sinq4-acc0": ("SINQ 4-bit g64, lm_head float, acc0", ("--accuracy-level", "0")),
     "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, acc4", ("--lm-head-bits", "8", "--accuracy-level", "4")),
+    "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), acc4",
+                        ("--lm-head-bits", "8", "--embedding-bits", "8", "--accuracy-level", "4")),
     "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit (one shared table), acc4",
                         ("--lm-head-bits", "4", "--embedding-bits", "4", "--accuracy-level", "4")),
     "sinq4-lmh4-emb4-fold": ("SINQ 4-bit all, shared t folded (no Mul), acc4",
