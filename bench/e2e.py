@@ -45,9 +45,14 @@ sys.path.insert(0, str(ROOT))
 # name -> (label, `sinq-export model` arguments); "genai-int4" is the builder's model
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genai-int4": ("onnxruntime-genai builder int4 (-p int4 -e cpu)", ()),
-    "sinq4": ("SINQ 4-bit g64, lm_head float, acc4", ("--accuracy-level", "4")),
-    "sinq4-acc0": ("SINQ 4-bit g64, lm_head float, acc0", ("--accuracy-level", "0")),
-    "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, acc4", ("--lm-head-bits", "8", "--accuracy-level", "4")),
+    "sinq4": ("SINQ 4-bit g64, lm_head + embedding float, acc4",
+              ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "4")),
+    "sinq4-acc0": ("SINQ 4-bit g64, lm_head + embedding float, acc0",
+                   ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "0")),
+    "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, embedding float, acc4",
+                   ("--lm-head-bits", "8", "--embedding-bits", "float", "--accuracy-level", "4")),
+    "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), acc4: "
+                        "the `sinq-export model` default", ("--bits", "4")),
     "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit (one shared table), acc4",
                         ("--lm-head-bits", "4", "--embedding-bits", "4", "--accuracy-level", "4")),
     "sinq4-lmh4-emb4-fold": ("SINQ 4-bit all, shared t folded (no Mul), acc4",

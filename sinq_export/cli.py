@@ -64,14 +64,38 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
         fields["exclude"] = tuple(args.exclude)
     for name in ("shared_col_scale", "lm_head_bits"):
         if getattr(args, name, None) is not None:
-            fields[name] = getattr(args, name)
+            fields[name] = _or_float(getattr(args, name))
     return SinqConfig(**fields)
+
+
+# `sinq-export model` defaults, chosen by bench/e2e.py on SmolLM2 (docs/export-format.md,
+# "Defaults"): int8 activations, an 8-bit lm_head and embedding table (one shared table when
+# tied). The library's own defaults (SinqConfig, GraphConfig) stay exact: float head, acc 0.
+MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 8, "embedding_bits": 8}
+FLOAT = "float"
+
+
+def _or_float(value: int | str) -> int | None:
+    return None if value == FLOAT else value
+
+
+def _width(choices: Sequence[int]):  # noqa: ANN202
+    """argparse type: a bit width from ``choices`` or 'float' (keep the tensor in float)."""
+    def parse(text: str) -> int | str:
+        if text == FLOAT:
+            return FLOAT
+        if text.isdigit() and int(text) in choices:
+            return int(text)
+        raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(map(str, choices))} "
+                                         "or 'float'")
+    return parse
 
 
 def graph_config_from_args(args: argparse.Namespace) -> GraphConfig:
     """The graph settings (runtime, accuracy level, dtype, t placement, embedding)."""
     names = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
-    return GraphConfig(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    return GraphConfig(**{n: _or_float(getattr(args, n)) for n in names
+                          if getattr(args, n, None) is not None})
 
 
 # --- quantize: PyTorch-only quantization, saved as safetensors + JSON ---------------------
@@ -111,7 +135,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 # --- model: quantize + export to ONNX (issue: exporter) ------------------------------------
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
-    from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, RUNTIMES
+    from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
 
     p = sub.add_parser("model", help="quantize a model and export it to ONNX")
     p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
@@ -122,8 +146,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
                         "custom: sinq.ops::SinqMatMulNBits where stock cannot run the width")
-    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=None,
-                   help="MatMulNBits accuracy_level (0 = fp32 compute, 4 = int8 activations)")
+    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS,
+                   default=MODEL_DEFAULTS["accuracy_level"],
+                   help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
+                        "activations, the default: ~2x faster decode)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
     p.add_argument("--col-scale", choices=COL_SCALE_MODES, default=None,
                    help="column scale t: explicit Mul (default), fold into norms / up_proj rows "
@@ -131,11 +157,12 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-col-scale", action="store_true",
                    help="one Sinkhorn t for q/k/v and for gate/up (lets --col-scale fold "
                         "fold it into the norm weights)")
-    p.add_argument("--lm-head-bits", type=int, choices=QUANT_BITS, default=None,
-                   help="also quantize lm_head at this width (default: keep it float)")
-    p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
-                   help="store the token embedding quantized (GatherBlockQuantized; shared with a "
-                        "tied lm_head); default: float")
+    p.add_argument("--lm-head-bits", type=_width(QUANT_BITS), default=MODEL_DEFAULTS["lm_head_bits"],
+                   help="quantize lm_head at this width, or 'float' (default 8)")
+    p.add_argument("--embedding-bits", type=_width(EMBEDDING_BITS),
+                   default=MODEL_DEFAULTS["embedding_bits"],
+                   help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "
+                        "one table with a tied lm_head of the same width), or 'float' (default 8)")
     p.add_argument("--with-reference", action="store_true",
                    help="also write OUT_DIR/reference (the PyTorch model) for validating the "
                         "export away from the source folder; loads the float model")

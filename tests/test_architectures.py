@@ -20,7 +20,7 @@ from test_export_decoder import _og_tokens, _session  # the route's own test hel
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
 from sinq_export.nn import quantize_model
-from sinq_export.validate.core import reference_model
+from sinq_export.validate.core import reference_model, validate
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
 
 STEPS = 16
@@ -94,9 +94,17 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("model_type", list(ARCHS))
-def test_export_matches_transformers(tmp_path, model_type):
-    model = make_model_dir(tmp_path / "hf", model_type, seed=SEEDS.get(model_type, 0))
+# Gemma3-4B/12B/27B text: linear rope scaling (factor 8) on the full-attention layers only
+GEMMA3_LINEAR = {"rope_parameters": {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+
+
+@pytest.mark.parametrize(("model_type", "overrides"),
+                         [(t, {}) for t in ARCHS] + [("gemma3_text", GEMMA3_LINEAR)],
+                         ids=[*ARCHS, "gemma3_text-linear-rope"])
+def test_export_matches_transformers(tmp_path, model_type, overrides):
+    model = make_model_dir(tmp_path / "hf", model_type, seed=SEEDS.get(model_type, 0), **overrides)
     export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
     quantize_model(model, CFG, progress=False)
     prompt = prompt_for(model)
@@ -115,6 +123,7 @@ def test_export_matches_transformers(tmp_path, model_type):
     # the validator's reference, rebuilt from the source folder + the ONNX tensors, is the same
     rebuilt, rebuilt_fed = run_torch_lm(reference_model(tmp_path / "out"), prompt, STEPS)
     assert rebuilt_fed == fed and rel_error(rebuilt.logits, want.logits) <= 1e-6
+    assert validate(tmp_path / "out", token_ids=prompt, decode_steps=4).status == "passed"
 
 
 @pytest.mark.parametrize(("model_type", "folded_into"), [

@@ -51,8 +51,22 @@ def test_fused_needs_custom_runtime(tmp_path, capsys):
     assert rc == EXIT_USAGE and "runtime='custom'" in err
 
 
-@pytest.mark.parametrize("flag", [["--bits", "9"], ["--accuracy-level", "7"], ["--dtype", "bf16"]])
+@pytest.mark.parametrize("flag", [["--bits", "9"], ["--accuracy-level", "7"], ["--dtype", "bf16"],
+                                  ["--lm-head-bits", "9"], ["--embedding-bits", "3"]])
 def test_bad_flag_values(tmp_path, flag):
     with pytest.raises(SystemExit) as exc:
         main(["model", "-o", str(tmp_path / "out"), *flag])
     assert exc.value.code == EXIT_USAGE
+
+
+def test_model_defaults_and_float_opt_out():
+    """The measured defaults (acc4, 8-bit head + embedding) and 'float' to keep a tensor float."""
+    from sinq_export.cli import build_parser, config_from_args, graph_config_from_args
+
+    args = build_parser().parse_args(["model", "-o", "x"])
+    cfg, graph = config_from_args(args), graph_config_from_args(args)
+    assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (8, 8, 4)
+    args = build_parser().parse_args(["model", "-o", "x", "--lm-head-bits", "float",
+                                      "--embedding-bits", "float", "--accuracy-level", "0"])
+    cfg, graph = config_from_args(args), graph_config_from_args(args)
+    assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (None, None, 0)
