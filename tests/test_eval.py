@@ -77,11 +77,11 @@ def test_torch_and_onnxruntime_perplexity_agree(tiny):
 
 @needs_tokenizer
 def test_compare_float_rtn_sinq_on_the_fly(fixed_windows):
-    from test_validate_fixtures import TOKENIZER_DIR
+    from test_validate_fixtures import tokenizer_dir
     from transformers import AutoTokenizer
 
     model = tiny_float_model()
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
     table = ev.compare(model=model, tokenizer=tok, methods=["float", "rtn", "sinq"], bits=[3],
                        group_size=16, n_windows=2, length=24)
     labels = [(r.label, r.bits) for r in table.rows]

@@ -191,7 +191,7 @@ def test_other_bits_run(work, float_dir, cfg):
         from sinq_export import runtime_ops
 
         if not runtime_ops.is_available():
-            pytest.skip("custom op library (sinq_export.runtime_ops) not built")
+            pytest.fail("custom op library (sinq_export.runtime_ops) not built: run install.sh")
         so = runtime_ops.session_options(intra_op_num_threads=2)
     out = work / f"out-{config.bits}-{config.runtime}-{config.method}"
     res = export_causal_lm(None, out, config, progress=False, reference=False,

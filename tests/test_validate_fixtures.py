@@ -19,8 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TOKENIZER_DIR = Path.home() / ".cache" / "sinq-export" / "smollm2-135m-instruct"
 FOLD_LAYER = "model.layers.0.mlp"
+
+
+def tokenizer_dir() -> Path:
+    """SmolLM2's converted folder, decided at run time (honours ``SINQ_EXPORT_CACHE``; converts
+    the bundled GGUF on first use), never at collection time."""
+    from sinq_export.models import default_model_dir
+
+    return default_model_dir()
 
 
 def _node_path(layer: str) -> str:
@@ -56,7 +63,7 @@ def build_tiny_export(out: Path, bits: int = 4, group_size: int = 16, method: st
     out = Path(out)
     work = out.parent / f".{out.name}-work"
     shutil.rmtree(work, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
     if float_dir is None:
         float_model = tiny_float_model()
         float_model.save_pretrained(work / "float")
@@ -180,7 +187,7 @@ def corrupt_copy(src: Path, dst: Path, layer: str, what: str = "byte") -> Path:
 def tiny_tokens(n: int = 48) -> np.ndarray:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
     text = ("Anarchism is a political philosophy and movement that is sceptical of authority and "
             "rejects all involuntary, coercive forms of hierarchy. Aristotle was an Ancient Greek "
             "philosopher and polymath. Apollo 11 was the American spaceflight that first landed "
@@ -188,8 +195,9 @@ def tiny_tokens(n: int = 48) -> np.ndarray:
     return np.asarray(tok.encode(text, add_special_tokens=False)[:n], dtype=np.int64)
 
 
-needs_tokenizer = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(),
-                                     reason="converted SmolLM2 tokenizer not in the cache")
+# The tokenizer comes from the session fixture `smollm2_dir` (conftest.py), which converts the
+# bundled model when the cache is empty instead of skipping.
+needs_tokenizer = pytest.mark.usefixtures("smollm2_dir")
 
 
 _CACHE: dict[str, Path] = {}

@@ -22,18 +22,17 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 
 from ..config import SinqConfig
-from ..io import OutputExistsError, read_json, write_json
+from ..io import check_output, read_json, scratch_dir, write_json
 from ..models import hub_offline
 from .genai import genai_config
 from .graph import ExportError
-from .manifest import ONNX_FILE, ExportResult, versions
+from .manifest import MANIFEST_MARKER, ONNX_FILE, ExportResult, versions
 from .pipeline import linear_fingerprints, quantize_rewrite_write
 from .stages import Stages
 
@@ -102,22 +101,19 @@ def export_causal_lm(
 
     config = config or SinqConfig()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out_dir.absolute()} already exists (pass --overwrite)")
+    folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
     names = ["load", "float_export", "quantize", "rewrite", "write", "check"]
     stages = Stages(names, progress=progress)
     try:
         with stages.stage("load"):
-            folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
             model, tokenizer = load_causal_lm(folder)
             fingerprints = linear_fingerprints(model, config)
         with contextlib.ExitStack() as stack:
             with stages.stage("float_export"):
                 if float_export_dir is None:
-                    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-                    tmp = stack.enter_context(tempfile.TemporaryDirectory(
-                        prefix=f".{out_dir.name}.float-", dir=out_dir.absolute().parent))
-                    float_dir = export_float_causal_lm(folder, Path(tmp) / "float")
+                    tmp = stack.enter_context(scratch_dir(out_dir))
+                    float_dir = export_float_causal_lm(folder, tmp / "float")
                 else:
                     float_dir = export_float_causal_lm(folder, float_export_dir)
             graph = onnx.load(str(float_dir / ONNX_FILE))
@@ -131,7 +127,7 @@ def export_causal_lm(
             manifest = quantize_rewrite_write(
                 model, graph, fingerprints, config, stages, out_dir, kind="causal-lm",
                 source=folder.name, overwrite=overwrite, reference=reference, progress=progress,
-                tokenizer=tokenizer, extra_files=hf_files,
+                tokenizer=tokenizer, extra_files=hf_files, protect=[folder],
             )
     finally:
         stages.close()
