@@ -1,7 +1,7 @@
 """Timing worker of bench/e2e.py: one model, one process (so its peak RSS is this model's alone).
 
-Imports only numpy and onnxruntime. Drives an optimum-style decoder graph (input_ids,
-attention_mask, position_ids, past_key_values.* -> logits, present.*) with a numpy KV cache:
+Imports only numpy and onnxruntime. Drives a decoder graph (input_ids, attention_mask
+[, position_ids], past_key_values.* -> logits, present.*) with a numpy KV cache:
 prefill ``--prompt-tokens`` tokens from an empty past, then ``--decode-steps`` single-token
 steps, feeding the next tokens of the same text (every model does identical work; the argmax
 a sampler would take is computed and discarded). Prints one JSON line.
@@ -19,6 +19,18 @@ from _sysinfo import peak_rss_kb
 
 NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
       "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def kv_dims(shape: list, model: str) -> tuple[int, int, int]:
+    """(kv_heads, 0, head_dim) of an empty past; symbolic dims (the genai builder names them)
+    come from the genai_config.json next to the model."""
+    heads, dim = shape[1], shape[3]
+    if not (isinstance(heads, int) and isinstance(dim, int)):
+        from pathlib import Path
+
+        dec = json.loads((Path(model).parent / "genai_config.json").read_text())["model"]["decoder"]
+        heads, dim = dec["num_key_value_heads"], dec["head_size"]
+    return int(heads), 0, int(dim)
 
 
 def main() -> None:
@@ -52,7 +64,7 @@ def main() -> None:
     past_names = [n for n in inputs if n.startswith("past_key_values")]
     present_names = [o.name for o in sess.get_outputs() if o.name.startswith("present")]
     out_names = ["logits", *present_names]
-    empty = {n: np.zeros((1, int(inputs[n].shape[1]), 0, int(inputs[n].shape[3])), NP[inputs[n].type])
+    empty = {n: np.zeros((1, *kv_dims(inputs[n].shape, args.model)), NP[inputs[n].type])
              for n in past_names}
     mask_t = NP[inputs["attention_mask"].type] if "attention_mask" in inputs else None
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Greedy text generation with onnxruntime alone: numpy + tokenizers, no torch, no transformers.
 
-Runs the ``model.onnx`` of a ``sinq-export model`` folder (or any optimum
-``text-generation-with-past`` export) with its KV cache kept in numpy arrays::
+Runs the ``model.onnx`` of a ``sinq-export model`` folder (GroupQueryAttention decoder: inputs
+``input_ids``, ``attention_mask`` [1, past + new], ``past_key_values.N.key/value`` [1, kv_heads,
+past, head_dim]; outputs ``logits``, ``present.N.key/value`` [1, kv_heads, past + new,
+head_dim]) with its KV cache kept in numpy arrays. A graph that also takes ``position_ids``
+(an optimum-style export) is fed them too::
 
     python samples/ort_generate.py out/smollm2-sinq4 --prompt "The capital of France is"
     python samples/ort_generate.py out/smollm2-sinq4 --chat --prompt "Name three planets."
@@ -14,7 +17,7 @@ folder (located with ``importlib.util.find_spec``, which does not import the pac
 it would import torch).
 
 ``--json`` prints the prompt ids, the generated ids, the text and the timings as one JSON
-object (what the tests compare with optimum's and torch's greedy tokens).
+object (what the tests compare with onnxruntime-genai's and torch's greedy tokens).
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ def uses_custom_ops(folder: Path) -> bool:
 
 
 class OrtCausalLM:
-    """An optimum-style decoder graph (input_ids, attention_mask, position_ids, past_key_values.*
-    -> logits, present.*) driven step by step with a numpy KV cache."""
+    """A decoder graph (input_ids, attention_mask[, position_ids], past_key_values.* -> logits,
+    present.*) driven step by step with a numpy KV cache that grows by the new tokens."""
 
     def __init__(self, folder: str | Path, threads: int | None = None, ops_library: str | None = None,
                  provider: str = "CPUExecutionProvider"):

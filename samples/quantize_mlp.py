@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sinq_export import SinqConfig, quantize_model
+from sinq_export import GraphConfig, SinqConfig, quantize_model
 from sinq_export.export import export_module
 from sinq_export.validate import validate
 
@@ -91,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             errors[method] = rel_error(y_float, q(x))
 
     # 2. export: float trace + the same quantization + graph rewrite
-    config = SinqConfig(bits=args.bits, group_size=args.group_size, runtime=args.runtime)
+    config = SinqConfig(bits=args.bits, group_size=args.group_size)
     tmp = None
     if args.output is None:
         tmp = tempfile.TemporaryDirectory(prefix="sinq-mlp-")
         out_dir = Path(tmp.name) / "mlp"
     else:
         out_dir = Path(args.output)
-    result = export_module(mlp, x, out_dir, config, input_names=["x"], output_names=["y"],
+    result = export_module(mlp, x, out_dir, config, GraphConfig(runtime=args.runtime),
+                           input_names=["x"], output_names=["y"],
                            dynamic_axes={"x": {0: "batch", 1: "tokens"}, "y": {0: "batch", 1: "tokens"}},
                            overwrite=args.output is not None, progress=False)
     meta = json.loads((out_dir / "sinq_export.json").read_text())

@@ -10,7 +10,7 @@ Python API (the CLI is a thin shell over these):
 The ONNX-side names are imported lazily so `import sinq_export` stays light.
 """
 
-from .config import ConfigError, SinqConfig
+from .config import ConfigError, GraphConfig, SinqConfig
 from .nn import SinqLinear, load_quantized, quantize_model, save_quantized
 from .quant import QuantizationError, QuantizedWeight, quantize_weight
 
@@ -36,6 +36,7 @@ __all__ = [
     "export_module",
     "validate",
     "ConfigError",
+    "GraphConfig",
     "QuantizationError",
     "QuantizedWeight",
     "SinqConfig",

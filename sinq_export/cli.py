@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import METHODS, QUANT_BITS, ConfigError, SinqConfig
+from .config import METHODS, QUANT_BITS, ConfigError, GraphConfig, SinqConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143, as shells do
@@ -79,11 +79,16 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     )
     if args.exclude is not None:
         fields["exclude"] = tuple(args.exclude)
-    for name in ("runtime", "accuracy_level", "dtype", "col_scale", "shared_col_scale",
-                 "lm_head_bits"):
+    for name in ("shared_col_scale", "lm_head_bits"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     return SinqConfig(**fields)
+
+
+def graph_config_from_args(args: argparse.Namespace) -> GraphConfig:
+    """The graph settings (runtime, accuracy level, dtype, t placement, embedding)."""
+    names = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
+    return GraphConfig(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
 
 
 # --- quantize: PyTorch-only quantization, saved as safetensors + JSON ---------------------
@@ -153,11 +158,14 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "fold it into the norm weights)")
     p.add_argument("--lm-head-bits", type=int, choices=QUANT_BITS, default=None,
                    help="also quantize lm_head at this width (default: keep it float)")
-    p.add_argument("--no-reference", action="store_true",
-                   help="do not write OUT_DIR/reference (the PyTorch model `validate` uses)")
-    p.add_argument("--float-export", default=None, metavar="DIR",
-                   help="keep / reuse optimum's float ONNX export of the model in DIR "
-                        "(saves ~30-60 s when exporting the same model again)")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
+                   help="store the token embedding quantized (GatherBlockQuantized; shared with a "
+                        "tied lm_head); default: float")
+    p.add_argument("--with-reference", action="store_true",
+                   help="also write OUT_DIR/reference (the PyTorch model) for validating the "
+                        "export away from the source folder; loads the float model")
+    p.add_argument("--allow-unquantized", action="store_true",
+                   help="accept an export in which no linear is quantized")
 
 
 def _mb(n: int | None) -> str:
@@ -165,23 +173,25 @@ def _mb(n: int | None) -> str:
 
 
 def _print_model_summary(s: dict) -> None:
-    c = s["config"]
+    c, g = s["config"], s["graph"]
     bits = ", ".join(f"{b}-bit: {n}" for b, n in s["layers_by_bits"].items())
     before, after = s["linear_weight_bytes_before"], s["linear_weight_bytes_after"]
     ratio = f" ({after / before:.3f}x)" if before else ""
     rows = [
         ("output", s["output"]),
         ("model", f"{s['source_model']} ({s['kind']})"),
-        ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {c['runtime']}, "
-                   f"accuracy_level {c['accuracy_level']}, {c['dtype']}, col_scale {c['col_scale']}"),
+        ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {g['runtime']}, "
+                   f"accuracy_level {g['accuracy_level']}, {g['dtype']}, col_scale {g['col_scale']}"),
         ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
         ("col-scale Mul nodes", str(s["mul_nodes"])),
         ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),
-        ("ONNX files", f"{_mb(s['onnx_bytes_before'])} (float) -> {_mb(s['onnx_bytes_after'])}"),
+        ("ONNX files", _mb(s["onnx_bytes_after"])),
     ]
     t = s["timings_s"]
     rows.append(("time", " | ".join(f"{k} {v:.1f} s" for k, v in t.items())
                  + f" | total {sum(t.values()):.1f} s"))
+    if s.get("peak_rss_mb"):
+        rows.append(("peak RSS", f"{max(s['peak_rss_mb'].values()):.0f} MiB"))
     width = max(len(k) for k, _ in rows)
     print("sinq-export model: done")
     for k, v in rows:
@@ -194,9 +204,9 @@ def _run_model(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         result = export_causal_lm(
-            args.model_dir, args.output, config, overwrite=args.overwrite,
-            progress=not args.json, reference=not args.no_reference,
-            float_export_dir=args.float_export,
+            args.model_dir, args.output, config, graph_config_from_args(args),
+            overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
+            allow_unquantized=args.allow_unquantized,
         )
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
@@ -228,29 +238,45 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=256, help="prefill tokens of real text (default 256)")
     p.add_argument("--decode-steps", type=int, default=8, help="greedy decode steps (default 8)")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
+    p.add_argument("--source", metavar="DIR", default=None,
+                   help="the model folder the export was made from (default: the path recorded "
+                        "in sinq_export.json, else OUT_DIR/reference)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of per-layer error")
+
+
+def _check_report_path(path: str | None, flag: str) -> None:
+    """Refuse a report path that cannot be a file *before* minutes of work (exit 2)."""
+    from pathlib import Path
+
+    if path is None or path == "-":
+        return
+    if Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: is a folder (expected a file path)")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
     from .validate import ValidationError, format_report, plot_layers, validate
 
+    _check_report_path(args.json, "--json")
+    _check_report_path(args.plot, "--plot")
     try:
         report = validate(args.out_dir, providers=args.providers, accuracy_level=args.accuracy_level,
-                          tokens=args.tokens, decode_steps=args.decode_steps, text=args.text)
+                          tokens=args.tokens, decode_steps=args.decode_steps, text=args.text,
+                          source=args.source)
     except ValidationError as exc:
         raise UsageError(str(exc)) from exc
-    if args.json != "-":
-        print(format_report(report))
-    if args.json:
-        text = json.dumps(report.to_dict(), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text + "\n")
+    # Files first, verdict last: a failing write (exit 3) never follows a printed PASSED.
+    text = json.dumps(report.to_dict(), indent=2)
+    if args.json and args.json != "-":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
     if args.plot:
         plot_layers(report, args.plot)
+    if args.json == "-":
+        print(text)
+    else:
+        print(format_report(report))
     if report.status == "skipped":
         print("sinq-export validate: error: none of the requested providers is available "
               f"({', '.join(p.provider for p in report.providers)}); nothing was validated",

@@ -48,7 +48,7 @@ def _compile_all(patterns: tuple[str, ...], where: str) -> None:
 
 @dataclass(frozen=True)
 class SinqConfig:
-    """Everything that decides how a model is quantized and exported.
+    """Everything that decides how weights are quantized (not how the graph computes them).
 
     Attributes:
         bits: code width for quantized linears (2-8; stock onnxruntime runs 2/4/8).
@@ -60,13 +60,6 @@ class SinqConfig:
             RTN (the reference's default is 5.0; off by default, see README for measurements).
         include / exclude: regular expressions matched (``re.search``) against module names.
         overrides: regex -> bits for per-layer bit widths (first match wins).
-        runtime: ``"stock"`` (MatMulNBits, 3/5/6/7-bit codes in 4/8-bit containers) or
-            ``"custom"`` (our ``sinq.ops::SinqMatMulNBits`` with true packed size).
-        accuracy_level: MatMulNBits ``accuracy_level`` (0 = fp32 compute, 4 = int8 activations).
-        dtype: float type of the exported graph's activations and scales.
-        col_scale: how the column scale t is applied in the graph: an explicit ``Mul``,
-            ``fold`` it into a preceding norm / up_proj where exact, or ``fused`` into the
-            custom op.
         shared_col_scale: run Sinkhorn jointly on linears that read the same input
             (q/k/v, gate/up) so they share one t, which then folds into the norm weight.
         lm_head_bits: quantize the output projection to this width (None keeps it float).
@@ -81,10 +74,6 @@ class SinqConfig:
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = (r"(^|\.)lm_head$",)
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
-    runtime: Literal["stock", "custom"] = "stock"
-    accuracy_level: int = 0
-    dtype: Literal["fp32", "fp16"] = "fp32"
-    col_scale: Literal["mul", "fold", "fused"] = "mul"
     shared_col_scale: bool = False
     lm_head_bits: int | None = None
 
@@ -108,16 +97,6 @@ class SinqConfig:
         _compile_all(tuple(p for p, _ in self.overrides), "overrides")
         for pattern, b in self.overrides:
             check_bits(b, where=f"overrides[{pattern!r}]")
-        if self.runtime not in RUNTIMES:
-            raise ConfigError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise ConfigError(f"accuracy_level={self.accuracy_level!r} not in {ACCURACY_LEVELS}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not one of {DTYPES}")
-        if self.col_scale not in COL_SCALE_MODES:
-            raise ConfigError(f"col_scale={self.col_scale!r} is not one of {COL_SCALE_MODES}")
-        if self.col_scale == "fused" and self.runtime != "custom":
-            raise ConfigError("col_scale='fused' needs runtime='custom' (the fused op is ours)")
         if self.lm_head_bits is not None:
             check_bits(self.lm_head_bits, where="lm_head_bits")
 
@@ -153,3 +132,53 @@ class SinqConfig:
         if "overrides" in known:
             known["overrides"] = tuple((p, int(b)) for p, b in known["overrides"])
         return cls(**known)
+
+
+EMBEDDING_BITS = (4, 8)  # GatherBlockQuantized's CPU kernel
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Everything that decides the ONNX graph around the quantized weights.
+
+    Attributes:
+        runtime: ``"stock"`` (MatMulNBits, 3/5/6/7-bit codes in 4/8-bit containers) or
+            ``"custom"`` (our ``sinq.ops::SinqMatMulNBits`` with true packed size).
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 = fp32 compute, 4 = int8 activations).
+        dtype: float type of the exported graph's activations and scales.
+        col_scale: how the column scale t is applied: an explicit ``Mul``, ``fold`` it into a
+            preceding norm / up_proj where exact, or ``fused`` into the custom op.
+        embedding_bits: store the token embedding table quantized (GatherBlockQuantized) at this
+            width; None keeps it float.
+    """
+
+    runtime: Literal["stock", "custom"] = "stock"
+    accuracy_level: int = 0
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    col_scale: Literal["mul", "fold", "fused"] = "mul"
+    embedding_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ConfigError(f"accuracy_level={self.accuracy_level!r} not in {ACCURACY_LEVELS}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.col_scale not in COL_SCALE_MODES:
+            raise ConfigError(f"col_scale={self.col_scale!r} is not one of {COL_SCALE_MODES}")
+        if self.col_scale == "fused" and self.runtime != "custom":
+            raise ConfigError("col_scale='fused' needs runtime='custom' (the fused op is ours)")
+        if self.embedding_bits is not None and self.embedding_bits not in EMBEDDING_BITS:
+            raise ConfigError(f"embedding_bits={self.embedding_bits!r} is not one of {EMBEDDING_BITS} "
+                              "(GatherBlockQuantized)")
+
+    def replace(self, **changes: Any) -> GraphConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GraphConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -143,14 +143,22 @@ def torch_nll(model, windows: np.ndarray) -> tuple[float, int]:  # noqa: ANN001
 
 def ort_session(out_dir: str | Path, provider: str = "cpu"):
     """An onnxruntime session of an export folder's model (custom ops registered if used)."""
-    from .validate import PROVIDERS, _session, available_providers, read_export
+    from .validate import PROVIDERS, ValidationError, _session, available_providers, read_export
+    from .validate.core import check_export_runs
 
     info = read_export(out_dir)
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDERS)}")
     if provider not in available_providers():
         raise ValueError(f"{PROVIDERS[provider]} is not available in this onnxruntime build")
-    return _session(info.onnx_path, info, provider)
+    check_export_runs(info)
+    try:
+        return _session(info.onnx_path, info, provider)
+    except ValidationError:
+        raise
+    except Exception as exc:  # onnxruntime refuses the graph: the folder is damaged
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValidationError(f"{info.onnx_path}: onnxruntime cannot load it: {first}") from exc
 
 
 def ort_nll(session, windows: np.ndarray) -> tuple[float, int]:  # noqa: ANN001
@@ -187,9 +195,11 @@ def perplexity_onnx(out_dir: str | Path, windows: np.ndarray, provider: str = "c
 
     info = read_export(out_dir)
     cfg = info.meta.get("config", {})
+    from .validate.core import _run_ort
+
     sess = ort_session(out_dir, provider)
     start = time.perf_counter()
-    nc = ort_nll(sess, windows)
+    nc = _run_ort(ort_nll, sess, windows)
     return _result(label or cfg.get("method", "onnx"), cfg.get("bits"), cfg.get("group_size"),
                    "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}", nc,
                    time.perf_counter() - start, source=str(out_dir))
@@ -266,25 +276,31 @@ def compare(
 
 def evaluate_export(out_dir: str | Path, backend: str = "onnxruntime", text: str = "wikipedia",
                     n_windows: int = 4, length: int = 512, provider: str = "cpu") -> PplTable:
-    """Perplexity of an export folder: its ONNX model, or (``torch``) its reference/."""
+    """Perplexity of an export folder: its ONNX model, or (``torch``) the reference `validate`
+    rebuilds (source folder + ONNX tensors, or OUT_DIR/reference)."""
     from transformers import AutoTokenizer
 
-    from .validate import REFERENCE_DIR, read_export
+    from .config import SinqConfig
+    from .validate import REFERENCE_DIR, ValidationError, read_export
+    from .validate.core import context_length, reference_model
 
     info = read_export(out_dir)
     folder = Path(out_dir)
-    tok_dir = folder if (folder / "tokenizer_config.json").is_file() else folder / REFERENCE_DIR
+    context = context_length(info)
+    if context is not None and length > context:
+        raise ValidationError(f"--length {length} exceeds the model's context of {context} tokens")
+    source = Path((info.meta.get("source") or {}).get("path") or folder / REFERENCE_DIR)
+    tok_dir = next((d for d in (folder, source, folder / REFERENCE_DIR)
+                    if (d / "tokenizer_config.json").is_file()), None)
+    if tok_dir is None:
+        raise ValidationError(f"{out_dir}: no tokenizer files (tokenizer_config.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     windows = text_windows(tokenizer, text, n_windows, length)
     table = PplTable(protocol=protocol(text, n_windows, length))
     cfg = info.meta.get("config", {})
     if backend == "torch":
-        from .nn import load_quantized
-
-        ref = folder / REFERENCE_DIR
-        if not (ref / "sinq_quantized.json").is_file():
-            raise FileNotFoundError(f"{out_dir}: no {REFERENCE_DIR}/ (torch backend needs it)")
-        model, qcfg = load_quantized(ref)
+        model = reference_model(out_dir)
+        qcfg = SinqConfig.from_dict(cfg)
         table.rows.append(perplexity_torch(model, windows, qcfg.method, qcfg.bits, qcfg.group_size,
                                            source=str(out_dir)))
     else:

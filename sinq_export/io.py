@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -73,10 +74,38 @@ def output_error(exc: BaseException, fallback_path: str | os.PathLike | None) ->
         if isinstance(e, OSError) and e.errno:
             return OutputError(e.filename or fallback_path, e.errno, e.strerror or str(e))
     text = str(exc)
+    if isinstance(exc, OSError) and _SHORT_WRITE.search(text):
+        code = _short_write_errno(fallback_path)
+        return OutputError(fallback_path, code, f"{os.strerror(code)} (short write: {text})")
     for code in OUTPUT_ERRNOS:
         if os.strerror(code) in text or f"os error {code})" in text or f"code: {code}," in text:
             return OutputError(fallback_path, code, os.strerror(code))
     return None
+
+
+# numpy's ``tofile`` (used by onnx_ir for external data) reports a refused write this way,
+# without the errno.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def _short_write_errno(path: str | os.PathLike | None) -> int:
+    """Best reconstruction of the errno a short write lost: a file-size limit, a full disk."""
+    try:
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    probe = Path(path) if path is not None else Path.cwd()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if shutil.disk_usage(probe).free < (1 << 20):
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return errno.EIO
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -1,6 +1,6 @@
 import pytest
 
-from sinq_export.config import ConfigError, SinqConfig
+from sinq_export.config import ConfigError, GraphConfig, SinqConfig
 
 
 @pytest.mark.parametrize(
@@ -14,13 +14,33 @@ from sinq_export.config import ConfigError, SinqConfig
         ({"method": "gptq"}, "method"),
         ({"exclude": ("(",)}, "invalid regular expression"),
         ({"overrides": {"down_proj": 11}}, "overrides"),
-        ({"col_scale": "fused"}, "runtime='custom'"),
-        ({"accuracy_level": 7}, "accuracy_level"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SinqConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"col_scale": "fused"}, "runtime='custom'"),
+        ({"accuracy_level": 7}, "accuracy_level"),
+        ({"runtime": "cuda"}, "runtime"),
+        ({"dtype": "bf16"}, "dtype"),
+        ({"embedding_bits": 3}, "embedding_bits"),
+    ],
+)
+def test_bad_graph_values_name_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        GraphConfig(**kwargs)
+
+
+def test_graph_config_is_not_quantization():
+    """The two configs do not share a field: each setting is validated in one place."""
+    assert not set(GraphConfig.__dataclass_fields__) & set(SinqConfig.__dataclass_fields__)
+    g = GraphConfig(runtime="custom", col_scale="fused", accuracy_level=4, embedding_bits=8)
+    assert GraphConfig.from_dict(g.to_dict()) == g
 
 
 def test_bits_for_include_exclude_overrides():

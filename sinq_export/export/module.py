@@ -1,6 +1,6 @@
 """Generic route: any ``torch.nn.Module`` with ``nn.Linear`` layers (an MLP, a vision model).
 
-``torch.onnx.export`` (TorchScript exporter, like optimum uses) traces the *float* module;
+``torch.onnx.export`` (TorchScript exporter) traces the *float* module;
 the module is quantized with the same `quantize_model` and the graph gets the same rewrite
 as the causal-LM route. Linears traced as ``MatMul`` (3-D inputs) or ``Gemm`` (2-D inputs)
 are both recognised.
@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 import torch
 
-from ..config import SinqConfig
+from ..config import GraphConfig, SinqConfig
 from ..io import check_output
 from .manifest import MANIFEST_MARKER, ExportResult
 from .pipeline import linear_fingerprints, quantize_rewrite_write
@@ -33,6 +33,7 @@ def export_module(
     example_inputs: Any,
     out_dir: str | os.PathLike,
     config: SinqConfig | None = None,
+    graph_config: GraphConfig | None = None,
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -45,10 +46,12 @@ def export_module(
 ) -> ExportResult:
     """Quantize ``module``'s linears with SINQ and export it to ``out_dir/model.onnx``.
 
+    ``graph_config`` decides the graph (runtime, accuracy level, dtype, col-scale placement).
     ``example_inputs``: a tensor or tuple of tensors for tracing. The caller's module stays
     float unless ``inplace=True``; the quantized copy is returned as ``result.model``.
     """
     config = config or SinqConfig()
+    graph_config = graph_config or GraphConfig()
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -71,7 +74,7 @@ def export_module(
             graph = onnx.load(str(path))
             float_bytes = path.stat().st_size
         manifest = quantize_rewrite_write(
-            model, graph, fingerprints, config, stages, out_dir, kind="module",
+            model, graph, fingerprints, config, graph_config, stages, out_dir, kind="module",
             source=type(module).__name__, overwrite=overwrite, reference=reference,
             progress=progress,
         )

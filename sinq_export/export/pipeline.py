@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 from torch import nn
 
-from ..config import SinqConfig
+from ..config import GraphConfig, SinqConfig
 from ..io import atomic_output_dir, write_json
 from ..nn import eligible_linears, quantize_model, quantized_layers
 from .dtype import convert_to_fp16
@@ -35,6 +35,7 @@ def quantize_rewrite_write(
     graph: onnx.ModelProto,
     fingerprints: dict[str, str],
     config: SinqConfig,
+    graph_config: GraphConfig,
     stages: Stages,
     out_dir: Path,
     *,
@@ -53,8 +54,8 @@ def quantize_rewrite_write(
     with stages.stage("rewrite"):
         layers = {name: LayerInput(m.record, fingerprints[name])
                   for name, m in quantized_layers(model).items()}
-        rewrite = quantize_graph(graph, layers, config)
-        if config.dtype == "fp16":
+        rewrite = quantize_graph(graph, layers, graph_config)
+        if graph_config.dtype == "fp16":
             convert_to_fp16(graph)
     with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER, protect=protect) as tmp_out:
         with stages.stage("write"):
@@ -63,8 +64,9 @@ def quantize_rewrite_write(
                 extra_files(tmp_out)
             if reference:
                 save_reference(model, tmp_out, config, tokenizer=tokenizer)
-            manifest = build_manifest(kind=kind, config=config, source=source, model=graph,
-                                      rewrite=rewrite, onnx_bytes=onnx_bytes)
+            manifest = build_manifest(kind=kind, config=config, graph_config=graph_config,
+                                      source=source, model=graph, rewrite=rewrite,
+                                      onnx_bytes=onnx_bytes)
             write_json(tmp_out / MANIFEST_FILE, manifest)
         with stages.stage("check"):
             check_model(tmp_out / ONNX_FILE)

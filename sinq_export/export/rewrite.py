@@ -1,7 +1,8 @@
 """Float ONNX graph + quantized torch layers -> the SINQ graph (one function, `quantize_graph`).
 
-Shared by both routes (causal LM through optimum, plain modules through torch.onnx.export):
-the route produces a float graph and the `SinqLinear` records; this module swaps every traced
+Used by the plain-module route (causal LMs are built directly, see `decoder`): the route
+traces a float graph with torch.onnx.export and quantizes the module into `SinqLinear`
+records; this module swaps every traced
 linear for ``[Mul(x, t)] -> MatMulNBits(B, scales, zero_points) [-> Add(bias)]`` whose
 initializers are the records' tensors (re-packed into a 4/8-bit container only when stock
 onnxruntime cannot run the width), folds column scales where asked, and drops the float
@@ -17,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..config import SinqConfig
+from ..config import GraphConfig
 from ..quant.record import QuantizedWeight
 from .folding import plan_col_scales
 from .graph import (
@@ -62,7 +63,7 @@ def _col_scale_array(record: QuantizedWeight) -> np.ndarray | None:
 def quantize_graph(
     model: onnx.ModelProto,
     layers: Mapping[str, LayerInput],
-    config: SinqConfig,
+    config: GraphConfig,
 ) -> RewriteReport:
     """Rewrite ``model`` in place; returns the per-layer manifest and counts."""
     graph = model.graph

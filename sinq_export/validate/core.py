@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import Checkpoint
+from ..models import ModelLoadError
 from .graph import (
     ExportInfo,
-    _initializers,
     _LayerSite,
-    _load_onnx,
     _session,
     dequantize_node,
     instrumented_copy,
@@ -33,6 +33,7 @@ from .providers import (
     parse_providers,
     tolerance_for,
 )
+from .rebuild import ReferenceSource, build_reference, layer_node_name, norm_folds, resolve_source
 from .report import LayerResult, ProviderResult, ValidationReport, _fmt
 from .runners import (
     _check_tokenizers,
@@ -43,6 +44,7 @@ from .runners import (
     run_torch_module,
     validation_tokens,
 )
+from .tensors import OnnxTensors, load_graph
 
 # ------------------------------------------------------------------------------ validate
 
@@ -56,6 +58,7 @@ def validate(
     *,
     token_ids: Sequence[int] | np.ndarray | None = None,
     reference: Any = None,
+    source: str | Path | None = None,
     text: str = "wikipedia",
     seed: int = 0,
 ) -> ValidationReport:
@@ -68,10 +71,16 @@ def validate(
             For ``kind: module`` exports: the size given to every symbolic input dimension.
         decode_steps: greedy decode steps through the KV cache after the prefill.
         token_ids: explicit prefill tokens instead of the real text (tests).
-        reference: an already loaded reference model (default: ``load_quantized(out/reference)``;
-            a ``kind: module`` export needs it: its module class cannot be rebuilt from files,
-            so without it the module is checked ONNX-only). Its outputs are not modified.
+        reference: an already loaded reference model (default: rebuilt from the source folder
+            + the ONNX tensors, see `rebuild`; a ``kind: module`` export needs it: its module
+            class cannot be rebuilt from files, so without it the module is checked ONNX-only).
+            Its outputs are not modified.
+        source: the model folder the export was made from, when it is no longer where
+            ``sinq_export.json`` says (``--source``).
         seed: seed of the random float inputs of ``kind: module`` exports.
+
+    Every problem with the folder or the arguments raises `ValidationError` (exit 2) before
+    any verdict exists; a report is returned only once every provider has run.
     """
     info = read_export(out_dir)
     names = parse_providers(providers)
@@ -80,14 +89,17 @@ def validate(
     if info.kind not in ("causal-lm", "module"):
         raise ValidationError(f"{out_dir}: unknown export kind {info.kind!r}")
     is_lm = info.kind == "causal-lm"
-    ref_dir = info.out_dir / REFERENCE_DIR
-    has_ref_files = (ref_dir / "sinq_quantized.json").is_file()
-    has_ref = reference is not None or (has_ref_files and is_lm)
+    model = load_graph(info.onnx_path)
+    tensors = OnnxTensors(model, info.out_dir)
+    src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
+    has_ref = reference is not None or src is not None
     report = ValidationReport(out_dir=str(out_dir), mode="reference" if has_ref else "onnx-only",
                               kind=info.kind, n_prefill=0, n_decode=decode_steps if is_lm else 0)
+    if src is not None:
+        report.notes.append(src.note or f"reference: {src.path} ({src.kind}) + the ONNX tensors")
     if not has_ref:
-        why = (f"no {REFERENCE_DIR}/ in {out_dir}" if not has_ref_files else
-               f"{REFERENCE_DIR}/ of a kind 'module' export needs the module class (Python API: "
+        why = (f"no source folder or {REFERENCE_DIR}/ for {out_dir}" if is_lm else
+               "a kind 'module' export needs the module class (Python API: "
                "validate(..., reference=load_quantized(path, model=YourModule())[0]))")
         report.notes.append(
             f"{why}: ONNX-only checks - every quantized node is compared with a NumPy "
@@ -97,12 +109,14 @@ def validate(
     if accuracy_level is not None:
         report.notes.append(f"accuracy_level overridden to {level} on every quantized node")
 
-    model = _load_onnx(info.onnx_path)
     prefill = feeds = None
     if is_lm:
         if token_ids is None:
-            tok = _check_tokenizers(info.out_dir, ref_dir if ref_dir.is_dir() else None)
-            prefill = validation_tokens(tok, tokens, text)
+            tok = _check_tokenizers(info.out_dir, src.path if src is not None else None)
+            try:
+                prefill = validation_tokens(tok, tokens, text)
+            except ValueError as exc:  # unknown text id, text shorter than the window
+                raise ValidationError(str(exc)) from exc
         else:
             prefill = np.asarray(token_ids, dtype=np.int64).reshape(-1)[:tokens]
         report.n_prefill = len(prefill)
@@ -114,9 +128,7 @@ def validate(
     ref_run, decode_tokens, ref_layers = None, None, {}
     if has_ref:
         if reference is None:
-            from ..nn import load_quantized
-
-            reference, _ = load_quantized(ref_dir)
+            reference = _load_reference(src, info, model, tensors)
         from ..nn import quantized_layers
 
         ref_layers = quantized_layers(reference)
@@ -124,15 +136,12 @@ def validate(
         if missing:
             raise ValidationError(f"layers in {EXPORT_META_FILE} but not in the reference: {missing[:5]}")
         if is_lm:
-            vocab = int(getattr(getattr(reference, "config", None), "vocab_size", 0) or 0)
-            if vocab and int(prefill.max()) >= vocab:
-                raise ValidationError(f"token id {int(prefill.max())} >= reference vocab {vocab}: "
-                                      "mismatched tokenizer")
+            _check_lengths(reference, prefill, decode_steps)
             ref_run, decode_tokens = run_torch_lm(reference, prefill, decode_steps, ref_layers)
         else:
             ref_run = run_torch_module(reference, feeds, model, ref_layers)
+        del reference  # the layers the checks need stay referenced by ref_layers
 
-    inits = _initializers(model)
     sites = locate_layers(model, info) if has_ref else _sites_from_graph(model, info)
     if not sites:
         report.notes.append("the graph has no quantized (MatMulNBits / SinqMatMulNBits) node")
@@ -151,22 +160,31 @@ def validate(
                          f"(available: {', '.join(sorted(available)) or 'none'})")
             continue
         start = time.perf_counter()
+        pr.tolerance = tolerance_for(name, level, info.dtype)
+        # one session at a time: each holds the weights, prepacked
         try:
-            sess_plain = _session(plain, info, name)
-            sess_probe = _session(probe, info, name)
+            sess = _session(plain, info, name)
         except RuntimeError as exc:
             pr.reason = f"cannot create a session on {PROVIDERS[name]}: {exc}"
             continue
-        pr.tolerance = tolerance_for(name, level, info.dtype)
         if is_lm:
             # ONNX-only: greedy tokens from the first provider's own logits
-            ort_run = run_ort_lm(sess_plain, prefill,
-                                 decode_steps if decode_tokens is None else decode_tokens)
+            ort_run = _run_ort(run_ort_lm, sess, prefill,
+                               decode_steps if decode_tokens is None else decode_tokens)
             decode_tokens = ort_run.fed
-            probe_run = run_ort_lm(sess_probe, prefill, decode_tokens, capture=expose)
         else:
-            ort_run = run_ort_module(sess_plain, feeds)
-            probe_run = run_ort_module(sess_probe, feeds, capture=expose)
+            ort_run = _run_ort(run_ort_module, sess, feeds)
+        del sess
+        try:
+            sess = _session(probe, info, name)
+        except RuntimeError as exc:
+            pr.reason = f"cannot create the probe session on {PROVIDERS[name]}: {exc}"
+            continue
+        if is_lm:
+            probe_run = _run_ort(run_ort_lm, sess, prefill, decode_tokens, capture=expose)
+        else:
+            probe_run = _run_ort(run_ort_module, sess, feeds, capture=expose)
+        del sess
         if ref_run is not None:
             if ort_run.logits.shape != ref_run.logits.shape:
                 raise ValidationError(f"output shape: torch {ref_run.logits.shape} vs onnxruntime "
@@ -180,17 +198,57 @@ def validate(
                          n_decode=len(decode_tokens))
             e.ppl_ort = perplexity_from_logits(ort_run.logits[: len(prefill)], prefill)
             pr.end_to_end = e
-        pr.layers = _check_layers(sites, probe_run.captures, inits, ref_layers,
+        pr.layers = _check_layers(sites, probe_run.captures, tensors, ref_layers,
                                   ref_run.captures if ref_run else {}, pr.tolerance)
         _verdict(pr, report.mode)
         pr.seconds = time.perf_counter() - start
     return report
 
 
+def _load_reference(src: ReferenceSource, info: ExportInfo, model, tensors):  # noqa: ANN001
+    """The torch reference: rebuilt from the source folder, or OUT_DIR/reference."""
+    if src.kind == "source":
+        try:
+            ckpt = Checkpoint.open(src.path)
+        except ModelLoadError as exc:
+            raise ValidationError(f"source model: {exc}") from exc
+        nodes = {n.name: n for n in model.graph.node}
+        return build_reference(ckpt, info.layers, nodes, tensors, norm_folds(info.layers))
+    from ..nn import load_quantized
+
+    try:
+        return load_quantized(src.path)[0]
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValidationError(f"{src.path}: cannot load the reference ({exc})") from exc
+
+
+def _check_lengths(reference, prefill: np.ndarray, decode_steps: int) -> None:  # noqa: ANN001
+    """Token ids inside the vocabulary, prefill + decode inside the model's context."""
+    config = getattr(reference, "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab and int(prefill.max()) >= vocab:
+        raise ValidationError(f"token id {int(prefill.max())} >= reference vocab {vocab}: "
+                              "mismatched tokenizer")
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if context and len(prefill) + decode_steps > context:
+        raise ValidationError(f"--tokens {len(prefill)} + --decode-steps {decode_steps} exceed the "
+                              f"model's context of {context} tokens")
+
+
+def _run_ort(run, sess, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    """onnxruntime failing to run an export it loaded means the folder is broken (exit 2)."""
+    try:
+        return run(sess, *args, **kwargs)
+    except ValidationError:
+        raise
+    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValidationError(f"onnxruntime cannot run the export: {first}") from exc
+
 
 def _sites_from_graph(model, info: ExportInfo) -> list[_LayerSite]:
     """ONNX-only mode: every quantized node, named by sinq_export.json when it lists it."""
-    by_node = {m.get("onnx_node"): (n, m) for n, m in info.layers.items()}
+    by_node = {layer_node_name(m): (n, m) for n, m in info.layers.items() if m.get("rows") is None}
     sites = []
     for i, node in enumerate(model.graph.node):
         if node.op_type not in QUANT_OPS:
@@ -211,13 +269,15 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
     results = []
     for s in sites:
         got = captures[s.output]
+        if s.rows is not None:  # this linear's columns of a packed node (e.g. qkv)
+            got = got[:, s.rows[0]:s.rows[1]]
         x = torch.from_numpy(np.ascontiguousarray(captures[s.local_input], dtype=np.float32))
         res = LayerResult(name=s.name, op=s.node.op_type, bits=s.meta.get("bits"))
         if s.name in ref_layers:  # reference weights, applied to onnxruntime's own input
             layer = ref_layers[s.name]
             w = layer.grouped_weight().float()
             t = None if s.input_has_col_scale or layer.col_scale is None else layer.col_scale.float()
-            bias = None if layer.bias is None else layer.bias.float()
+            bias = layer.bias.float() if s.output_has_bias and layer.bias is not None else None
         else:  # ONNX-only: the node's own initializers
             d = dequantize_node(s.node, inits)
             w = torch.from_numpy(d["W"]).float()
@@ -228,13 +288,12 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
         with torch.inference_mode():
             y = torch.nn.functional.linear(x * t if t is not None else x, w, bias)
         row_scale = None
-        if s.output_scaled_by:
-            other = ref_layers.get(s.output_scaled_by)
-            if other is None or other.col_scale is None:
-                res.note = f"output_scaled_by {s.output_scaled_by}: no column scale in the reference"
-            else:
-                row_scale = other.col_scale.float().numpy()
-                y = y * other.col_scale.float()
+        other = ref_layers.get(s.output_scaled_by) if s.output_scaled_by else None
+        if other is not None and other.col_scale is not None:
+            # a reference/ folder keeps t on the consumer; the graph (and a reference rebuilt
+            # from its tensors) has it in this layer's scales
+            row_scale = other.col_scale.float().numpy()
+            y = y * other.col_scale.float()
         ref = y.numpy()
         if ref.shape != got.shape:
             res.passed, res.note = False, f"shape {got.shape} vs reference {ref.shape}"
@@ -244,6 +303,9 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
         res.local_rel, res.local_max_abs = err["rel"], err["max_abs"]
         if s.name in ref_captures:
             hooked = ref_captures[s.name]
+            layer = ref_layers[s.name]
+            if not s.output_has_bias and layer.bias is not None:  # the graph adds it after the node
+                hooked = hooked - layer.bias.float().numpy()
             if row_scale is not None:
                 hooked = hooked * row_scale
             if hooked.shape == got.shape:
@@ -278,3 +340,43 @@ def _verdict(pr: ProviderResult, mode: str) -> None:
     elif e is not None and e.ppl_ort is not None and not math.isfinite(e.ppl_ort):
         pr.failures.append("onnxruntime perplexity is not finite")
     pr.status = "failed" if pr.failures else "passed"
+
+
+# ------------------------------------------------------------------------------ for eval
+
+
+def reference_model(out_dir: str | Path, source: str | Path | None = None):
+    """The torch reference of a causal-LM export (what ``eval --backend torch`` scores)."""
+    info = read_export(out_dir)
+    model = load_graph(info.onnx_path)
+    tensors = OnnxTensors(model, info.out_dir)
+    src = resolve_source(info.out_dir, info.meta, source)
+    if src is None:
+        raise ValidationError(f"{out_dir}: no source folder or {REFERENCE_DIR}/ to build the "
+                              "torch reference from; pass --source DIR")
+    return _load_reference(src, info, model, tensors)
+
+
+def context_length(info: ExportInfo) -> int | None:
+    """Longest sequence the export runs: genai_config.json's ``context_length``, else the
+    source config's ``max_position_embeddings`` (None when neither is known)."""
+    import json
+
+    candidates = [(info.out_dir / "genai_config.json", ("model", "context_length"))]
+    path = (info.meta.get("source") or {}).get("path")
+    if path:
+        candidates.append((Path(path) / "config.json", ("max_position_embeddings",)))
+    for file, keys in candidates:
+        try:
+            value: Any = json.loads(file.read_text())
+            for key in keys:
+                value = value[key]
+            return int(value)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def check_export_runs(info: ExportInfo) -> None:
+    """The graph parses and its external data is all there (cheap; before any session)."""
+    OnnxTensors(load_graph(info.onnx_path), info.out_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 
 from ..io import read_json
 from .providers import CUSTOM_DOMAIN, EXPORT_META_FILE, PROVIDERS, QUANT_OPS, ValidationError
+from .rebuild import layer_node_name, layer_rows
+from .tensors import EXTERNAL_FOLDER_KEY, graph_bytes
 
 # ------------------------------------------------------------------------------ export folder
 
@@ -29,25 +30,36 @@ class ExportInfo:
 
 
 def read_export(out_dir: str | Path) -> ExportInfo:
+    """Parse OUT_DIR's manifest; a missing or damaged one is a `ValidationError` (exit 2)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ValidationError(f"{out_dir}: not a folder")
     meta_file = out_dir / EXPORT_META_FILE
     if not meta_file.is_file():
         raise ValidationError(f"{out_dir}: no {EXPORT_META_FILE} (not a `sinq-export model` folder)")
-    meta = read_json(meta_file)
-    onnx_meta = meta.get("onnx", {})
-    onnx_path = out_dir / onnx_meta.get("file", "model.onnx")
+    try:
+        meta = read_json(meta_file)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(f"{meta_file}: cannot parse ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
+        raise ValidationError(f"{meta_file}: not a sinq-export manifest (no 'layers' object)")
+    onnx_meta = meta.get("onnx") or {}
+    onnx_path = out_dir / str(onnx_meta.get("file", "model.onnx"))
     if not onnx_path.is_file():
         raise ValidationError(f"{out_dir}: {onnx_path.name} is missing")
-    config = meta.get("config", {})
+    # format 2 keeps the graph settings in "graph"; format 1 had them in "config"
+    graph = {**(meta.get("config") or {}), **(meta.get("graph") or {})}
+    try:
+        level = int(graph.get("accuracy_level", 0))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{meta_file}: bad accuracy_level") from exc
     return ExportInfo(
         out_dir=out_dir,
         meta=meta,
         onnx_path=onnx_path,
         kind=meta.get("kind", "causal-lm"),
-        dtype=config.get("dtype", "fp32"),
-        accuracy_level=int(config.get("accuracy_level", 0)),
+        dtype=str(graph.get("dtype", "fp32")),
+        accuracy_level=level,
         custom_domains=list(onnx_meta.get("custom_domains", []) or []),
         layers=dict(meta.get("layers", {})),
     )
@@ -59,13 +71,8 @@ _NP_OF_ONNX = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np
                16: np.float32}
 
 
-def _load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
 def _initializers(model) -> dict[str, np.ndarray]:
+    """Every initializer and Constant of an in-memory model (tests; small models only)."""
     from onnx import numpy_helper
 
     out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -146,7 +153,11 @@ def _session_options(info: ExportInfo, provider: str = "cpu"):
 
 
 def _session(model_or_path, info: ExportInfo, provider: str):  # noqa: ANN001
-    """An InferenceSession on ``provider`` (short name). Raises RuntimeError on fallback."""
+    """An InferenceSession on ``provider`` (short name). Raises RuntimeError on fallback.
+
+    A ModelProto is the export's graph with its initializers still external (see
+    `tensors`): it is passed as bytes and onnxruntime reads the data from OUT_DIR.
+    """
     import onnxruntime as ort
 
     opts = _session_options(info, provider)
@@ -155,16 +166,8 @@ def _session(model_or_path, info: ExportInfo, provider: str):  # noqa: ANN001
     if isinstance(model_or_path, (str, Path)):
         sess = ort.InferenceSession(str(model_or_path), opts, providers=providers)
     else:
-        data = model_or_path.SerializeToString() if model_or_path.ByteSize() < 2_000_000_000 else None
-        if data is not None:
-            sess = ort.InferenceSession(data, opts, providers=providers)
-        else:  # >2 GB: write the copy with external data next to a temp file
-            import onnx
-
-            tmp = Path(tempfile.mkdtemp(prefix="sinq-validate-"))
-            onnx.save(model_or_path, str(tmp / "model.onnx"), save_as_external_data=True,
-                      location="model.onnx.data")
-            sess = ort.InferenceSession(str(tmp / "model.onnx"), opts, providers=providers)
+        opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(info.out_dir.absolute()))
+        sess = ort.InferenceSession(graph_bytes(model_or_path), opts, providers=providers)
     if full not in sess.get_providers():
         raise RuntimeError(f"onnxruntime fell back to {sess.get_providers()} instead of {full}")
     return sess
@@ -185,10 +188,17 @@ class _LayerSite:
     output_scaled_by: str | None
     order: int
     meta: dict = field(default_factory=dict)
+    rows: tuple[int, int] | None = None  # this linear's columns of a packed node's output
+    output_has_bias: bool = False  # False: the compared tensor is the node's, before a bias Add
 
 
 def _producers(model) -> dict[str, Any]:
     return {o: n for n in model.graph.node for o in n.output}
+
+
+def col_scale_mode(meta: dict) -> str:
+    """``col_scale_mode`` (format 2) or ``col_scale`` (format 1: ``folded:<where>``)."""
+    return str(meta.get("col_scale_mode", meta.get("col_scale", "none")))
 
 
 def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
@@ -203,17 +213,17 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
     consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     sites = []
     for name, meta in info.layers.items():
-        entry = nodes.get(meta.get("onnx_node", ""))
+        entry = nodes.get(layer_node_name(meta) or "")
         if entry is None and meta.get("onnx_output") in producers:
             node = producers[meta["onnx_output"]]
             entry = nodes.get(node.name)
         if entry is None or entry[1].op_type not in QUANT_OPS:
             raise ValidationError(
-                f"{info.onnx_path.name}: layer {name}: node {meta.get('onnx_node')!r} "
+                f"{info.onnx_path.name}: layer {name}: node {layer_node_name(meta)!r} "
                 f"({meta.get('op')}) not found in the graph")
         order, node = entry
         local_input, has_t = node.input[0], False
-        mode = str(meta.get("col_scale", "none"))
+        mode = col_scale_mode(meta)
         if mode == "mul":
             mul = producers.get(node.input[0])
             if mul is not None and mul.op_type == "Mul":
@@ -221,11 +231,17 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
                 if len(others) == 1:
                     local_input = others[0]
             has_t = local_input == node.input[0]
-        elif mode.startswith("folded"):
+        elif mode.startswith("fold"):
             has_t = True
-        sites.append(_LayerSite(name, node, meta.get("onnx_output") or node.output[0],
-                                local_input, has_t, meta.get("output_scaled_by"), order, meta))
-    sites.sort(key=lambda s: s.order)
+        rows = layer_rows(meta, node)
+        output = meta.get("output") or meta.get("onnx_output") or node.output[0]
+        # the compared tensor holds the bias when the node takes it or when it is the Add after it
+        with_bias = output != node.output[0] or (len(node.input) > 5 and bool(node.input[5]))
+        sites.append(_LayerSite(name, node, output, local_input, has_t,
+                                meta.get("output_scaled_by"), order, meta,
+                                rows=None if rows == (0, int(_attr(node, "N"))) else rows,
+                                output_has_bias=with_bias))
+    sites.sort(key=lambda s: (s.order, s.rows or (0, 0)))
     return sites
 
 

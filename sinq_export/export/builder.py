@@ -1,0 +1,316 @@
+"""HF ``config.json`` -> a fused onnxruntime decoder graph, built (not traced) with mobius-onnx.
+
+Why mobius: it is the onnxruntime organisation's set of decoder definitions on
+``onnxscript.nn``; with ``execution_provider="cpu"`` it emits the same fused contrib ops as the
+onnxruntime-genai model builder (``GroupQueryAttention`` with rotary inside,
+``SkipSimplifiedLayerNormalization``), for every decoder family it registers, from the config
+alone, without weights and without torch modules.
+
+What we add around it (and why it is not mobius' own quantized path):
+
+* **Module replacement after construction** (`replace_linears`). Every mobius ``Linear`` the
+  `SinqConfig` quantizes is swapped for `SinqMatMul`, which emits ``[Mul(x, t)] ->
+  MatMulNBits | sinq.ops::SinqMatMulNBits [-> Add(bias)]``. Generic over architectures (no
+  per-family ``linear_class`` plumbing, which e.g. mobius' Gemma3 layer ignores), and it
+  carries our column scale ``t`` and custom op, which mobius' ``QuantizedLinear`` lacks.
+* **Weights are bound afterwards, lazily** (`weights.bind_weights`): the graph is built with
+  empty initializers and nothing is loaded until the writer asks for a tensor.
+* Lazy constant folds (`fold_constant_transposes`): mobius leaves ``Transpose(W)`` in front of a
+  float ``MatMul`` and folds it once weights are loaded (which would materialise them all);
+  we replace it by a lazily transposed initializer instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import OpBuilder, nn
+
+from ..quant import packing
+from .graph import ExportError
+from .layout import EMBEDDING_OP, STOCK_OP, NodeChoice
+
+# model_type -> families whose linears and norms we have tiny-model parity tests for.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# rope_scaling / rope_parameters "rope_type" values mobius implements and we test.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one HF linear becomes a quantized node (decided before the graph is built)."""
+
+    name: str  # HF module name, e.g. model.layers.0.self_attn.q_proj
+    shape: tuple[int, int]  # (N, K)
+    bits: int
+    group_size: int
+    choice: NodeChoice
+    col_scale: str  # "mul" | "fused" | "none" | "folded:<where>"
+    has_bias: bool
+    accuracy_level: int
+    shared_with: str | None = None  # a tied head reads this embedding's tensors
+
+    @property
+    def col_scale_input(self) -> bool:
+        return self.col_scale in ("mul", "fused")
+
+
+class SinqMatMul(nn.Module):
+    """``y = (x * t) @ ((Q - z) * s).T + b`` as onnxruntime nodes; parameters = record tensors.
+
+    Parameter names (``qweight``, ``scales``, ``qzeros``, ``col_scale``, ``bias`` under the HF
+    module name) are the export format's contract (docs/export-format.md).
+    """
+
+    def __init__(self, plan: LinearPlan) -> None:
+        super().__init__()
+        self._plan = plan
+        n, k = plan.shape
+        nb = packing.n_blocks(k, plan.group_size)
+        bits = plan.choice.container_bits
+        self.qweight = nn.Parameter([n, nb, packing.packed_block_bytes(plan.group_size, bits)],
+                                    dtype=ir.DataType.UINT8)
+        self.scales = nn.Parameter([n, nb])
+        self.qzeros = nn.Parameter([n, packing.packed_zero_point_bytes(nb, bits)],
+                                   dtype=ir.DataType.UINT8)
+        self.col_scale = nn.Parameter([k]) if plan.col_scale_input else None
+        self.bias = nn.Parameter([n]) if plan.has_bias else None
+
+    def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
+        plan = self._plan
+        n, k = plan.shape
+        attrs = {"K": k, "N": n, "bits": plan.choice.container_bits,
+                 "block_size": plan.group_size}
+        if plan.choice.op == STOCK_OP:
+            if plan.col_scale == "mul":
+                x = op.Mul(x, self.col_scale)
+            y = op.MatMulNBits(x, self.qweight, self.scales, self.qzeros,
+                               accuracy_level=plan.accuracy_level, _domain=plan.choice.domain,
+                               **attrs)
+            return y if self.bias is None else op.Add(y, self.bias)
+        op.builder.graph.opset_imports[plan.choice.domain] = 1
+        if plan.col_scale == "mul":
+            x = op.Mul(x, self.col_scale)
+        t = self.col_scale if plan.col_scale == "fused" else None
+        inputs = [x, self.qweight, self.scales, self.qzeros, t, self.bias]
+        while inputs[-1] is None:
+            inputs.pop()
+        y = op.SinqMatMulNBits(*inputs, _domain=plan.choice.domain, **attrs)
+        y.dtype = self.scales.dtype  # the graph's float type (custom ops carry no inference)
+        # decoder activations are [batch, sequence, features]
+        y.shape = ir.Shape([*x.shape[:-1], n]) if x.shape is not None else ir.Shape(
+            ["batch", "sequence_len", n])
+        return y
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def check_supported(config: Mapping, folder: object) -> str:
+    """The config's model_type, after refusing what the builder cannot honour (one line each).
+
+    (`Checkpoint.open` has already refused a model_type that disagrees with architectures.)
+    """
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(
+            f"{folder}: config.json model_type={model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if isinstance(rope, Mapping):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ExportError(
+                f"{folder}: config.json rope_scaling.rope_type={rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return model_type
+
+
+def mobius_model(hf_config: object, dtype: ir.DataType = ir.DataType.FLOAT):
+    """(mobius module, mobius config) for a transformers config; no weights involved."""
+    from mobius._config_resolver import _config_from_hf  # the resolver mobius.build uses
+    from mobius._registry import registry
+
+    module_class = registry.get(hf_config.model_type)
+    cfg = _config_from_hf(hf_config, parent_config=hf_config, module_class=module_class)
+    if dtype != cfg.dtype:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    return module_class(cfg), cfg
+
+
+def linear_shapes(module: nn.Module) -> dict[str, tuple[tuple[int, int], bool]]:
+    """HF module name -> ((N, K), has_bias) for every mobius ``Linear`` (tied heads included)."""
+    from mobius.components import Linear
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, Linear):
+            n, k = (int(d) for d in m.weight.shape)
+            out[name] = ((n, k), m.bias is not None)
+    return out
+
+
+class SinqEmbedding(nn.Module):
+    """Quantized token embedding: ``GatherBlockQuantized`` rows, then ``* t`` (t acts on the
+    columns, so it follows the gather). ``qweight`` is the record's packed codes viewed 2-D
+    ``[V, K*bits/8]`` (same bytes), the layout GatherBlockQuantized reads."""
+
+    def __init__(self, plan: LinearPlan) -> None:
+        super().__init__()
+        self._plan = plan
+        v, k = plan.shape
+        nb = packing.n_blocks(k, plan.group_size)
+        bits = plan.choice.container_bits
+        self.qweight = nn.Parameter([v, k * bits // 8], dtype=ir.DataType.UINT8)
+        self.scales = nn.Parameter([v, nb])
+        self.qzeros = nn.Parameter([v, packing.packed_zero_point_bytes(nb, bits)],
+                                   dtype=ir.DataType.UINT8)
+        self.col_scale = nn.Parameter([k]) if plan.col_scale_input else None
+
+    def forward(self, op: OpBuilder, input_ids: ir.Value) -> ir.Value:
+        plan = self._plan
+        y = op.GatherBlockQuantized(self.qweight, input_ids, self.scales, self.qzeros,
+                                    bits=plan.choice.container_bits, block_size=plan.group_size,
+                                    gather_axis=0, quantize_axis=1, _domain=plan.choice.domain)
+        y.dtype = self.scales.dtype
+        y.shape = ir.Shape([*(input_ids.shape or ["batch", "sequence_len"]), plan.shape[1]])
+        return y if self.col_scale is None else op.Mul(y, self.col_scale)
+
+
+class SinqTiedHead(nn.Module):
+    """lm_head tied to a `SinqEmbedding`: the same record (one copy of the table on disk),
+    its codes reshaped back to MatMulNBits' ``[V, nb, blob]`` (a view ORT folds at load)."""
+
+    def __init__(self, embedding: SinqEmbedding, plan: LinearPlan) -> None:
+        super().__init__()
+        self._plan = plan
+        self.qweight, self.scales, self.qzeros = (embedding.qweight, embedding.scales,
+                                                  embedding.qzeros)
+        self.col_scale = embedding.col_scale if plan.col_scale == "mul" else None
+
+    def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
+        plan = self._plan
+        n, k = plan.shape
+        bits = plan.choice.container_bits
+        blob = packing.packed_block_bytes(plan.group_size, bits)
+        shape = np.array([n, packing.n_blocks(k, plan.group_size), blob], dtype=np.int64)
+        if self.col_scale is not None:
+            x = op.Mul(x, self.col_scale)
+        w = op.Reshape(self.qweight, op.Constant(value=ir.tensor(shape)))
+        return op.MatMulNBits(x, w, self.scales, self.qzeros, K=k, N=n, bits=bits,
+                              block_size=plan.group_size, accuracy_level=plan.accuracy_level,
+                              _domain=plan.choice.domain)
+
+
+def _submodule(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = module
+    for part in parent_name.split(".") if parent_name else ():
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    return parent, leaf
+
+
+def replace_linears(module: nn.Module, plans: Mapping[str, LinearPlan]) -> None:
+    """Swap each planned mobius ``Linear`` for a `SinqMatMul` and a planned embedding for a
+    `SinqEmbedding` (+ `SinqTiedHead`), in place, before the build."""
+    for name, plan in plans.items():
+        if plan.choice.op == EMBEDDING_OP:
+            parent, leaf = _submodule(module, name)
+            setattr(parent, leaf, SinqEmbedding(plan))
+    for name, plan in plans.items():
+        parent, leaf = _submodule(module, name)
+        if plan.shared_with is not None:
+            emb_parent, emb_leaf = _submodule(module, plan.shared_with)
+            setattr(parent, leaf, SinqTiedHead(getattr(emb_parent, emb_leaf), plan))
+        elif plan.choice.op != EMBEDDING_OP:
+            setattr(parent, leaf, SinqMatMul(plan))
+
+
+def build_graph(module: nn.Module, cfg: object) -> ir.Model:
+    """mobius' CPU build: GQA + SkipSimplifiedLayerNorm fusions, q/k/v packing for float MatMuls."""
+    from mobius import build_from_module
+
+    logging.getLogger("mobius").setLevel(logging.ERROR)  # per-pass chatter
+    pkg = build_from_module(module, cfg, execution_provider="cpu")
+    return pkg["model"]
+
+
+# ------------------------------------------------------------------------------ lazy folds
+
+
+def _const_input(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None
+
+
+def fold_constant_transposes(model: ir.Model) -> int:
+    """``Transpose(W)`` / ``Concat(W1, W2, ...)`` of initializers -> one lazy initializer.
+
+    Run after `weights.bind_weights` (so inputs have their lazy ``const_value``). The folded
+    tensor is computed only when the writer asks for it; the old initializers stay if another
+    node still reads them (a tied embedding) and are dropped otherwise.
+    """
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type not in ("Transpose", "Concat") or node.domain not in ("", "ai.onnx"):
+            continue
+        if not all(_const_input(v) for v in node.inputs):
+            continue
+        out = node.outputs[0]
+        srcs = [v.const_value for v in node.inputs]
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            if perm is None or list(perm) != [1, 0]:
+                continue
+            shape = ir.Shape([srcs[0].shape[1], srcs[0].shape[0]])
+
+            def func(src=srcs[0]) -> ir.Tensor:  # noqa: ANN001
+                return ir.tensor(np.ascontiguousarray(src.numpy().T))
+        else:
+            axis = node.attributes.get_int("axis", 0)
+            dims = [list(s.shape) for s in srcs]
+            cat = dims[0][:]
+            cat[axis] = sum(d[axis] for d in dims)
+            shape = ir.Shape(cat)
+
+            def func(srcs=srcs, axis=axis) -> ir.Tensor:  # noqa: ANN001
+                return ir.tensor(np.concatenate([s.numpy() for s in srcs], axis=axis))
+        name = f"{node.inputs[0].name}.{node.op_type.lower()}d"
+        new = ir.Value(name=name, shape=shape, type=ir.TensorType(srcs[0].dtype),
+                       const_value=ir.LazyTensor(func, dtype=srcs[0].dtype, shape=shape, name=name))
+        graph.register_initializer(new)
+        out.replace_all_uses_with(new)
+        if out.is_graph_output():
+            continue
+        graph.remove(node, safe=True)
+        folded += 1
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        graph.initializers.pop(name)
+    return folded
+
+
+def node_of(model: ir.Model, initializer: str, op_type: str) -> ir.Node:
+    """The ``op_type`` node reading ``initializer`` (through a Reshape for a tied head)."""
+    value = model.graph.initializers[initializer]
+    users = [u.node for u in value.uses()]
+    users += [u.node for n in users if n.op_type == "Reshape" for u in n.outputs[0].uses()]
+    found = [n for n in users if n.op_type == op_type]
+    if len(found) != 1:
+        raise ExportError(f"initializer {initializer!r} has {len(found)} {op_type} readers, "
+                          "expected 1")
+    return found[0]
+
+
+def hf_module_names(module: nn.Module) -> list[str]:
+    """All module names (for include/exclude patterns that name nothing: a clear error)."""
+    return [n for n, _ in module.named_modules() if n]
+
+
+def matches_any(patterns: tuple[str, ...], name: str) -> bool:
+    return any(re.search(p, name) for p in patterns)

@@ -1,0 +1,416 @@
+"""Causal-LM route: HF folder -> built fused graph (mobius) -> streamed SINQ weights -> OUT_DIR.
+
+Stages: ``plan`` (config.json -> which linears are quantized, how their t is placed), ``build``
+(mobius' CPU decoder with our quantized linears swapped in, no weights), ``write`` (onnx_ir's
+writer pulls each initializer in graph order; a quantized linear is quantized the moment its
+first tensor is asked for and released after its last), ``check`` (onnx checker on the files).
+The float torch model and the float graph never exist, so memory is bounded by the largest
+tensor plus the few records in flight (docs/export-format.md, "Streaming").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from ..checkpoint import Checkpoint
+from ..config import GraphConfig, SinqConfig
+from ..io import atomic_output_dir, check_output, write_json
+from ..models import ModelLoadError, hub_offline
+from ..nn import _joint_groups
+from ..quant.core import kurtosis
+from . import builder
+from .diskspace import check_free_space, estimate_output_bytes
+from .genai import genai_config
+from .graph import ExportError
+from .layout import CUSTOM_DOMAIN, EMBEDDING_OP, STOCK_DOMAIN, STOCK_OP, NodeChoice, choose_node
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_MARKER,
+    ONNX_FILE,
+    ExportResult,
+    source_section,
+    versions,
+)
+from .stages import Stages
+from .weights import PARTS, LinearBinding, RecordCache, bind_weights
+
+# onnx_ir writes the IR version of the opsets it saw (11 for mobius' opset 24); onnxruntime
+# 1.32 reads <= 13. Pinned so the bytes do not move with onnx_ir releases.
+IR_VERSION = 11
+DATA_FILE = ONNX_FILE + ".data"
+_HF_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+_NOT_COPIED = ("model.safetensors.index.json",)
+
+
+@dataclass(frozen=True)
+class Plan:
+    linears: dict[str, builder.LinearPlan]
+    sources: dict[str, str]  # linear -> checkpoint tensor of its float weight
+    units: dict[str, tuple[str, ...]]  # linear -> joint quantization unit
+    row_scale_from: dict[str, str]  # up_proj -> down_proj whose t scales its output rows
+    norm_folds: dict[str, str]  # norm weight initializer -> linear whose t it absorbs
+
+
+def _weight_source(name: str, ckpt: Checkpoint, tied: bool) -> str:
+    if f"{name}.weight" in ckpt:
+        return f"{name}.weight"
+    if name == "lm_head" and tied and "model.embed_tokens.weight" in ckpt:
+        return "model.embed_tokens.weight"
+    raise ModelLoadError(f"{ckpt.folder}: checkpoint lacks tensor {name + '.weight'!r}, "
+                         "which the config promises")
+
+
+def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Checkpoint,
+                   config: SinqConfig) -> bool:
+    """Whether quantization will produce a t (decided before the graph exists).
+
+    SINQ always yields one, unless the kurtosis gate sends the unit to plain RTN: then the
+    gate is evaluated here on the weight (one extra read of that tensor, only with a gate).
+    """
+    if config.method != "sinq" or config.sinkhorn_iters == 0:
+        return False
+    if config.kurtosis_gate is None:
+        return True
+    import torch
+
+    w = torch.cat([ckpt.load(sources[n]) for n in names])
+    return kurtosis(w) <= config.kurtosis_gate
+
+
+def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]],
+                  planned: Mapping[str, int]) -> tuple[str, str] | None:
+    """('norm', initializer) or ('rows', linear) where ``name``'s t folds exactly, else None.
+
+    Llama-family decoders (every type in `builder.SUPPORTED_MODEL_TYPES`): q/k/v read
+    ``input_layernorm``'s output and gate/up ``post_attention_layernorm``'s, so a t they
+    share (one joint unit) multiplies that norm's weight; ``down_proj`` reads
+    ``act(gate) * up``, so its t multiplies ``up_proj``'s output rows; ``lm_head`` reads the
+    final norm only.
+    """
+    parent, _, leaf = name.rpartition(".")
+    layer = parent.rpartition(".")[0]
+    unit = units[name]
+    if leaf in ("q_proj", "k_proj", "v_proj") and len(unit) == 3:
+        return ("norm", f"{layer}.input_layernorm.weight")
+    if leaf in ("gate_proj", "up_proj") and len(unit) == 2:
+        return ("norm", f"{layer}.post_attention_layernorm.weight")
+    if leaf == "down_proj" and f"{parent}.up_proj" in planned:
+        return ("rows", f"{parent}.up_proj")
+    if name == "lm_head":
+        return ("norm", "model.norm.weight")
+    return None
+
+
+EMBEDDING = "model.embed_tokens"
+
+
+def _embedding_shape(module: object) -> tuple[int, int] | None:
+    from mobius.components import Embedding
+
+    parent, leaf = builder._submodule(module, EMBEDDING)
+    emb = getattr(parent, leaf, None)
+    return tuple(int(d) for d in emb.weight.shape) if isinstance(emb, Embedding) else None
+
+
+def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: GraphConfig,
+                tied: bool) -> Plan:
+    """Decide every quantized linear's node, container and t placement from the config."""
+    shapes = builder.linear_shapes(module)
+    bits = {n: b for n in shapes if (b := config.bits_for(n)) is not None}
+    sources = {n: _weight_source(n, ckpt, tied) for n in bits}
+    for n, src in sources.items():
+        if ckpt.shape(src) != shapes[n][0]:
+            raise ModelLoadError(f"{ckpt.folder}: tensor {src!r} has shape {ckpt.shape(src)}, "
+                                 f"the config implies {shapes[n][0]}")
+    embedding, shared_head = None, False
+    if graph.embedding_bits is not None:
+        embedding = _embedding_shape(module)
+        if embedding is None:
+            raise ExportError(f"embedding_bits: this architecture has no plain {EMBEDDING} table")
+        if embedding[1] % config.group_size:
+            raise ExportError(f"embedding_bits: hidden size {embedding[1]} is not a multiple of "
+                              f"group_size {config.group_size} (GatherBlockQuantized blocks)")
+        sources[EMBEDDING] = _weight_source(EMBEDDING, ckpt, tied)
+        shapes[EMBEDDING] = (embedding, False)
+        bits[EMBEDDING] = graph.embedding_bits
+        # a tied head at the same width reads the embedding's record: one table on disk
+        shared_head = tied and bits.get("lm_head") == graph.embedding_bits
+    groups = _joint_groups(bits, bits) if config.shared_col_scale else []
+    units = {n: (n,) for n in bits}
+    for g in groups:
+        for n in g:
+            units[n] = tuple(g)
+    if shared_head:
+        units["lm_head"] = (EMBEDDING,)
+    has_t = {}
+    for unit in dict.fromkeys(units.values()):
+        t = _has_col_scale(unit, sources, ckpt, config)
+        has_t.update(dict.fromkeys(unit, t))
+    if shared_head:
+        has_t["lm_head"] = has_t[EMBEDDING]
+
+    modes: dict[str, str] = {}
+    row_scale_from: dict[str, str] = {}
+    norm_folds: dict[str, str] = {}
+    choices = {n: choose_node(bits[n], graph.runtime, graph.col_scale) for n in bits}
+    if embedding is not None:
+        choices[EMBEDDING] = NodeChoice(EMBEDDING_OP, STOCK_DOMAIN, graph.embedding_bits, False)
+    for n in bits:
+        choice = choices[n]
+        if not has_t[n]:
+            modes[n] = "none"
+        elif n == EMBEDDING:
+            modes[n] = "mul"  # t scales the gathered rows' columns: after the gather
+        elif choice.fused_col_scale and not (shared_head and n == "lm_head"):
+            modes[n] = "fused"
+        elif graph.col_scale == "fold" and (target := _fold_targets(n, units, bits)):
+            kind, where = target
+            if kind == "rows":
+                row_scale_from[where] = n
+            else:
+                norm_folds.setdefault(where, units[n][0])
+            modes[n] = f"folded:{where.removesuffix('.weight')}"
+        else:
+            modes[n] = "mul"
+    if shared_head:
+        choices["lm_head"] = NodeChoice(STOCK_OP, STOCK_DOMAIN, graph.embedding_bits, False)
+    linears = {
+        n: builder.LinearPlan(
+            name=n, shape=shapes[n][0], bits=bits[n], group_size=config.group_size,
+            choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
+            accuracy_level=graph.accuracy_level,
+            shared_with=EMBEDDING if shared_head and n == "lm_head" else None)
+        for n in bits
+    }
+    if shared_head:
+        del units["lm_head"], sources["lm_head"]
+    return Plan(linears, sources, units, row_scale_from, norm_folds)
+
+
+def _uses(plan: Plan) -> dict[str, int]:
+    """How many lazy tensors read each record (so the cache knows when to drop it)."""
+    uses = {n: 3 + int(p.col_scale_input) for n, p in plan.linears.items()
+            if p.shared_with is None}
+    for src in plan.norm_folds.values():
+        uses[src] += 1
+    for target, src in plan.row_scale_from.items():
+        uses[src] += 1 + int(plan.linears[target].has_bias)
+    return uses
+
+
+def _copy_hf_files(src: Path, dest: Path) -> None:
+    """config, generation config, tokenizer, chat template: every small non-weight file."""
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name.endswith(_HF_FILE_SUFFIXES) and path.name not in _NOT_COPIED:
+            shutil.copyfile(path, dest / path.name)
+
+
+def _copy_ops_library(out: Path) -> None:
+    """Put the ``sinq.ops`` library in OUT_DIR: genai loads custom ops only from there, and the
+    folder then runs on any machine with the same onnxruntime ABI."""
+    from ..runtime_ops import LIB_NAME, RuntimeOpsUnavailable, library_path
+
+    try:
+        shutil.copyfile(library_path(), out / LIB_NAME)
+    except RuntimeOpsUnavailable as exc:
+        raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
+
+
+def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
+    """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md)."""
+    out = {}
+    for name, p in plan.linears.items():
+        owner = p.shared_with or name
+        node = builder.node_of(model, f"{owner}.qweight", p.choice.op)
+        output = node.outputs[0]
+        users = [u.node for u in output.uses()]
+        if p.has_bias and len(users) == 1 and users[0].op_type == "Add":
+            output = users[0].outputs[0]
+        mode = p.col_scale.split(":")[0].replace("folded", "fold")
+        out[name] = {
+            "bits": p.bits,
+            "group_size": p.group_size,
+            "op": p.choice.op,
+            "container_bits": p.choice.container_bits,
+            "shape": list(p.shape),
+            "node": node.name,
+            "output": output.name,
+            "initializers": {
+                "packed": f"{owner}.qweight",
+                "scales": f"{owner}.scales",
+                "zero_points": f"{owner}.qzeros",
+                "col_scale": f"{owner}.col_scale" if p.col_scale_input else None,
+            },
+            "shared_with": p.shared_with,
+            "rows": [0, p.shape[0]],
+            "col_scale_mode": mode,
+            "folded_into": p.col_scale.split(":", 1)[1] if mode == "fold" else None,
+            "output_scaled_by": next((s for t, s in plan.row_scale_from.items() if t == name), None),
+        }
+    return out
+
+
+def _onnx_section(model: ir.Model) -> dict:
+    return {
+        "file": ONNX_FILE,
+        "data_file": DATA_FILE,
+        "ir_version": model.ir_version,
+        "opset": model.opset_imports.get("", None),
+        "inputs": [v.name for v in model.graph.inputs],
+        "outputs": [v.name for v in model.graph.outputs],
+        "custom_domains": sorted(d for d in model.opset_imports if d not in ("", "ai.onnx")),
+    }
+
+
+def _save(model: ir.Model, path: Path, stages: Stages) -> None:
+    """onnx_ir's writer: it evaluates each lazy initializer in graph order, writes it to the
+    data file and lets it go (measured: peak RSS stays flat, see docs/export-format.md)."""
+    inits = [v.const_value for v in model.graph.initializers.values()]
+    with stages.tensors(sum(t.nbytes for t in inits), len(inits), desc="write") as bar:
+        ir.save(model, path, external_data=DATA_FILE, alignment=64,
+                callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
+
+
+def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
+                out_dir: Path) -> None:
+    """Refuse up front (ENOSPC, one line) when OUT_DIR's file system cannot hold the export."""
+    bits = {src: plan.linears[n].bits for n, src in plan.sources.items() if src == f"{n}.weight"}
+    needed = estimate_output_bytes(ckpt, lambda name, shape: bits.get(name), config.group_size,
+                                   runtime=graph.runtime,
+                                   float_bytes=2 if graph.dtype == "fp16" else 4)
+    check_free_space(out_dir, needed)
+
+
+def export_causal_lm(
+    model_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    config: SinqConfig | None = None,
+    graph_config: GraphConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    with_reference: bool = False,
+    allow_unquantized: bool = False,
+) -> ExportResult:
+    """Quantize a HF causal LM with SINQ and write OUT_DIR (docs/export-format.md).
+
+    ``model_dir=None`` uses the bundled SmolLM2-135M-Instruct. ``with_reference`` also writes
+    ``OUT_DIR/reference`` (the PyTorch model, for validating away from the source folder; it
+    loads the float model, unlike the export itself). An export that quantizes nothing is an
+    error unless ``allow_unquantized``.
+    """
+    from ..models import default_model_dir
+
+    config = config or SinqConfig()
+    graph_config = graph_config or GraphConfig()
+    out_dir = Path(out_dir)
+    folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
+    stages = Stages(["plan", "build", "write", "check"], progress=progress)
+    try:
+        with stages.stage("plan"):
+            ckpt = Checkpoint.open(folder)
+            builder.check_supported(ckpt.config, folder)
+            from transformers import AutoConfig
+
+            with hub_offline():
+                hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            dtype = ir.DataType.FLOAT16 if graph_config.dtype == "fp16" else ir.DataType.FLOAT
+            module, cfg = builder.mobius_model(hf_config, dtype)
+            tied = bool(getattr(cfg, "tie_word_embeddings", False))
+            plan = plan_export(module, ckpt, config, graph_config, tied)
+            if not plan.linears and not allow_unquantized:
+                raise ExportError("the config quantizes no linear layer (check --exclude / "
+                                  "--include); pass allow_unquantized to export a float model")
+            _check_disk(ckpt, plan, config, graph_config, out_dir)
+        with stages.stage("build"):
+            builder.replace_linears(module, plan.linears)
+            model = builder.build_graph(module, cfg)
+            model.ir_version = IR_VERSION
+            model.producer_name = "sinq-export"
+            model.producer_version = versions()["sinq_export"] or ""
+            model.graph.name = "sinq-export-decoder"
+            cache = RecordCache(ckpt, config, sources=plan.sources, units=plan.units,
+                                bits={n: p.bits for n, p in plan.linears.items()},
+                                uses=_uses(plan))
+            bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
+                                         plan.row_scale_from.get(n),
+                                         flat=p.choice.op == EMBEDDING_OP)
+                        for n, p in plan.linears.items() if p.shared_with is None}
+            aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
+            bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)
+            builder.fold_constant_transposes(model)
+            layers = _layer_records(model, plan)
+        with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
+                               protect=[folder]) as tmp_out:
+            with stages.stage("write"):
+                _save(model, tmp_out / ONNX_FILE, stages)
+                _copy_hf_files(folder, tmp_out)
+                custom = any(p.choice.domain == CUSTOM_DOMAIN for p in plan.linears.values())
+                if custom:
+                    _copy_ops_library(tmp_out)
+                write_json(tmp_out / "genai_config.json",
+                           genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
+                               n.op_type == "GroupQueryAttention" for n in model.graph)))
+                if with_reference:
+                    _write_reference(folder, tmp_out, config)
+                manifest = _manifest(model, plan, layers, config, graph_config, folder, tmp_out)
+                write_json(tmp_out / MANIFEST_FILE, manifest)
+            with stages.stage("check"):
+                onnx.checker.check_model(str(tmp_out / ONNX_FILE), full_check=False)
+        # quantization runs inside the writer's pulls: report it apart from the I/O
+        stages.timings["quantize"] = cache.stats.seconds
+        stages.timings["write"] -= cache.stats.seconds
+    finally:
+        stages.close()
+    return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
+                        peak_rss=stages.report()["peak_rss_mb"])
+
+
+def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,
+              folder: Path, out: Path) -> dict:
+    lin_bytes = sum(
+        int(model.graph.initializers[init].const_value.nbytes)
+        for rec in layers.values() for init in rec["initializers"].values() if init
+    )
+    onnx_bytes = (out / ONNX_FILE).stat().st_size + (out / DATA_FILE).stat().st_size
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "causal-lm",
+        "config": config.to_dict(),
+        "graph": graph.to_dict(),
+        "source_model": folder.name,
+        "source": source_section(folder),
+        "versions": versions(),
+        "onnx": _onnx_section(model),
+        "layers": layers,
+        "mul_nodes": sum(1 for n in model.graph if n.op_type == "Mul" and any(
+            v is not None and v.name.endswith(".col_scale") for v in n.inputs)),
+        "sizes": {
+            "linear_weight_bytes": lin_bytes,
+            "float_linear_weight_bytes": sum(4 * p.shape[0] * p.shape[1] for p in plan.linears.values()),
+            "onnx_bytes": onnx_bytes,
+        },
+    }
+
+
+def _write_reference(folder: Path, out: Path, config: SinqConfig) -> None:
+    """``OUT_DIR/reference``: the quantized PyTorch model (loads the float model: opt-in)."""
+    from ..models import load_causal_lm
+    from ..nn import quantize_model
+    from .reference import save_reference
+
+    model, tokenizer = load_causal_lm(folder)
+    quantize_model(model, config, progress=False)
+    save_reference(model, out, config, tokenizer=tokenizer)
+
+
+__all__ = ["PARTS", "export_causal_lm", "plan_export"]

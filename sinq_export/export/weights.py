@@ -1,0 +1,199 @@
+"""Bind a built graph's initializers to lazy tensors fed from a `Checkpoint`: the export streams.
+
+Every initializer gets an ``onnx_ir.LazyTensor`` whose function reads (and, for a quantized
+linear, quantizes) its source tensor only when the writer serialises it. A quantized linear
+has several initializers (packed codes, scales, zero points, t) from one quantization call,
+so `RecordCache` quantizes a unit once, hands out its parts, and drops the record as soon as
+the last part (or the last norm / layer it was folded into) has been written. Peak memory is
+therefore bounded by the few records in flight, not by the model: the float model and the
+float graph never exist.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ..checkpoint import Checkpoint
+from ..config import SinqConfig
+from ..models import ModelLoadError
+from ..quant.core import quantize_jointly, quantize_weight
+from ..quant.record import QuantizedWeight
+from .layout import quant_tensors
+
+PARTS = ("qweight", "scales", "qzeros", "col_scale")
+
+
+@dataclass
+class QuantStats:
+    units: int = 0
+    seconds: float = 0.0
+    col_scale_missing: list[str] = field(default_factory=list)  # predicted t, record had none
+
+
+class RecordCache:
+    """Quantize on first use, release after ``uses[name]`` reads. Thread-safe per unit."""
+
+    def __init__(self, checkpoint: Checkpoint, config: SinqConfig, *, sources: Mapping[str, str],
+                 units: Mapping[str, tuple[str, ...]], bits: Mapping[str, int],
+                 uses: Mapping[str, int]) -> None:
+        self._ckpt = checkpoint
+        self._config = config
+        self._sources = sources  # linear -> checkpoint tensor of its weight
+        self._units = units  # linear -> the names quantized together with it (itself included)
+        self._bits = bits
+        self._uses = dict(uses)
+        self._records: dict[str, QuantizedWeight] = {}
+        self._locks = {unit: threading.Lock() for unit in set(units.values())}
+        self.stats = QuantStats()
+
+    def _quantize(self, names: Sequence[str]) -> list[QuantizedWeight]:
+        c = self._config
+        kwargs = dict(bits=self._bits[names[0]], group_size=c.group_size, method=c.method,
+                      symmetric=c.symmetric, sinkhorn_iters=c.sinkhorn_iters,
+                      kurtosis_gate=c.kurtosis_gate)
+        weights = [self._ckpt.load(self._sources[n]) for n in names]
+        if len(names) > 1:
+            return quantize_jointly(weights, list(names), **kwargs)
+        return [quantize_weight(weights[0], name=names[0], **kwargs)]
+
+    def get(self, name: str) -> QuantizedWeight:
+        unit = self._units[name]
+        with self._locks[unit]:
+            record = self._records.get(name)
+            if record is None:
+                t0 = time.perf_counter()
+                for n, r in zip(unit, self._quantize(unit)):
+                    self._records[n] = r
+                self.stats.units += 1
+                self.stats.seconds += time.perf_counter() - t0
+                record = self._records[name]
+        return record
+
+    def release(self, name: str) -> None:
+        with self._locks[self._units[name]]:
+            self._uses[name] -= 1
+            if self._uses[name] <= 0:
+                self._records.pop(name, None)
+
+
+def _np_dtype(dtype: ir.DataType) -> np.dtype:
+    return dtype.numpy()
+
+
+def _lazy(func: Callable[[], np.ndarray], value: ir.Value) -> ir.LazyTensor:
+    dtype = value.dtype
+    shape = value.shape
+
+    def make() -> ir.Tensor:
+        arr = np.ascontiguousarray(func())
+        if tuple(arr.shape) != tuple(shape):
+            raise ModelLoadError(f"tensor {value.name!r}: computed shape {tuple(arr.shape)}, "
+                                 f"graph expects {tuple(shape)}")
+        return ir.tensor(arr.astype(_np_dtype(dtype), copy=False), name=value.name)
+
+    return ir.LazyTensor(make, dtype=dtype, shape=shape, name=value.name)
+
+
+@dataclass(frozen=True)
+class LinearBinding:
+    """What the binder needs to know about one quantized linear."""
+
+    container_bits: int
+    col_scale_input: bool  # the graph has a ``col_scale`` initializer for it
+    row_scale_from: str | None  # linear whose t multiplies this linear's output rows
+    flat: bool = False  # packed codes stored 2-D [N, K*bits/8] (GatherBlockQuantized)
+
+
+def bind_weights(
+    model: ir.Model,
+    checkpoint: Checkpoint,
+    cache: RecordCache,
+    linears: Mapping[str, LinearBinding],
+    *,
+    norm_folds: Mapping[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+) -> None:
+    """Give every initializer without a value a lazy one; missing / misshapen -> ModelLoadError.
+
+    ``norm_folds``: norm weight initializer -> linear whose t is multiplied into it.
+    ``aliases``: initializer -> checkpoint tensor when the names differ (a tied head).
+    """
+    norm_folds = norm_folds or {}
+    aliases = aliases or {}
+    parts = {f"{lin}.{p}": (lin, p) for lin in linears for p in PARTS}
+    biases = {f"{lin}.bias": lin for lin, b in linears.items() if b.row_scale_from}
+    for name, value in model.graph.initializers.items():
+        if value.const_value is not None:
+            continue
+        if name in parts:
+            lin, part = parts[name]
+            value.const_value = _lazy(_part_func(cache, lin, part, linears[lin]), value)
+            continue
+        source = aliases.get(name, name)
+        if source not in checkpoint:
+            raise ModelLoadError(f"{checkpoint.folder}: checkpoint lacks tensor {source!r}, "
+                                 "which the config promises")
+        want = tuple(int(d) for d in value.shape)
+        if checkpoint.shape(source) != want:
+            raise ModelLoadError(f"{checkpoint.folder}: tensor {source!r} has shape "
+                                 f"{checkpoint.shape(source)}, the config implies {want}")
+        if name in norm_folds:
+            func = _scaled_func(checkpoint, source, cache, norm_folds[name])
+        elif name in biases:
+            func = _scaled_func(checkpoint, source, cache, linears[biases[name]].row_scale_from)
+        else:
+            def func(source=source) -> np.ndarray:  # noqa: ANN001
+                return checkpoint.load(source).numpy()
+        value.const_value = _lazy(func, value)
+
+
+def _t(record: QuantizedWeight, k: int) -> torch.Tensor:
+    return torch.ones(k) if record.col_scale is None else record.col_scale.float()
+
+
+def _scaled_func(checkpoint: Checkpoint, source: str, cache: RecordCache,
+                 linear: str) -> Callable[[], np.ndarray]:
+    """``w * t`` of ``linear``: a norm weight that absorbs its readers' shared t, or the bias
+    of an ``up_proj`` whose output rows absorb ``down_proj``'s t."""
+    def func() -> np.ndarray:
+        w = checkpoint.load(source)
+        record = cache.get(linear)
+        try:
+            return (w * _t(record, record.in_features)).numpy()
+        finally:
+            cache.release(linear)
+    return func
+
+
+def _part_func(cache: RecordCache, linear: str, part: str,
+               binding: LinearBinding) -> Callable[[], np.ndarray]:
+    def func() -> np.ndarray:
+        record = cache.get(linear)
+        try:
+            if part == "col_scale":
+                if record.col_scale is None:  # gated to RTN: an exact all-ones t
+                    cache.stats.col_scale_missing.append(linear)
+                return _t(record, record.in_features).numpy()
+            qt = quant_tensors(record, binding.container_bits)
+            if part == "qweight":
+                return qt.packed.reshape(qt.packed.shape[0], -1) if binding.flat else qt.packed
+            if part == "qzeros":
+                return qt.zero_points
+            scales = qt.scales
+            if binding.row_scale_from is not None:
+                src = cache.get(binding.row_scale_from)
+                try:
+                    scales = scales * _t(src, src.in_features).numpy()[:, None]
+                finally:
+                    cache.release(binding.row_scale_from)
+            return scales
+        finally:
+            cache.release(linear)
+    return func

@@ -1,0 +1,288 @@
+"""The built decoder route on tiny random-weight models of real architectures.
+
+Each model is a real transformers class built offline from a config with the real family's
+features (GQA, tied or untied head, q/k/v biases, rope theta) at toy sizes. The export (at
+accuracy_level 0) must match the transformers model with `SinqLinear`s swapped in: logits
+relative error <= 1e-4 and the same greedy tokens over a prefill + 16 decode steps, in plain
+onnxruntime and in onnxruntime-genai (whose loop uses the shared KV buffer).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sinq_export import GraphConfig, SinqConfig
+from sinq_export.export import ExportError, export_causal_lm
+from sinq_export.models import ModelLoadError
+from sinq_export.nn import quantize_model
+from sinq_export.validate.runners import run_ort_lm, run_torch_lm
+
+STEPS = 16
+PROMPT = np.array([5, 17, 99, 3, 42, 250, 7, 18, 64, 1, 2, 77], dtype=np.int64)
+
+FAMILIES = {
+    # SmolLM2's shape features: Llama, GQA 3:1, tied embeddings
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=96,
+                  intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
+                  tie_word_embeddings=True, rope_theta=100000.0),
+    # Qwen2.5's: q/k/v biases, untied lm_head, rope theta 1e6
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128,
+                  intermediate_size=320, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=False, rope_theta=1000000.0),
+    # Qwen3's: per-head q/k RMSNorm, explicit head_dim != hidden / heads
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=96,
+                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
+    # Mistral's: GQA 4:1, untied head
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=128,
+                    intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+                    tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
+}
+
+
+def make_model_dir(path, family: str, seed: int = 0):  # noqa: ANN001, ANN201
+    """Save a random-weight model of ``family`` to ``path`` (the weights are spread wide
+    enough that greedy decoding does not collapse to one token)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(FAMILIES[family])
+    model_type = spec.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, vocab_size=320, num_hidden_layers=2,
+                               max_position_embeddings=256, initializer_range=0.1,
+                               bos_token_id=1, eos_token_id=2, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def reference(model, config: SinqConfig):  # noqa: ANN001, ANN201
+    quantize_model(model, config, progress=False)
+    return model
+
+
+def _session(out) -> ort.InferenceSession:  # noqa: ANN001
+    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _og_tokens(out, prompt: np.ndarray, steps: int) -> list[int]:  # noqa: ANN001
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt.tolist())
+    tokens = []
+    while not gen.is_done() and len(tokens) < steps:
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+CFG = SinqConfig(group_size=32, lm_head_bits=4)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def exported(request, tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp(request.param)
+    model = make_model_dir(root / "hf", request.param)
+    export_causal_lm(root / "hf", root / "out", CFG, progress=False)
+    ref = reference(model, CFG)
+    torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
+    return root, torch_run, fed
+
+
+def test_logits_and_greedy_tokens_match_torch(exported):
+    root, torch_run, fed = exported
+    sess = _session(root / "out")
+    run = run_ort_lm(sess, PROMPT, fed)  # teacher-forced on torch's tokens
+    rel = np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max()
+    assert rel <= 1e-4
+    greedy = run_ort_lm(sess, PROMPT, STEPS)
+    assert greedy.fed == fed
+    assert len(set(fed)) > 2  # the test model does not collapse to one repeated token
+
+
+def test_genai_greedy_matches_torch(exported):
+    root, _, fed = exported
+    genai = json.loads((root / "out" / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert _og_tokens(root / "out", PROMPT, STEPS) == fed
+
+
+def test_graph_is_fused_and_manifest_names_real_tensors(exported):
+    root, _, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert ("com.microsoft", "GroupQueryAttention") in ops
+    assert ("com.microsoft", "SkipSimplifiedLayerNormalization") in ops
+    assert [i.name for i in model.graph.input][:4] == [
+        "input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"]
+    assert model.ir_version == 11
+    manifest = json.loads((root / "out" / "sinq_export.json").read_text())
+    inits = {t.name for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    produced = {o for n in model.graph.node for o in n.output}
+    assert len(manifest["layers"]) == 2 * 7 + 1  # every linear and the head
+    for name, layer in manifest["layers"].items():
+        assert nodes[layer["node"]].op_type == "MatMulNBits"
+        assert layer["output"] in produced and layer["rows"] == [0, layer["shape"][0]]
+        assert {v for v in layer["initializers"].values() if v} <= inits, name
+    assert manifest["source"]["path"] == str((root / "hf").absolute())
+    assert not (root / "out" / "reference").exists()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_folded_column_scales_match_torch(tmp_path, family):
+    """col_scale=fold with shared t: q/k/v and gate/up t in the norms, down's t in up's
+    rows, the head's t in the final norm: no Mul left, same numbers."""
+    model = make_model_dir(tmp_path / "hf", family, seed=1)
+    cfg = CFG.replace(shared_col_scale=True)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                           progress=False)
+    assert res.manifest["mul_nodes"] == 2  # o_proj in each layer
+    modes = {la["col_scale_mode"] for la in res.manifest["layers"].values()}
+    assert modes == {"fold", "mul"}
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+
+
+def test_two_exports_are_byte_identical(tmp_path):
+    make_model_dir(tmp_path / "hf", "llama")
+    for name in ("a", "b"):
+        export_causal_lm(tmp_path / "hf", tmp_path / name, CFG, progress=False)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def _edit_config(folder, **changes) -> None:  # noqa: ANN001
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type='gpt2'.*supported: llama"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM.*llama|llama.*Qwen2ForCausalLM"),
+    ({"rope_scaling": {"rope_type": "longrope2", "factor": 2.0}}, "rope_type='longrope2'.*supported"),
+])
+def test_unsupported_configs_are_refused(tmp_path, changes, message):
+    make_model_dir(tmp_path / "hf", "llama")
+    _edit_config(tmp_path / "hf", **changes)
+    with pytest.raises((ExportError, ModelLoadError), match=message):
+        export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_misshapen_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_model_dir(tmp_path / "hf", "llama")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="model.layers.1.post_attention_layernorm.weight"):
+        export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
+    tensors["model.layers.1.post_attention_layernorm.weight"] = torch.ones(95)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"post_attention_layernorm.weight.*\(95,\)"):
+        export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantizing_nothing_is_an_error_unless_asked(tmp_path):
+    make_model_dir(tmp_path / "hf", "llama")
+    cfg = SinqConfig(group_size=32, include=("nothing-matches",))
+    with pytest.raises(ExportError, match="quantizes no linear"):
+        export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False,
+                           allow_unquantized=True)
+    assert res.manifest["layers"] == {}
+    logits = _session(tmp_path / "out").run(["logits"], _empty_feed(tmp_path / "out"))[0]
+    assert np.isfinite(logits).all()
+
+
+def _empty_feed(out) -> dict:  # noqa: ANN001
+    sess = _session(out)
+    feed = {"input_ids": PROMPT[None, :], "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    return feed
+
+
+@pytest.mark.parametrize(("bits", "graph", "tol"), [
+    (3, GraphConfig(runtime="custom"), 1e-4),
+    (4, GraphConfig(runtime="custom", col_scale="fused"), 1e-4),
+    (4, GraphConfig(dtype="fp16"), 1e-2),
+], ids=["3bit-custom", "4bit-fused", "fp16"])
+def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
+    """Custom-op graphs run in genai through the library the export ships (genai_config names
+    it); fp16 (standard Attention on CPU) runs with an unshared cache."""
+    from sinq_export import runtime_ops
+
+    model = make_model_dir(tmp_path / "hf", "qwen2", seed=2)
+    cfg = SinqConfig(bits=bits, group_size=32, lm_head_bits=bits)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, graph, progress=False)
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    options = genai["model"]["decoder"]["session_options"]
+    if graph.runtime == "custom":
+        assert {la["op"] for la in res.manifest["layers"].values()} == {"SinqMatMulNBits"}
+        assert options["custom_ops_library"] == runtime_ops.LIB_NAME
+        assert (tmp_path / "out" / runtime_ops.LIB_NAME).is_file()
+    else:
+        assert "custom_ops_library" not in options
+    assert genai["search"]["past_present_share_buffer"] is (graph.dtype == "fp32")
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+                                runtime_ops.session_options(), providers=["CPUExecutionProvider"])
+    run = run_ort_lm(sess, PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
+
+
+@pytest.mark.parametrize(("family", "embedding_bits", "col_scale"), [
+    ("llama", 4, "mul"), ("llama", 4, "fold"), ("qwen2", 8, "mul")])
+def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col_scale):
+    """GatherBlockQuantized table (t applied after the gather); a tied head at the same width
+    reads the same record: one table on disk."""
+    from sinq_export.quant.core import quantize_weight
+
+    model = make_model_dir(tmp_path / "hf", family, seed=3)
+    table = model.model.embed_tokens.weight.detach().clone()
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG,
+                           GraphConfig(embedding_bits=embedding_bits, col_scale=col_scale),
+                           progress=False)
+    layers = res.manifest["layers"]
+    assert layers["model.embed_tokens"]["op"] == "GatherBlockQuantized"
+    tied = FAMILIES[family]["tie_word_embeddings"]
+    assert layers["lm_head"]["shared_with"] == ("model.embed_tokens" if tied else None)
+    inits = {t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx"),
+                                       load_external_data=False).graph.initializer}
+    assert "model.embed_tokens.weight" not in inits and ("lm_head.qweight" in inits) != tied
+    ref = reference(model, CFG)
+    record = quantize_weight(table, bits=embedding_bits, group_size=CFG.group_size)
+    with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this
+        ref.model.embed_tokens.weight.copy_(record.dequantize())
+    torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
