@@ -633,6 +633,7 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+@pytest.mark.cuda  # the CUDA build exists only where nvcc and a CUDA onnxruntime are
 def test_cuda_enabled_library_loads_and_runs_on_cpu():
     """The CUDA variant also carries the CPU kernels; where it was built, it must load here too."""
     if not ro.is_available(cuda=True):
