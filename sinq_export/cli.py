@@ -446,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]
     prefix = f"sinq-export {args.command}: error:"
+
+    def say(msg: object) -> None:  # one line, whatever the message (library texts span lines)
+        print(f"{prefix} {' '.join(str(msg).split())}", file=sys.stderr)
+
     with _signals_as_exceptions():
         try:
             return run(args)
@@ -455,24 +459,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "partial output removed", file=sys.stderr)
             return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
         except OutputError as exc:
-            print(f"{prefix} {exc}", file=sys.stderr)
+            say(exc)
             return EXIT_OUTPUT
         except _known_errors() as exc:
-            print(f"{prefix} {exc}", file=sys.stderr)
+            say(exc)
             return EXIT_USAGE
         except Exception as exc:
             err = _output_side_error(exc, args)
             if err is not None:
-                print(f"{prefix} {err}", file=sys.stderr)
+                say(err)
                 return EXIT_OUTPUT
             if isinstance(exc, OSError):  # not the output's: an unreadable input
                 code = errno.errorcode.get(exc.errno or 0, "?")
-                print(f"{prefix} cannot read {exc.filename or 'the input'}: [{code}] "
-                      f"{exc.strerror or exc}", file=sys.stderr)
+                say(f"cannot read {exc.filename or 'the input'}: [{code}] {exc.strerror or exc}")
                 return EXIT_USAGE
             traceback.print_exc()
-            print(f"{prefix} internal error ({type(exc).__name__}: {exc}); please report it",
-                  file=sys.stderr)
+            say(f"internal error ({type(exc).__name__}: {exc}); please report it")
             return EXIT_INTERNAL
 
 

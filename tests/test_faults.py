@@ -483,3 +483,32 @@ def test_nested_output_inside_a_temp_folder(tmp_path):
             (inner / "w.bin").write_bytes(b"w")
     assert (tmp_path / "export" / "reference" / "w.bin").read_bytes() == b"w"
     assert partials(tmp_path) == [] and partials(tmp_path / "export") == []
+
+
+# ------------------------------------------------------------ 10: damaged model folders
+
+@pytest.mark.parametrize("command", ["quantize", "model"])
+def test_missing_tensor_is_named_not_filled_with_random_values(command, tiny_model, tmp_path,
+                                                                capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "damaged"
+    shutil.copytree(tiny_model, src)
+    state = load_file(src / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    rc, err = run_main([command, str(src), "-o", str(tmp_path / "out"), *QUANT_FLAGS], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, str(src), "model.layers.1.mlp.down_proj.weight")
+    assert not (tmp_path / "out").exists() and partials(tmp_path) == []
+
+
+def test_missing_tokenizer_is_one_line(tiny_model, tmp_path, capsys):
+    src = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model, src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    rc, err = run_main(["quantize", str(src), "-o", str(tmp_path / "out"), *QUANT_FLAGS], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, str(src), "tokenizer")
+    assert not (tmp_path / "out").exists() and partials(tmp_path) == []
