@@ -246,13 +246,15 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_report_path(path: str | None, flag: str) -> None:
-    """Refuse a report path that cannot be a file *before* minutes of work (exit 2)."""
-    from pathlib import Path
+    """Refuse a report path that cannot be a file *before* minutes of work (exit 2; exit 3
+    when a parent of it is a file)."""
+    from .io import check_parents
 
     if path is None or path == "-":
         return
     if Path(path).is_dir():
         raise UsageError(f"{flag} {path}: is a folder (expected a file path)")
+    check_parents(Path(path).expanduser().absolute())
 
 
 def _run_validate(args: argparse.Namespace) -> int:

@@ -157,7 +157,7 @@ def check_output(
             what = "the input folder" if real == src else f"a parent of the input folder {src}"
             raise UnsafeOutputError(f"output folder {target} is {what}; choose another -o")
     if not os.path.lexists(target):
-        _check_parents(target)
+        check_parents(target)
         return target
     if not overwrite:
         raise OutputExistsError(f"output folder {target} already exists (pass --overwrite)")
@@ -172,7 +172,7 @@ def check_output(
     return target
 
 
-def _check_parents(target: Path) -> None:
+def check_parents(target: Path) -> None:
     """A parent that is a file can never hold the output: say so now, not after the work."""
     for parent in target.parents:
         if os.path.lexists(parent):

@@ -512,3 +512,12 @@ def test_missing_tokenizer_is_one_line(tiny_model, tmp_path, capsys):
     assert rc == EXIT_USAGE
     assert_one_error_line(err, str(src), "tokenizer")
     assert not (tmp_path / "out").exists() and partials(tmp_path) == []
+
+
+def test_validate_report_under_a_file_fails_before_validating(tmp_path, capsys):
+    """validate --json into a path below a file: exit 3 at once (the export is not even read)."""
+    (tmp_path / "report.pdf").write_bytes(b"%PDF")
+    rc, err = run_main(["validate", str(tmp_path / "no-export"), "--json",
+                        str(tmp_path / "report.pdf" / "r.json")], capsys)
+    assert rc == EXIT_OUTPUT
+    assert_one_error_line(err, str(tmp_path / "report.pdf"), "ENOTDIR")
