@@ -1,25 +1,46 @@
 """`sinq-export` command line: a thin shell over the library API.
 
 Each subcommand has an ``_add_<name>`` (argparse) and a ``_run_<name>`` (calls the library,
-prints a table or JSON, returns the exit code). Exit codes: 0 success, 1 check failed
-(e.g. parity past tolerance), 2 bad usage or bad input.
+prints a table or JSON, returns the exit code). `main` turns every error into one line on
+stderr and the exit code of `EXIT_CODES_HELP`; SIGINT and SIGTERM raise `Interrupted` so that
+every ``finally`` and context manager runs (temp folders are removed) before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from . import __version__, verbosity
 from .config import METHODS, QUANT_BITS, ConfigError, GraphConfig, SinqConfig
 from .gguf import resolve_model_input
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143, as shells do
 MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
               "the cache); default: the bundled SmolLM2-135M-Instruct")
 VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bars (default: only ours)"
+
+EXIT_CODES_HELP = """\
+exit codes (model, quantize, validate, eval):
+  0    success
+  1    the numbers disagree (validate: parity past tolerance) and nothing else
+  2    bad usage or bad input: flags, a missing/damaged/unsupported model or export folder,
+       an output folder that exists (without --overwrite) or is not ours to replace
+  3    the output cannot be written: permission denied, read-only file system, disk full or
+       file too large, a parent path that is a file (the line names the path and the errno)
+  4    internal error (a bug: the traceback is printed; please report it)
+  130  interrupted by SIGINT (Ctrl-C)
+  143  interrupted by SIGTERM (kill, timeout, a CI cancel)
+       on 130/143 the partial output and temp folders are removed; an earlier output stays
+"""
 
 
 class UsageError(ValueError):
@@ -109,13 +130,19 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .models import load_causal_lm
-    from .nn import quantize_model, save_quantized
+    from .io import atomic_output_dir
+    from .models import default_model_dir, load_causal_lm
+    from .nn import QUANTIZED_MARKER, quantize_model, write_quantized
 
     config = config_from_args(args)
-    model, tokenizer = load_causal_lm(resolve_model_input(args.model_dir))
-    report = quantize_model(model, config, progress=not args.json, measure_error=True)
-    save_quantized(model, args.output, config, tokenizer=tokenizer, overwrite=args.overwrite)
+    source = resolve_model_input(args.model_dir) or default_model_dir()
+    # The output is checked and its temp folder made before the minutes of work, so a refused
+    # or unwritable -o fails at once; the temp folder goes on any error or signal.
+    with atomic_output_dir(args.output, args.overwrite, marker=QUANTIZED_MARKER,
+                           protect=[source]) as tmp:
+        model, tokenizer = load_causal_lm(source)
+        report = quantize_model(model, config, progress=not args.json, measure_error=True)
+        write_quantized(model, tmp, config, tokenizer=tokenizer)
     errors = [la.rel_error for la in report.layers]
     summary = {
         "output": str(args.output),
@@ -260,18 +287,18 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_report_path(path: str | None, flag: str) -> None:
-    """Refuse a report path that cannot be a file *before* minutes of work (exit 2)."""
-    from pathlib import Path
+    """Refuse a report path that cannot be a file *before* minutes of work (exit 2; exit 3
+    when a parent of it is a file)."""
+    from .io import check_parents
 
     if path is None or path == "-":
         return
     if Path(path).is_dir():
         raise UsageError(f"{flag} {path}: is a folder (expected a file path)")
+    check_parents(Path(path).expanduser().absolute())
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .validate import ValidationError, format_report, plot_layers, validate
 
     _check_report_path(args.json, "--json")
@@ -329,8 +356,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import eval as ev
     from .validate import EXPORT_META_FILE, ValidationError
 
@@ -373,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sinq-export",
         description="SINQ-quantize a PyTorch / Hugging Face model and export it to onnxruntime.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -382,37 +409,121 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():  # also accepted after the subcommand
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help=VERBOSE_HELP)
+        p.epilog = EXIT_CODES_HELP
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A KeyboardInterrupt, so ``except Exception`` never eats it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    # One signal is enough: later ones are ignored so that the cleanup it starts can finish.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    """SIGINT/SIGTERM -> `Interrupted`; SIGXFSZ ignored so a ``ulimit -f`` is an EFBIG error.
+
+    Installed only in the main thread (Python delivers signals there); restored on exit.
+    """
+    wanted = {signal.SIGINT: _raise_interrupted, signal.SIGTERM: _raise_interrupted}
+    if hasattr(signal, "SIGXFSZ"):
+        wanted[signal.SIGXFSZ] = signal.SIG_IGN
+    old = {}
+    try:
+        for s, handler in wanted.items():
+            old[s] = signal.signal(s, handler)
+    except ValueError:  # not the main thread: leave the process's handlers alone
+        pass
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .io import OutputExistsError
+    from .io import OutputExistsError, UnsafeOutputError
+    from .models import ModelLoadError
     from .quant.core import QuantizationError
     from .runtime_ops import RuntimeOpsUnavailable
 
-    errors: list[type[BaseException]] = [
-        UsageError, ConfigError, QuantizationError, OutputExistsError, FileNotFoundError,
-        RuntimeOpsUnavailable,
-    ]
-    try:
-        from .models import ModelLoadError
+    return (UsageError, ConfigError, QuantizationError, OutputExistsError, UnsafeOutputError,
+            ModelLoadError, FileNotFoundError, RuntimeOpsUnavailable)
 
-        errors.append(ModelLoadError)
-    except ImportError:
-        pass
-    return tuple(errors)
+
+def _output_paths(args: argparse.Namespace) -> list[Path]:
+    """The paths a command writes (an OS error under one of them is an output error)."""
+    paths = [getattr(args, name, None) for name in ("output", "plot")]
+    if getattr(args, "json", None) not in (None, False, True, "-"):
+        paths.append(args.json)
+    return [Path(p).expanduser().absolute() for p in paths if p]
+
+
+def _output_side_error(exc: BaseException, args: argparse.Namespace):  # noqa: ANN202
+    """The `OutputError` for an OS error on the output side of this command, else None."""
+    from .io import OUTPUT_ERRNOS, output_error
+
+    outputs = _output_paths(args)
+    err = output_error(exc, outputs[0] if outputs else None)
+    if err is None:
+        return None
+    if err.errno in OUTPUT_ERRNOS:
+        return err
+    named = Path(err.path).absolute() if err.path else None
+    if named is not None and any(named == p or p in named.parents or named in p.parents
+                                 for p in outputs):
+        return err
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every outcome is an exit code (see `EXIT_CODES_HELP`)."""
+    from .io import OutputError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]
-    try:
-        with verbosity.cli_output(args.verbose):
+    prefix = f"sinq-export {args.command}: error:"
+
+    def say(msg: object) -> None:  # one line, whatever the message (library texts span lines)
+        print(f"{prefix} {' '.join(str(msg).split())}", file=sys.stderr)
+
+    with _signals_as_exceptions(), verbosity.cli_output(args.verbose):
+        try:
             return run(args)
-    except _known_errors() as exc:
-        print(f"sinq-export {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"sinq-export {args.command}: interrupted by {signal.Signals(signum).name}; "
+                  "partial output removed", file=sys.stderr)
+            return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+        except OutputError as exc:
+            say(exc)
+            return EXIT_OUTPUT
+        except _known_errors() as exc:
+            say(exc)
+            return EXIT_USAGE
+        except Exception as exc:
+            err = _output_side_error(exc, args)
+            if err is not None:
+                say(err)
+                return EXIT_OUTPUT
+            if isinstance(exc, OSError):  # not the output's: an unreadable input
+                code = errno.errorcode.get(exc.errno or 0, "?")
+                say(f"cannot read {exc.filename or 'the input'}: [{code}] {exc.strerror or exc}")
+                return EXIT_USAGE
+            traceback.print_exc()
+            say(f"internal error ({type(exc).__name__}: {exc}); please report it")
+            return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

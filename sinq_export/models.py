@@ -194,11 +194,18 @@ def load_causal_lm(
     kwargs = {"local_files_only": True, "trust_remote_code": False}
     with hub_offline():
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True, **kwargs
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, output_loading_info=True, **kwargs
             )
         except Exception as exc:  # report any loader failure with the path
             raise ModelLoadError(f"{folder}: cannot load model weights ({exc})") from exc
+        # transformers fills a tensor the checkpoint lacks with random values (a warning only):
+        # quantizing and exporting that would pass every check and be garbage.
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ModelLoadError(f"{folder}: checkpoint lacks tensor {missing[0]!r}{more}, "
+                                 "which the config promises")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         except Exception as exc:

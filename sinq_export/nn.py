@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SinqConfig
-from .io import atomic_output_dir, read_json, write_json
+from .io import Marker, atomic_output_dir, read_json, write_json
 from .quant.core import quantize_jointly, relative_error
 from .quant.methods import quantize
 from .quant.record import QuantizedWeight
@@ -34,6 +34,8 @@ SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
 QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
 QUANTIZED_META_FILE = "sinq_quantized.json"
 FORMAT_VERSION = 1
+# What makes a folder recognisably `save_quantized` output (only such a folder is overwritten).
+QUANTIZED_MARKER = Marker(QUANTIZED_META_FILE, ("format_version", "config", "layers"))
 
 
 class SinqLinear(nn.Module):
@@ -265,8 +267,20 @@ def save_quantized(
     *,
     tokenizer=None,  # noqa: ANN001
     overwrite: bool = False,
+    protect: Iterable[str | Path] = (),
 ) -> Path:
     """Save a quantized model as safetensors + JSON (never pickle), atomically.
+
+    ``overwrite`` replaces only an earlier `save_quantized` folder (`QUANTIZED_MARKER`) and
+    never a folder in ``protect`` (the source model) or a parent of one.
+    """
+    with atomic_output_dir(out_dir, overwrite, marker=QUANTIZED_MARKER, protect=protect) as tmp:
+        write_quantized(model, tmp, config, tokenizer=tokenizer)
+    return Path(out_dir)
+
+
+def write_quantized(model: nn.Module, folder: Path, config: SinqConfig, *, tokenizer=None) -> None:  # noqa: ANN001
+    """Write the `save_quantized` files into ``folder`` (a temp folder of `atomic_output_dir`).
 
     Layout: ``quantized.safetensors`` (float params and packed buffers), ``sinq_quantized.json``
     (format version, config, per-layer layout), plus the HF ``config.json`` and tokenizer when
@@ -274,23 +288,21 @@ def save_quantized(
     """
     from safetensors.torch import save_model
 
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_model(model, str(tmp / QUANTIZED_WEIGHTS_FILE), metadata={"format": "pt"})
-        canonical_safetensors_header(tmp / QUANTIZED_WEIGHTS_FILE)
-        hf_config = getattr(model, "config", None)
-        if hf_config is not None and hasattr(hf_config, "save_pretrained"):
-            hf_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json(
-            tmp / QUANTIZED_META_FILE,
-            {
-                "format_version": FORMAT_VERSION,
-                "config": config.to_dict(),
-                "layers": {n: _layer_meta(m) for n, m in quantized_layers(model).items()},
-            },
-        )
-    return Path(out_dir)
+    save_model(model, str(folder / QUANTIZED_WEIGHTS_FILE), metadata={"format": "pt"})
+    canonical_safetensors_header(folder / QUANTIZED_WEIGHTS_FILE)
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "save_pretrained"):
+        hf_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    write_json(
+        folder / QUANTIZED_META_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "layers": {n: _layer_meta(m) for n, m in quantized_layers(model).items()},
+        },
+    )
 
 
 def canonical_safetensors_header(path: Path) -> None:

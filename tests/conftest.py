@@ -1,15 +1,51 @@
-"""Session-wide fixtures for the real SmolLM2 model and the Wikipedia windows.
+"""Session-wide fixtures for the real SmolLM2 model and the Wikipedia windows; the skip policy.
 
 The model is converted once into the user cache (see `sinq_export.models.default_model_dir`)
 and loaded once per session; tests using these fixtures are marked ``slow``.
+
+Skip policy: with ``CI`` set (``.ci/run`` sets it), a skip outside the tests marked ``cuda``
+is reported as a failure, at collection (a module-level ``importorskip``) and at run time.
+A missing optional package, model or the custom-op library then fails CI instead of leaving it
+green with tests that never ran. Locally (no ``CI``) skips stay skips.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+ALLOWED_SKIP_MARK = "cuda"
+
+
+def _strict_skips() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail_skip(report, where: str) -> None:  # noqa: ANN001
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"{where} skipped outside the '{ALLOWED_SKIP_MARK}' tests while CI is set "
+                       f"(skips are failures in CI): {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail") and _strict_skips()
+            and item.get_closest_marker(ALLOWED_SKIP_MARK) is None):
+        _fail_skip(report, item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):  # noqa: ANN001, ANN201
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _strict_skips():
+        _fail_skip(report, collector.nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -263,7 +263,7 @@ def test_custom_runtime_graph(mlp, tmp_path, bits, col_scale):
     assert res.manifest["mul_nodes"] == (0 if col_scale == "fused" else 3)
     so = _custom_session_options()
     if so is None:
-        pytest.skip("custom op library (sinq_export.runtime_ops) not built")
+        pytest.fail("custom op library (sinq_export.runtime_ops) not built: run install.sh")
     sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), so, providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x.numpy()})[0]
     with torch.no_grad():

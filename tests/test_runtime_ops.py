@@ -224,9 +224,12 @@ def test_op_matches_reference(lib, bits, bs):
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_every_instruction_set_path(lib, isa, monkeypatch):
-    if not _isa_supported(isa):
-        pytest.skip(f"CPU lacks {isa}")
     monkeypatch.setenv("SINQ_OPS_ISA", isa)
+    if not _isa_supported(isa):  # no skip: forcing a path the CPU lacks must fail loudly
+        k, n, packed, scales, zps, a, c, b = case(4, 16, 1, seed=1, n=29)
+        with pytest.raises(Exception, match="lacks"):
+            run(sinq_model(4, 16, k, n, packed, scales, zps, c, b), a)
+        return
     for bits in ALL_BITS:
         for bs in (16, 128):
             for m in (1, 5, 19):  # decode path (M <= 8) and prefill path with M padding
@@ -630,6 +633,7 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+@pytest.mark.cuda  # the CUDA build exists only where nvcc and a CUDA onnxruntime are
 def test_cuda_enabled_library_loads_and_runs_on_cpu():
     """The CUDA variant also carries the CPU kernels; where it was built, it must load here too."""
     if not ro.is_available(cuda=True):

@@ -114,7 +114,7 @@ def test_ort_generate_finds_custom_op_library():
     from sinq_export import runtime_ops
 
     if not runtime_ops.is_available():
-        pytest.skip("sinq.ops library not built")
+        pytest.fail("sinq.ops library not built: run install.sh")
     spec = importlib.util.spec_from_file_location("ort_generate_sample", SAMPLES / "ort_generate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

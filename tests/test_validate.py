@@ -168,6 +168,7 @@ def test_cli_json_plot_and_skipped_provider(tiny, tmp_path, fixed_tokens, capsys
 
 
 @needs_tokenizer
+@pytest.mark.cuda  # it needs CUDA to be *absent*: on a CUDA machine this skip is allowed
 @pytest.mark.skipif("cuda" in V.available_providers(), reason="CUDA is installed here")
 def test_only_unavailable_provider_is_exit_2_not_a_pass(tiny, fixed_tokens, capsys):
     assert main(["validate", str(tiny), "--providers", "cuda", "--tokens", "16",

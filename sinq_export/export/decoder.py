@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
 from ..config import GraphConfig, SinqConfig
-from ..io import OutputExistsError, atomic_output_dir, write_json
+from ..io import atomic_output_dir, check_output, write_json
 from ..models import ModelLoadError, hub_offline
 from ..nn import _joint_groups
 from ..quant.core import kurtosis
@@ -30,7 +30,15 @@ from .diskspace import check_free_space, estimate_output_bytes
 from .genai import genai_config
 from .graph import ExportError
 from .layout import CUSTOM_DOMAIN, EMBEDDING_OP, STOCK_DOMAIN, STOCK_OP, NodeChoice, choose_node
-from .manifest import FORMAT_VERSION, MANIFEST_FILE, ONNX_FILE, ExportResult, source_section, versions
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_MARKER,
+    ONNX_FILE,
+    ExportResult,
+    source_section,
+    versions,
+)
 from .stages import Stages
 from .weights import PARTS, LinearBinding, RecordCache, bind_weights
 
@@ -308,12 +316,11 @@ def export_causal_lm(
     config = config or SinqConfig()
     graph_config = graph_config or GraphConfig()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out_dir.absolute()} already exists (pass --overwrite)")
+    folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
     stages = Stages(["plan", "build", "write", "check"], progress=progress)
     try:
         with stages.stage("plan"):
-            folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
             ckpt = Checkpoint.open(folder)
             builder.check_supported(ckpt.config, folder)
             from transformers import AutoConfig
@@ -346,7 +353,8 @@ def export_causal_lm(
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)
             builder.fold_constant_transposes(model)
             layers = _layer_records(model, plan)
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
+        with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
+                               protect=[folder]) as tmp_out:
             with stages.stage("write"):
                 _save(model, tmp_out / ONNX_FILE, stages)
                 _copy_hf_files(folder, tmp_out)

@@ -18,12 +18,15 @@ from typing import Any
 import onnx
 
 from ..config import GraphConfig, SinqConfig
+from ..io import Marker
 from .graph import custom_domains
 from .rewrite import RewriteReport
 
 FORMAT_VERSION = 2
 MANIFEST_FILE = "sinq_export.json"
 ONNX_FILE = "model.onnx"
+# What makes a folder recognisably our export (only such a folder is replaced by --overwrite).
+MANIFEST_MARKER = Marker(MANIFEST_FILE, ("format_version", "kind", "config", "layers"))
 
 
 def versions() -> dict[str, str | None]:

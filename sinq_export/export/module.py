@@ -20,8 +20,8 @@ import onnx
 import torch
 
 from ..config import GraphConfig, SinqConfig
-from ..io import OutputExistsError
-from .manifest import ExportResult
+from ..io import check_output
+from .manifest import MANIFEST_MARKER, ExportResult
 from .pipeline import linear_fingerprints, quantize_rewrite_write
 from .stages import Stages
 
@@ -53,8 +53,7 @@ def export_module(
     config = config or SinqConfig()
     graph_config = graph_config or GraphConfig()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out_dir.absolute()} already exists (pass --overwrite)")
+    check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     model = module if inplace else copy.deepcopy(module)
     model.eval()

@@ -7,7 +7,7 @@ so the two routes cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import onnx
@@ -18,7 +18,7 @@ from ..io import atomic_output_dir, write_json
 from ..nn import eligible_linears, quantize_model, quantized_layers
 from .dtype import convert_to_fp16
 from .graph import fingerprint
-from .manifest import MANIFEST_FILE, ONNX_FILE, build_manifest, versions
+from .manifest import MANIFEST_FILE, MANIFEST_MARKER, ONNX_FILE, build_manifest, versions
 from .reference import save_reference
 from .rewrite import LayerInput, quantize_graph
 from .stages import Stages
@@ -46,6 +46,7 @@ def quantize_rewrite_write(
     progress: bool,
     tokenizer=None,  # noqa: ANN001
     extra_files: Callable[[Path], None] | None = None,
+    protect: Sequence[Path] = (),
 ) -> dict:
     """Quantize ``model`` in place, rewrite ``graph``, write OUT_DIR atomically; return the manifest."""
     with stages.stage("quantize"):
@@ -56,7 +57,7 @@ def quantize_rewrite_write(
         rewrite = quantize_graph(graph, layers, graph_config)
         if graph_config.dtype == "fp16":
             convert_to_fp16(graph)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp_out:
+    with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER, protect=protect) as tmp_out:
         with stages.stage("write"):
             onnx_bytes = write_model(graph, tmp_out / ONNX_FILE, versions()["sinq_export"] or "")
             if extra_files is not None:
