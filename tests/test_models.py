@@ -142,7 +142,10 @@ def test_supported_architectures_load(tmp_path, arch):
     model, tokenizer = load_causal_lm(tmp_path)
     assert not model.training and type(model).__name__ == f"{arch}ForCausalLM"
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    ids = torch.tensor([tokenizer("hello world")["input_ids"]])
+    assert tokenizer is not None
+    # Fixed ids: transformers 5 may pick a model-type tokenizer class for the tiny vocabulary,
+    # and what is tested here is the weights' round trip, not tokenization.
+    ids = torch.tensor([[1, 3, 4, 2]])
     torch.testing.assert_close(model(ids).logits, ref.eval()(ids).logits)
 
 
