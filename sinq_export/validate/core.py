@@ -98,8 +98,9 @@ def validate(
         raise ValidationError(f"{out_dir}: unknown export kind {info.kind!r}")
     is_lm = info.kind == "causal-lm"
     context = context_length(info) if is_lm else None
-    if context is not None and tokens + decode_steps > context:
-        raise ValidationError(f"--tokens {tokens} + --decode-steps {decode_steps} exceed the "
+    n_prefill = tokens if token_ids is None else min(tokens, len(np.asarray(token_ids).reshape(-1)))
+    if context is not None and n_prefill + decode_steps > context:
+        raise ValidationError(f"--tokens {n_prefill} + --decode-steps {decode_steps} exceed the "
                               f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
     tensors = OnnxTensors(model, info.out_dir)
