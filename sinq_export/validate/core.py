@@ -147,7 +147,8 @@ def validate(
         ref_layers = quantized_layers(reference)
         if src is not None and src.kind == "source":  # ONNX weights vs the source weights
             weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers)
-        missing = sorted(set(info.layers) - set(ref_layers))
+        missing = sorted(n for n, m in info.layers.items()
+                         if m.get("op", QUANT_OPS[0]) in QUANT_OPS and n not in ref_layers)
         if missing:
             raise ValidationError(f"layers in {EXPORT_META_FILE} but not in the reference: {missing[:5]}")
         if is_lm:

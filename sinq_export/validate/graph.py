@@ -213,6 +213,8 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
     consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     sites = []
     for name, meta in info.layers.items():
+        if meta.get("op", QUANT_OPS[0]) not in QUANT_OPS:  # a gathered table: checked end to end
+            continue
         entry = nodes.get(layer_node_name(meta) or "")
         if entry is None and meta.get("onnx_output") in producers:
             node = producers[meta["onnx_output"]]

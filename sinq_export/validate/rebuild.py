@@ -115,20 +115,27 @@ def _attr(node, name: str, default=None):  # noqa: ANN001
 
 
 def record_from_node(node, tensors, rows: tuple[int, int] | None = None,
-                     col_scale: str | None = None) -> QuantizedWeight:
+                     col_scale: str | None = None, names: dict | None = None) -> QuantizedWeight:
     """The `QuantizedWeight` a MatMulNBits / SinqMatMulNBits node holds (rows ``[a, b)``).
 
     Codes are unpacked at the node's ``bits`` (a 3-bit layer in a 4-bit container is a 4-bit
     record with the same numbers). ``col_scale`` names the initializer of ``t`` (a ``Mul``
-    constant or the custom op's input); None: no ``t`` in front of this node.
+    constant or the custom op's input); None: no ``t`` in front of this node. ``names``: the
+    manifest's ``initializers`` (a tied head reads the embedding's codes through a Reshape,
+    so its B input is not itself an initializer).
     """
     k, n = int(_attr(node, "K")), int(_attr(node, "N"))
     bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
     nb = packing.n_blocks(k, bs)
 
+    by_input = {1: "packed", 2: "scales", 3: "zero_points"}
+
     def get(i: int) -> np.ndarray | None:
         if i >= len(node.input) or not node.input[i]:
             return None
+        named = (names or {}).get(by_input.get(i, ""))
+        if node.input[i] not in tensors and named in tensors:
+            return tensors[named]
         if node.input[i] not in tensors:
             raise ValidationError(f"node {node.name}: input {node.input[i]!r} is not an initializer")
         return tensors[node.input[i]]
@@ -230,7 +237,11 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
     except Exception as exc:  # unknown model_type, bad field: the source folder is the problem
         raise ValidationError(f"{ckpt.folder}: transformers cannot build the model ({exc})") from exc
     modules = dict(model.named_modules())
+    tables: dict[str, torch.Tensor] = {}
     for name, meta in layers.items():
+        if meta.get("op") == "GatherBlockQuantized":  # a quantized embedding: its float table
+            tables[name + ".weight"] = _embedding_table(meta, tensors)
+            continue
         node = nodes.get(layer_node_name(meta) or "")
         if node is None:
             raise ValidationError(f"layer {name}: node {layer_node_name(meta)!r} is not in the graph")
@@ -238,7 +249,8 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
         if not isinstance(linear, torch.nn.Linear):
             raise ValidationError(f"layer {name} of sinq_export.json is not a linear of "
                                   f"{type(model).__name__}")
-        record = record_from_node(node, tensors, layer_rows(meta, node), layer_col_scale(meta, node))
+        record = record_from_node(node, tensors, layer_rows(meta, node), layer_col_scale(meta, node),
+                                  meta.get("initializers"))
         if record.shape != (linear.out_features, linear.in_features):
             raise ValidationError(f"layer {name}: ONNX rows give shape {list(record.shape)}, the "
                                   f"model has {[linear.out_features, linear.in_features]}")
@@ -250,7 +262,9 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
     for name, param in list(model.named_parameters(remove_duplicate=False)):
         if param.device.type != "meta":
             continue
-        if name in float_overrides:
+        if name in tables:
+            value = tables[name]
+        elif name in float_overrides:
             value = torch.from_numpy(np.array(tensors[float_overrides[name]], dtype=np.float32))
         elif name not in ckpt and name in tied and getattr(config, "tie_word_embeddings", False):
             continue  # tied below, to the very parameter of its source
@@ -304,6 +318,24 @@ def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict) -> di
             continue
         out[name] = quantization_steps(_load(ckpt, name + ".weight"), modules[name].record)
     return out
+
+
+def _embedding_table(meta: dict, tensors) -> torch.Tensor:  # noqa: ANN001
+    """``(Q - z) * s * t`` of a GatherBlockQuantized record (what the gather returns per row)."""
+    names = meta["initializers"]
+    n, k = meta["shape"]
+    bits, g = int(meta["container_bits"]), int(meta["group_size"])
+    nb = packing.n_blocks(k, g)
+    t = names.get("col_scale")
+    record = QuantizedWeight(
+        packed=torch.from_numpy(np.array(tensors[names["packed"]]).reshape(
+            n, nb, packing.packed_block_bytes(g, bits))),
+        scales=torch.from_numpy(np.array(tensors[names["scales"]], dtype=np.float32).reshape(n, nb)),
+        zero_points=torch.from_numpy(np.array(tensors[names["zero_points"]]).reshape(
+            n, packing.packed_zero_point_bytes(nb, bits))),
+        col_scale=None if not t else torch.from_numpy(np.array(tensors[t], dtype=np.float32)),
+        bits=bits, group_size=g, shape=(n, k))
+    return record.dequantize()
 
 
 def _load(ckpt: Checkpoint, name: str) -> torch.Tensor:
