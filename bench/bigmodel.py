@@ -272,6 +272,12 @@ def write_results(rows: list[dict]) -> None:
             f"{e['wall_s']} s (rc {e['rc']}, {e.get('cpu_percent')}% CPU) | {e.get('cpu_s')} s | "
             f"{e['peak_rss_mb']} MB | "
             f"{r.get('out_dir_bytes', 0) / 1e9:.3f} GB | {r.get('onnx_bytes', 0) / 1e9:.3f} GB | {val} |")
+    lines.append("")
+    for r in rows:
+        if r.get("validate", {}).get("result"):
+            lines.append(f"- {r['size']} validate: {r['validate']['result']}")
+        if r.get("note"):
+            lines.append(f"- {r['size']}: {r['note']}")
     (RESULTS / "bigmodel.md").write_text("\n".join(lines) + "\n")
 
 
