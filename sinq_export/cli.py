@@ -33,6 +33,16 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep matching modules in float (default: lm_head); repeatable")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=BITS",
                    help="per-layer bit width, e.g. 'down_proj=8'; repeatable")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
+                        "Wikipedia windows disjoint from the evaluation windows (opt-in)")
+    p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
+                   help="calibration windows of 512 tokens (default 16)")
+    p.add_argument("--avg-bits", type=float, default=None, metavar="B",
+                   help="pick a width per linear from {2,3,4,5,6,8} for the bytes of B bits "
+                        "per weight (overrides --bits per layer)")
+    p.add_argument("--max-size", type=float, default=None, metavar="MB",
+                   help="pick widths per linear so the quantized linears fit in MB megabytes")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
 
 
@@ -59,9 +69,13 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     if args.exclude is not None:
         fields["exclude"] = tuple(args.exclude)
     for name in ("runtime", "accuracy_level", "dtype", "col_scale", "shared_col_scale",
-                 "lm_head_bits"):
+                 "lm_head_bits", "lm_head_group_size", "calibration_windows", "avg_bits"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
+    if getattr(args, "calibrate", False):
+        fields["calibrate"] = True
+    if getattr(args, "max_size", None) is not None:
+        fields["max_size_mb"] = args.max_size
     return SinqConfig(**fields)
 
 
@@ -78,11 +92,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from .models import load_causal_lm
-    from .nn import quantize_model, save_quantized
+    from .nn import plan_quantization, quantize_model, save_quantized
 
     config = config_from_args(args)
     model, tokenizer = load_causal_lm(args.model_dir)
-    report = quantize_model(model, config, progress=not args.json, measure_error=True)
+    plan = plan_quantization(model, tokenizer, config)
+    config = plan.config
+    report = quantize_model(model, config, progress=not args.json, measure_error=True,
+                            calibration=plan.calibration)
     save_quantized(model, args.output, config, tokenizer=tokenizer, overwrite=args.overwrite)
     errors = [la.rel_error for la in report.layers]
     summary = {
@@ -91,6 +108,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         "seconds": round(report.seconds, 3),
         "mean_rel_error": sum(errors) / max(len(errors), 1),
         "config": config.to_dict(),
+        "calibration": plan.manifest.get("calibration"),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -126,6 +144,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "fold it into the norm weights)")
     p.add_argument("--lm-head-bits", type=int, choices=QUANT_BITS, default=None,
                    help="also quantize lm_head at this width (default: keep it float)")
+    p.add_argument("--lm-head-group-size", type=int, default=None,
+                   help="block size for lm_head (default: --group-size)")
     p.add_argument("--no-reference", action="store_true",
                    help="do not write OUT_DIR/reference (the PyTorch model `validate` uses)")
     p.add_argument("--float-export", default=None, metavar="DIR",
