@@ -9,7 +9,7 @@ Protocol (sinq_export.eval): the first 4 non-overlapping 512-token windows (stri
 cleaned Wikipedia text shipped in gensim's wheel, add_special_tokens=False, each window scored
 from an empty context, ppl = exp(mean NLL over 4 x 511 predictions). Every decoder nn.Linear is
 quantized, group size 64, asymmetric integer zero points; lm_head float unless a row says so.
-Calibrated rows use 16 x 512 tokens starting at token 65536 of the same text (disjoint from the
+Calibrated rows use 8 x 512 tokens starting at token 65536 of the same text (disjoint from the
 evaluation windows; `sinq_export.quant.calibrate.calibration_windows`).
 
 Rows (``--rows``):
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--calibration-windows", type=int, default=16)
+    ap.add_argument("--calibration-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--alloc-calibrated", action="store_true")
     ap.add_argument("--out", default=None, help="output path stem")

@@ -37,7 +37,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
                         "Wikipedia windows disjoint from the evaluation windows (opt-in)")
     p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
-                   help="calibration windows of 512 tokens (default 16)")
+                   help="calibration windows of 512 tokens (default 8)")
     p.add_argument("--avg-bits", type=float, default=None, metavar="B",
                    help="pick a width per linear from {2,3,4,5,6,8} for the bytes of B bits "
                         "per weight (overrides --bits per layer)")

@@ -148,12 +148,23 @@ def test_gptq_lowers_the_output_error(bits):
     wins = 0
     for seed in range(4):
         w, st_ = outlier_matrix(48, 128, seed), correlated_stats(128, seed)
-        base = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=False)
-        gptq = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=True)
+        base = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=False,
+                           scale_search=True)
+        gptq = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=True,
+                           scale_search=True)
         e0 = output_error(w, quantize(w, base, calibration=st_).dequantize(), st_.hessian())
         e1 = output_error(w, quantize(w, gptq, calibration=st_).dequantize(), st_.hessian())
         wins += e1 < e0
     assert wins == 4
+
+
+def test_hessian_weighted_range_search_lowers_the_output_error():
+    w, st_ = outlier_matrix(48, 128, 1), correlated_stats(128, 1)
+    errs = [output_error(w, quantize(w, make_config("sinq", bits=3, group_size=32, awq=False,
+                                                     gptq=False, scale_search=s),
+                                     calibration=st_).dequantize(), st_.hessian())
+            for s in (False, True)]
+    assert errs[1] < errs[0]
 
 
 def test_activation_aware_scale_never_loses_on_calibration_data():

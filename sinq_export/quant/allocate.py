@@ -10,8 +10,8 @@ loss for that layer's actual quantization error at width ``b``, i.e. ``a_l * rel
 with ``a_l = 1/2 * sum F_l W_l^2`` when the error pattern is uniform.
 
 Solver (`allocate`): an exact multiple-choice knapsack by dynamic programming over the byte
-budget in `STATES` units (2 KiB for SmolLM2 at 3 bits). Each layer's size is rounded *up* to whole units, so the
-chosen widths never exceed the budget; the DP itself is exact on those sizes.
+budget in `STATES` units (2 KiB for SmolLM2 at 3 bits). Each layer's size is rounded *up* to
+whole units, so the chosen widths never exceed the budget; the DP is exact on those sizes.
 """
 
 from __future__ import annotations
