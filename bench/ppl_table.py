@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "qwen":
         from bench._qwen import qwen_dir
 
-        model_dir, tag = qwen_dir(), "qwen2.5-0.5b"
+        model_dir, tag = qwen_dir(), "qwen2_5_0_5b"
     rows = (args.rows.split(",") if args.rows else
             list(HEADLINE_ROWS if tag != "smollm2" else ALL_ROWS))
     bits = [int(b) for b in args.bits.split(",")]
