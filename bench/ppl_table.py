@@ -255,8 +255,7 @@ def _markdown(data: dict) -> str:
         note = ""
         if "used_bytes" in r:
             note = f"{r['used_bytes'] / 1e6:.2f} MB of {r['budget_bytes'] / 1e6:.2f} MB; widths {r['widths']}"
-        target = TARGETS.get(r["kind"], {}).get(r["bits"]) if r["kind"] in ("sinq", "calibrated") \
-            else None
+        target = TARGETS.get(r["kind"], {}).get(r["bits"]) if "SmolLM2" in data["model"] else None
         if target:
             note += f"target <= {target}"
         delta = "" if f is None or r is f else f"+{r['ppl'] - f['ppl']:.2f}"
