@@ -1,163 +1,319 @@
-"""Perplexity table on real text: float, RTN and SINQ at 3 and 4 bits (g = 64), PyTorch and onnxruntime.
+"""Perplexity table on real text: RTN, onnxruntime's own quantizers, SINQ calibration-free and
+calibrated, quantized lm_head/embedding, and bit allocation to a size budget (g = 64).
 
-    python bench/ppl_table.py                      # bundled SmolLM2-135M-Instruct
-    python bench/ppl_table.py --onnx-bits 4,3      # also the 3-bit export (custom op runtime)
-    python bench/ppl_table.py --export-dir OUT     # reuse an existing 4-bit export folder
+    python bench/ppl_table.py                       # SmolLM2 (bundled): every row
+    python bench/ppl_table.py --model qwen          # Qwen2.5-Coder-0.5B: headline rows
+    python bench/ppl_table.py --rows sinq,calibrated --bits 3   # a subset, merged into the table
 
 Protocol (sinq_export.eval): the first 4 non-overlapping 512-token windows (stride 512) of the
 cleaned Wikipedia text shipped in gensim's wheel, add_special_tokens=False, each window scored
-from an empty context, ppl = exp(mean NLL over 4 x 511 predictions). Every nn.Linear but lm_head
-is quantized; RTN and SINQ use the same group quantizer (asymmetric, integer zero points),
-SINQ adds Sinkhorn normalisation (16 iterations, kurtosis gate off).
+from an empty context, ppl = exp(mean NLL over 4 x 511 predictions). Every decoder nn.Linear is
+quantized, group size 64, asymmetric integer zero points; lm_head float unless a row says so.
+Calibrated rows use 8 x 512 tokens starting at token 65536 of the same text (disjoint from the
+evaluation windows; `sinq_export.quant.calibrate.calibration_windows`).
 
-Writes bench/results/ppl_table.md and bench/results/ppl_table.json.
+Rows (``--rows``):
+  float, rtn           float model; plain min/max group RTN.
+  ort                  onnxruntime's own quantizers applied to the same weights:
+                       ``quantize_matmul_4bits`` (its RTN, 4-bit only) and its HQQ
+                       (``HQQWeightOnlyQuantizer.quantize_internal``, float zero points), scored
+                       in torch with the weights they produce (ORT's GPTQ needs
+                       neural-compressor, which is not installed: not run).
+  sinq                 calibration-free SINQ (our default).
+  calibrated           SINQ --calibrate (A-SINQ + GPTQ).
+  head                 4-bit calibration-free SINQ decoder with the lm_head at 8 bits, 4 bits
+                       g64 / g32, and with the tied embedding quantized too (the embedding
+                       table is the head record's dequantization: gather, then times t);
+                       compare with the sinq 4-bit row (float head).
+  alloc                bit allocation at the linear-weight bytes of uniform 3 and 4 bits
+                       (calibration-free SINQ at the chosen widths; ``--alloc-calibrated``
+                       adds the calibrated rows).
+
+Every perplexity here is measured in PyTorch on the quantized modules (`SinqLinear` computes what
+the exported MatMulNBits graph computes; bench/e2e.py and `sinq-export eval` score the ONNX
+exports). Writes bench/results/ppl_table[_<model>].{md,json}; rows of earlier runs with other
+keys are kept, so subsets can be run one by one on a busy machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import torch
+from torch import nn
 
-# ../shared/README.md: the reference SINQ code (sinq 0.2.0) on the same protocol.
-REFERENCE = {
-    "float": 22.68,
-    "rtn": {4: 28.61, 3: 67.87},
-    "sinq (default kurtosis gate)": {4: 28.15, 3: 61.41},
-    "sinq (gate off)": {4: 27.09, 3: 60.08},
-    "onnxruntime int4 g64 asym quantizer": {4: 28.62},
-}
-TARGETS = {4: 28.15, 3: 61.41}
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+ALL_ROWS = ("float", "rtn", "ort", "sinq", "calibrated", "head", "alloc")
+HEADLINE_ROWS = ("float", "rtn", "sinq", "calibrated")
+TARGETS = {"sinq": {4: 26.5, 3: 55.0}, "calibrated": {4: 25.5, 3: 40.0}}
 
 
 def _versions() -> dict[str, str]:
     import onnxruntime
-    import torch
     import transformers
 
-    from sinq_export import __version__
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
 
-    return {"sinq_export": __version__, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+
+def _replace_linears(model: nn.Module, make) -> float:  # noqa: ANN001
+    """Replace every decoder linear by ``make(name, linear)``; returns the seconds it took."""
+    from sinq_export.nn import _set_module
+
+    t0 = time.perf_counter()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
+            _set_module(model, name, make(name, m))
+    return time.perf_counter() - t0
+
+
+def ort_rtn_linear(bits: int, g: int):  # noqa: ANN201
+    """onnxruntime's C++ block quantizer (what MatMulNBitsQuantizer's default RTN writes)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    from sinq_export.nn import SinqLinear
+    from sinq_export.quant import QuantizedWeight
+
+    quantizer = DefaultWeightOnlyQuantizer(
+        DefaultWeightOnlyQuantConfig(block_size=g, is_symmetric=False, bits=bits))
+
+    def make(_name, lin):  # noqa: ANN001, ANN202
+        w = lin.weight.detach().float()
+        packed, scales, zp = quantizer.qbits_block_quant(w.T.contiguous().numpy())
+        rec = QuantizedWeight(packed=torch.from_numpy(packed), scales=torch.from_numpy(scales),
+                              zero_points=torch.from_numpy(zp), col_scale=None, bits=bits,
+                              group_size=g, shape=tuple(w.shape))
+        return SinqLinear(rec, lin.bias)
+
+    return make
+
+
+def ort_hqq_linear(bits: int, g: int):  # noqa: ANN201
+    """onnxruntime's HQQ (float zero points: scored as the dense weight it dequantizes to)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantizer,
+    )
+
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=g, bits=bits))
+
+    def make(_name, lin):  # noqa: ANN001, ANN202
+        w = lin.weight.detach().float()
+        q, s, z = quantizer.quantize_internal(w, bits=bits, group_size=g)
+        n, k = w.shape
+        deq = ((q.float().reshape(n, -1, g) - z.unsqueeze(-1)) * s.unsqueeze(-1)).reshape(n, -1)
+        out = nn.Linear(k, n, bias=lin.bias is not None)
+        out.weight.data = deq[:, :k].contiguous()
+        if lin.bias is not None:
+            out.bias.data = lin.bias.detach().clone()
+        return out
+
+    return make
+
+
+class Bench:
+    """Model, tokenizer, evaluation and calibration windows; one method per kind of row."""
+
+    def __init__(self, model_dir, group_size: int, n_windows: int, length: int,  # noqa: ANN001
+                 cal_windows: int) -> None:
+        from sinq_export import eval as ev
+        from sinq_export.models import load_causal_lm
+        from sinq_export.quant.calibrate import calibration_windows
+
+        self.model, self.tok = load_causal_lm(model_dir)
+        self.g = group_size
+        self.windows = ev.text_windows(self.tok, "wikipedia", n_windows, length)
+        self.cal, self.cal_info = calibration_windows(self.tok, cal_windows, length)
+        self.protocol = ev.protocol("wikipedia", n_windows, length)
+        self.rows: list[dict] = []
+        self.alloc_calibrated = False
+
+    def score(self, model: nn.Module, key: str, label: str, bits, seconds=None,  # noqa: ANN001
+              **extra) -> dict:
+        from sinq_export import eval as ev
+
+        r = ev.perplexity_torch(model, self.windows)
+        row = {"key": key, "kind": self.kind, "label": label, "bits": bits, "group_size": self.g,
+               "backend": "torch", "ppl": r.ppl, "quantize_seconds": seconds,
+               "eval_seconds": r.seconds, **extra}
+        print(f"{label:55s} {bits!s:>4}  ppl {r.ppl:8.3f}  quantize "
+              f"{'-' if seconds is None else f'{seconds:.1f} s'}", flush=True)
+        self.rows.append(row)
+        return row
+
+    def config(self, bits: int, **kw):  # noqa: ANN003, ANN201
+        from sinq_export.config import SinqConfig
+
+        return SinqConfig(bits=bits, group_size=self.g, **kw)
+
+    def quantized(self, cfg):  # noqa: ANN001, ANN201
+        from sinq_export.nn import quantize_model
+
+        q = copy.deepcopy(self.model)
+        report = quantize_model(q, cfg, progress=False,
+                                calibration=self.cal if cfg.calibrate else None)
+        return q, report
+
+    def run(self, kind: str, bits: list[int]) -> None:
+        self.kind = kind
+        getattr(self, f"row_{kind}")(bits)
+
+    def row_float(self, _bits) -> None:  # noqa: ANN001
+        self.score(self.model, "float", "float", None)
+
+    def row_rtn(self, bits) -> None:  # noqa: ANN001
+        for b in bits:
+            q, rep = self.quantized(self.config(b, method="rtn"))
+            self.score(q, f"rtn/{b}", "rtn (min/max)", b, rep.seconds)
+
+    def row_ort(self, bits) -> None:  # noqa: ANN001
+        for b in bits:
+            if b in (2, 4, 8):
+                q = copy.deepcopy(self.model)
+                dt = _replace_linears(q, ort_rtn_linear(b, self.g))
+                self.score(q, f"ort-rtn/{b}", "onnxruntime RTN (quantize_matmul_4bits)", b, dt)
+            q = copy.deepcopy(self.model)
+            dt = _replace_linears(q, ort_hqq_linear(b, self.g))
+            self.score(q, f"ort-hqq/{b}", "onnxruntime HQQ (float zero points)", b, dt)
+
+    def row_sinq(self, bits) -> None:  # noqa: ANN001
+        for b in bits:
+            q, rep = self.quantized(self.config(b))
+            self.score(q, f"sinq/{b}", "SINQ calibration-free", b, rep.seconds)
+
+    def row_calibrated(self, bits) -> None:  # noqa: ANN001
+        for b in bits:
+            q, rep = self.quantized(self.config(b, calibrate=True))
+            self.score(q, f"cal/{b}", "SINQ calibrated (A-SINQ + GPTQ)", b, rep.seconds,
+                       calibration=self.cal_info)
+
+    def row_head(self, _bits) -> None:  # noqa: ANN001
+        from sinq_export.nn import quantized_layers
+
+        for head_bits, head_g in ((8, None), (4, None), (4, 32)):
+            cfg = self.config(4, lm_head_bits=head_bits, lm_head_group_size=head_g)
+            q, rep = self.quantized(cfg)
+            label = f"SINQ, lm_head {head_bits}-bit g{head_g or self.g}"
+            self.score(q, f"head/{head_bits}/{head_g or self.g}", label, 4, rep.seconds)
+            emb = q.get_input_embeddings()
+            if getattr(q.config, "tie_word_embeddings", False) and head_bits == 4:
+                rec = quantized_layers(q)["lm_head"].record
+                emb.weight = nn.Parameter(rec.dequantize(), requires_grad=False)
+                self.score(q, f"head+emb/{head_bits}/{head_g or self.g}",
+                           label + " + tied embedding", 4, rep.seconds)
+
+    def row_alloc(self, _bits) -> None:  # noqa: ANN001
+        from sinq_export.quant.allocate import budget_bytes, plan_overrides, quantization_costs
+
+        base = self.config(4)
+        t0 = time.perf_counter()
+        costs, shapes = quantization_costs(self.model, base, self.cal[:4])
+        measure = time.perf_counter() - t0
+        for uniform in (3, 4):
+            budget = budget_bytes(shapes, uniform, self.g)
+            overrides, chosen = plan_overrides(costs, shapes, self.g, budget)
+            widths = list(chosen.values())
+            for calibrate in (False, True) if self.alloc_calibrated else (False,):
+                cfg = self.config(uniform, overrides=overrides, calibrate=calibrate,
+                                  avg_bits=float(uniform))
+                q, rep = self.quantized(cfg)
+                used = sum(rec.record.nbytes() for rec in _layers(q).values())
+                self.score(q, f"alloc/{uniform}/{int(calibrate)}",
+                           f"bit allocation at uniform-{uniform} bytes"
+                           f"{', calibrated' if calibrate else ''}", uniform, rep.seconds,
+                           budget_bytes=budget, used_bytes=used, sensitivity_seconds=measure,
+                           widths={str(b): widths.count(b) for b in sorted(set(widths))})
+
+
+def _layers(model):  # noqa: ANN001, ANN202
+    from sinq_export.nn import quantized_layers
+
+    return {n: m for n, m in quantized_layers(model).items() if not n.endswith("lm_head")}
+
+
+def _markdown(data: dict) -> str:
+    rows = data["rows"]
+    f = next((r for r in rows if r["key"] == "float"), None)
+    lines = [f"# Perplexity on real text: {data['model']}", "",
+             f"Protocol: {data['protocol'].get('description', '')}. Group size {data['group_size']}, "
+             "every decoder linear quantized, lm_head float unless stated, asymmetric integer "
+             "zero points (except onnxruntime HQQ). Backend: PyTorch on the quantized modules.",
+             "", "| method | bits | perplexity | vs float | quantize s (shared CPU) | note |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        note = ""
+        if "used_bytes" in r:
+            note = f"{r['used_bytes'] / 1e6:.2f} MB of {r['budget_bytes'] / 1e6:.2f} MB; widths {r['widths']}"
+        target = TARGETS.get(r["kind"], {}).get(r["bits"]) if "SmolLM2" in data["model"] else None
+        if target:
+            note += f"target <= {target}"
+        delta = "" if f is None or r is f else f"+{r['ppl'] - f['ppl']:.2f}"
+        qs = r.get("quantize_seconds")
+        lines.append(f"| {r['label']} | {r['bits'] or '-'} | {r['ppl']:.2f} | {delta} | "
+                     f"{'' if qs is None else f'{qs:.1f}'} | {note} |")
+    cal = next((r.get("calibration") for r in rows if r.get("calibration")), None)
+    if cal:
+        lines += ["", f"Calibration text: {json.dumps(cal)}."]
+    lines += ["", f"Threads: {data['threads']} (machine shared with other jobs: timings are "
+              "upper bounds). Versions: " + json.dumps(data["versions"]) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sinq_export import eval as ev
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF model folder (default: bundled SmolLM2)")
+    ap.add_argument("--model", default=None, help="HF folder, or 'qwen' (default: bundled SmolLM2)")
+    ap.add_argument("--rows", default=None, help=f"comma list of {','.join(ALL_ROWS)}")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--onnx-bits", default="4", help="widths to export and score in onnxruntime "
-                                                     "(3 uses runtime=custom); '' for none")
-    ap.add_argument("--export-dir", default=None, help="reuse this 4-bit export folder")
-    ap.add_argument("--out", default=str(RESULTS / "ppl_table"), help="output path stem")
+    ap.add_argument("--calibration-windows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--alloc-calibrated", action="store_true")
+    ap.add_argument("--out", default=None, help="output path stem")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
-    start = time.perf_counter()
-    bits = ev.parse_bits(args.bits)
-    table = ev.compare(args.model, methods=("float", "rtn", "sinq"), bits=bits,
-                       group_size=args.group_size, n_windows=args.windows, length=args.length)
-    for r in table.rows:
-        print(f"torch {r.label:5} {r.bits or '-'}-bit: ppl {r.ppl:.3f} "
-              f"(eval {r.seconds:.1f} s, quantize {r.quantize_seconds or 0:.1f} s)", flush=True)
+    model_dir, tag = args.model, "smollm2"
+    if args.model == "qwen":
+        from bench._qwen import qwen_dir
 
-    onnx_bits = ev.parse_bits(args.onnx_bits) if args.onnx_bits.strip() else []
-    export_seconds = {}
-    with tempfile.TemporaryDirectory(prefix="ppl-table-") as tmp:
-        for b in onnx_bits:
-            try:
-                _onnx_row(args, b, tmp, table, export_seconds)
-            except Exception as exc:  # report and keep the torch table
-                print(f"onnxruntime {b}-bit: FAILED: {type(exc).__name__}: {exc}", flush=True)
-                export_seconds[f"{b}_error"] = f"{type(exc).__name__}: {exc}"
-    _write(args, table, bits, export_seconds, start)
+        model_dir, tag = qwen_dir(), "qwen2_5_0_5b"
+    rows = (args.rows.split(",") if args.rows else
+            list(HEADLINE_ROWS if tag != "smollm2" else ALL_ROWS))
+    bits = [int(b) for b in args.bits.split(",")]
+    stem = Path(args.out) if args.out else RESULTS / (
+        "ppl_table" if tag == "smollm2" else f"ppl_table_{tag}")
+    bench = Bench(model_dir, args.group_size, args.windows, args.length, args.calibration_windows)
+    bench.alloc_calibrated = args.alloc_calibrated
+    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() \
+        else {"rows": []}
+    for kind in rows:
+        bench.run(kind, bits)
+        keys = {r["key"] for r in bench.rows}
+        merged = [r for r in old.get("rows", [])  # rows of earlier runs of this script
+                  if "kind" in r and r["key"] not in keys] + bench.rows
+        order = {k: i for i, k in enumerate(ALL_ROWS)}
+        merged.sort(key=lambda r: (order.get(r["kind"], 99), r["key"]))
+        data = {"model": str(model_dir or "SmolLM2-135M-Instruct (bundled)"), "rows": merged,
+                "protocol": bench.protocol, "group_size": args.group_size,
+                "threads": args.threads, "versions": _versions()}
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        stem.with_suffix(".md").write_text(_markdown(data))
+    print(stem.with_suffix(".md").read_text())
     return 0
-
-
-def _onnx_row(args, b, tmp, table, export_seconds) -> None:  # noqa: ANN001
-    """Export SINQ at ``b`` bits (or reuse --export-dir) and score model.onnx in onnxruntime."""
-    from transformers import AutoTokenizer
-
-    from sinq_export import eval as ev
-    from sinq_export.config import SinqConfig
-
-    if b == 4 and args.export_dir:
-        out = Path(args.export_dir)
-    else:
-        from sinq_export.export import export_causal_lm
-
-        out = Path(tmp) / f"w{b}g{args.group_size}"
-        cfg = SinqConfig(bits=b, group_size=args.group_size,
-                         runtime="stock" if b in (2, 4, 8) else "custom")
-        t0 = time.perf_counter()
-        export_causal_lm(args.model, out, cfg, progress=False)
-        export_seconds[str(b)] = round(time.perf_counter() - t0, 1)
-    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    windows = ev.text_windows(tok, "wikipedia", args.windows, args.length)
-    row = ev.perplexity_onnx(out, windows, label="sinq")
-    table.rows.append(row)
-    print(f"onnxruntime sinq {b}-bit ({out.name}): ppl {row.ppl:.3f} (eval {row.seconds:.1f} s)",
-          flush=True)
-
-
-def _write(args, table, bits, export_seconds, start) -> None:  # noqa: ANN001
-    f = table.get("float")
-    lines = [
-        "# Perplexity on real text: float vs RTN vs SINQ",
-        "",
-        f"Model: {args.model or 'SmolLM2-135M-Instruct (bundled, GGUF Q4_1 dequantised to fp32)'}; "
-        f"every nn.Linear but lm_head quantized, group size {args.group_size}, asymmetric "
-        "integer zero points; SINQ = 16 Sinkhorn iterations, kurtosis gate off.",
-        "",
-        table.to_markdown(),
-        "",
-        "Ratio = (SINQ - float) / (RTN - float) at the same width and backend (lower is better; "
-        "the SINQ paper reports 0.23-0.36 on Qwen3).",
-        "",
-        "| bits | float | RTN | SINQ (torch) | SINQ (onnxruntime) | ratio | reference SINQ target | "
-        "reference RTN |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for b in bits:
-        r, s = table.get("rtn", b, "torch"), table.get("sinq", b, "torch")
-        o = table.get("sinq", b, "onnxruntime")
-        ratio = table.ratio(b)
-        nan = float("nan")
-        lines.append(
-            f"| {b} | {f.ppl:.2f} | {r.ppl:.2f} | {s.ppl:.2f} | {o.ppl if o else nan:.2f} | "
-            f"{ratio if ratio is not None else nan:.3f} | <= {TARGETS.get(b, nan)} | "
-            f"{REFERENCE['rtn'].get(b, '-')} |")
-    lines += [
-        "",
-        "Reference numbers (../shared/README.md, reference `sinq` 0.2.0, same protocol): "
-        + json.dumps(REFERENCE),
-        "",
-        f"Versions: {json.dumps(_versions())}. Total wall time {time.perf_counter() - start:.0f} s "
-        "on a shared 2-core CPU.",
-    ]
-    md = "\n".join(lines) + "\n"
-    data = table.to_dict()
-    data.update({"reference": REFERENCE, "targets": {str(k): v for k, v in TARGETS.items()},
-                 "versions": _versions(), "export_seconds": export_seconds,
-                 "group_size": args.group_size,
-                 "targets_met": {str(b): table.get("sinq", b, "torch").ppl <= TARGETS[b]
-                                 for b in bits if b in TARGETS}})
-    stem = Path(args.out)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    print(md)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,16 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep matching modules in float (default: lm_head); repeatable")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=BITS",
                    help="per-layer bit width, e.g. 'down_proj=8'; repeatable")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
+                        "Wikipedia windows disjoint from the evaluation windows (opt-in)")
+    p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
+                   help="calibration windows of 512 tokens (default 8)")
+    p.add_argument("--avg-bits", type=float, default=None, metavar="B",
+                   help="pick a width per linear from {2,3,4,5,6,8} for the bytes of B bits "
+                        "per weight (overrides --bits per layer)")
+    p.add_argument("--max-size", type=float, default=None, metavar="MB",
+                   help="pick widths per linear so the quantized linears fit in MB megabytes")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
 
 
@@ -86,6 +96,13 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     for name in ("shared_col_scale", "lm_head_bits"):
         if getattr(args, name, None) is not None:
             fields[name] = _or_float(getattr(args, name))
+    for name in ("lm_head_group_size", "calibration_windows", "avg_bits"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    if getattr(args, "calibrate", False):
+        fields["calibrate"] = True
+    if getattr(args, "max_size", None) is not None:
+        fields["max_size_mb"] = args.max_size
     return SinqConfig(**fields)
 
 
@@ -132,7 +149,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _run_quantize(args: argparse.Namespace) -> int:
     from .io import atomic_output_dir
     from .models import default_model_dir, load_causal_lm
-    from .nn import QUANTIZED_MARKER, quantize_model, write_quantized
+    from .nn import QUANTIZED_MARKER, plan_quantization, quantize_model, write_quantized
 
     config = config_from_args(args)
     source = resolve_model_input(args.model_dir) or default_model_dir()
@@ -141,7 +158,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     with atomic_output_dir(args.output, args.overwrite, marker=QUANTIZED_MARKER,
                            protect=[source]) as tmp:
         model, tokenizer = load_causal_lm(source)
-        report = quantize_model(model, config, progress=not args.json, measure_error=True)
+        plan = plan_quantization(model, tokenizer, config)
+        config = plan.config
+        report = quantize_model(model, config, progress=not args.json, measure_error=True,
+                                calibration=plan.calibration)
         write_quantized(model, tmp, config, tokenizer=tokenizer)
     errors = [la.rel_error for la in report.layers]
     summary = {
@@ -150,6 +170,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         "seconds": round(report.seconds, 3),
         "mean_rel_error": sum(errors) / max(len(errors), 1),
         "config": config.to_dict(),
+        "calibration": plan.manifest.get("calibration"),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -186,6 +207,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "fold it into the norm weights)")
     p.add_argument("--lm-head-bits", type=_width(QUANT_BITS), default=MODEL_DEFAULTS["lm_head_bits"],
                    help="quantize lm_head at this width, or 'float' (default 8)")
+    p.add_argument("--lm-head-group-size", type=int, default=None,
+                   help="block size for lm_head (default: --group-size)")
     p.add_argument("--embedding-bits", type=_width(EMBEDDING_BITS),
                    default=MODEL_DEFAULTS["embedding_bits"],
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "
@@ -238,14 +261,30 @@ def _require_custom_ops(args: argparse.Namespace) -> None:
         runtime_ops.require(" / ".join(wants))
 
 
+def _allocated_config(source, config: SinqConfig) -> SinqConfig:  # noqa: ANN001
+    """Per-layer widths for ``--avg-bits`` / ``--max-size``: the sensitivity pass needs the float
+    model once (the export itself still streams)."""
+    from .models import load_causal_lm
+    from .nn import plan_quantization
+
+    model, tokenizer = load_causal_lm(source)
+    return plan_quantization(model, tokenizer, config).config
+
+
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
 
     config = config_from_args(args)
     _require_custom_ops(args)
+    source = resolve_model_input(args.model_dir)
+    if config.calibrate:
+        raise UsageError("--calibrate is not available for `model` yet (the streamed export "
+                         "quantizes without activations); use `sinq-export quantize --calibrate`")
+    if config.avg_bits is not None or config.max_size_mb is not None:
+        config = _allocated_config(source, config)
     try:
         result = export_causal_lm(
-            resolve_model_input(args.model_dir), args.output, config, graph_config_from_args(args),
+            source, args.output, config, graph_config_from_args(args),
             overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
             allow_unquantized=args.allow_unquantized,
         )

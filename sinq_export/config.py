@@ -67,7 +67,7 @@ class SinqConfig:
         lm_head_bits: quantize the output projection to this width (None keeps it float).
         lm_head_group_size: block size for the output projection (None = ``group_size``).
         scale_search: per-group range search under the integer-zero-point constraint (None =
-            the method's default: on for sinq, off for the rtn baseline).
+            on when calibrated, else the method's default, off).
         tile_gate: SINQ keeps a tile's Sinkhorn scale only where it lowers the error.
         calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
@@ -93,7 +93,7 @@ class SinqConfig:
     scale_search: bool | None = None
     tile_gate: bool = False
     calibrate: bool = False
-    calibration_windows: int = 16
+    calibration_windows: int = 8
     calibration_length: int = 512
     awq: bool = True
     gptq: bool = True
@@ -152,13 +152,20 @@ class SinqConfig:
             return self.lm_head_group_size
         return self.group_size
 
+    def search_scales(self) -> bool | None:
+        """`scale_search` or its default: on when calibrated (the search then weighs each
+        weight by its input's E[x^2], which pays), else the method's own default."""
+        if self.scale_search is not None:
+            return self.scale_search
+        return True if self.calibrate else None
+
     def method_config(self, name: str, bits: int):  # noqa: ANN201
         """The registered method's config (`quant.methods`) for module ``name`` at ``bits``."""
         from .quant.methods import make_config
 
         return make_config(self.method, bits=bits, group_size=self.group_size_for(name),
                            symmetric=self.symmetric, sinkhorn_iters=self.sinkhorn_iters,
-                           kurtosis_gate=self.kurtosis_gate, scale_search=self.scale_search,
+                           kurtosis_gate=self.kurtosis_gate, scale_search=self.search_scales(),
                            tile_gate=self.tile_gate, awq=self.awq, gptq=self.gptq)
 
     def replace(self, **changes: Any) -> SinqConfig:

@@ -246,6 +246,52 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
         _quantize_unit(model, "", names, linears, config, report, measure_error, stats)
 
 
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """What `plan_quantization` decides before any weight is quantized.
+
+    Attributes:
+        config: the config to quantize with (a bit allocation's widths are its ``overrides``).
+        calibration: ``[n, L]`` calibration token windows, or None (calibration-free).
+        manifest: records for ``sinq_export.json``: ``"calibration"`` (which tokens of which
+            text) and ``"allocation"`` (budget, per-layer widths), each present when used.
+    """
+
+    config: SinqConfig
+    calibration: torch.Tensor | None = None
+    manifest: dict = field(default_factory=dict)
+
+
+def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: ANN001
+                      sensitivity_windows: int = 4) -> QuantizationPlan:
+    """Calibration windows and, for ``avg_bits`` / ``max_size_mb``, the per-layer widths.
+
+    The allocation measures each layer's sensitivity on the first ``sensitivity_windows``
+    calibration windows (`quant.allocate`), which needs the float model in memory.
+    """
+    budgeted = config.avg_bits is not None or config.max_size_mb is not None
+    if not (config.calibrate or budgeted):
+        return QuantizationPlan(config)
+    from .quant.allocate import budget_bytes, plan_overrides, quantization_costs
+    from .quant.calibrate import calibration_windows
+
+    windows, info = calibration_windows(tokenizer, config.calibration_windows,
+                                        config.calibration_length)
+    manifest = {"calibration": info} if config.calibrate else {}
+    if budgeted:
+        costs, shapes = quantization_costs(model, config, windows[:sensitivity_windows])
+        budget = (budget_bytes(shapes, config.avg_bits, config.group_size)
+                  if config.avg_bits is not None else int(config.max_size_mb * 1e6))
+        overrides, widths = plan_overrides(costs, shapes, config.group_size, budget)
+        # Explicit user overrides come first (first match wins), then the allocation.
+        config = config.replace(overrides=tuple(config.overrides) + overrides)
+        manifest["allocation"] = {
+            "budget_bytes": budget, "widths": widths,
+            "sensitivity": f"diagonal Fisher on {sensitivity_windows} calibration windows",
+            "calibration": info}
+    return QuantizationPlan(config, windows if config.calibrate else None, manifest)
+
+
 def quantized_layers(model: nn.Module) -> dict[str, SinqLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SinqLinear)}
 

@@ -148,12 +148,23 @@ def test_gptq_lowers_the_output_error(bits):
     wins = 0
     for seed in range(4):
         w, st_ = outlier_matrix(48, 128, seed), correlated_stats(128, seed)
-        base = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=False)
-        gptq = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=True)
+        base = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=False,
+                           scale_search=True)
+        gptq = make_config("sinq", bits=bits, group_size=32, awq=False, gptq=True,
+                           scale_search=True)
         e0 = output_error(w, quantize(w, base, calibration=st_).dequantize(), st_.hessian())
         e1 = output_error(w, quantize(w, gptq, calibration=st_).dequantize(), st_.hessian())
         wins += e1 < e0
     assert wins == 4
+
+
+def test_hessian_weighted_range_search_lowers_the_output_error():
+    w, st_ = outlier_matrix(48, 128, 1), correlated_stats(128, 1)
+    errs = [output_error(w, quantize(w, make_config("sinq", bits=3, group_size=32, awq=False,
+                                                     gptq=False, scale_search=s),
+                                     calibration=st_).dequantize(), st_.hessian())
+            for s in (False, True)]
+    assert errs[1] < errs[0]
 
 
 def test_activation_aware_scale_never_loses_on_calibration_data():
@@ -207,3 +218,107 @@ def test_allocation_dp_matches_brute_force(data):
 def test_layer_bytes_matches_a_record():
     q = quantize(outlier_matrix(64, 192), make_config("sinq", bits=3, group_size=64))
     assert layer_bytes((64, 192), 3, 64) == q.nbytes()
+
+
+# ------------------------------------------------------------------------------ calibrated model
+
+
+def tiny_llama(tied=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_calibrated_quantize_model_runs_block_by_block_and_beats_calibration_free():
+    import copy
+
+    from sinq_export import SinqConfig, quantize_model
+    from sinq_export.nn import quantized_layers
+
+    model = tiny_llama()
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    ref = model(input_ids=windows).logits
+    errs = {}
+    for calibrate in (False, True):
+        q = copy.deepcopy(model)
+        cfg = SinqConfig(bits=3, group_size=32, calibrate=calibrate, lm_head_bits=4)
+        report = quantize_model(q, cfg, progress=False, calibration=windows)
+        assert len(quantized_layers(q)) == 15 and report.n_layers == 15
+        errs[calibrate] = float((q(input_ids=windows).logits - ref).square().mean())
+    assert errs[True] < errs[False]
+    with pytest.raises(ValueError, match="no calibration windows"):
+        quantize_model(copy.deepcopy(model), SinqConfig(calibrate=True, group_size=32),
+                       progress=False)
+
+
+def test_linears_reading_one_input_share_their_statistics():
+    from sinq_export.quant.calibrate import collect_stats
+
+    torch.manual_seed(0)
+    model = nn_three()
+    x = torch.randn(5, 16)
+    stats, _ = collect_stats(model, ["a", "b", "c"], lambda: model(x))
+    assert stats["a"] is stats["b"] and stats["c"] is not stats["a"]
+    torch.testing.assert_close(stats["a"].hessian(), x.T @ x / 5)
+    h = torch.relu(model.a(x)) + model.b(x)
+    torch.testing.assert_close(stats["c"].hessian(), h.T @ h / 5)
+
+
+def nn_three():
+    from torch import nn
+
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.a(x)) + self.b(x))
+
+    return Three()
+
+
+def char_tokenizer(text, add_special_tokens=False):
+    """Characters of the real text as ids < 128: enough tokens for the tiny model's vocabulary."""
+    return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+@torch.no_grad()
+def test_plan_quantization_allocates_widths_within_the_budget():
+    from sinq_export import SinqConfig, quantize_model
+    from sinq_export.nn import plan_quantization, quantized_layers
+    from sinq_export.quant.allocate import budget_bytes
+
+    model = tiny_llama()
+    cfg = SinqConfig(group_size=32, avg_bits=3.0, calibration_windows=4, calibration_length=64)
+    with torch.enable_grad():
+        plan = plan_quantization(model, char_tokenizer, cfg, sensitivity_windows=2)
+    alloc = plan.manifest["allocation"]
+    assert plan.calibration is None and "calibration" not in plan.manifest
+    assert set(alloc["widths"]) == {n for n in quantized_names(model)}
+    assert set(alloc["widths"].values()) <= {2, 3, 4, 5, 6, 8}
+    quantize_model(model, plan.config, progress=False)
+    layers = quantized_layers(model)
+    assert {n: m.bits for n, m in layers.items()} == alloc["widths"]
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    assert sum(m.record.nbytes() for m in layers.values()) <= budget_bytes(shapes, 3.0, 32)
+
+
+def quantized_names(model):
+    from torch import nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+
+
+def test_plan_quantization_records_the_calibration_windows():
+    from sinq_export import SinqConfig
+    from sinq_export.nn import plan_quantization
+
+    cfg = SinqConfig(calibrate=True, calibration_windows=2, calibration_length=64)
+    plan = plan_quantization(tiny_llama(), char_tokenizer, cfg)
+    assert plan.calibration.shape == (2, 64)
+    assert plan.manifest["calibration"]["token_range"] == [65536, 65536 + 128]

@@ -23,7 +23,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig
 from ..models import ModelLoadError
-from ..quant.core import quantize_jointly, quantize_weight
+from ..quant.core import quantize_jointly
+from ..quant.methods import quantize
 from ..quant.record import QuantizedWeight
 from .layout import quant_tensors
 
@@ -54,14 +55,11 @@ class RecordCache:
         self.stats = QuantStats()
 
     def _quantize(self, names: Sequence[str]) -> list[QuantizedWeight]:
-        c = self._config
-        kwargs = dict(bits=self._bits[names[0]], group_size=c.group_size, method=c.method,
-                      symmetric=c.symmetric, sinkhorn_iters=c.sinkhorn_iters,
-                      kurtosis_gate=c.kurtosis_gate)
+        method = self._config.method_config(names[0], self._bits[names[0]])
         weights = [self._ckpt.load(self._sources[n]) for n in names]
         if len(names) > 1:
-            return quantize_jointly(weights, list(names), **kwargs)
-        return [quantize_weight(weights[0], name=names[0], **kwargs)]
+            return quantize_jointly(weights, list(names), config=method)
+        return [quantize(weights[0], method, name=names[0])]
 
     def get(self, name: str) -> QuantizedWeight:
         unit = self._units[name]

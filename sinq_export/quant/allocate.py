@@ -10,13 +10,14 @@ loss for that layer's actual quantization error at width ``b``, i.e. ``a_l * rel
 with ``a_l = 1/2 * sum F_l W_l^2`` when the error pattern is uniform.
 
 Solver (`allocate`): an exact multiple-choice knapsack by dynamic programming over the byte
-budget in units of `UNIT` bytes. Each layer's size is rounded *up* to whole units, so the
-chosen widths never exceed the budget; the DP itself is exact on those sizes.
+budget in `STATES` units (2 KiB for SmolLM2 at 3 bits). Each layer's size is rounded *up* to
+whole units, so the chosen widths never exceed the budget; the DP is exact on those sizes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from . import packing
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
-UNIT = 4096  # DP resolution in bytes
+STATES = 20_000  # DP resolution: the budget is cut into this many units
 
 
 def layer_bytes(shape: Sequence[int], bits: float, group_size: int) -> int:
@@ -41,12 +42,14 @@ def budget_bytes(shapes: Mapping[str, Sequence[int]], bits: float, group_size: i
 
 
 def allocate(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, Mapping[int, int]],
-             budget: int, unit: int = UNIT) -> dict[str, int]:
+             budget: int, unit: int | None = None) -> dict[str, int]:
     """Width per layer minimising ``sum cost[l][b]`` subject to ``sum size[l][b] <= budget``.
 
-    Raises ValueError when even the narrowest widths do not fit.
+    ``unit`` (bytes) defaults to ``budget / STATES``. Raises ValueError when even the
+    narrowest widths do not fit.
     """
     names = list(costs)
+    unit = unit or max(1, budget // STATES)
     cap = budget // unit
     inf = np.inf
     dp = np.full(cap + 1, inf)
@@ -107,7 +110,8 @@ def quantization_costs(model, config, windows, widths: Sequence[int] = WIDTHS  #
     from ..nn import eligible_linears
     from .methods import quantize
 
-    linears = eligible_linears(model, config)
+    linears = {n: v for n, v in eligible_linears(model, config).items()
+               if not re.search(r"(^|\.)lm_head$", n)}  # the head keeps its own width
     fisher = fisher_diagonal(model, list(linears), windows)
     costs: dict[str, dict[int, float]] = {}
     for name, (lin, _) in linears.items():
@@ -120,10 +124,10 @@ def quantization_costs(model, config, windows, widths: Sequence[int] = WIDTHS  #
 
 
 def plan_overrides(costs: Mapping[str, Mapping[int, float]], shapes: Mapping[str, Sequence[int]],
-                   group_size: int, budget: int) -> tuple[tuple[str, int], ...]:
-    """`SinqConfig.overrides` (one anchored pattern per layer) of the allocation at ``budget``."""
-    import re
+                   group_size: int, budget: int
+                   ) -> tuple[tuple[tuple[str, int], ...], dict[str, int]]:
+    """(`SinqConfig.overrides`, one anchored pattern per layer; width per layer) at ``budget``."""
 
     sizes = {n: {b: layer_bytes(shapes[n], b, group_size) for b in costs[n]} for n in costs}
     widths = allocate(costs, sizes, budget)
-    return tuple((f"^{re.escape(n)}$", b) for n, b in widths.items())
+    return tuple((f"^{re.escape(n)}$", b) for n, b in widths.items()), widths

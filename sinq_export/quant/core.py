@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from . import packing
+from .calibrate import activation_aware_scale
+from .gptq import gptq_codes
 from .methods import MethodConfig, RTNConfig, SINQConfig, make_config, quantize, register
 from .record import QuantizedWeight
 from .rtn import minmax_params, search_params
@@ -187,8 +189,6 @@ def sinq_col_scale(w: torch.Tensor, config: SINQConfig, h: torch.Tensor | None) 
 def quantize_with_scale(w: torch.Tensor, t: torch.Tensor | None, config: MethodConfig,
                         calibration=None) -> QuantizedWeight:  # noqa: ANN001
     """Steps 2 and 3 of the module docstring for a fixed column scale ``t`` (None = ones)."""
-    from .gptq import gptq_codes
-
     g, bits = config.group_size, config.bits
     ones = torch.ones(w.shape[1])
     tt = ones if t is None else t
@@ -218,8 +218,6 @@ def quantize_sinq(weight: torch.Tensor, config: SINQConfig, *, calibration=None,
     h = None if calibration is None else calibration.diag()
     t = sinq_col_scale(w, config, h)
     if calibration is not None and config.awq:
-        from .calibrate import activation_aware_scale
-
         t = activation_aware_scale(w, t, calibration, config)
     return quantize_with_scale(w, t, config, calibration)
 
