@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 # Python loggers of the dependencies that log warnings/info during a successful run.
 THIRD_PARTY_LOGGERS = ("transformers", "huggingface_hub", "torch", "onnxscript", "onnx_ir", "mobius",
-                       "accelerate", "onnxruntime", "urllib3", "filelock")
+                       "onnx_shape_inference", "accelerate", "onnxruntime", "urllib3", "filelock")
 # Read by transformers / huggingface_hub when they are imported (later in the run).
 _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",

@@ -75,13 +75,14 @@ def test_corrupted_scale_fails_naming_the_layer(real_export, tmp_path):
 
 def test_gate_3bit_custom_op_cpu_acc0(tmp_path):
     """3-bit codes through sinq.ops::SinqMatMulNBits (library registered automatically)."""
-    from sinq_export.config import SinqConfig
+    from sinq_export.config import GraphConfig, SinqConfig
     from sinq_export.export import export_causal_lm
     from sinq_export.validate import validate
 
     # No skip when the library is missing: install builds it, so its absence is a failure.
     out = tmp_path / "w3"
-    export_causal_lm(None, out, SinqConfig(bits=3, group_size=64, runtime="custom"), progress=False)
+    export_causal_lm(None, out, SinqConfig(bits=3, group_size=64), GraphConfig(runtime="custom"),
+                     progress=False)
     report = validate(out, tokens=128, decode_steps=4)
     (cpu,) = report.providers
     assert report.status == "passed", report.format_table()
