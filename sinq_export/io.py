@@ -159,17 +159,28 @@ def check_output(
     if not os.path.lexists(target):
         check_parents(target)
         return target
+    problem = _refusal(target, overwrite, marker)
+    # A target that vanished while it was inspected is being swapped by another run (moved
+    # aside, then replaced): not a refusal. The check under the lock before our own swap
+    # looks again at whatever is there then.
+    if problem is not None and os.path.lexists(target):
+        raise problem
+    return target
+
+
+def _refusal(target: Path, overwrite: bool, marker: Marker | None) -> Exception | None:
+    """Why an existing ``target`` may not be replaced, or None."""
     if not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists (pass --overwrite)")
+        return OutputExistsError(f"output folder {target} already exists (pass --overwrite)")
     if target.is_symlink() or not target.is_dir():
-        raise UnsafeOutputError(f"{target} exists and is not a folder; refusing to overwrite it")
+        return UnsafeOutputError(f"{target} exists and is not a folder; refusing to overwrite it")
     if not _is_empty(target) and not (marker is not None and marker.matches(target)):
         hint = f"no {marker.file} of ours" if marker else "not written by this command"
-        raise UnsafeOutputError(
+        return UnsafeOutputError(
             f"refusing to overwrite {target}: not an earlier sinq-export output ({hint}); "
             "remove it yourself or choose another -o"
         )
-    return target
+    return None
 
 
 def check_parents(target: Path) -> None:
@@ -182,8 +193,11 @@ def check_parents(target: Path) -> None:
 
 
 def _is_empty(folder: Path) -> bool:
-    with os.scandir(folder) as it:
-        return next(it, None) is None
+    try:
+        with os.scandir(folder) as it:
+            return next(it, None) is None
+    except FileNotFoundError:  # swapped away meanwhile: `check_output` looks again
+        return False
 
 
 @contextlib.contextmanager
