@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelLoadError
+from .models import ModelLoadError, read_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,16 +39,8 @@ _FINITE_CHUNK = 1 << 24
 
 def _parse_config(folder: Path) -> dict:
     """Parse ``config.json`` and refuse a ``model_type`` that contradicts ``architectures``."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot parse config.json ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path}: config.json is not a JSON object")
-    _check_model_type(path, config)
+    config = read_config(folder)
+    _check_model_type(folder / "config.json", config)
     return config
 
 

@@ -109,7 +109,7 @@ def default_model_dir() -> Path:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     """Parse ``config.json``; a missing or malformed file is a clear error, not a traceback."""
     path = folder / "config.json"
     if not path.is_file():
@@ -188,7 +188,7 @@ def load_causal_lm(
         raise ModelLoadError(f"{folder}: model folder does not exist")
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: not a folder (expected a Hugging Face model folder)")
-    _check_architecture(folder, _read_config(folder))
+    _check_architecture(folder, read_config(folder))
     _check_weights(folder)
     _check_safetensors_headers(folder)
     kwargs = {"local_files_only": True, "trust_remote_code": False}
