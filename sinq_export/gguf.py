@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import models
 from .models import ModelLoadError, cache_dir, hub_offline
 
 # Written last into a converted folder; bump the version to force a re-conversion.
@@ -153,8 +154,17 @@ def resolve_model_input(model: str | os.PathLike | None) -> Path | None:
         gguf_file = find_in_folder(path)
         return convert(gguf_file) if gguf_file else path
     if path.suffix.lower() == GGUF_SUFFIX or (path.is_file() and _starts_with_magic(path)):
-        return convert(path)
+        return models.default_model_dir() if _is_bundled(path) else convert(path)
     return path
+
+
+def _is_bundled(path: Path) -> bool:
+    """The bundled SmolLM2 GGUF passed by path is the default model (one cache folder for it,
+    whichever environment's copy of the package is named)."""
+    try:
+        return path.resolve() == models.find_bundled_gguf().resolve()
+    except (ModelLoadError, OSError):
+        return False
 
 
 def _starts_with_magic(path: Path) -> bool:

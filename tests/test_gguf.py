@@ -243,6 +243,12 @@ def test_default_model_dir_uses_the_same_conversion(tmp_path, cache, monkeypatch
     assert final == cache.resolve() / models.DEFAULT_MODEL_NAME and len(calls) == 1
     assert models.default_model_dir() == final and len(calls) == 1
     assert sg.resolve_model_input(path) == final and len(calls) == 1  # the bundled file by path
+    # Another environment's copy of the package (a fresh clone's venv) is the same default model.
+    other_copy = tmp_path / "other-venv" / "bundled.gguf"
+    other_copy.parent.mkdir()
+    shutil.copy2(path, other_copy)
+    monkeypatch.setattr(models, "find_bundled_gguf", lambda: other_copy)
+    assert sg.resolve_model_input(other_copy) == final and len(calls) == 1
 
 
 # --------------------------------------------------------------------------- real GGUF files
