@@ -55,9 +55,42 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                         "the `sinq-export model` default", ("--bits", "4")),
     "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit (one shared table), acc4",
                         ("--lm-head-bits", "4", "--embedding-bits", "4", "--accuracy-level", "4")),
-    "sinq4-lmh4-emb4-fold": ("SINQ 4-bit all, shared t folded (no Mul), acc4",
+    "sinq4-lmh4-emb4-fold": ("SINQ 4-bit all, every shared t folded, q/k/v packed, acc4",
                              ("--lm-head-bits", "4", "--embedding-bits", "4", "--accuracy-level", "4",
-                              "--col-scale", "fold", "--shared-col-scale")),
+                              "--col-scale", "fold", "--shared-col-scale", "all")),
+    "sinq4-lmh4-emb4-foldmlp": ("SINQ 4-bit all, gate/up t shared and folded, down's into up, acc4",
+                                ("--lm-head-bits", "4", "--embedding-bits", "4",
+                                 "--accuracy-level", "4", "--col-scale", "fold",
+                                 "--shared-col-scale", "mlp")),
+    "sinq4-lmh8-emb8-fold": ("SINQ 4-bit, head + embedding 8-bit, every shared t folded, q/k/v "
+                             "packed, acc4", ("--col-scale", "fold", "--shared-col-scale", "all")),
+    "sinq4-lmh8-emb8-foldmlp": ("SINQ 4-bit, head + embedding 8-bit, gate/up t shared and "
+                                "folded, down's into up, acc4",
+                                ("--col-scale", "fold", "--shared-col-scale", "mlp")),
+    "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero points), head + embedding 8-bit, acc4",
+                  ("--group-size", "32", "--symmetric")),
+    "sinq4g32s-foldmlp": ("SINQ 4-bit g32 symmetric, head + embedding 8-bit, gate/up t shared "
+                          "and folded, down's into up, acc4",
+                          ("--group-size", "32", "--symmetric", "--col-scale", "fold",
+                           "--shared-col-scale", "mlp")),
+    "sinq4g32s-lmh4-emb4": ("SINQ 4-bit g32 symmetric all, head + embedding 4-bit, acc4",
+                            ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
+                             "--embedding-bits", "4")),
+    "sinq4-fold": ("SINQ 4-bit g64, head + embedding 8-bit, t folded where exact without sharing "
+                   "(down's into up rows, head's into the final norm), acc4",
+                   ("--col-scale", "fold")),
+    "sinq4g32s-fold": ("SINQ 4-bit g32 symmetric, head + embedding 8-bit, t folded where exact "
+                       "without sharing, acc4",
+                       ("--group-size", "32", "--symmetric", "--col-scale", "fold")),
+    "sinq4g32s-lmh4-emb4-fold1": ("SINQ 4-bit g32 symmetric all, t folded where exact without "
+                                  "sharing, acc4",
+                                  ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
+                                   "--embedding-bits", "4", "--col-scale", "fold")),
+    "sinq4g32s-lmh4-emb4-fold": ("SINQ 4-bit g32 symmetric all, every shared t folded, q/k/v "
+                                 "packed, acc4",
+                                 ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
+                                  "--embedding-bits", "4", "--col-scale", "fold",
+                                  "--shared-col-scale", "all")),
 }
 
 
@@ -209,26 +242,45 @@ def main(argv: list[str] | None = None) -> int:
     tokens_file.write_text(json.dumps(windows[0][: args.prompt_tokens + args.decode_steps + 8].tolist()))
     bandwidth = read_bandwidth_gbs()
     log(f"measured single-thread read bandwidth {bandwidth:.1f} GB/s")
-    results = []
+    # Build everything first, then time in interleaved rounds (each round runs every variant
+    # once, in a rotated order) and compare each variant with genai int4 *of the same round*:
+    # the machine's speed drifts by +-30 % over minutes, a paired ratio does not.
+    rows, folders = {}, {}
     for name in names:
         log(f"{name}: build")
-        folder, build_s = build(name, hf_dir, cache, args.rebuild)
-        common = ["--tokens", str(tokens_file), "--prompt-tokens", str(args.prompt_tokens),
-                  "--decode-steps", str(args.decode_steps)]
-        row = {"variant": name, "label": VARIANTS[name][0], "build_s": build_s,
-               "size_mb": size_bytes(folder) / 1e6, "bytes_per_token": bytes_per_token(folder)}
-        for loop, script, extra in (("genai", "_e2e_genai.py", ["--model-dir", str(folder)]),
-                                    ("ort", "_e2e_worker.py", ["--model", str(onnx_file(folder)),
-                                                               "--threads", "2", *ops_library(folder)])):
-            log(f"{name}: {loop} loop x{args.rounds}")
-            runs = [run_worker(script, [*extra, *common]) for _ in range(args.rounds)]
-            dec = statistics.median(args.decode_steps / min(r["decode_s"]) for r in runs)
-            pre = statistics.median(args.prompt_tokens / min(r["prefill_s"]) for r in runs)
-            row[loop] = {"decode_tok_s": dec, "prefill_tok_s": pre,
-                         "peak_rss_mb": max(r["peak_rss_kb"] for r in runs) / 1024,
-                         "effective_gbs": dec * row["bytes_per_token"] / 1e9}
+        folders[name], build_s = build(name, hf_dir, cache, args.rebuild)
+        rows[name] = {"variant": name, "label": VARIANTS[name][0], "build_s": build_s,
+                      "size_mb": size_bytes(folders[name]) / 1e6,
+                      "bytes_per_token": bytes_per_token(folders[name])}
+    common = ["--tokens", str(tokens_file), "--prompt-tokens", str(args.prompt_tokens),
+              "--decode-steps", str(args.decode_steps)]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        log(f"round {r + 1}/{args.rounds}")
+        for name in order:
+            folder = folders[name]
+            for loop, script, extra in (
+                    ("genai", "_e2e_genai.py", ["--model-dir", str(folder)]),
+                    ("ort", "_e2e_worker.py", ["--model", str(onnx_file(folder)), "--threads", "2",
+                                               *ops_library(folder)])):
+                runs.setdefault((name, loop), []).append(run_worker(script, [*extra, *common]))
+    results = []
+    for name in names:
+        row = rows[name]
+        for loop in ("genai", "ort"):
+            decode = [args.decode_steps / min(x["decode_s"]) for x in runs[name, loop]]
+            prefill = [args.prompt_tokens / min(x["prefill_s"]) for x in runs[name, loop]]
+            row[loop] = {"decode_tok_s": statistics.median(decode),
+                         "prefill_tok_s": statistics.median(prefill),
+                         "decode_rounds": decode,
+                         "peak_rss_mb": max(x["peak_rss_kb"] for x in runs[name, loop]) / 1024,
+                         "effective_gbs": statistics.median(decode) * row["bytes_per_token"] / 1e9}
+            if "genai-int4" in names:
+                base = [args.decode_steps / min(x["decode_s"]) for x in runs["genai-int4", loop]]
+                row[loop]["x_genai_int4"] = statistics.median(d / b for d, b in zip(decode, base))
         log(f"{name}: perplexity")
-        row["ppl"] = perplexity(folder, windows)
+        row["ppl"] = perplexity(folders[name], windows)
         results.append(row)
         log(json.dumps(row))
     meta = {"model": hf_dir.name, "read_bandwidth_gbs": bandwidth, "rounds": args.rounds,
@@ -243,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    base = next((r for r in results if r["variant"] == "genai-int4"), None)
     lines = [
         f"SmolLM2-135M-Instruct, CPU ({meta['cpus']} cores, load average "
         f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} at the end: shared machine, "
-        f"median of {meta['rounds']} rounds), prefill {meta['prompt_tokens']} tokens, "
+        f"median of {meta['rounds']} interleaved rounds; x int4 = median of per-round ratios), "
+        f"prefill {meta['prompt_tokens']} tokens, "
         f"{meta['decode_steps']} decode steps. ppl: 4 x 512 Wikipedia tokens. Measured read "
         f"bandwidth {meta['read_bandwidth_gbs']:.1f} GB/s (one thread).",
         "",
@@ -257,7 +309,7 @@ def markdown(results: list[dict], meta: dict) -> str:
     ]
     for r in results:
         g, o = r["genai"], r["ort"]
-        ratio = f" ({g['decode_tok_s'] / base['genai']['decode_tok_s']:.2f}x)" if base else ""
+        ratio = f" ({g['x_genai_int4']:.2f}x)" if "x_genai_int4" in g else ""
         build = "cached" if r["build_s"] is None else f"{r['build_s']:.0f}"
         lines.append(
             f"| {r['label']} | {r['size_mb']:.1f} | {build} | {g['decode_tok_s']:.0f}{ratio} | "

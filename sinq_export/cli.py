@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__, verbosity
-from .config import METHODS, QUANT_BITS, ConfigError, GraphConfig, SinqConfig
+from .config import METHODS, QUANT_BITS, SHARED_COL_SCALES, ConfigError, GraphConfig, SinqConfig
 from .gguf import resolve_model_input
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -106,10 +106,12 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     return SinqConfig(**fields)
 
 
-# `sinq-export model` defaults, chosen by bench/e2e.py on SmolLM2 (docs/export-format.md,
-# "Defaults"): int8 activations, an 8-bit lm_head and embedding table (one shared table when
-# tied). The library's own defaults (SinqConfig, GraphConfig) stay exact: float head, acc 0.
-MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 8, "embedding_bits": 8}
+# `sinq-export model` defaults, chosen by bench/e2e.py and bench/decode_step.py on SmolLM2
+# (docs/export-format.md, "Defaults"): int8 activations, an 8-bit lm_head and embedding table
+# (one shared table when tied), t folded where exact (down_proj's into up_proj's rows, the
+# head's into the final norm: same numbers, 31 fewer nodes). The library's own defaults
+# (SinqConfig, GraphConfig) stay exact and plain: float head, acc 0, t as Mul.
+MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 8, "embedding_bits": 8, "col_scale": "fold"}
 FLOAT = "float"
 
 
@@ -199,12 +201,14 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
                         "activations, the default: ~2x faster decode)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
-    p.add_argument("--col-scale", choices=COL_SCALE_MODES, default=None,
-                   help="column scale t: explicit Mul (default), fold into norms / up_proj rows "
-                        "where exact, or fused into the custom op")
-    p.add_argument("--shared-col-scale", action="store_true",
-                   help="one Sinkhorn t for q/k/v and for gate/up (lets --col-scale fold "
-                        "fold it into the norm weights)")
+    p.add_argument("--col-scale", choices=COL_SCALE_MODES, default=MODEL_DEFAULTS["col_scale"],
+                   help="column scale t: explicit Mul, fold into norms / up_proj rows where "
+                        "exact (default), or fused into the custom op")
+    p.add_argument("--shared-col-scale", nargs="?", const="all", choices=SHARED_COL_SCALES,
+                   default=None,
+                   help="one Sinkhorn t for gate/up ('mlp') or also for q/k/v ('all', the value "
+                        "without argument; packs q/k/v into one node): lets --col-scale fold "
+                        "fold it into the norm weights")
     p.add_argument("--lm-head-bits", type=_width(QUANT_BITS), default=MODEL_DEFAULTS["lm_head_bits"],
                    help="quantize lm_head at this width, or 'float' (default 8)")
     p.add_argument("--lm-head-group-size", type=int, default=None,

@@ -19,6 +19,7 @@ RUNTIMES = ("stock", "custom")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DTYPES = ("fp32", "fp16")
 COL_SCALE_MODES = ("mul", "fold", "fused")
+SHARED_COL_SCALES = ("none", "mlp", "all")  # which same-input linears share one t
 
 
 class ConfigError(ValueError):
@@ -62,8 +63,11 @@ class SinqConfig:
             RTN (the reference's default is 5.0; off by default, see README for measurements).
         include / exclude: regular expressions matched (``re.search``) against module names.
         overrides: regex -> bits for per-layer bit widths (first match wins).
-        shared_col_scale: run Sinkhorn jointly on linears that read the same input
-            (q/k/v, gate/up) so they share one t, which then folds into the norm weight.
+        shared_col_scale: which linears that read the same input run Sinkhorn jointly, so
+            they share one t that folds into the norm weight: ``"none"``, ``"mlp"``
+            (gate/up: free on SmolLM2, perplexity 26.96 -> 26.86) or ``"all"`` (q/k/v too,
+            which also packs them into one node: +0.9 perplexity; docs/quality.md).
+            ``True`` / ``False`` mean ``"all"`` / ``"none"``.
         lm_head_bits: quantize the output projection to this width (None keeps it float).
         lm_head_group_size: block size for the output projection (None = ``group_size``).
         scale_search: per-group range search under the integer-zero-point constraint (None =
@@ -87,7 +91,7 @@ class SinqConfig:
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = (r"(^|\.)lm_head$",)
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
-    shared_col_scale: bool = False
+    shared_col_scale: Literal["none", "mlp", "all"] = "none"
     lm_head_bits: int | None = None
     lm_head_group_size: int | None = None
     scale_search: bool | None = None
@@ -107,6 +111,11 @@ class SinqConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, (value,))
+        if isinstance(self.shared_col_scale, bool):
+            object.__setattr__(self, "shared_col_scale", "all" if self.shared_col_scale else "none")
+        if self.shared_col_scale not in SHARED_COL_SCALES:
+            raise ConfigError(f"shared_col_scale={self.shared_col_scale!r} is not one of "
+                              f"{SHARED_COL_SCALES}")
         check_bits(self.bits)
         check_group_size(self.group_size)
         if self.method not in METHODS:

@@ -25,11 +25,13 @@ from .quant.core import quantize_jointly, relative_error
 from .quant.methods import quantize
 from .quant.record import QuantizedWeight
 
-# Linears that read the same input tensor; with `shared_col_scale` they share one t.
-SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-)
+# Linears that read the same input tensor, by the `SinqConfig.shared_col_scale` value that
+# makes them share one t.
+SHARED_INPUT_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "none": (),
+    "mlp": (("gate_proj", "up_proj"),),
+    "all": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+}
 
 QUANTIZED_WEIGHTS_FILE = "quantized.safetensors"
 QUANTIZED_META_FILE = "sinq_quantized.json"
@@ -117,13 +119,14 @@ def eligible_linears(model: nn.Module, config: SinqConfig) -> dict[str, tuple[nn
     }
 
 
-def _joint_groups(names: Iterable[str], bits_of: dict[str, int]) -> list[list[str]]:
-    """Group names that read one input (same parent, names in SHARED_INPUT_GROUPS, same bits)."""
+def _joint_groups(names: Iterable[str], bits_of: dict[str, int], shared: str) -> list[list[str]]:
+    """Group names that read one input and share a t under ``shared`` (same parent, names in
+    ``SHARED_INPUT_GROUPS[shared]``, same bits)."""
     present = set(names)
     groups = []
     for name in sorted(present):
         parent, _, leaf = name.rpartition(".")
-        for members in SHARED_INPUT_GROUPS:
+        for members in SHARED_INPUT_GROUPS[shared]:
             if leaf != members[0]:
                 continue
             full = [f"{parent}.{m}" if parent else m for m in members]
@@ -141,7 +144,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _units(linears: dict[str, tuple[nn.Linear, int]], config: SinqConfig) -> list[list[str]]:
     """Quantization units in module order: joint groups (shared t) and single linears."""
     bits_of = {name: bits for name, (_, bits) in linears.items()}
-    groups = _joint_groups(linears, bits_of) if config.shared_col_scale else []
+    groups = _joint_groups(linears, bits_of, config.shared_col_scale)
     grouped = {n for g in groups for n in g}
     units = groups + [[n] for n in linears if n not in grouped]
     position = {name: i for i, name in enumerate(linears)}

@@ -145,20 +145,75 @@ def test_graph_is_fused_and_manifest_names_real_tensors(exported):
     assert not (root / "out" / "reference").exists()
 
 
+def _check_qkv_packing(manifest: dict, out, packed: bool) -> None:
+    """Packed: q/k/v of a layer are rows [0, q) [q, q+k) [q+k, N) of one MatMulNBits feeding
+    GQA's packed-QKV form (key/value inputs empty). Else three nodes, GQA reads three inputs."""
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nodes = {n.name: n for n in graph.node}
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    for i, node in enumerate(gqa):
+        attn = {k: v for k, v in manifest["layers"].items() if f"layers.{i}.self_attn." in k}
+        qkv = [attn[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"]
+        if not packed:
+            assert len({la["node"] for la in qkv}) == 3 and all(node.input[1:3])
+            continue
+        assert len({la["node"] for la in qkv}) == 1 and not any(node.input[1:3])
+        assert [la["rows"] for la in qkv] == [
+            [0, qkv[0]["shape"][0]], [qkv[0]["shape"][0], qkv[0]["shape"][0] + qkv[1]["shape"][0]],
+            [qkv[0]["shape"][0] + qkv[1]["shape"][0], sum(la["shape"][0] for la in qkv)]]
+        mm = nodes[qkv[0]["node"]]
+        assert mm.input[1] == f"model.layers.{i}.self_attn.qkv_proj.qweight"
+        assert {a.name: a.i for a in mm.attribute}["N"] == qkv[2]["rows"][1]
+
+
+@pytest.mark.parametrize("shared", ["all", "mlp"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_folded_column_scales_match_torch(tmp_path, family):
-    """col_scale=fold with shared t: q/k/v and gate/up t in the norms, down's t in up's
-    rows, the head's t in the final norm: no Mul left, same numbers."""
+def test_folded_column_scales_match_torch(tmp_path, family, shared):
+    """col_scale=fold with shared t: gate/up's t in the post-attention norm, down's t in up's
+    rows, the head's t in the final norm; with ``all`` also q/k/v's in the input norm, and
+    q/k/v packed into one node (not Qwen3: its q/k norms sit between). Same numbers."""
     model = make_model_dir(tmp_path / "hf", family, seed=1)
-    cfg = CFG.replace(shared_col_scale=True)
+    cfg = CFG.replace(shared_col_scale=shared)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                            progress=False)
-    assert res.manifest["mul_nodes"] == 2  # o_proj in each layer
+    per_layer = 1 if shared == "all" else 4  # o_proj (+ q, k, v)
+    assert res.manifest["mul_nodes"] == 2 * per_layer
     modes = {la["col_scale_mode"] for la in res.manifest["layers"].values()}
     assert modes == {"fold", "mul"}
+    _check_qkv_packing(res.manifest, tmp_path / "out", shared == "all" and family != "qwen3")
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
     run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    if shared == "all" and family == "qwen2":  # packed rows with biases: validate slices them
+        from sinq_export.validate import validate
+
+        assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_symmetric_export_omits_default_zero_points(tmp_path, family):
+    """Symmetric codes at their own width: MatMulNBits without a zero-point input (its
+    default 2^(bits-1) is exact), packed q/k/v included; a 3-bit layer in a 4-bit container
+    keeps its zero points (4 is not the container's 8). Same numbers as torch."""
+    model = make_model_dir(tmp_path / "hf", family, seed=2)
+    cfg = CFG.replace(symmetric=True, shared_col_scale="all",
+                      overrides=((r"layers\.1\.mlp\.down_proj", 3),))
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                           progress=False)
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    nodes = {n.name: n for n in graph.node}
+    for name, layer in res.manifest["layers"].items():
+        node = nodes[layer["node"]]
+        three_bit = name.endswith("layers.1.mlp.down_proj")
+        assert (len(node.input) > 3) == three_bit, name
+        assert (layer["initializers"]["zero_points"] is None) == (not three_bit), name
+    _check_qkv_packing(res.manifest, tmp_path / "out", True)
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
 
 
 def test_two_exports_are_byte_identical(tmp_path):

@@ -61,7 +61,10 @@ def test_export_folder(export4):
     assert len(man["layers"]) == 212 and man["kind"] == "causal-lm"  # + lm_head + embedding
     assert man["graph"]["accuracy_level"] == 4 and man["layers"]["lm_head"]["bits"] == 8
     assert man["layers"]["lm_head"]["shared_with"] == "model.embed_tokens"
-    assert man["onnx"]["ir_version"] == 11 and man["mul_nodes"] == 212
+    # t folded where exact: down_proj's into up_proj's rows (30), the head's into the norm
+    assert man["onnx"]["ir_version"] == 11 and man["mul_nodes"] == 212 - 30 - 1
+    assert man["graph"]["col_scale"] == "fold"
+    assert man["layers"]["model.layers.3.mlp.down_proj"]["folded_into"] == "model.layers.3.mlp.up_proj"
     assert man["source"]["path"] == str(default_model_dir())
     sizes = man["sizes"]
     print(f"onnx bytes {sizes['onnx_bytes']}, summary timings {summary['timings_s']}")

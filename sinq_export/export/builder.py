@@ -58,6 +58,10 @@ class LinearPlan:
     has_bias: bool
     accuracy_level: int
     shared_with: str | None = None  # a tied head reads this embedding's tensors
+    # False: every zero point is MatMulNBits' default 2^(bits-1) (symmetric codes at the
+    # container's width), so the input is left out: onnxruntime then runs its zero-point-free
+    # kernel, ~15 % faster per call on SmolLM2's shapes (bench/results/decode_step.md).
+    zero_points: bool = True
 
     @property
     def col_scale_input(self) -> bool:
@@ -81,7 +85,7 @@ class SinqMatMul(nn.Module):
                                     dtype=ir.DataType.UINT8)
         self.scales = nn.Parameter([n, nb])
         self.qzeros = nn.Parameter([n, packing.packed_zero_point_bytes(nb, bits)],
-                                   dtype=ir.DataType.UINT8)
+                                   dtype=ir.DataType.UINT8) if plan.zero_points else None
         self.col_scale = nn.Parameter([k]) if plan.col_scale_input else None
         self.bias = nn.Parameter([n]) if plan.has_bias else None
 
@@ -93,7 +97,8 @@ class SinqMatMul(nn.Module):
         if plan.choice.op == STOCK_OP:
             if plan.col_scale == "mul":
                 x = op.Mul(x, self.col_scale)
-            y = op.MatMulNBits(x, self.qweight, self.scales, self.qzeros,
+            zero_points = () if self.qzeros is None else (self.qzeros,)
+            y = op.MatMulNBits(x, self.qweight, self.scales, *zero_points,
                                accuracy_level=plan.accuracy_level, _domain=plan.choice.domain,
                                **attrs)
             return y if self.bias is None else op.Add(y, self.bias)
@@ -277,6 +282,10 @@ def _const_input(value: ir.Value | None) -> bool:
     return value is not None and value.is_initializer() and value.const_value is not None
 
 
+# Concat outputs named by `fusions` (``<attention>.qkv_proj.qweight`` ...) keep their name.
+_NAMED_PACKS = (".qweight", ".scales", ".qzeros", ".bias")
+
+
 def fold_constant_transposes(model: ir.Model) -> int:
     """``Transpose(W)`` / ``Concat(W1, W2, ...)`` of initializers -> one lazy initializer.
 
@@ -310,7 +319,9 @@ def fold_constant_transposes(model: ir.Model) -> int:
 
             def func(srcs=srcs, axis=axis) -> ir.Tensor:  # noqa: ANN001
                 return ir.tensor(np.concatenate([s.numpy() for s in srcs], axis=axis))
-        name = f"{node.inputs[0].name}.{node.op_type.lower()}d"
+        name = out.name if out.name and out.name.endswith(_NAMED_PACKS) else \
+            f"{node.inputs[0].name}.{node.op_type.lower()}d"
+        out.name = f"{name}.unfolded"  # frees the name for the initializer
         new = ir.Value(name=name, shape=shape, type=ir.TensorType(srcs[0].dtype),
                        const_value=ir.LazyTensor(func, dtype=srcs[0].dtype, shape=shape, name=name))
         graph.register_initializer(new)

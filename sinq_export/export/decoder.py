@@ -27,6 +27,7 @@ from ..nn import _joint_groups
 from ..quant.core import kurtosis
 from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
+from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
 from .graph import ExportError
 from .layout import CUSTOM_DOMAIN, EMBEDDING_OP, STOCK_DOMAIN, STOCK_OP, NodeChoice, choose_node
@@ -123,6 +124,16 @@ def _embedding_shape(module: object) -> tuple[int, int] | None:
     return tuple(int(d) for d in emb.weight.shape) if isinstance(emb, Embedding) else None
 
 
+def _default_zero_points(config: SinqConfig, bits: int, choice: NodeChoice,
+                         shared_with: str | None) -> bool:
+    """Whether every zero point is stock MatMulNBits' implied 2^(bits-1), so the node can
+    omit the input: symmetric codes stored at their own width (a 3-bit symmetric zero point,
+    4, is not a 4-bit container's 8). Tables (GatherBlockQuantized) and the head that reads
+    a table keep theirs."""
+    return (config.symmetric and choice.op == STOCK_OP and choice.container_bits == bits
+            and shared_with is None)
+
+
 def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: GraphConfig,
                 tied: bool) -> Plan:
     """Decide every quantized linear's node, container and t placement from the config."""
@@ -146,7 +157,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         bits[EMBEDDING] = graph.embedding_bits
         # a tied head at the same width reads the embedding's record: one table on disk
         shared_head = tied and bits.get("lm_head") == graph.embedding_bits
-    groups = _joint_groups(bits, bits) if config.shared_col_scale else []
+    groups = _joint_groups(bits, bits, config.shared_col_scale)
     units = {n: (n,) for n in bits}
     for g in groups:
         for n in g:
@@ -186,12 +197,13 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             modes[n] = "mul"
     if shared_head:
         choices["lm_head"] = NodeChoice(STOCK_OP, STOCK_DOMAIN, graph.embedding_bits, False)
+    shared = {n: EMBEDDING if shared_head and n == "lm_head" else None for n in bits}
     linears = {
         n: builder.LinearPlan(
             name=n, shape=shapes[n][0], bits=bits[n], group_size=config.group_size,
             choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
-            accuracy_level=graph.accuracy_level,
-            shared_with=EMBEDDING if shared_head and n == "lm_head" else None)
+            accuracy_level=graph.accuracy_level, shared_with=shared[n],
+            zero_points=not _default_zero_points(config, bits[n], choices[n], shared[n]))
         for n in bits
     }
     if shared_head:
@@ -201,7 +213,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
 
 def _uses(plan: Plan) -> dict[str, int]:
     """How many lazy tensors read each record (so the cache knows when to drop it)."""
-    uses = {n: 3 + int(p.col_scale_input) for n, p in plan.linears.items()
+    uses = {n: 2 + int(p.zero_points) + int(p.col_scale_input) for n, p in plan.linears.items()
             if p.shared_with is None}
     for src in plan.norm_folds.values():
         uses[src] += 1
@@ -228,11 +240,15 @@ def _copy_ops_library(out: Path) -> None:
         raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
 
 
-def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
-    """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md)."""
+def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]) -> dict[str, dict]:
+    """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md); a linear packed with
+    others (q/k/v) names the packed node and its ``rows`` of it."""
     out = {}
     for name, p in plan.linears.items():
         owner = p.shared_with or name
+        rows = [0, p.shape[0]]
+        if name in packed:
+            owner, rows = packed[name].owner, [packed[name].start, packed[name].stop]
         node = builder.node_of(model, f"{owner}.qweight", p.choice.op)
         output = node.outputs[0]
         users = [u.node for u in output.uses()]
@@ -250,11 +266,11 @@ def _layer_records(model: ir.Model, plan: Plan) -> dict[str, dict]:
             "initializers": {
                 "packed": f"{owner}.qweight",
                 "scales": f"{owner}.scales",
-                "zero_points": f"{owner}.qzeros",
+                "zero_points": f"{owner}.qzeros" if p.zero_points else None,
                 "col_scale": f"{owner}.col_scale" if p.col_scale_input else None,
             },
             "shared_with": p.shared_with,
-            "rows": [0, p.shape[0]],
+            "rows": rows,
             "col_scale_mode": mode,
             "folded_into": p.col_scale.split(":", 1)[1] if mode == "fold" else None,
             "output_scaled_by": next((s for t, s in plan.row_scale_from.items() if t == name), None),
@@ -338,6 +354,7 @@ def export_causal_lm(
         with stages.stage("build"):
             builder.replace_linears(module, plan.linears)
             model = builder.build_graph(module, cfg)
+            packed = pack_qkv(model)
             model.ir_version = IR_VERSION
             model.producer_name = "sinq-export"
             model.producer_version = versions()["sinq_export"] or ""
@@ -352,7 +369,7 @@ def export_causal_lm(
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)
             builder.fold_constant_transposes(model)
-            layers = _layer_records(model, plan)
+            layers = _layer_records(model, plan, packed)
         with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
                                protect=[folder]) as tmp_out:
             with stages.stage("write"):
