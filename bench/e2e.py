@@ -46,51 +46,27 @@ sys.path.insert(0, str(ROOT))
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genai-int4": ("onnxruntime-genai builder int4 (-p int4 -e cpu)", ()),
     "sinq4": ("SINQ 4-bit g64, lm_head + embedding float, acc4",
-              ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "4")),
+              ("--lm-head-bits", "float", "--embedding-bits", "float")),
     "sinq4-acc0": ("SINQ 4-bit g64, lm_head + embedding float, acc0",
                    ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "0")),
     "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, embedding float, acc4",
-                   ("--lm-head-bits", "8", "--embedding-bits", "float", "--accuracy-level", "4")),
-    "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), acc4: "
-                        "the `sinq-export model` default", ("--bits", "4")),
-    "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit (one shared table), acc4",
-                        ("--lm-head-bits", "4", "--embedding-bits", "4", "--accuracy-level", "4")),
-    "sinq4-lmh4-emb4-fold": ("SINQ 4-bit all, every shared t folded, q/k/v packed, acc4",
-                             ("--lm-head-bits", "4", "--embedding-bits", "4", "--accuracy-level", "4",
-                              "--col-scale", "fold", "--shared-col-scale", "all")),
-    "sinq4-lmh4-emb4-foldmlp": ("SINQ 4-bit all, gate/up t shared and folded, down's into up, acc4",
-                                ("--lm-head-bits", "4", "--embedding-bits", "4",
-                                 "--accuracy-level", "4", "--col-scale", "fold",
-                                 "--shared-col-scale", "mlp")),
-    "sinq4-lmh8-emb8-fold": ("SINQ 4-bit, head + embedding 8-bit, every shared t folded, q/k/v "
-                             "packed, acc4", ("--col-scale", "fold", "--shared-col-scale", "all")),
-    "sinq4-lmh8-emb8-foldmlp": ("SINQ 4-bit, head + embedding 8-bit, gate/up t shared and "
-                                "folded, down's into up, acc4",
-                                ("--col-scale", "fold", "--shared-col-scale", "mlp")),
-    "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero points), head + embedding 8-bit, acc4",
+                   ("--lm-head-bits", "8", "--embedding-bits", "float")),
+    "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), t folded where "
+                        "exact, acc4: the `sinq-export model` default", ("--bits", "4")),
+    "sinq4-lmh8-emb8-mul": ("the same with every t as a Mul (the previous default)",
+                            ("--col-scale", "mul")),
+    "sinq4-lmh8-emb8-packed": ("the default + q/k/v and gate/up sharing one t (folded), q/k/v "
+                               "packed into one node", ("--shared-col-scale", "all")),
+    "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit (one shared table), t folded where "
+                        "exact, acc4", ("--lm-head-bits", "4", "--embedding-bits", "4")),
+    "sinq4-lmh4-emb4-packed": ("SINQ 4-bit all + shared t folded, q/k/v packed",
+                               ("--lm-head-bits", "4", "--embedding-bits", "4",
+                                "--shared-col-scale", "all")),
+    "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero-point input), head + embedding 8-bit, acc4",
                   ("--group-size", "32", "--symmetric")),
-    "sinq4g32s-foldmlp": ("SINQ 4-bit g32 symmetric, head + embedding 8-bit, gate/up t shared "
-                          "and folded, down's into up, acc4",
-                          ("--group-size", "32", "--symmetric", "--col-scale", "fold",
-                           "--shared-col-scale", "mlp")),
     "sinq4g32s-lmh4-emb4": ("SINQ 4-bit g32 symmetric all, head + embedding 4-bit, acc4",
                             ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
                              "--embedding-bits", "4")),
-    "sinq4-fold": ("SINQ 4-bit g64, head + embedding 8-bit, t folded where exact without sharing "
-                   "(down's into up rows, head's into the final norm), acc4",
-                   ("--col-scale", "fold")),
-    "sinq4g32s-fold": ("SINQ 4-bit g32 symmetric, head + embedding 8-bit, t folded where exact "
-                       "without sharing, acc4",
-                       ("--group-size", "32", "--symmetric", "--col-scale", "fold")),
-    "sinq4g32s-lmh4-emb4-fold1": ("SINQ 4-bit g32 symmetric all, t folded where exact without "
-                                  "sharing, acc4",
-                                  ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
-                                   "--embedding-bits", "4", "--col-scale", "fold")),
-    "sinq4g32s-lmh4-emb4-fold": ("SINQ 4-bit g32 symmetric all, every shared t folded, q/k/v "
-                                 "packed, acc4",
-                                 ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
-                                  "--embedding-bits", "4", "--col-scale", "fold",
-                                  "--shared-col-scale", "all")),
 }
 
 

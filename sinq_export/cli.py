@@ -265,32 +265,45 @@ def _require_custom_ops(args: argparse.Namespace) -> None:
         runtime_ops.require(" / ".join(wants))
 
 
-def _allocated_config(source, config: SinqConfig) -> SinqConfig:  # noqa: ANN001
-    """Per-layer widths for ``--avg-bits`` / ``--max-size``: the sensitivity pass needs the float
-    model once (the export itself still streams)."""
+def _planned_records(source, config: SinqConfig, progress: bool):  # noqa: ANN001, ANN202
+    """(config, records, manifest sections) for ``--calibrate`` / ``--avg-bits`` / ``--max-size``.
+
+    Both need the float model in memory once: the allocation measures per-layer sensitivity
+    on it, calibration runs it block by block to collect each linear's input statistics (and
+    then quantizes there, so the records are handed to the export). The export itself still
+    streams everything else (tables, norms, float tensors) from the checkpoint.
+    """
     from .models import load_causal_lm
-    from .nn import plan_quantization
+    from .nn import plan_quantization, quantize_model, quantized_layers
 
     model, tokenizer = load_causal_lm(source)
-    return plan_quantization(model, tokenizer, config).config
+    plan = plan_quantization(model, tokenizer, config)
+    records = None
+    if plan.config.calibrate:
+        quantize_model(model, plan.config, progress=progress, calibration=plan.calibration)
+        records = {name: m.record for name, m in quantized_layers(model).items()}
+    return plan.config, records, plan.manifest
 
 
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
+    from .export.manifest import MANIFEST_MARKER
+    from .io import check_output
+    from .models import default_model_dir
 
     config = config_from_args(args)
     _require_custom_ops(args)
     source = resolve_model_input(args.model_dir)
-    if config.calibrate:
-        raise UsageError("--calibrate is not available for `model` yet (the streamed export "
-                         "quantizes without activations); use `sinq-export quantize --calibrate`")
-    if config.avg_bits is not None or config.max_size_mb is not None:
-        config = _allocated_config(source, config)
+    records, extra = None, None
+    if config.calibrate or config.avg_bits is not None or config.max_size_mb is not None:
+        check_output(Path(args.output), overwrite=args.overwrite, marker=MANIFEST_MARKER,
+                     protect=[source or default_model_dir()])  # refuse before the minutes of work
+        config, records, extra = _planned_records(source, config, progress=not args.json)
     try:
         result = export_causal_lm(
             source, args.output, config, graph_config_from_args(args),
             overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
-            allow_unquantized=args.allow_unquantized,
+            allow_unquantized=args.allow_unquantized, records=records, manifest_extra=extra,
         )
     except ExportError as exc:
         raise UsageError(str(exc)) from exc

@@ -216,6 +216,36 @@ def test_symmetric_export_omits_default_zero_points(tmp_path, family):
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
 
 
+def test_precomputed_calibrated_records_are_what_ships(tmp_path):
+    """A calibrated pass (`quantize_model` with calibration windows, A-SINQ + GPTQ) hands its
+    records to the streamed export: the ONNX model computes the calibrated torch model, and
+    the records differ from a calibration-free export's (so they were used, not re-made)."""
+    model = make_model_dir(tmp_path / "hf", "qwen2", seed=3)
+    cfg = CFG.replace(calibrate=True, lm_head_bits=None)
+    windows = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, cfg, progress=False, calibration=windows)
+    from sinq_export.nn import quantized_layers
+
+    records = {n: m.record for n, m in quantized_layers(model).items()}
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False,
+                           records=records, manifest_extra={"calibration": {"tokens": 128}})
+    assert res.manifest["calibration"] == {"tokens": 128} and res.manifest["config"]["calibrate"]
+    torch_run, fed = run_torch_lm(model, PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    free = export_causal_lm(tmp_path / "hf", tmp_path / "free", CFG.replace(lm_head_bits=None),
+                            progress=False)
+    name = "model.layers.0.mlp.down_proj.qweight"
+    got = {d: onnx.load(str(tmp_path / d / "model.onnx")) for d in ("out", "free")}
+    arrays = {d: next(onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name == name)
+              for d, m in got.items()}
+    assert not np.array_equal(arrays["out"], arrays["free"]) and free.manifest.get("calibration") is None
+    bad = {**records, "model.layers.0.mlp.up_proj": records["model.layers.0.mlp.down_proj"]}
+    with pytest.raises(ExportError, match="up_proj: given record"):
+        export_causal_lm(tmp_path / "hf", tmp_path / "bad", cfg, progress=False, records=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_two_exports_are_byte_identical(tmp_path):
     make_model_dir(tmp_path / "hf", "llama")
     for name in ("a", "b"):

@@ -66,6 +66,8 @@ def test_export_folder(export4):
     assert man["graph"]["col_scale"] == "fold"
     assert man["layers"]["model.layers.3.mlp.down_proj"]["folded_into"] == "model.layers.3.mlp.up_proj"
     assert man["source"]["path"] == str(default_model_dir())
+    # the bundled model comes from a Q4_1 GGUF: the manifest says so
+    assert man["source"]["quantization"]["tensor_types"]["Q4_1"] == 210
     sizes = man["sizes"]
     print(f"onnx bytes {sizes['onnx_bytes']}, summary timings {summary['timings_s']}")
     assert sizes["onnx_bytes"] < 140e6  # fp32 SmolLM2 is 540 MB

@@ -25,6 +25,7 @@ from ..io import atomic_output_dir, check_output, write_json
 from ..models import ModelLoadError, hub_offline
 from ..nn import _joint_groups
 from ..quant.core import kurtosis
+from ..quant.record import QuantizedWeight
 from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
 from .fusions import PackedRows, pack_qkv
@@ -156,7 +157,8 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         shapes[EMBEDDING] = (embedding, False)
         bits[EMBEDDING] = graph.embedding_bits
         # a tied head at the same width reads the embedding's record: one table on disk
-        shared_head = tied and bits.get("lm_head") == graph.embedding_bits
+        shared_head = (tied and bits.get("lm_head") == graph.embedding_bits
+                       and config.group_size_for("lm_head") == config.group_size)
     groups = _joint_groups(bits, bits, config.shared_col_scale)
     units = {n: (n,) for n in bits}
     for g in groups:
@@ -200,7 +202,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     shared = {n: EMBEDDING if shared_head and n == "lm_head" else None for n in bits}
     linears = {
         n: builder.LinearPlan(
-            name=n, shape=shapes[n][0], bits=bits[n], group_size=config.group_size,
+            name=n, shape=shapes[n][0], bits=bits[n], group_size=config.group_size_for(n),
             choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
             accuracy_level=graph.accuracy_level, shared_with=shared[n],
             zero_points=not _default_zero_points(config, bits[n], choices[n], shared[n]))
@@ -209,6 +211,19 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     if shared_head:
         del units["lm_head"], sources["lm_head"]
     return Plan(linears, sources, units, row_scale_from, norm_folds)
+
+
+def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
+    """Precomputed records must be what the plan would have quantized (name, shape, bits)."""
+    for name, record in records.items():
+        p = plan.linears.get(name)
+        if p is None or p.shared_with is not None:
+            continue  # not exported as its own record (kept float, or a table's tied head)
+        if tuple(record.shape) != tuple(p.shape) or record.bits != p.bits \
+                or record.group_size != p.group_size:
+            raise ExportError(f"{name}: given record is {record.bits}-bit g{record.group_size} "
+                              f"{list(record.shape)}, the plan wants {p.bits}-bit "
+                              f"g{p.group_size} {list(p.shape)}")
 
 
 def _uses(plan: Plan) -> dict[str, int]:
@@ -319,6 +334,8 @@ def export_causal_lm(
     progress: bool = True,
     with_reference: bool = False,
     allow_unquantized: bool = False,
+    records: Mapping[str, QuantizedWeight] | None = None,
+    manifest_extra: Mapping[str, object] | None = None,
 ) -> ExportResult:
     """Quantize a HF causal LM with SINQ and write OUT_DIR (docs/export-format.md).
 
@@ -326,6 +343,11 @@ def export_causal_lm(
     ``OUT_DIR/reference`` (the PyTorch model, for validating away from the source folder; it
     loads the float model, unlike the export itself). An export that quantizes nothing is an
     error unless ``allow_unquantized``.
+
+    ``records``: linears already quantized (e.g. calibrated by `nn.quantize_model` on the float
+    model, which a calibrated export needs in memory anyway); each must match the plan's shape
+    and width, and the rest are quantized from the checkpoint as usual. ``manifest_extra``:
+    further manifest sections (``calibration``, ``allocation``).
     """
     from ..models import default_model_dir
 
@@ -350,6 +372,7 @@ def export_causal_lm(
             if not plan.linears and not allow_unquantized:
                 raise ExportError("the config quantizes no linear layer (check --exclude / "
                                   "--include); pass allow_unquantized to export a float model")
+            _check_records(records or {}, plan)
             _check_disk(ckpt, plan, config, graph_config, out_dir)
         with stages.stage("build"):
             builder.replace_linears(module, plan.linears)
@@ -361,7 +384,7 @@ def export_causal_lm(
             model.graph.name = "sinq-export-decoder"
             cache = RecordCache(ckpt, config, sources=plan.sources, units=plan.units,
                                 bits={n: p.bits for n, p in plan.linears.items()},
-                                uses=_uses(plan))
+                                uses=_uses(plan), precomputed=records)
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n),
                                          flat=p.choice.op == EMBEDDING_OP)
@@ -383,7 +406,8 @@ def export_causal_lm(
                                n.op_type == "GroupQueryAttention" for n in model.graph)))
                 if with_reference:
                     _write_reference(folder, tmp_out, config)
-                manifest = _manifest(model, plan, layers, config, graph_config, folder, tmp_out)
+                manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
+                                        tmp_out), **(manifest_extra or {})}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / ONNX_FILE), full_check=False)

@@ -56,11 +56,16 @@ def onnx_section(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def source_section(folder: Path | None) -> dict[str, Any]:
-    """Where the float weights came from: what `validate` rebuilds its reference from."""
+    """Where the float weights came from: what `validate` rebuilds its reference from, and for
+    a folder converted from a GGUF which quantization types that file held (re-quantizing
+    already-quantized weights compounds their error: docs/gguf.md)."""
+    from ..gguf import source_quantization
+
     if folder is None:
-        return {"path": None, "config_sha256": None}
+        return {"path": None, "config_sha256": None, "quantization": None}
     digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
-    return {"path": str(folder.absolute()), "config_sha256": digest}
+    return {"path": str(folder.absolute()), "config_sha256": digest,
+            "quantization": source_quantization(folder)}
 
 
 def build_manifest(
