@@ -212,3 +212,23 @@ def test_quantized_weights_are_within_one_step_and_a_flipped_code_is_not(
                             rec.col_scale, bits, 16, rec.shape)
     if bits > 2:  # a 2-bit code moved to the other end is only 2-3 steps away
         assert quantization_steps(w, moved) > WEIGHT_STEP_LIMIT
+
+
+@given(seed=st.integers(0, 99), bits=st.sampled_from([3, 4]))
+def test_rms_steps_pass_gptq_rounding_and_flag_another_layers_weight(seed, bits):
+    """GPTQ's codes sit several steps from round-to-nearest by design, so a calibrated export
+    is checked on RMS steps: within the limit for GPTQ, far past it for a swapped tensor."""
+    from sinq_export.quant.calibrate import LayerStats
+    from sinq_export.quant.methods import SINQConfig, quantize
+    from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
+    from sinq_export.validate.rebuild import quantization_steps
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 64, generator=gen)
+    x = torch.randn(256, 64, generator=gen) @ torch.randn(64, 64, generator=gen)  # correlated
+    stats = LayerStats(64)
+    stats.add(x)
+    rec = quantize(w, SINQConfig(bits=bits, group_size=16), calibration=stats)
+    assert quantization_steps(w, rec, rms=True) <= WEIGHT_STEP_LIMIT
+    other = torch.randn(32, 64, generator=gen)
+    assert quantization_steps(other, rec, rms=True) > WEIGHT_STEP_LIMIT

@@ -146,7 +146,10 @@ def validate(
 
         ref_layers = quantized_layers(reference)
         if src is not None and src.kind == "source":  # ONNX weights vs the source weights
-            weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers)
+            config = info.meta.get("config") or {}
+            weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers,
+                                        compensated=bool(config.get("calibrate")
+                                                         and config.get("gptq", True)))
         missing = sorted(n for n, m in info.layers.items()
                          if m.get("op", QUANT_OPS[0]) in QUANT_OPS and n not in ref_layers)
         if missing:
