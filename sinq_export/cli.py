@@ -478,10 +478,18 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# Signals received during this `main` call. The handler's exception can be swallowed on its
+# way up: raised inside a C extension's call (numpy's ``tofile`` under onnx_ir's writer), it
+# comes out as that extension's own error (a TypeError). Whatever surfaces after a signal is
+# therefore reported as the interruption it is.
+_RECEIVED: list[int] = []
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
     # One signal is enough: later ones are ignored so that the cleanup it starts can finish.
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
 
 
@@ -554,14 +562,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(msg: object) -> None:  # one line, whatever the message (library texts span lines)
         print(f"{prefix} {' '.join(str(msg).split())}", file=sys.stderr)
 
+    def interrupted(signum: int) -> int:
+        print(f"sinq-export {args.command}: interrupted by {signal.Signals(signum).name}; "
+              "partial output removed", file=sys.stderr)
+        return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+
+    _RECEIVED.clear()
     with _signals_as_exceptions(), verbosity.cli_output(args.verbose):
         try:
-            return run(args)
+            try:
+                return run(args)
+            except Exception:
+                if _RECEIVED:  # the signal's exception was replaced on its way up (_RECEIVED)
+                    raise Interrupted(_RECEIVED[0]) from None
+                raise
         except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", signal.SIGINT)
-            print(f"sinq-export {args.command}: interrupted by {signal.Signals(signum).name}; "
-                  "partial output removed", file=sys.stderr)
-            return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+            return interrupted(getattr(exc, "signum", signal.SIGINT))
         except OutputError as exc:
             say(exc)
             return EXIT_OUTPUT

@@ -521,3 +521,24 @@ def test_validate_report_under_a_file_fails_before_validating(tmp_path, capsys):
                         str(tmp_path / "report.pdf" / "r.json")], capsys)
     assert rc == EXIT_OUTPUT
     assert_one_error_line(err, str(tmp_path / "report.pdf"), "ENOTDIR")
+
+
+def test_a_signal_whose_exception_an_extension_replaced_is_still_the_signal(monkeypatch, capsys):
+    """SIGTERM raised inside a C extension's call can come out as that extension's own error
+    (numpy's ``tofile`` under onnx_ir's writer turned it into a TypeError): still exit 143 and
+    the one interruption line, never "internal error"."""
+    import os
+
+    from sinq_export import cli
+
+    def run(args):  # noqa: ANN001, ANN202
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise TypeError("expected str, bytes or os.PathLike object, not BufferedWriter") from None
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", (cli.COMMANDS["eval"][0], run))
+    assert cli.main(["eval"]) == cli.EXIT_SIGTERM
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM" in err and "internal error" not in err
