@@ -251,6 +251,24 @@ def test_precomputed_calibrated_records_are_what_ships(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_lm_head_group_size_reaches_the_graph(tmp_path):
+    """A finer head group (``lm_head_group_size``) is the head node's block size; a tied head
+    at another group size than the table gets its own record instead of sharing it."""
+    make_model_dir(tmp_path / "hf", "llama", seed=4)
+    cfg = CFG.replace(lm_head_group_size=16)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(embedding_bits=4),
+                           progress=False)
+    head = res.manifest["layers"]["lm_head"]
+    assert head["group_size"] == 16 and head["shared_with"] is None
+    assert res.manifest["layers"]["model.embed_tokens"]["group_size"] == 32
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    node = next(n for n in graph.node if n.name == head["node"])
+    assert {a.name: a.i for a in node.attribute}["block_size"] == 16
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
 def test_two_exports_are_byte_identical(tmp_path):
     make_model_dir(tmp_path / "hf", "llama")
     for name in ("a", "b"):
