@@ -154,7 +154,7 @@ def resolve_model_input(model: str | os.PathLike | None) -> Path | None:
         gguf_file = find_in_folder(path)
         return convert(gguf_file) if gguf_file else path
     if path.suffix.lower() == GGUF_SUFFIX or (path.is_file() and _starts_with_magic(path)):
-        return models.default_model_dir() if _is_bundled(path) else convert(path)
+        return convert(path)
     return path
 
 
@@ -278,12 +278,15 @@ def _apply_umask(folder: Path) -> None:
 def convert(path: str | os.PathLike, *, name: str | None = None) -> Path:
     """The cached HF folder of GGUF ``path``, converting it first if needed; returns the folder.
 
-    ``name``: cache folder name (default `cache_name`). The file is checked (`inspect`) before
-    anything is written; conversion goes into a temp folder inside the cache (same filesystem),
-    the marker is written last, then the folder is renamed into place, so an aborted,
-    failed or concurrent run never leaves a folder that looks complete.
+    ``name``: cache folder name (default `cache_name`); the bundled GGUF, however it is named
+    (by path, or through the folder holding it), is the default model's folder. The file is
+    checked (`inspect`) before anything is written; conversion goes into a temp folder inside
+    the cache (same filesystem), the marker is written last, then the folder is renamed into
+    place, so an aborted, failed or concurrent run never leaves a folder that looks complete.
     """
     path = _existing_file(path)
+    if name is None and _is_bundled(path):
+        return models.default_model_dir()
     root = cache_dir()
     final = root / (name or cache_name(path))
     if _is_current(final, path):

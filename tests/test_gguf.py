@@ -249,6 +249,7 @@ def test_default_model_dir_uses_the_same_conversion(tmp_path, cache, monkeypatch
     shutil.copy2(path, other_copy)
     monkeypatch.setattr(models, "find_bundled_gguf", lambda: other_copy)
     assert sg.resolve_model_input(other_copy) == final and len(calls) == 1
+    assert sg.resolve_model_input(other_copy.parent) == final and len(calls) == 1  # its folder
 
 
 # --------------------------------------------------------------------------- real GGUF files
