@@ -180,14 +180,13 @@ def validate(
             continue
         start = time.perf_counter()
         pr.tolerance = tolerance_for(name, level, info.dtype)
-        # ONNX-only: greedy tokens from the first provider's own logits
         run = run_ort_lm if is_lm else run_ort_module
         inputs = (prefill, decode_steps if decode_tokens is None else decode_tokens) if is_lm \
             else (feeds,)
         ort_run = _provider_run(plain, info, name, pr, "a session", run, inputs)
         if ort_run is None:
             continue
-        if is_lm:
+        if is_lm:  # ONNX-only: greedy tokens from the first provider's own logits
             decode_tokens = ort_run.fed
         inputs = (prefill, decode_tokens) if is_lm else (feeds,)
         probe_run = _provider_run(probe, info, name, pr, "the probe session", run, inputs,
