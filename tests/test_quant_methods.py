@@ -7,20 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_quant import outlier_matrix  # the suite's heavy-row/column weight
 
 from sinq_export.quant import METHODS, QuantizedWeight, SINQConfig, make_config, quantize
 from sinq_export.quant.allocate import allocate, layer_bytes
 from sinq_export.quant.calibrate import LayerStats, output_error
 from sinq_export.quant.gptq import gptq_codes
 from sinq_export.quant.rtn import SHRINK_GRID, minmax_params, search_params
-
-
-def outlier_matrix(n=64, k=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.02
-    w *= torch.exp(torch.randn(n, 1, generator=g) * 0.6)
-    w *= torch.exp(torch.randn(1, k, generator=g) * 0.6)
-    return w
 
 
 def correlated_stats(k, seed=0, tokens=512):
