@@ -57,7 +57,7 @@ def feeds(sess: ort.InferenceSession, folder: Path, past: int) -> dict[str, np.n
 
 
 def main(argv: list[str] | None = None) -> int:
-    from e2e import VARIANTS
+    from e2e import VARIANTS, rotated
 
     from sinq_export.models import cache_dir
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = (sess, f, [])
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     for b in range(args.blocks):
-        for name in names[b % len(names):] + names[: b % len(names)]:
+        for name in rotated(names, b):
             sess, f, times = runs[name]
             for _ in range(args.steps):
                 t = clock()

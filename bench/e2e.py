@@ -70,6 +70,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def rotated(names: list[str], k: int) -> list[str]:
+    """``names`` started at position ``k`` (mod len): round ``k``'s order, so no variant always
+    runs first (or right after the same neighbour)."""
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
 def log(msg: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -232,20 +239,22 @@ def main(argv: list[str] | None = None) -> int:
               "--decode-steps", str(args.decode_steps)]
     runs: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
         log(f"round {r + 1}/{args.rounds}")
-        for name in order:
+        for name in rotated(names, r):
             folder = folders[name]
             for loop, script, extra in (
                     ("genai", "_e2e_genai.py", ["--model-dir", str(folder)]),
                     ("ort", "_e2e_worker.py", ["--model", str(onnx_file(folder)), "--threads", "2",
                                                *ops_library(folder)])):
                 runs.setdefault((name, loop), []).append(run_worker(script, [*extra, *common]))
+    def decode_rates(name: str, loop: str) -> list[float]:
+        return [args.decode_steps / min(x["decode_s"]) for x in runs[name, loop]]
+
     results = []
     for name in names:
         row = rows[name]
         for loop in ("genai", "ort"):
-            decode = [args.decode_steps / min(x["decode_s"]) for x in runs[name, loop]]
+            decode = decode_rates(name, loop)
             prefill = [args.prompt_tokens / min(x["prefill_s"]) for x in runs[name, loop]]
             row[loop] = {"decode_tok_s": statistics.median(decode),
                          "prefill_tok_s": statistics.median(prefill),
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                          "peak_rss_mb": max(x["peak_rss_kb"] for x in runs[name, loop]) / 1024,
                          "effective_gbs": statistics.median(decode) * row["bytes_per_token"] / 1e9}
             if "genai-int4" in names:
-                base = [args.decode_steps / min(x["decode_s"]) for x in runs["genai-int4", loop]]
+                base = decode_rates("genai-int4", loop)
                 row[loop]["x_genai_int4"] = statistics.median(d / b for d, b in zip(decode, base))
         log(f"{name}: perplexity")
         row["ppl"] = perplexity(folders[name], windows)
