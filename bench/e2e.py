@@ -51,9 +51,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                    ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "0")),
     "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, embedding float, acc4",
                    ("--lm-head-bits", "8", "--embedding-bits", "float")),
-    "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), t folded where "
-                        "exact, acc4: the `sinq-export model` default", ("--bits", "4")),
-    "sinq4-lmh8-emb8-mul": ("the same with every t as a Mul (the previous default)",
+    "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), gate/up share "
+                        "one t, t folded where exact, acc4: the `sinq-export model` default",
+                        ("--bits", "4")),
+    "sinq4-lmh8-emb8-none": ("the same with a t per linear (q's and gate's t in the norms, k/v/up "
+                             "multiply by a ratio)", ("--shared-col-scale", "none")),
+    "sinq4-lmh8-emb8-mul": ("the default with every t as a Mul",
                             ("--col-scale", "mul")),
     "sinq4-lmh8-emb8-packed": ("the default + q/k/v and gate/up sharing one t (folded), q/k/v "
                                "packed into one node", ("--shared-col-scale", "all")),

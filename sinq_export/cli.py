@@ -106,12 +106,15 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     return SinqConfig(**fields)
 
 
-# `sinq-export model` defaults, chosen by bench/e2e.py and bench/decode_step.py on SmolLM2
-# (docs/export-format.md, "Defaults"): int8 activations, an 8-bit lm_head and embedding table
-# (one shared table when tied), t folded where exact (down_proj's into up_proj's rows, the
-# head's into the final norm: same numbers, 31 fewer nodes). The library's own defaults
-# (SinqConfig, GraphConfig) stay exact and plain: float head, acc 0, t as Mul.
-MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 8, "embedding_bits": 8, "col_scale": "fold"}
+# `sinq-export model` defaults, chosen by bench/e2e.py, bench/decode_step.py and the perplexity
+# table on SmolLM2 and Qwen2.5 (docs/export-format.md, "Defaults"): int8 activations, an 8-bit
+# lm_head and embedding table (one shared table when tied), gate/up sharing one t (lower
+# perplexity on both models, and that t folds into their norm), t folded where exact
+# (down_proj's into up_proj's rows, q_proj's into the input norm with k/v multiplying by a
+# ratio, the head's into the final norm). The library's own defaults (SinqConfig,
+# GraphConfig) stay exact and plain: float head, acc 0, t as Mul, a t per linear.
+MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 8, "embedding_bits": 8, "col_scale": "fold",
+                  "shared_col_scale": "mlp"}
 FLOAT = "float"
 
 
@@ -205,10 +208,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="column scale t: explicit Mul, fold into norms / up_proj rows where "
                         "exact (default), or fused into the custom op")
     p.add_argument("--shared-col-scale", nargs="?", const="all", choices=SHARED_COL_SCALES,
-                   default=None,
-                   help="one Sinkhorn t for gate/up ('mlp') or also for q/k/v ('all', the value "
-                        "without argument; packs q/k/v into one node): lets --col-scale fold "
-                        "fold it into the norm weights")
+                   default=MODEL_DEFAULTS["shared_col_scale"],
+                   help="one Sinkhorn t for gate/up ('mlp', the default) or also for q/k/v "
+                        "('all', the value without argument; packs q/k/v into one node), or a t "
+                        "per linear ('none'); a shared t folds into the norm weights")
     p.add_argument("--lm-head-bits", type=_width(QUANT_BITS), default=MODEL_DEFAULTS["lm_head_bits"],
                    help="quantize lm_head at this width, or 'float' (default 8)")
     p.add_argument("--lm-head-group-size", type=int, default=None,

@@ -176,10 +176,10 @@ def test_folded_column_scales_match_torch(tmp_path, family, shared):
     cfg = CFG.replace(shared_col_scale=shared)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                            progress=False)
-    per_layer = 1 if shared == "all" else 4  # o_proj (+ q, k, v)
+    per_layer = 1 if shared == "all" else 3  # o_proj (+ k, v: q's t is in the input norm)
     assert res.manifest["mul_nodes"] == 2 * per_layer
     modes = {la["col_scale_mode"] for la in res.manifest["layers"].values()}
-    assert modes == {"fold", "mul"}
+    assert modes == ({"fold", "mul"} if shared == "all" else {"fold", "mul", "ratio"})
     _check_qkv_packing(res.manifest, tmp_path / "out", shared == "all" and family != "qwen3")
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
     run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
@@ -188,6 +188,45 @@ def test_folded_column_scales_match_torch(tmp_path, family, shared):
         from sinq_export.validate import validate
 
         assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lead_column_scale_folds_into_each_norm(tmp_path, family):
+    """col_scale=fold with a t per linear: the first reader of each norm (q_proj, gate_proj)
+    folds its t into the norm weight, the others multiply by their t over the lead's
+    (``ratio``); o_proj keeps its Mul. Same numbers as torch, and validate passes."""
+    model = make_model_dir(tmp_path / "hf", family, seed=4)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, GraphConfig(col_scale="fold"),
+                           progress=False)
+    layers = res.manifest["layers"]
+    assert res.manifest["mul_nodes"] == 2 * 4  # per layer: k, v, up (ratio), o_proj (mul)
+    for i in range(2):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        assert layers[f"{attn}.q_proj"]["folded_into"] == f"model.layers.{i}.input_layernorm"
+        assert layers[f"{mlp}.gate_proj"]["folded_into"] == f"model.layers.{i}.post_attention_layernorm"
+        for name, lead in ((f"{attn}.k_proj", f"{attn}.q_proj"), (f"{attn}.v_proj", f"{attn}.q_proj"),
+                           (f"{mlp}.up_proj", f"{mlp}.gate_proj")):
+            assert layers[name]["col_scale_mode"] == "ratio" and layers[name]["ratio_of"] == lead
+        assert layers[f"{attn}.o_proj"]["col_scale_mode"] == "mul"
+    torch_run, fed = run_torch_lm(reference(model, CFG), PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+def test_no_lead_fold_when_a_norm_reader_stays_float(tmp_path):
+    """A float reader of the input norm (k_proj excluded) would see q's t: nothing folds there."""
+    make_model_dir(tmp_path / "hf", "llama", seed=4)
+    cfg = CFG.replace(exclude=(r"k_proj",))
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                           progress=False)
+    layers = res.manifest["layers"]
+    assert "model.layers.0.self_attn.k_proj" not in layers
+    assert {layers[f"model.layers.0.self_attn.{p}"]["col_scale_mode"] for p in ("q_proj", "v_proj")} \
+        == {"mul"}
+    assert layers["model.layers.0.mlp.up_proj"]["col_scale_mode"] == "ratio"
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -61,8 +61,11 @@ def test_export_folder(export4):
     assert len(man["layers"]) == 212 and man["kind"] == "causal-lm"  # + lm_head + embedding
     assert man["graph"]["accuracy_level"] == 4 and man["layers"]["lm_head"]["bits"] == 8
     assert man["layers"]["lm_head"]["shared_with"] == "model.embed_tokens"
-    # t folded where exact: down_proj's into up_proj's rows (30), the head's into the norm
-    assert man["onnx"]["ir_version"] == 11 and man["mul_nodes"] == 212 - 30 - 1
+    # t folded where exact: down_proj's into up_proj's rows (30), the head's into the norm,
+    # gate/up's shared t into the post-attention norm (60), q_proj's into the input norm (30;
+    # k/v multiply by a ratio): the Muls left are k, v, o_proj per layer and the embedding's
+    assert man["onnx"]["ir_version"] == 11 and man["mul_nodes"] == 212 - 30 - 1 - 60 - 30
+    assert man["config"]["shared_col_scale"] == "mlp"
     assert man["graph"]["col_scale"] == "fold"
     assert man["layers"]["model.layers.3.mlp.down_proj"]["folded_into"] == "model.layers.3.mlp.up_proj"
     assert man["source"]["path"] == str(default_model_dir())

@@ -126,6 +126,30 @@ def test_folded_column_scales_pass(tmp_path_factory):
 
 
 @needs_tokenizer
+def test_lead_fold_keeps_the_weight_check(tmp_path_factory, tmp_path, fixed_tokens, capsys):
+    """col_scale=fold with a t per linear: q's t sits in the input norm and k/v's Muls hold a
+    ratio. The weight check reads t back from the norm, so those layers keep it, and a flipped
+    byte in a ratio layer (identical on both sides of the parity run) still fails there."""
+    out = cached_tiny_export(tmp_path_factory, key="fold-lead", col_scale="fold")
+    layers = json.loads((out / "sinq_export.json").read_text())["layers"]
+    ratio = [n for n, m in layers.items() if m["col_scale_mode"] == "ratio"]
+    assert "model.layers.1.self_attn.k_proj" in ratio
+    r = V.validate(out, token_ids=tiny_tokens(40), tokens=40, decode_steps=3)
+    assert r.passed, r.format_table()
+    (p,) = r.providers
+    steps = {la.name: la.weight_steps for la in p.layers}
+    for name in ratio + [layers[n]["ratio_of"] for n in ratio]:
+        if layers[name]["output_scaled_by"]:  # up_proj: down_proj's t is in its rows
+            assert steps[name] is None
+            continue
+        assert steps[name] is not None and steps[name] <= 1.0 + 1e-4, name
+    layer = "model.layers.1.self_attn.k_proj"
+    bad = corrupt_copy(out, tmp_path / "bad", layer, "byte")
+    code = main(["validate", str(bad), "--tokens", "40", "--decode-steps", "2"])
+    assert code == 1 and f"first diverging layer: {layer}" in capsys.readouterr().out
+
+
+@needs_tokenizer
 def test_accuracy_level_override_is_looser_but_passes_layers(tiny):
     r = V.validate(tiny, token_ids=tiny_tokens(40), tokens=40, decode_steps=2, accuracy_level=4)
     (p,) = r.providers

@@ -54,7 +54,7 @@ class LinearPlan:
     bits: int
     group_size: int
     choice: NodeChoice
-    col_scale: str  # "mul" | "fused" | "none" | "folded:<where>"
+    col_scale: str  # "mul" | "fused" | "none" | "folded:<where>" | "ratio:<lead linear>"
     has_bias: bool
     accuracy_level: int
     shared_with: str | None = None  # a tied head reads this embedding's tensors
@@ -65,7 +65,17 @@ class LinearPlan:
 
     @property
     def col_scale_input(self) -> bool:
-        return self.col_scale in ("mul", "fused")
+        return self.col_scale in ("mul", "fused") or self.ratio_of is not None
+
+    @property
+    def col_scale_mul(self) -> bool:
+        """A Mul in front of the node: by t, or by t over the lead's t already in the norm."""
+        return self.col_scale == "mul" or self.ratio_of is not None
+
+    @property
+    def ratio_of(self) -> str | None:
+        """The linear whose t the input already carries (folded into the norm both read)."""
+        return self.col_scale.split(":", 1)[1] if self.col_scale.startswith("ratio:") else None
 
 
 class SinqMatMul(nn.Module):
@@ -95,7 +105,7 @@ class SinqMatMul(nn.Module):
         attrs = {"K": k, "N": n, "bits": plan.choice.container_bits,
                  "block_size": plan.group_size}
         if plan.choice.op == STOCK_OP:
-            if plan.col_scale == "mul":
+            if plan.col_scale_mul:
                 x = op.Mul(x, self.col_scale)
             zero_points = () if self.qzeros is None else (self.qzeros,)
             y = op.MatMulNBits(x, self.qweight, self.scales, *zero_points,
@@ -103,7 +113,7 @@ class SinqMatMul(nn.Module):
                                **attrs)
             return y if self.bias is None else op.Add(y, self.bias)
         op.builder.graph.opset_imports[plan.choice.domain] = 1
-        if plan.col_scale == "mul":
+        if plan.col_scale_mul:
             x = op.Mul(x, self.col_scale)
         t = self.col_scale if plan.col_scale == "fused" else None
         inputs = [x, self.qweight, self.scales, self.qzeros, t, self.bias]

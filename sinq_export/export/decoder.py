@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,31 +88,61 @@ def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Che
     return kurtosis(w) <= config.kurtosis_gate
 
 
+def _norm_read_by(name: str) -> str | None:
+    """The norm weight whose output ``name`` reads, in Llama-family decoders (every type in
+    `builder.SUPPORTED_MODEL_TYPES`): q/k/v (Phi3's fused qkv_proj) read ``input_layernorm``'s
+    output, gate/up (gate_up_proj) ``post_attention_layernorm``'s, ``lm_head`` the final norm."""
+    parent, _, leaf = name.rpartition(".")
+    layer = parent.rpartition(".")[0]
+    if leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj"):
+        return f"{layer}.input_layernorm.weight"
+    if leaf in ("gate_proj", "up_proj", "gate_up_proj"):
+        return f"{layer}.post_attention_layernorm.weight"
+    return "model.norm.weight" if name == "lm_head" else None
+
+
 def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapping[str, int],
                   offset_norms: bool) -> tuple[str, str] | None:
     """('norm', initializer) or ('rows', linear) where ``name``'s t folds exactly, else None.
 
-    Llama-family decoders (every type in `builder.SUPPORTED_MODEL_TYPES`): q/k/v (Phi3's fused
-    qkv_proj) read ``input_layernorm``'s output and gate/up (gate_up_proj)
-    ``post_attention_layernorm``'s, so a t they share (one joint unit) multiplies that norm's
-    weight; ``down_proj`` reads ``act(gate) * up``, so its t multiplies ``up_proj``'s output
-    rows; ``lm_head`` reads the final norm only. Norms computed as ``x * (1 + w)``
-    (``offset_norms``: Gemma) cannot absorb a t into ``w``; only the row fold applies.
+    A t that every reader of a norm shares (one joint unit, or a single reader) multiplies that
+    norm's weight; ``down_proj`` reads ``act(gate) * up``, so its t multiplies ``up_proj``'s
+    output rows. Norms computed as ``x * (1 + w)`` (``offset_norms``: Gemma) cannot absorb a t
+    into ``w``; only the row fold applies.
     """
     parent, _, leaf = name.rpartition(".")
-    layer = parent.rpartition(".")[0]
-    unit = units[name]
     if leaf == "down_proj" and f"{parent}.up_proj" in planned:
         return ("rows", f"{parent}.up_proj")
-    if offset_norms:
+    norm = _norm_read_by(name)
+    if offset_norms or norm is None:
         return None
-    if leaf in ("q_proj", "k_proj", "v_proj") and len(unit) == 3 or leaf == "qkv_proj":
-        return ("norm", f"{layer}.input_layernorm.weight")
-    if leaf in ("gate_proj", "up_proj") and len(unit) == 2 or leaf == "gate_up_proj":
-        return ("norm", f"{layer}.post_attention_layernorm.weight")
-    if name == "lm_head":
-        return ("norm", "model.norm.weight")
+    joint = {"q_proj": 3, "k_proj": 3, "v_proj": 3, "gate_proj": 2, "up_proj": 2}
+    if len(units[name]) == joint.get(leaf, 1):
+        return ("norm", norm)
     return None
+
+
+def _fold_lead_into_norms(modes: dict[str, str], norm_folds: dict[str, str],
+                          linears: Sequence[str]) -> None:
+    """Readers of one norm with their own t: the first one's t goes into the norm weight,
+    each other reader multiplies by its t over the first's (``ratio:<lead>``).
+
+    ``(x * w * t_q) * (t_k / t_q) = (x * w) * t_k``: exact, and one Mul fewer per norm (q/k/v:
+    three Muls become two; gate/up: two become one). Only when every reader of the norm is a
+    quantized linear applying its t by a Mul (a float reader would see the scaled norm).
+    """
+    readers: dict[str, list[str]] = defaultdict(list)
+    for name in linears:
+        if (norm := _norm_read_by(name)) is not None:
+            readers[norm].append(name)
+    for norm, names in readers.items():
+        if norm in norm_folds or len(names) < 2 or any(modes.get(n) != "mul" for n in names):
+            continue
+        lead = names[0]
+        norm_folds[norm] = lead
+        modes[lead] = f"folded:{norm.removesuffix('.weight')}"
+        for n in names[1:]:
+            modes[n] = f"ratio:{lead}"
 
 
 EMBEDDING = "model.embed_tokens"
@@ -197,6 +228,8 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             modes[n] = f"folded:{where.removesuffix('.weight')}"
         else:
             modes[n] = "mul"
+    if graph.col_scale == "fold" and not offset_norms:
+        _fold_lead_into_norms(modes, norm_folds, list(shapes))
     if shared_head:
         choices["lm_head"] = NodeChoice(STOCK_OP, STOCK_DOMAIN, graph.embedding_bits, False)
     shared = {n: EMBEDDING if shared_head and n == "lm_head" else None for n in bits}
@@ -232,6 +265,9 @@ def _uses(plan: Plan) -> dict[str, int]:
             if p.shared_with is None}
     for src in plan.norm_folds.values():
         uses[src] += 1
+    for p in plan.linears.values():
+        if (lead := p.ratio_of) is not None:
+            uses[lead] += 1
     for target, src in plan.row_scale_from.items():
         uses[src] += 1 + int(plan.linears[target].has_bias)
     return uses
@@ -288,6 +324,7 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             "rows": rows,
             "col_scale_mode": mode,
             "folded_into": p.col_scale.split(":", 1)[1] if mode == "fold" else None,
+            "ratio_of": p.ratio_of,
             "output_scaled_by": next((s for t, s in plan.row_scale_from.items() if t == name), None),
         }
     return out
@@ -387,7 +424,8 @@ def export_causal_lm(
                                 uses=_uses(plan), precomputed=records)
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n),
-                                         flat=p.choice.op == EMBEDDING_OP)
+                                         flat=p.choice.op == EMBEDDING_OP,
+                                         col_scale_over=p.ratio_of)
                         for n, p in plan.linears.items() if p.shared_with is None}
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)

@@ -113,6 +113,7 @@ class LinearBinding:
     col_scale_input: bool  # the graph has a ``col_scale`` initializer for it
     row_scale_from: str | None  # linear whose t multiplies this linear's output rows
     flat: bool = False  # packed codes stored 2-D [N, K*bits/8] (GatherBlockQuantized)
+    col_scale_over: str | None = None  # the col_scale initializer is t / this linear's t
 
 
 def bind_weights(
@@ -184,7 +185,14 @@ def _part_func(cache: RecordCache, linear: str, part: str,
             if part == "col_scale":
                 if record.col_scale is None:  # gated to RTN: an exact all-ones t
                     cache.stats.col_scale_missing.append(linear)
-                return _t(record, record.in_features).numpy()
+                t = _t(record, record.in_features)
+                if binding.col_scale_over is not None:
+                    lead = cache.get(binding.col_scale_over)
+                    try:
+                        t = t / _t(lead, lead.in_features)
+                    finally:
+                        cache.release(binding.col_scale_over)
+                return t.numpy()
             qt = quant_tensors(record, binding.container_bits)
             if part == "qweight":
                 return qt.packed.reshape(qt.packed.shape[0], -1) if binding.flat else qt.packed

@@ -34,7 +34,7 @@ from .methods import MethodConfig
 from .rtn import MIN_SCALE
 
 ALPHA_GRID = (0.0, 0.15, 0.3, 0.45, 0.6)
-SEARCH_ROWS = 256  # rows (evenly strided) that score each alpha: the cost is N_rows * K^2
+SEARCH_ROWS = 128  # rows (evenly strided) that score each alpha: the cost is N_rows * K^2
 # Calibration windows start here: far past every evaluation window (the protocol scores the
 # first n x 512 tokens; 64 windows would end at token 32768), so the two never overlap.
 CALIBRATION_OFFSET = 65536

@@ -4,7 +4,10 @@ The layer computes ``y = (x * t) @ W_g^T`` with ``W_g = (Q - z) * s``, so the ma
 rounded is ``W / t`` and its input is ``x * t``: the Hessian of the layer's squared output error
 becomes ``H' = diag(t) H diag(t)`` with ``H = E[x x^T]`` from calibration. Columns are rounded
 left to right; each column's rounding error is spread over the not-yet-rounded columns through
-the upper Cholesky factor of ``H'^-1`` (the lazy-batch form of the paper, blocks of `BLOCK`).
+the upper Cholesky factor of ``H'^-1``, in the paper's lazy-batch form: a group's errors reach
+the later groups in one matrix product, and inside a group rank-1 updates only span `SUB`
+columns. The working copy is column-major, so every per-column step reads contiguous memory:
+the sweep is a sequence of small vector ops, and their count, not the arithmetic, is its cost.
 
 Group parameters (scale, integer zero point) are chosen when the sweep reaches a group's first
 column, from the already error-updated weights of that group, with the same range search as
@@ -23,7 +26,7 @@ import torch
 from .methods import MethodConfig
 from .rtn import minmax_params, search_params
 
-BLOCK = 128  # columns per lazy batch update (a multiple of the group size is used)
+SUB = 16  # columns per rank-1-update slice inside a group (see `_round_group`)
 DAMP = 0.01  # Tikhonov damping, fraction of mean(diag(H'))
 
 
@@ -50,37 +53,55 @@ def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: 
     ``hessian`` is ``E[x x^T]`` ``[K, K]`` of the layer's (unscaled) inputs.
     """
     g, bits = config.group_size, config.bits
-    qmax = (1 << bits) - 1
     n, k = w.shape
-    wn = (w.float() / t).clone()
     h = hessian.double() * t.double()[:, None] * t.double()[None, :]
     dead = h.diagonal() <= 0
     if bool(dead.any()):  # channels never active: any value is exact, keep the grid honest
         h[dead, dead] = 1.0
     importance = h.diagonal().float()
-    u = inverse_cholesky(h, damp).float()
+    # float32 factorisation (as the paper's code): 2-3x faster than float64 at K = 1536
+    u = inverse_cholesky(h.float(), damp)
+    # column-major working copy: column i of W / t is the contiguous row ``wt[i]``
+    wt = (w.float() / t).T.contiguous()
     nb = -(-k // g)
     scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
-    codes = torch.empty(n, k)
-    block = max(g, BLOCK // g * g)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = wn[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
-                stop = min(i + g, i2 - i1)
-                x, imp = w1[:, i:stop], importance[col : col + stop - i].expand(n, -1)
-                s, z = (search_params(x, bits, imp, config.symmetric) if config.scale_search
-                        else minmax_params(x, bits, config.symmetric))
-                scales[:, col // g], zeros[:, col // g] = s, z
-            s, z = scales[:, col // g], zeros[:, col // g]
-            q = torch.round(w1[:, i] / s + z).clamp(0, qmax)
-            codes[:, col] = q
-            e = (w1[:, i] - (q - z) * s) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err1[:, i] = e
-        wn[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return codes, scales, zeros
+    codes = torch.empty(k, n)
+    for b in range(nb):
+        i1, i2 = b * g, min(b * g + g, k)
+        group = wt[i1:i2]
+        x = group.T.contiguous()  # [N, g] for the grid search, in one block of memory
+        imp = importance[i1:i2].expand(n, -1)
+        s, z = (search_params(x, bits, imp, config.symmetric) if config.scale_search
+                else minmax_params(x, bits, config.symmetric))
+        scales[:, b], zeros[:, b] = s, z
+        err = _round_group(group, codes[i1:i2], s, z, u[i1:i2, i1:i2], bits)
+        if i2 < k:  # the group's errors reach every later column in one product
+            wt[i2:].sub_(u[i1:i2, i2:].T @ err)
+    return codes.T.contiguous(), scales, zeros
+
+
+def _round_group(group: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                 u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round one group's columns (rows of ``group``, updated in place) in order, spreading each
+    column's error over the group's later columns; returns the scaled errors ``[g, N]``.
+
+    Two levels of lazy updates: rank-1 updates only inside `SUB`-column slices, one product
+    per slice for the rest of the group (the same arithmetic as column-by-column GPTQ). Seven
+    tensor ops per column, all in place or into preallocated rows.
+    """
+    qmax = (1 << bits) - 1
+    inv_s = 1.0 / s
+    inv_d = (1.0 / u.diagonal()).tolist()
+    m = group.shape[0]
+    err = torch.empty_like(group)
+    for j1 in range(0, m, SUB):
+        j2 = min(j1 + SUB, m)
+        for i in range(j1, j2):
+            col, q, e = group[i], codes[i], err[i]
+            torch.addcmul(z, col, inv_s, out=q).round_().clamp_(0, qmax)
+            torch.addcmul(col, q - z, s, value=-1.0, out=e).mul_(inv_d[i])
+            if i + 1 < j2:
+                group[i + 1:j2].addr_(u[i, i + 1:j2], e, alpha=-1.0)
+        if j2 < m:
+            group[j2:].sub_(u[j1:j2, j2:].T @ err[j1:j2])
+    return err

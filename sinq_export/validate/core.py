@@ -149,7 +149,8 @@ def validate(
             config = info.meta.get("config") or {}
             weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers,
                                         compensated=bool(config.get("calibrate")
-                                                         and config.get("gptq", True)))
+                                                         and config.get("gptq", True)),
+                                        tensors=tensors)
         missing = sorted(n for n, m in info.layers.items()
                          if m.get("op", QUANT_OPS[0]) in QUANT_OPS and n not in ref_layers)
         if missing:

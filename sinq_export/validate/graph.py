@@ -233,7 +233,8 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
                 if len(others) == 1:
                     local_input = others[0]
             has_t = local_input == node.input[0]
-        elif mode.startswith("fold"):
+        elif mode.startswith("fold") or mode == "ratio":
+            # ratio: the node's input carries t (the lead's t in the norm, the rest by the Mul)
             has_t = True
         rows = layer_rows(meta, node)
         output = meta.get("output") or meta.get("onnx_output") or node.output[0]

@@ -21,7 +21,7 @@ embedding / lm_head) are float32.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +293,8 @@ def quantization_steps(weight: torch.Tensor, record: QuantizedWeight, rms: bool 
     The parity run uses the ONNX tensors on both sides, so it cannot see a weight that was
     damaged (or mis-quantized) before it shipped; this can. Round-to-nearest with the zero
     point rounded too stays within 1 step (0.5 from the code, 0.5 from the zero point at the
-    clamped edge); one flipped packed byte moves codes by up to 2^bits - 1 steps.
+    clamped edge); one flipped packed byte moves codes by up to 2^bits - 1 steps. Columns
+    whose ``t`` is NaN (not recoverable, see `weight_steps`) are left out.
     """
     n, k = record.shape
     g = record.group_size
@@ -302,26 +303,69 @@ def quantization_steps(weight: torch.Tensor, record: QuantizedWeight, rms: bool 
         step = step * record.col_scale.float()
     err = (weight.float() - record.dequantize()).abs()
     steps = err / step.abs().clamp_min(1e-30)
+    steps = steps[~steps.isnan()]
+    if steps.numel() == 0:
+        return 0.0
     return float(steps.square().mean().sqrt() if rms else steps.max())
 
 
+def _folded_norm_t(ckpt: Checkpoint, tensors, norm: str) -> torch.Tensor:  # noqa: ANN001
+    """The t folded into a norm weight: the graph's weight over the source's (NaN where the
+    source weight is 0 and t cannot be read back)."""
+    weight = norm if norm.endswith(".weight") else norm + ".weight"
+    src = _load(ckpt, weight).float()
+    got = torch.from_numpy(np.array(tensors[weight], dtype=np.float32))
+    return torch.where(src != 0, got / src.where(src != 0, torch.ones_like(src)),
+                       torch.full_like(src, torch.nan))
+
+
+def _recovered_t(ckpt: Checkpoint, layers: dict[str, dict], name: str, tensors,  # noqa: ANN001
+                 record: QuantizedWeight) -> torch.Tensor | None | bool:
+    """This layer's t when the ONNX tensors hide it: folded into a norm (read back from the
+    norm), or ``ratio`` (its Mul's ratio times the lead's t, read back from their norm).
+    None: the record's own t stands; False: not recoverable (a fold into another layer's rows)."""
+    meta = layers[name]
+    mode = str(meta.get("col_scale_mode", ""))
+    if meta.get("output_scaled_by"):
+        return False
+    if mode == "ratio":
+        lead = layers.get(meta.get("ratio_of") or "")
+        target = (lead or {}).get("folded_into")
+        if tensors is None or not target or target in layers or record.col_scale is None:
+            return False
+        return record.col_scale.float() * _folded_norm_t(ckpt, tensors, target)
+    if mode.startswith("fold"):
+        target = meta.get("folded_into")
+        if tensors is None or not target or target in layers:
+            return False
+        return _folded_norm_t(ckpt, tensors, target)
+    return None
+
+
 def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
-                 compensated: bool = False) -> dict[str, float | None]:
+                 compensated: bool = False, tensors=None) -> dict[str, float | None]:  # noqa: ANN001
     """`quantization_steps` of every layer against the source weight (one at a time).
 
-    None where a column scale was folded elsewhere (into a norm or another layer's rows): the
-    ONNX tensors of such a layer are not the quantized source weight alone. ``compensated``
-    (a GPTQ-calibrated export): GPTQ moves codes away from round-to-nearest by design (up to
-    ~8 steps measured on SmolLM2), so those layers report the RMS distance instead of the
+    A t folded into a norm weight is read back from it (``tensors``: the ONNX initializers);
+    None where that is not possible (t folded into another layer's rows: the ONNX tensors of
+    such a layer are not the quantized source weight alone). ``compensated`` (a
+    GPTQ-calibrated export): GPTQ moves codes away from round-to-nearest by design (up to ~8
+    steps measured on SmolLM2), so those layers report the RMS distance instead of the
     largest: it still flags a wrong or mis-scaled tensor, not a single flipped byte.
     """
     out: dict[str, float | None] = {}
     for name, meta in layers.items():
-        folded = str(meta.get("col_scale_mode", "")).startswith("fold") or meta.get("output_scaled_by")
-        if folded or name not in modules or name + ".weight" not in ckpt:
+        if name not in modules or name + ".weight" not in ckpt:
             out[name] = None
             continue
-        out[name] = quantization_steps(_load(ckpt, name + ".weight"), modules[name].record,
+        record = modules[name].record
+        t = _recovered_t(ckpt, layers, name, tensors, record)
+        if t is False:
+            out[name] = None
+            continue
+        if t is not None:
+            record = replace(record, col_scale=t)
+        out[name] = quantization_steps(_load(ckpt, name + ".weight"), record,
                                        rms=compensated and meta.get("shared_with") is None)
     return out
 
