@@ -65,11 +65,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sinq4-lmh4-emb4-packed": ("SINQ 4-bit all + shared t folded, q/k/v packed",
                                ("--lm-head-bits", "4", "--embedding-bits", "4",
                                 "--shared-col-scale", "all")),
+    # a t per linear: gate/up sharing one costs +1.0 perplexity at g32 symmetric (docs/quality.md)
     "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero-point input), head + embedding 8-bit, acc4",
-                  ("--group-size", "32", "--symmetric")),
+                  ("--group-size", "32", "--symmetric", "--shared-col-scale", "none")),
     "sinq4g32s-lmh4-emb4": ("SINQ 4-bit g32 symmetric all, head + embedding 4-bit, acc4",
                             ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
-                             "--embedding-bits", "4")),
+                             "--embedding-bits", "4", "--shared-col-scale", "none")),
 }
 
 

@@ -191,6 +191,9 @@ class Bench:
         for b in bits:
             q, rep = self.quantized(self.config(b))
             self.score(q, f"sinq/{b}", "SINQ calibration-free", b, rep.seconds)
+            q, rep = self.quantized(self.config(b, shared_col_scale="mlp"))
+            self.score(q, f"sinq-mlp/{b}", "SINQ calibration-free, gate/up one t (model default)",
+                       b, rep.seconds)
 
     def row_calibrated(self, bits) -> None:  # noqa: ANN001
         for b in bits:

@@ -311,6 +311,8 @@ def _run_model(args: argparse.Namespace) -> int:
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
     summary = result.summary()
+    for warning in summary["warnings"]:
+        print(f"sinq-export model: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:

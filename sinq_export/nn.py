@@ -290,7 +290,7 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
         config = config.replace(overrides=tuple(config.overrides) + overrides)
         manifest["allocation"] = {
             "budget_bytes": budget, "widths": widths,
-            "sensitivity": f"diagonal Fisher on {sensitivity_windows} calibration windows",
+            "sensitivity": f"per-token output Fisher on {sensitivity_windows} calibration windows",
             "calibration": info}
     return QuantizationPlan(config, windows if config.calibrate else None, manifest)
 

@@ -308,6 +308,23 @@ def test_lm_head_group_size_reaches_the_graph(tmp_path):
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
 
 
+def test_missing_tokenizer_is_a_warning_not_a_failure(tmp_path, capsys):
+    """A folder without tokenizer files still exports (token ids work in a plain session), but
+    the summary and stderr say what genai / eval / validate will miss; with one, no warning."""
+    from sinq_export.cli import main
+
+    make_model_dir(tmp_path / "hf", "llama")
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
+    (warning,) = res.summary()["warnings"]
+    assert "no tokenizer file" in warning and str(tmp_path / "hf") in warning
+    assert main(["model", str(tmp_path / "hf"), "-o", str(tmp_path / "cli"), "--group-size", "32",
+                 "--json"]) == 0
+    assert "warning: " in capsys.readouterr().err
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out2", CFG, progress=False)
+    assert res.summary()["warnings"] == []
+
+
 def test_two_exports_are_byte_identical(tmp_path):
     make_model_dir(tmp_path / "hf", "llama")
     for name in ("a", "b"):

@@ -280,6 +280,32 @@ def char_tokenizer(text, add_special_tokens=False):
     return {"input_ids": [ord(c) % 128 for c in text]}
 
 
+def test_output_fisher_costs_match_autograd_per_token():
+    """cost = 1/2 sum_t sum_i (dL/dy_ti)^2 ((E x_t)_i)^2, with dL/dy from torch.autograd on the
+    layer's output itself; a larger error costs more."""
+    from sinq_export.quant.allocate import output_fisher_costs
+
+    model = tiny_llama()
+    name = "model.layers.1.self_attn.v_proj"
+    lin = model.get_submodule(name)
+    gen = torch.Generator().manual_seed(0)
+    e_small = torch.randn(lin.weight.shape, generator=gen) * 1e-3
+    windows = torch.randint(0, 128, (2, 24), generator=gen)
+    got = output_fisher_costs(model, {name: {2: lambda: 4 * e_small, 4: lambda: e_small}}, windows)
+
+    want = 0.0
+    for win in windows:
+        ids = win.reshape(1, -1)
+        seen = {}
+        handle = lin.register_forward_hook(lambda _m, a, o, seen=seen: seen.update(x=a[0], y=o))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        handle.remove()
+        (g,) = torch.autograd.grad(loss, seen["y"])
+        want += 0.5 * float((g.square() * (seen["x"] @ e_small.T).square()).sum())
+    assert got[name][4] == pytest.approx(want, rel=1e-4)
+    assert got[name][2] == pytest.approx(16 * want, rel=1e-4)
+
+
 @torch.no_grad()
 def test_plan_quantization_allocates_widths_within_the_budget():
     from sinq_export import SinqConfig, quantize_model

@@ -273,6 +273,19 @@ def _uses(plan: Plan) -> dict[str, int]:
     return uses
 
 
+# Any one of these makes the folder loadable by onnxruntime-genai's and transformers' tokenizers.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.tiktoken", "vocab.json")
+
+
+def _missing_tokenizer(folder: Path) -> str | None:
+    """A warning when the source has no tokenizer: the export is fine for a plain onnxruntime
+    session fed token ids, but onnxruntime-genai, `eval` and `validate` need one in OUT_DIR."""
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return (f"{folder} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai, "
+            "`sinq-export eval` and `validate` need one; copy the model's tokenizer into OUT_DIR")
+
+
 def _copy_hf_files(src: Path, dest: Path) -> None:
     """config, generation config, tokenizer, chat template: every small non-weight file."""
     for path in sorted(src.iterdir()):
@@ -454,8 +467,10 @@ def export_causal_lm(
         stages.timings["write"] -= cache.stats.seconds
     finally:
         stages.close()
+    warning = _missing_tokenizer(folder)
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
-                        peak_rss=stages.report()["peak_rss_mb"])
+                        peak_rss=stages.report()["peak_rss_mb"],
+                        warnings=[warning] if warning else [])
 
 
 def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,

@@ -112,6 +112,7 @@ class ExportResult:
     tokenizer: Any = None
     float_onnx_bytes: int | None = None
     peak_rss: dict[str, float] = field(default_factory=dict)  # stage -> MiB
+    warnings: list[str] = field(default_factory=list)  # fine to ship, but the user should know
 
     def summary(self) -> dict[str, Any]:
         """Everything the CLI prints (JSON-friendly); timings included, unlike the manifest."""
@@ -135,4 +136,5 @@ class ExportResult:
             "peak_rss_mb": dict(self.peak_rss),
             "config": m["config"],
             "graph": m["graph"],
+            "warnings": list(self.warnings),
         }

@@ -2,12 +2,16 @@
 predicted loss increase at a given number of bytes.
 
 Model (the linearity result of HIGGS, arXiv 2411.17525): the loss increase of a quantized
-model is close to a sum of independent per-layer terms, ``dL ~ sum_l a_l * err_l(b_l)``. We
-measure each term directly with a diagonal empirical Fisher ``F = E[g^2]`` of the language
-modelling loss on a few calibration windows (one backward pass per window):
-``cost_l(b) = 1/2 * sum F_l * (W_l - W_hat_l(b))^2`` - the second-order Taylor term of the
-loss for that layer's actual quantization error at width ``b``, i.e. ``a_l * rel_err_l(b)``
-with ``a_l = 1/2 * sum F_l W_l^2`` when the error pattern is uniform.
+model is close to a sum of independent per-layer terms, ``dL ~ sum_l a_l * err_l(b_l)``. Each
+term is measured for the layer's actual quantization error at every width, as the
+second-order term of the loss in the layer's *output*, with the empirical Fisher taken per
+token (`output_fisher_costs`):
+``cost_l(b) = 1/2 * sum_tokens sum_rows g_ti^2 * ((W_l - W_hat_l(b)) x_t)_i^2``, ``g`` the
+gradient of the language-modelling loss w.r.t. the layer's output, ``x`` its input. Why the
+output and per token: a weight-space Fisher from per-window gradients squares a sum over
+hundreds of tokens (most of it cancels), so with a few windows it is mostly noise; here every
+token is a sample, and ``(W - W_hat) x`` keeps the correlations between input channels that
+a diagonal weight-space Fisher drops.
 
 Solver (`allocate`): an exact multiple-choice knapsack by dynamic programming over the byte
 budget in `STATES` units (2 KiB for SmolLM2 at 3 bits). Each layer's size is rounded *up* to
@@ -80,46 +84,68 @@ def allocate(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, Mappi
     return {n: out[n] for n in names}
 
 
-def fisher_diagonal(model, names: Sequence[str], windows) -> dict:  # noqa: ANN001
-    """``E[g^2]`` of the LM loss w.r.t. each named linear's weight, one window per sample."""
+def output_fisher_costs(model, errors: Mapping[str, Mapping[int, object]], windows  # noqa: ANN001
+                        ) -> dict[str, dict[int, float]]:
+    """``cost[layer][b]`` (module docstring) summed over ``windows`` (one backward each).
+
+    ``errors[layer][b]``: a zero-argument callable giving ``W - W_hat(b)`` ``[N, K]``
+    (dequantized on demand, so only one error matrix is alive at a time).
+    """
     import torch
 
-    weights = {n: model.get_submodule(n).weight for n in names}
+    costs = {n: dict.fromkeys(errors[n], 0.0) for n in errors}
+
+    def capture(name: str):  # noqa: ANN202
+        def hook(_module, args, output) -> None:  # noqa: ANN001
+            x = args[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                g2 = g.detach().float().square()
+                for b, error in errors[name].items():
+                    d = torch.nn.functional.linear(x.float(), error())
+                    costs[name][b] += 0.5 * float((g2 * d.square()).sum())
+            output.register_hook(on_grad)
+        return hook
+
+    embeddings = model.get_input_embeddings()
+    handles = [model.get_submodule(n).register_forward_hook(capture(n)) for n in errors]
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in weights.values():
-        w.requires_grad_(True)
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
     try:
-        for win in windows:
-            ids = torch.as_tensor(win).reshape(1, -1)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            for n, g in zip(weights, grads):
-                fisher[n] += g.float().square() / len(windows)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for win in windows:
+                ids = torch.as_tensor(win).reshape(1, -1)
+                embeds = embeddings(ids).detach().requires_grad_(True)  # the graph starts here
+                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+                loss.backward()
     finally:
+        for h in handles:
+            h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
-    return fisher
+    return costs
 
 
 def quantization_costs(model, config, windows, widths: Sequence[int] = WIDTHS  # noqa: ANN001
                        ) -> tuple[dict[str, dict[int, float]], dict[str, tuple[int, int]]]:
-    """(cost[layer][bits], shape[layer]) for every linear ``config`` quantizes (see module doc)."""
+    """(cost[layer][bits], shape[layer]) for every linear ``config`` quantizes (see module doc).
+
+    Every layer is quantized once per width first (the records are kept, ~0.9x the float
+    weights' bytes over all widths); the Fisher pass then dequantizes one error at a time.
+    """
     from ..nn import eligible_linears
     from .methods import quantize
 
     linears = {n: v for n, v in eligible_linears(model, config).items()
                if not re.search(r"(^|\.)lm_head$", n)}  # the head keeps its own width
-    fisher = fisher_diagonal(model, list(linears), windows)
-    costs: dict[str, dict[int, float]] = {}
+    errors: dict[str, dict[int, object]] = {}
     for name, (lin, _) in linears.items():
         w = lin.weight.detach().float()
-        costs[name] = {}
-        for b in widths:
-            q = quantize(w, config.method_config(name, b), name=name)
-            costs[name][b] = 0.5 * float((fisher[name] * (w - q.dequantize()).square()).sum())
+        records = {b: quantize(w, config.method_config(name, b), name=name) for b in widths}
+        errors[name] = {b: (lambda r=r, lin=lin: lin.weight.detach().float() - r.dequantize())
+                        for b, r in records.items()}
+    costs = output_fisher_costs(model, errors, windows)
     return costs, {n: tuple(lin.weight.shape) for n, (lin, _) in linears.items()}
 
 
