@@ -65,6 +65,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sinq4-lmh4-emb4-packed": ("SINQ 4-bit all + shared t folded, q/k/v packed",
                                ("--lm-head-bits", "4", "--embedding-bits", "4",
                                 "--shared-col-scale", "all")),
+    "sinq4-cal-lmh4": ("SINQ calibrated (--calibrate), lm_head 4-bit g32 calibrated, embedding "
+                       "8-bit, acc4", ("--calibrate", "--lm-head-bits", "4",
+                                       "--lm-head-group-size", "32")),
+    "sinq4-cal-lmh4-emb4": ("SINQ calibrated, lm_head + embedding 4-bit g32 (one shared table: the "
+                            "calibrated head's record), acc4",
+                            ("--calibrate", "--lm-head-bits", "4", "--lm-head-group-size", "32",
+                             "--embedding-bits", "4")),
     # a t per linear: gate/up sharing one costs +1.0 perplexity at g32 symmetric (docs/quality.md)
     "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero-point input), head + embedding 8-bit, acc4",
                   ("--group-size", "32", "--symmetric", "--shared-col-scale", "none")),

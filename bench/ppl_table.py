@@ -21,6 +21,8 @@ Rows (``--rows``):
                        neural-compressor, which is not installed: not run).
   sinq                 calibration-free SINQ (our default).
   calibrated           SINQ --calibrate (A-SINQ + GPTQ).
+  head_calibrated      the calibrated 4-bit decoder with a calibrated 4-bit head (g64 / g32),
+                       also with the tied embedding quantized; compare with calibrated 4-bit.
   head                 4-bit calibration-free SINQ decoder with the lm_head at 8 bits, 4 bits
                        g64 / g32, and with the tied embedding quantized too (the embedding
                        table is the head record's dequantization: gather, then times t);
@@ -51,7 +53,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-ALL_ROWS = ("float", "rtn", "ort", "sinq", "calibrated", "head", "alloc")
+ALL_ROWS = ("float", "rtn", "ort", "sinq", "calibrated", "head", "head_calibrated", "alloc")
 HEADLINE_ROWS = ("float", "rtn", "sinq", "calibrated")
 TARGETS = {"sinq": {4: 26.5, 3: 55.0}, "calibrated": {4: 25.5, 3: 40.0}}
 
@@ -215,6 +217,24 @@ class Bench:
                 emb.weight = nn.Parameter(rec.dequantize(), requires_grad=False)
                 self.score(q, f"head+emb/{head_bits}/{head_g or self.g}",
                            label + " + tied embedding", 4, rep.seconds)
+
+    def row_head_calibrated(self, _bits) -> None:  # noqa: ANN001
+        """The calibrated 4-bit decoder with the head calibrated too (GPTQ on the final norm's
+        output): the decoder's records are the ``calibrated`` row's (same windows, the head is
+        quantized last), so the difference to that row is the head's alone."""
+        from sinq_export.nn import quantized_layers
+
+        for head_g in (None, 32):
+            cfg = self.config(4, calibrate=True, lm_head_bits=4, lm_head_group_size=head_g)
+            q, rep = self.quantized(cfg)
+            label = f"SINQ calibrated, lm_head 4-bit g{head_g or self.g} calibrated"
+            self.score(q, f"head-cal/4/{head_g or self.g}", label, 4, rep.seconds,
+                       calibration=self.cal_info)
+            if getattr(q.config, "tie_word_embeddings", False):
+                rec = quantized_layers(q)["lm_head"].record
+                q.get_input_embeddings().weight = nn.Parameter(rec.dequantize(), requires_grad=False)
+                self.score(q, f"head-cal+emb/4/{head_g or self.g}", label + " + tied embedding",
+                           4, rep.seconds, calibration=self.cal_info)
 
     def row_alloc(self, _bits) -> None:  # noqa: ANN001
         from sinq_export.quant.allocate import budget_bytes, plan_overrides, quantization_costs

@@ -290,16 +290,41 @@ def test_precomputed_calibrated_records_are_what_ships(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_calibrated_tied_head_is_the_shared_table(tmp_path):
+    """``--calibrate`` with a tied head and table at one width: the table on disk is the
+    calibrated head's record (not a calibration-free quantization of the table), so the ONNX
+    model computes the calibrated torch model with its embedding = that record."""
+    model = make_model_dir(tmp_path / "hf", "llama", seed=3)
+    cfg = CFG.replace(calibrate=True, lm_head_group_size=16)
+    windows = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, cfg, progress=False, calibration=windows)
+    from sinq_export.nn import quantized_layers
+
+    records = {n: m.record for n, m in quantized_layers(model).items()}
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(embedding_bits=4),
+                           progress=False, records=records)
+    assert res.manifest["layers"]["lm_head"]["shared_with"] == "model.embed_tokens"
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    table = next(onnx.numpy_helper.to_array(t) for t in graph.graph.initializer
+                 if t.name == "model.embed_tokens.qweight")
+    head = records["lm_head"]
+    assert np.array_equal(table, head.packed.numpy().reshape(table.shape))
+    model.get_input_embeddings().weight = torch.nn.Parameter(head.dequantize(), requires_grad=False)
+    torch_run, fed = run_torch_lm(model, PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+
+
 def test_lm_head_group_size_reaches_the_graph(tmp_path):
     """A finer head group (``lm_head_group_size``) is the head node's block size; a tied head
-    at another group size than the table gets its own record instead of sharing it."""
+    at the table's width still shares one table, quantized at the head's group size."""
     make_model_dir(tmp_path / "hf", "llama", seed=4)
     cfg = CFG.replace(lm_head_group_size=16)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(embedding_bits=4),
                            progress=False)
     head = res.manifest["layers"]["lm_head"]
-    assert head["group_size"] == 16 and head["shared_with"] is None
-    assert res.manifest["layers"]["model.embed_tokens"]["group_size"] == 32
+    assert head["group_size"] == 16 and head["shared_with"] == "model.embed_tokens"
+    assert res.manifest["layers"]["model.embed_tokens"]["group_size"] == 16
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
     node = next(n for n in graph.node if n.name == head["node"])
     assert {a.name: a.i for a in node.attribute}["block_size"] == 16

@@ -60,6 +60,7 @@ class Plan:
     units: dict[str, tuple[str, ...]]  # linear -> joint quantization unit
     row_scale_from: dict[str, str]  # up_proj -> down_proj whose t scales its output rows
     norm_folds: dict[str, str]  # norm weight initializer -> linear whose t it absorbs
+    quantize_as: dict[str, str]  # a tied table quantized as its head (one record for both)
 
 
 def _weight_source(name: str, ckpt: Checkpoint, tied: bool) -> str:
@@ -177,19 +178,22 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             raise ModelLoadError(f"{ckpt.folder}: tensor {src!r} has shape {ckpt.shape(src)}, "
                                  f"the config implies {shapes[n][0]}")
     embedding, shared_head = None, False
+    group_sizes = {n: config.group_size_for(n) for n in bits}
     if graph.embedding_bits is not None:
         embedding = _embedding_shape(module)
         if embedding is None:
             raise ExportError(f"embedding_bits: this architecture has no plain {EMBEDDING} table")
-        if embedding[1] % config.group_size:
+        # a tied head at the same width reads the embedding's record: one table on disk,
+        # quantized as the head (its group size, its calibration)
+        shared_head = tied and bits.get("lm_head") == graph.embedding_bits
+        group = config.group_size_for("lm_head") if shared_head else config.group_size
+        if embedding[1] % group:
             raise ExportError(f"embedding_bits: hidden size {embedding[1]} is not a multiple of "
-                              f"group_size {config.group_size} (GatherBlockQuantized blocks)")
+                              f"group_size {group} (GatherBlockQuantized blocks)")
         sources[EMBEDDING] = _weight_source(EMBEDDING, ckpt, tied)
         shapes[EMBEDDING] = (embedding, False)
         bits[EMBEDDING] = graph.embedding_bits
-        # a tied head at the same width reads the embedding's record: one table on disk
-        shared_head = (tied and bits.get("lm_head") == graph.embedding_bits
-                       and config.group_size_for("lm_head") == config.group_size)
+        group_sizes[EMBEDDING] = group
     groups = _joint_groups(bits, bits, config.shared_col_scale)
     units = {n: (n,) for n in bits}
     for g in groups:
@@ -235,7 +239,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     shared = {n: EMBEDDING if shared_head and n == "lm_head" else None for n in bits}
     linears = {
         n: builder.LinearPlan(
-            name=n, shape=shapes[n][0], bits=bits[n], group_size=config.group_size_for(n),
+            name=n, shape=shapes[n][0], bits=bits[n], group_size=group_sizes[n],
             choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
             accuracy_level=graph.accuracy_level, shared_with=shared[n],
             zero_points=not _default_zero_points(config, bits[n], choices[n], shared[n]))
@@ -243,15 +247,18 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     }
     if shared_head:
         del units["lm_head"], sources["lm_head"]
-    return Plan(linears, sources, units, row_scale_from, norm_folds)
+    quantize_as = {EMBEDDING: "lm_head"} if shared_head else {}
+    return Plan(linears, sources, units, row_scale_from, norm_folds, quantize_as)
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
     """Precomputed records must be what the plan would have quantized (name, shape, bits)."""
     for name, record in records.items():
         p = plan.linears.get(name)
-        if p is None or p.shared_with is not None:
-            continue  # not exported as its own record (kept float, or a table's tied head)
+        if p is None:
+            continue  # kept float
+        if p.shared_with is not None:  # a tied head's record becomes the shared table
+            p = plan.linears[p.shared_with]
         if tuple(record.shape) != tuple(p.shape) or record.bits != p.bits \
                 or record.group_size != p.group_size:
             raise ExportError(f"{name}: given record is {record.bits}-bit g{record.group_size} "
@@ -434,7 +441,8 @@ def export_causal_lm(
             model.graph.name = "sinq-export-decoder"
             cache = RecordCache(ckpt, config, sources=plan.sources, units=plan.units,
                                 bits={n: p.bits for n, p in plan.linears.items()},
-                                uses=_uses(plan), precomputed=records)
+                                uses=_uses(plan), precomputed=records,
+                                quantize_as=plan.quantize_as)
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n),
                                          flat=p.choice.op == EMBEDDING_OP,

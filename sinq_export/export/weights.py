@@ -44,11 +44,15 @@ class RecordCache:
     def __init__(self, checkpoint: Checkpoint, config: SinqConfig, *, sources: Mapping[str, str],
                  units: Mapping[str, tuple[str, ...]], bits: Mapping[str, int],
                  uses: Mapping[str, int],
-                 precomputed: Mapping[str, QuantizedWeight] | None = None) -> None:
+                 precomputed: Mapping[str, QuantizedWeight] | None = None,
+                 quantize_as: Mapping[str, str] | None = None) -> None:
         """``precomputed``: records quantized elsewhere (a calibrated pass over the float
-        model) that are handed out instead of quantizing from the checkpoint."""
+        model) that are handed out instead of quantizing from the checkpoint.
+        ``quantize_as``: name -> the name whose settings and precomputed record it takes (a
+        tied embedding table shared with its head is the head's record)."""
         self._ckpt = checkpoint
         self._precomputed = dict(precomputed or {})
+        self._as = dict(quantize_as or {})
         self._config = config
         self._sources = sources  # linear -> checkpoint tensor of its weight
         self._units = units  # linear -> the names quantized together with it (itself included)
@@ -59,9 +63,10 @@ class RecordCache:
         self.stats = QuantStats()
 
     def _quantize(self, names: Sequence[str]) -> list[QuantizedWeight]:
-        if all(n in self._precomputed for n in names):
-            return [self._precomputed.pop(n) for n in names]
-        method = self._config.method_config(names[0], self._bits[names[0]])
+        keys = [self._as.get(n, n) for n in names]
+        if all(k in self._precomputed for k in keys):
+            return [self._precomputed.pop(k) for k in keys]
+        method = self._config.method_config(keys[0], self._bits[names[0]])
         weights = [self._ckpt.load(self._sources[n]) for n in names]
         if len(names) > 1:
             return quantize_jointly(weights, list(names), config=method)
