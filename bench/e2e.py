@@ -72,6 +72,10 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                             "calibrated head's record), acc4",
                             ("--calibrate", "--lm-head-bits", "4", "--lm-head-group-size", "32",
                              "--embedding-bits", "4")),
+    "sinq4-cal-all4-packed": ("SINQ calibrated all 4-bit (head + table g32, one shared table), "
+                              "q/k/v and gate/up sharing one t, q/k/v packed, acc4",
+                              ("--calibrate", "--lm-head-bits", "4", "--lm-head-group-size", "32",
+                               "--embedding-bits", "4", "--shared-col-scale", "all")),
     # a t per linear: gate/up sharing one costs +1.0 perplexity at g32 symmetric (docs/quality.md)
     "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero-point input), head + embedding 8-bit, acc4",
                   ("--group-size", "32", "--symmetric", "--shared-col-scale", "none")),

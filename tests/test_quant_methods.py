@@ -301,7 +301,7 @@ def test_output_fisher_costs_match_autograd_per_token():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         handle.remove()
         (g,) = torch.autograd.grad(loss, seen["y"])
-        want += 0.5 * float((g.square() * (seen["x"] @ e_small.T).square()).sum())
+        want += 0.5 * float((g.square() * (seen["x"] @ e_small.T).square()).sum().detach())
     assert got[name][4] == pytest.approx(want, rel=1e-4)
     assert got[name][2] == pytest.approx(16 * want, rel=1e-4)
 
