@@ -70,3 +70,16 @@ def test_model_defaults_and_float_opt_out():
                                       "--embedding-bits", "float", "--accuracy-level", "0"])
     cfg, graph = config_from_args(args), graph_config_from_args(args)
     assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (None, None, 0)
+
+
+@pytest.mark.parametrize(("argv", "shared"), [
+    ([], "mlp"),  # calibration-free: gate/up sharing one t measures lower perplexity
+    (["--calibrate"], "none"),  # calibrated: a t per linear measures lower
+    (["--calibrate", "--shared-col-scale", "mlp"], "mlp"),  # an explicit choice stands
+    (["--shared-col-scale"], "all"),
+])
+def test_model_shared_col_scale_default_follows_calibration(argv, shared):
+    from sinq_export.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["model", "-o", "x", *argv])
+    assert config_from_args(args).shared_col_scale == shared
