@@ -93,12 +93,11 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     )
     if args.exclude is not None:
         fields["exclude"] = tuple(args.exclude)
-    for name in ("shared_col_scale", "lm_head_bits"):
-        if getattr(args, name, None) is not None:
-            fields[name] = _or_float(getattr(args, name))
-    if hasattr(args, "shared_col_scale") and args.shared_col_scale is None:  # `model`'s default
-        fields["shared_col_scale"] = ("none" if getattr(args, "calibrate", False)
-                                      else MODEL_DEFAULTS["shared_col_scale"])
+    if getattr(args, "lm_head_bits", None) is not None:
+        fields["lm_head_bits"] = _or_float(args.lm_head_bits)
+    if hasattr(args, "shared_col_scale"):  # `model` only: its default follows --calibrate
+        fields["shared_col_scale"] = args.shared_col_scale or (
+            "none" if getattr(args, "calibrate", False) else MODEL_DEFAULTS["shared_col_scale"])
     for name in ("lm_head_group_size", "calibration_windows", "avg_bits"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)

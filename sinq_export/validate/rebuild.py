@@ -314,32 +314,32 @@ def _folded_norm_t(ckpt: Checkpoint, tensors, norm: str) -> torch.Tensor:  # noq
     source weight is 0 and t cannot be read back)."""
     weight = norm if norm.endswith(".weight") else norm + ".weight"
     src = _load(ckpt, weight).float()
-    got = torch.from_numpy(np.array(tensors[weight], dtype=np.float32))
-    return torch.where(src != 0, got / src.where(src != 0, torch.ones_like(src)),
-                       torch.full_like(src, torch.nan))
+    t = torch.from_numpy(np.array(tensors[weight], dtype=np.float32)) / src
+    t[src == 0] = torch.nan
+    return t
 
 
-def _recovered_t(ckpt: Checkpoint, layers: dict[str, dict], name: str, tensors,  # noqa: ANN001
-                 record: QuantizedWeight) -> torch.Tensor | None | bool:
-    """This layer's t when the ONNX tensors hide it: folded into a norm (read back from the
-    norm), or ``ratio`` (its Mul's ratio times the lead's t, read back from their norm).
-    None: the record's own t stands; False: not recoverable (a fold into another layer's rows)."""
+def _checkable_record(ckpt: Checkpoint, layers: dict[str, dict], name: str, tensors,  # noqa: ANN001
+                      record: QuantizedWeight) -> QuantizedWeight | None:
+    """``record`` with the t it is quantized against, or None when the ONNX tensors hide it
+    for good (a fold into another layer's rows). A t folded into a norm is read back from the
+    norm; a ``ratio`` layer's t is its Mul's ratio times its lead's, read back the same way."""
     meta = layers[name]
     mode = str(meta.get("col_scale_mode", ""))
     if meta.get("output_scaled_by"):
-        return False
+        return None
+    if mode != "ratio" and not mode.startswith("fold"):
+        return record
+    owner = (layers.get(meta.get("ratio_of") or "") or {}) if mode == "ratio" else meta
+    target = owner.get("folded_into")
+    if tensors is None or not target or target in layers:
+        return None
+    t = _folded_norm_t(ckpt, tensors, target)
     if mode == "ratio":
-        lead = layers.get(meta.get("ratio_of") or "")
-        target = (lead or {}).get("folded_into")
-        if tensors is None or not target or target in layers or record.col_scale is None:
-            return False
-        return record.col_scale.float() * _folded_norm_t(ckpt, tensors, target)
-    if mode.startswith("fold"):
-        target = meta.get("folded_into")
-        if tensors is None or not target or target in layers:
-            return False
-        return _folded_norm_t(ckpt, tensors, target)
-    return None
+        if record.col_scale is None:
+            return None
+        t = record.col_scale.float() * t
+    return replace(record, col_scale=t)
 
 
 def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
@@ -355,18 +355,12 @@ def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
     """
     out: dict[str, float | None] = {}
     for name, meta in layers.items():
-        if name not in modules or name + ".weight" not in ckpt:
-            out[name] = None
-            continue
-        record = modules[name].record
-        t = _recovered_t(ckpt, layers, name, tensors, record)
-        if t is False:
-            out[name] = None
-            continue
-        if t is not None:
-            record = replace(record, col_scale=t)
-        out[name] = quantization_steps(_load(ckpt, name + ".weight"), record,
-                                       rms=compensated and meta.get("shared_with") is None)
+        record = None
+        if name in modules and name + ".weight" in ckpt:
+            record = _checkable_record(ckpt, layers, name, tensors, modules[name].record)
+        out[name] = None if record is None else quantization_steps(
+            _load(ckpt, name + ".weight"), record,
+            rms=compensated and meta.get("shared_with") is None)
     return out
 
 
