@@ -51,19 +51,29 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                    ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "0")),
     "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, embedding float, acc4",
                    ("--lm-head-bits", "8", "--embedding-bits", "float")),
+    "sinq4-lmh4c-emb8": ("SINQ 4-bit, lm_head 4-bit g32 calibrated alone, embedding 8-bit, "
+                         "gate/up share one t, t folded where exact, acc4: the `sinq-export "
+                         "model` default", ("--bits", "4")),
+    "sinq4-lmh4c-emb4": ("the default with the embedding 4-bit too (one shared table: the "
+                         "calibrated head's record)", ("--embedding-bits", "4")),
     "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), gate/up share "
-                        "one t, t folded where exact, acc4: the `sinq-export model` default",
-                        ("--bits", "4")),
+                        "one t, t folded where exact, acc4: the default before the calibrated head",
+                        ("--lm-head-bits", "8")),
     "sinq4-lmh8-emb8-none": ("the same with a t per linear (q's and gate's t in the norms, k/v/up "
-                             "multiply by a ratio)", ("--shared-col-scale", "none")),
-    "sinq4-lmh8-emb8-mul": ("the default with every t as a Mul",
-                            ("--col-scale", "mul")),
-    "sinq4-lmh8-emb8-packed": ("the default + q/k/v and gate/up sharing one t (folded), q/k/v "
-                               "packed into one node", ("--shared-col-scale", "all")),
-    "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit (one shared table), t folded where "
-                        "exact, acc4", ("--lm-head-bits", "4", "--embedding-bits", "4")),
-    "sinq4-lmh4-emb4-packed": ("SINQ 4-bit all + shared t folded, q/k/v packed",
+                             "multiply by a ratio)", ("--lm-head-bits", "8",
+                                                      "--shared-col-scale", "none")),
+    "sinq4-lmh8-emb8-mul": ("the 8-bit-head export with every t as a Mul",
+                            ("--lm-head-bits", "8", "--col-scale", "mul")),
+    "sinq4-lmh8-emb8-packed": ("the 8-bit-head export + q/k/v and gate/up sharing one t (folded), "
+                               "q/k/v packed into one node",
+                               ("--lm-head-bits", "8", "--shared-col-scale", "all")),
+    "sinq4-lmh4-emb4": ("SINQ 4-bit, lm_head + embedding 4-bit g64 calibration-free (one shared "
+                        "table), t folded where exact, acc4",
+                        ("--lm-head-bits", "4", "--embedding-bits", "4", "--no-calibrate-head",
+                         "--lm-head-group-size", "64")),
+    "sinq4-lmh4-emb4-packed": ("SINQ 4-bit all calibration-free + shared t folded, q/k/v packed",
                                ("--lm-head-bits", "4", "--embedding-bits", "4",
+                                "--no-calibrate-head", "--lm-head-group-size", "64",
                                 "--shared-col-scale", "all")),
     "sinq4-cal-lmh4": ("SINQ calibrated (--calibrate), lm_head 4-bit g32 calibrated, embedding "
                        "8-bit, acc4", ("--calibrate", "--lm-head-bits", "4",
@@ -78,10 +88,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                                "--embedding-bits", "4", "--shared-col-scale", "all")),
     # a t per linear: gate/up sharing one costs +1.0 perplexity at g32 symmetric (docs/quality.md)
     "sinq4g32s": ("SINQ 4-bit g32 symmetric (no zero-point input), head + embedding 8-bit, acc4",
-                  ("--group-size", "32", "--symmetric", "--shared-col-scale", "none")),
+                  ("--group-size", "32", "--symmetric", "--shared-col-scale", "none",
+                   "--lm-head-bits", "8")),
     "sinq4g32s-lmh4-emb4": ("SINQ 4-bit g32 symmetric all, head + embedding 4-bit, acc4",
                             ("--group-size", "32", "--symmetric", "--lm-head-bits", "4",
-                             "--embedding-bits", "4", "--shared-col-scale", "none")),
+                             "--embedding-bits", "4", "--shared-col-scale", "none",
+                             "--no-calibrate-head")),
 }
 
 

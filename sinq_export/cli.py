@@ -14,6 +14,7 @@ import errno
 import json
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,6 +62,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
                         "Wikipedia windows disjoint from the evaluation windows (opt-in)")
+    p.add_argument("--calibrate-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states "
+                        "of the calibration-free decoder; a 4-bit head then costs +0.4 "
+                        "perplexity instead of +2.6). `model`: on when the head is below 8 bits")
     p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
                    help="calibration windows of 512 tokens (default 8)")
     p.add_argument("--avg-bits", type=float, default=None, metavar="B",
@@ -95,6 +100,13 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
         fields["exclude"] = tuple(args.exclude)
     if getattr(args, "lm_head_bits", None) is not None:
         fields["lm_head_bits"] = _or_float(args.lm_head_bits)
+    head_bits = fields.get("lm_head_bits")
+    narrow_head = head_bits is not None and head_bits < 8
+    if hasattr(args, "embedding_bits"):  # `model`: a narrow head is calibrated, in finer groups
+        if args.lm_head_group_size is None and narrow_head:
+            fields["lm_head_group_size"] = MODEL_DEFAULTS["narrow_lm_head_group_size"]
+        if args.calibrate_head is None:
+            fields["calibrate_head"] = narrow_head
     if hasattr(args, "shared_col_scale"):  # `model` only: its default follows --calibrate
         fields["shared_col_scale"] = args.shared_col_scale or (
             "none" if getattr(args, "calibrate", False) else MODEL_DEFAULTS["shared_col_scale"])
@@ -103,21 +115,25 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
             fields[name] = getattr(args, name)
     if getattr(args, "calibrate", False):
         fields["calibrate"] = True
+    if getattr(args, "calibrate_head", None) is not None:
+        fields["calibrate_head"] = args.calibrate_head
     if getattr(args, "max_size", None) is not None:
         fields["max_size_mb"] = args.max_size
     return SinqConfig(**fields)
 
 
 # `sinq-export model` defaults, chosen by bench/e2e.py, bench/decode_step.py and the perplexity
-# table on SmolLM2 and Qwen2.5 (docs/export-format.md, "Defaults"): int8 activations, an 8-bit
-# lm_head and embedding table (one shared table when tied), gate/up sharing one t (lower
+# table on SmolLM2 and Qwen2.5 (docs/export-format.md, "Defaults"): int8 activations, a 4-bit
+# g32 lm_head calibrated alone (8-bit MatMulNBits is the slowest node of the graph; a 4-bit
+# head costs +2.6 perplexity calibration-free, +0.4 calibrated), an 8-bit embedding table
+# (only gathered: its width costs no time; a 4-bit one +0.1), gate/up sharing one t (lower
 # perplexity on both models calibration-free, and that t folds into their norm; with
 # --calibrate a t per linear measures better: 25.76 vs 26.19), t folded where exact
 # (down_proj's into up_proj's rows, q_proj's into the input norm with k/v multiplying by a
 # ratio, the head's into the final norm). The library's own defaults (SinqConfig,
 # GraphConfig) stay exact and plain: float head, acc 0, t as Mul, a t per linear.
-MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 8, "embedding_bits": 8, "col_scale": "fold",
-                  "shared_col_scale": "mlp"}
+MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 4, "narrow_lm_head_group_size": 32,
+                  "embedding_bits": 8, "col_scale": "fold", "shared_col_scale": "mlp"}
 FLOAT = "float"
 
 
@@ -216,9 +232,9 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "or also for q/k/v ('all', the value without argument; packs q/k/v into "
                         "one node), or a t per linear ('none'); a shared t folds into the norms")
     p.add_argument("--lm-head-bits", type=_width(QUANT_BITS), default=MODEL_DEFAULTS["lm_head_bits"],
-                   help="quantize lm_head at this width, or 'float' (default 8)")
+                   help="quantize lm_head at this width, or 'float' (default 4, calibrated)")
     p.add_argument("--lm-head-group-size", type=int, default=None,
-                   help="block size for lm_head (default: --group-size)")
+                   help="block size for lm_head (default 32 below 8 bits, else --group-size)")
     p.add_argument("--embedding-bits", type=_width(EMBEDDING_BITS),
                    default=MODEL_DEFAULTS["embedding_bits"],
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "
@@ -274,18 +290,21 @@ def _require_custom_ops(args: argparse.Namespace) -> None:
 def _planned_records(source, config: SinqConfig, progress: bool):  # noqa: ANN001, ANN202
     """(config, records, manifest sections) for ``--calibrate`` / ``--avg-bits`` / ``--max-size``.
 
-    Both need the float model in memory once: the allocation measures per-layer sensitivity
-    on it, calibration runs it block by block to collect each linear's input statistics (and
-    then quantizes there, so the records are handed to the export). The export itself still
-    streams everything else (tables, norms, float tensors) from the checkpoint.
+    The allocation needs the float model in memory once (it measures per-layer sensitivity
+    on it). Calibration runs the model block by block (`models.load_causal_lm_streamed`: one
+    float block at a time) to collect each linear's input statistics and quantizes there, so
+    the records are handed to the export. The export itself streams everything else (tables,
+    norms, float tensors) from the checkpoint.
     """
-    from .models import load_causal_lm
+    from .models import load_causal_lm, load_causal_lm_streamed
     from .nn import plan_quantization, quantize_model, quantized_layers
 
-    model, tokenizer = load_causal_lm(source)
+    budgeted = config.avg_bits is not None or config.max_size_mb is not None
+    load = load_causal_lm if budgeted else load_causal_lm_streamed
+    model, tokenizer = load(source)
     plan = plan_quantization(model, tokenizer, config)
     records = None
-    if plan.config.calibrate:
+    if plan.config.needs_calibration:
         quantize_model(model, plan.config, progress=progress, calibration=plan.calibration)
         records = {name: m.record for name, m in quantized_layers(model).items()}
     return plan.config, records, plan.manifest
@@ -293,6 +312,7 @@ def _planned_records(source, config: SinqConfig, progress: bool):  # noqa: ANN00
 
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
+    from .export.decoder import missing_tokenizer
     from .export.manifest import MANIFEST_MARKER
     from .io import check_output
     from .models import default_model_dir
@@ -300,11 +320,21 @@ def _run_model(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     _require_custom_ops(args)
     source = resolve_model_input(args.model_dir)
-    records, extra = None, None
-    if config.calibrate or config.avg_bits is not None or config.max_size_mb is not None:
+    warnings = []
+    if config.calibrate_head and args.calibrate_head is None \
+            and missing_tokenizer(source or default_model_dir()):
+        # the default calibrates the head on tokenized text; without a tokenizer it keeps the
+        # head at 8 bits rather than ship a calibration-free 4-bit head (+2.6 perplexity)
+        config = config.replace(calibrate_head=False, lm_head_bits=8, lm_head_group_size=None)
+        warnings.append("the lm_head stays 8-bit: calibrating the default 4-bit head needs the "
+                        "tokenizer")
+    records, extra, seconds = None, None, None
+    if config.needs_calibration or config.avg_bits is not None or config.max_size_mb is not None:
         check_output(Path(args.output), overwrite=args.overwrite, marker=MANIFEST_MARKER,
                      protect=[source or default_model_dir()])  # refuse before the minutes of work
+        start = time.perf_counter()
         config, records, extra = _planned_records(source, config, progress=not args.json)
+        seconds = time.perf_counter() - start
     try:
         result = export_causal_lm(
             source, args.output, config, graph_config_from_args(args),
@@ -314,6 +344,9 @@ def _run_model(args: argparse.Namespace) -> int:
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
     summary = result.summary()
+    summary["warnings"] = warnings + summary["warnings"]
+    if seconds is not None:  # calibration / allocation ran on the torch model before the export
+        summary["timings_s"] = {"calibrate": seconds, **summary["timings_s"]}
     for warning in summary["warnings"]:
         print(f"sinq-export model: warning: {warning}", file=sys.stderr)
     if args.json:

@@ -179,8 +179,35 @@ def load_causal_lm(
     and the problem. Weights load with ``use_safetensors=True`` (never unpickled), offline,
     without remote code. The model is returned in eval mode in ``dtype``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    folder = _validated_folder(model_dir)
+    with hub_offline():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, output_loading_info=True,
+                **_LOAD_KWARGS)
+        except Exception as exc:  # report any loader failure with the path
+            raise ModelLoadError(f"{folder}: cannot load model weights ({exc})") from exc
+        # transformers fills a tensor the checkpoint lacks with random values (a warning only):
+        # quantizing and exporting that would pass every check and be garbage.
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ModelLoadError(f"{folder}: checkpoint lacks tensor {missing[0]!r}{more}, "
+                                 "which the config promises")
+        tokenizer = _load_tokenizer(folder)
+    model.to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+_LOAD_KWARGS = {"local_files_only": True, "trust_remote_code": False}
+
+
+def _validated_folder(model_dir: str | Path | None) -> Path:
+    """The HF folder ``model_dir`` names (converted from GGUF when needed), checked before
+    transformers sees it: config architecture, no pickles, sane safetensors headers."""
     from .gguf import resolve_model_input
 
     folder = default_model_dir() if model_dir is None else resolve_model_input(model_dir)
@@ -191,25 +218,130 @@ def load_causal_lm(
     _check_architecture(folder, read_config(folder))
     _check_weights(folder)
     _check_safetensors_headers(folder)
-    kwargs = {"local_files_only": True, "trust_remote_code": False}
+    return folder
+
+
+def _load_tokenizer(folder: Path):  # noqa: ANN202
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, **_LOAD_KWARGS)
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: cannot load tokenizer ({exc})") from exc
+
+
+def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)`` whose decoder blocks hold no weights until they first run.
+
+    Why: calibration runs the model one block at a time (`quant.calibrate`) and replaces each
+    block's linears by their records before the next block runs, so only one block's float
+    weights need to exist at once. Everything outside the blocks (embedding, final norm,
+    head, rotary tables) is built on the CPU and loaded from the checkpoint; each block is
+    built on the ``meta`` device and loaded from the checkpoint (`checkpoint.Checkpoint`, one
+    tensor at a time, finite-checked) by a pre-hook the first time it is called. Peak memory
+    is then the embedding and head plus one float block and the calibration activations,
+    instead of the whole float model. float32, eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .checkpoint import Checkpoint
+
+    folder = _validated_folder(model_dir)
+    ckpt = Checkpoint.open(folder)
     with hub_offline():
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True, output_loading_info=True, **kwargs
-            )
-        except Exception as exc:  # report any loader failure with the path
-            raise ModelLoadError(f"{folder}: cannot load model weights ({exc})") from exc
-        # transformers fills a tensor the checkpoint lacks with random values (a warning only):
-        # quantizing and exporting that would pass every check and be garbage.
-        missing = sorted(info.get("missing_keys") or ())
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise ModelLoadError(f"{folder}: checkpoint lacks tensor {missing[0]!r}{more}, "
+        config = AutoConfig.from_pretrained(folder, **_LOAD_KWARGS)
+        with _blocks_on_meta(AutoModelForCausalLM, config):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tokenizer = _load_tokenizer(folder)
+    from .quant.calibrate import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    in_blocks = tuple(prefix[id(b)] + "." for b in blocks)
+    outside = {n: t for n, t in model.state_dict(keep_vars=True).items()
+               if not n.startswith(in_blocks)}
+    loaded: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in outside.items():
+            if name in ckpt:
+                tensor.copy_(ckpt.load(name))
+                loaded.add(id(tensor))
+    for name, tensor in outside.items():  # a tied head is the embedding's tensor
+        if id(tensor) not in loaded:
+            raise ModelLoadError(f"{folder}: checkpoint lacks tensor {name!r}, "
                                  "which the config promises")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        except Exception as exc:
-            raise ModelLoadError(f"{folder}: cannot load tokenizer ({exc})") from exc
-    model.to(dtype)
+    for block in blocks:
+        persistent = set(block.state_dict())
+        computed = [n for n, _ in block.named_buffers() if n not in persistent]
+        if computed:
+            raise ModelLoadError(f"{prefix[id(block)]}.{computed[0]}: a computed buffer in a "
+                                 "decoder block cannot be streamed")
+    for block in blocks:
+        _attach_loader(block, ckpt, prefix[id(block)] + ".")
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _blocks_on_meta(auto_class, config) -> Iterator[None]:  # noqa: ANN001
+    """Build the decoder layer class of ``config``'s model on the ``meta`` device.
+
+    transformers names that class in ``_no_split_modules``; its ``__init__`` runs under
+    ``torch.device("meta")`` for the duration (so no block allocates or initialises weights),
+    everything else of the model is built normally.
+    """
+    import sys
+
+    model_class = auto_class._model_mapping[type(config)]
+    module = sys.modules[model_class.__module__]
+    layer_classes = [getattr(module, n) for n in model_class._no_split_modules or ()
+                     if hasattr(module, n)]
+    if not layer_classes:
+        raise ModelLoadError(f"{model_class.__name__}: no decoder layer class to stream")
+    originals = {cls: cls.__init__ for cls in layer_classes}
+
+    def on_meta(init):  # noqa: ANN001, ANN202
+        def build(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            with torch.device("meta"):
+                init(self, *args, **kwargs)
+        return build
+
+    try:
+        for cls, init in originals.items():
+            cls.__init__ = on_meta(init)
+        yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init
+
+
+_BLOCK_LOADER = "_sinq_load_block"  # attribute of a streamed block: loads its tensors
+
+
+def ensure_loaded(block: torch.nn.Module) -> None:
+    """Load a streamed block's tensors now (`load_causal_lm_streamed`; a no-op for any other
+    module): for code that reads a block's weights before running it."""
+    loader = getattr(block, _BLOCK_LOADER, None)
+    if loader is not None:
+        loader()
+
+
+def _attach_loader(block: torch.nn.Module, ckpt, prefix: str) -> None:  # noqa: ANN001
+    """Load ``block``'s tensors from ``ckpt`` on `ensure_loaded` or its first call."""
+    def load() -> None:
+        if not any(t.is_meta for t in block.state_dict().values()):
+            return
+        tensors = {}
+        for name, meta in block.state_dict().items():
+            if prefix + name not in ckpt:
+                raise ModelLoadError(f"{ckpt.folder}: checkpoint lacks tensor "
+                                     f"{prefix + name!r}, which the config promises")
+            tensors[name] = ckpt.load(prefix + name)
+            if tuple(tensors[name].shape) != tuple(meta.shape):
+                raise ModelLoadError(f"{ckpt.folder}: tensor {prefix + name!r} has shape "
+                                     f"{list(tensors[name].shape)}, the config implies "
+                                     f"{list(meta.shape)}")
+        block.load_state_dict(tensors, assign=True)
+
+    setattr(block, _BLOCK_LOADER, load)
+    block.register_forward_pre_hook(lambda _block, _args: load())

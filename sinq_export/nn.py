@@ -192,18 +192,23 @@ def quantize_model(
     Tied weights (e.g. lm_head sharing the embedding) are quantized from the shared tensor
     but the embedding itself stays float.
 
-    With ``config.calibrate``, ``calibration`` holds the ``[n, L]`` calibration token windows
-    (`quant.calibrate.calibration_windows`); the model is then quantized block by block on
-    statistics of each block's inputs (`quant.calibrate.calibrate_block`).
+    With ``config.calibrate`` (or ``calibrate_head``), ``calibration`` holds the ``[n, L]``
+    calibration token windows (`quant.calibrate.calibration_windows`); the model is then
+    quantized block by block on statistics of each block's inputs
+    (`quant.calibrate.calibrate_block`; with ``calibrate_head`` alone the blocks are quantized
+    calibration-free and only run to give the head its input). A model from
+    `models.load_causal_lm_streamed` loads each block when it first runs and drops its float
+    weights once quantized.
     """
     config = config or SinqConfig()
     start = time.perf_counter()
     linears = eligible_linears(model, config)
     units = _units(linears, config)
     report = QuantizationReport(config=config)
-    if config.calibrate:
+    if config.needs_calibration:
         if calibration is None:
-            raise ValueError("config.calibrate is set but no calibration windows were given")
+            raise ValueError("config.calibrate / calibrate_head is set but no calibration "
+                             "windows were given")
         _quantize_calibrated(model, linears, units, config, report, measure_error,
                              calibration, progress)
     else:
@@ -216,6 +221,7 @@ def quantize_model(
 def _quantize_calibrated(model, linears, units, config, report, measure_error,  # noqa: ANN001
                          windows, progress) -> None:  # noqa: ANN001
     """Block by block: statistics of each block's inputs, quantize its units, propagate."""
+    from .models import ensure_loaded
     from .quant.calibrate import (
         LayerStats,
         calibrate_block,
@@ -228,6 +234,7 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     hidden, kwargs = capture_block_inputs(model, windows)
     done: set[str] = set()
     for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
+        ensure_loaded(block)
         prefix = block_prefix[id(block)] + "."
         mine = [u for u in units if u[0].startswith(prefix)]
         rel = [n[len(prefix):] for u in mine for n in u]
@@ -236,13 +243,16 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
             for names in mine:
                 _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
 
-        hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel)
-        done.update(rel_name for u in mine for rel_name in u)
+        hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
+                                 with_stats=config.calibrate)
+        for name in (n for u in mine for n in u):  # a streamed model frees the float weights
+            done.add(name)
+            linears.pop(name)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):
         stats = None
-        if norm is not None and linears[names[0]][0] is head:
+        if norm is not None and linears[names[0]][0] is head and config.is_calibrated(names[0]):
             # The output projection reads the final norm of the last block's output.
             stats = {names[0]: LayerStats(head.in_features)}
             stats[names[0]].add(norm(hidden))
@@ -273,14 +283,16 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     calibration windows (`quant.allocate`), which needs the float model in memory.
     """
     budgeted = config.avg_bits is not None or config.max_size_mb is not None
-    if not (config.calibrate or budgeted):
+    if not (config.needs_calibration or budgeted):
         return QuantizationPlan(config)
     from .quant.allocate import budget_bytes, plan_overrides, quantization_costs
     from .quant.calibrate import calibration_windows
 
     windows, info = calibration_windows(tokenizer, config.calibration_windows,
                                         config.calibration_length)
-    manifest = {"calibration": info} if config.calibrate else {}
+    manifest = {}
+    if config.needs_calibration:
+        manifest["calibration"] = {**info, "layers": "all" if config.calibrate else "lm_head"}
     if budgeted:
         costs, shapes = quantization_costs(model, config, windows[:sensitivity_windows])
         budget = (budget_bytes(shapes, config.avg_bits, config.group_size)
@@ -292,7 +304,7 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
             "budget_bytes": budget, "widths": widths,
             "sensitivity": f"per-token output Fisher on {sensitivity_windows} calibration windows",
             "calibration": info}
-    return QuantizationPlan(config, windows if config.calibrate else None, manifest)
+    return QuantizationPlan(config, windows if config.needs_calibration else None, manifest)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, SinqLinear]:

@@ -60,16 +60,41 @@ def test_bad_flag_values(tmp_path, flag):
 
 
 def test_model_defaults_and_float_opt_out():
-    """The measured defaults (acc4, 8-bit head + embedding) and 'float' to keep a tensor float."""
+    """The measured defaults (acc4, a calibrated 4-bit g32 head, 8-bit embedding) and 'float'
+    to keep a tensor float."""
     from sinq_export.cli import build_parser, config_from_args, graph_config_from_args
 
     args = build_parser().parse_args(["model", "-o", "x"])
     cfg, graph = config_from_args(args), graph_config_from_args(args)
-    assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (8, 8, 4)
+    assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == (4, 32, True)
+    assert (cfg.calibrate, graph.embedding_bits, graph.accuracy_level) == (False, 8, 4)
     args = build_parser().parse_args(["model", "-o", "x", "--lm-head-bits", "float",
                                       "--embedding-bits", "float", "--accuracy-level", "0"])
     cfg, graph = config_from_args(args), graph_config_from_args(args)
     assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (None, None, 0)
+
+
+@pytest.mark.parametrize(("argv", "head"), [
+    ([], (4, 32, True)),
+    (["--lm-head-bits", "8"], (8, None, False)),  # an 8-bit head costs nothing: no calibration
+    (["--lm-head-bits", "3"], (3, 32, True)),
+    (["--no-calibrate-head"], (4, 32, False)),
+    (["--lm-head-group-size", "64"], (4, 64, True)),
+    (["--lm-head-bits", "float"], (None, None, False)),
+])
+def test_model_head_defaults_follow_its_width(argv, head):
+    from sinq_export.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["model", "-o", "x", *argv]))
+    assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == head
+
+
+def test_quantize_calibrates_the_head_only_when_asked():
+    from sinq_export.cli import build_parser, config_from_args
+
+    for argv, want in (([], False), (["--calibrate-head"], True)):
+        cfg = config_from_args(build_parser().parse_args(["quantize", "-o", "x", *argv]))
+        assert cfg.calibrate_head is want and cfg.lm_head_bits is None
 
 
 @pytest.mark.parametrize(("argv", "shared"), [

@@ -1,7 +1,7 @@
 """Real-model export (bundled SmolLM2-135M) through the CLI: the README's default command.
 
-One export with the CLI defaults (4-bit SINQ linears, 8-bit lm_head sharing one 8-bit table
-with the embedding, accuracy_level 4) is shared by the module. `validate` checks it against
+One export with the CLI defaults (4-bit SINQ linears, a 4-bit g32 lm_head calibrated alone,
+an 8-bit embedding table, accuracy_level 4) is shared by the module. `validate` checks it against
 the PyTorch reference rebuilt from the source folder, exactly (accuracy_level 0 override) and
 as shipped; the architectures and options are covered on tiny models in
 test_export_decoder.py.
@@ -59,8 +59,10 @@ def test_export_folder(export4):
     assert not (out / "reference").exists()
     man = json.loads((out / "sinq_export.json").read_text())
     assert len(man["layers"]) == 212 and man["kind"] == "causal-lm"  # + lm_head + embedding
-    assert man["graph"]["accuracy_level"] == 4 and man["layers"]["lm_head"]["bits"] == 8
-    assert man["layers"]["lm_head"]["shared_with"] == "model.embed_tokens"
+    head, table = man["layers"]["lm_head"], man["layers"]["model.embed_tokens"]
+    assert man["graph"]["accuracy_level"] == 4 and (head["bits"], head["group_size"]) == (4, 32)
+    assert table["bits"] == 8 and head.get("shared_with") is None  # two tables: 4-bit head
+    assert man["calibration"]["layers"] == "lm_head" and man["config"]["calibrate_head"]
     # t folded where exact: down_proj's into up_proj's rows (30), the head's into the norm,
     # gate/up's shared t into the post-attention norm (60), q_proj's into the input norm (30;
     # k/v multiply by a ratio): the Muls left are k, v, o_proj per layer and the embedding's

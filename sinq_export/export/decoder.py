@@ -284,7 +284,7 @@ def _uses(plan: Plan) -> dict[str, int]:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.tiktoken", "vocab.json")
 
 
-def _missing_tokenizer(folder: Path) -> str | None:
+def missing_tokenizer(folder: Path) -> str | None:
     """A warning when the source has no tokenizer: the export is fine for a plain onnxruntime
     session fed token ids, but onnxruntime-genai, `eval` and `validate` need one in OUT_DIR."""
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
@@ -475,7 +475,7 @@ def export_causal_lm(
         stages.timings["write"] -= cache.stats.seconds
     finally:
         stages.close()
-    warning = _missing_tokenizer(folder)
+    warning = missing_tokenizer(folder)
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
                         peak_rss=stages.report()["peak_rss_mb"],
                         warnings=[warning] if warning else [])

@@ -134,11 +134,12 @@ def quantization_costs(model, config, windows, widths: Sequence[int] = WIDTHS  #
     Every layer is quantized once per width first (the records are kept, ~0.9x the float
     weights' bytes over all widths); the Fisher pass then dequantizes one error at a time.
     """
+    from ..config import is_head
     from ..nn import eligible_linears
     from .methods import quantize
 
     linears = {n: v for n, v in eligible_linears(model, config).items()
-               if not re.search(r"(^|\.)lm_head$", n)}  # the head keeps its own width
+               if not is_head(n)}  # the head keeps its own width
     errors: dict[str, dict[int, object]] = {}
     for name, (lin, _) in linears.items():
         w = lin.weight.detach().float()

@@ -146,11 +146,8 @@ def validate(
 
         ref_layers = quantized_layers(reference)
         if src is not None and src.kind == "source":  # ONNX weights vs the source weights
-            config = info.meta.get("config") or {}
             weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers,
-                                        compensated=bool(config.get("calibrate")
-                                                         and config.get("gptq", True)),
-                                        tensors=tensors)
+                                        compensated=_gptq_layers(info), tensors=tensors)
         missing = sorted(n for n, m in info.layers.items()
                          if m.get("op", QUANT_OPS[0]) in QUANT_OPS and n not in ref_layers)
         if missing:
@@ -415,3 +412,20 @@ def context_length(info: ExportInfo) -> int | None:
 def check_export_runs(info: ExportInfo) -> None:
     """The graph parses and its external data is all there (cheap; before any session)."""
     OnnxTensors(load_graph(info.onnx_path), info.out_dir)
+
+
+def _gptq_layers(info) -> set[str]:  # noqa: ANN001
+    """Layers whose codes GPTQ moved off round-to-nearest: every layer of a ``calibrate``
+    export, the head of a ``calibrate_head`` one, and a table that shares a calibrated head's
+    record."""
+    from ..config import SinqConfig
+
+    meta = info.meta.get("config")
+    if not meta:
+        return set()
+    config = SinqConfig.from_dict(meta)
+    if not config.gptq:
+        return set()
+    names = {n for n in info.layers if config.is_calibrated(n)}
+    return names | {m["shared_with"] for n, m in info.layers.items()
+                    if n in names and m.get("shared_with")}

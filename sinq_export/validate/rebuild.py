@@ -21,6 +21,7 @@ embedding / lm_head) are float32.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -343,15 +344,15 @@ def _checkable_record(ckpt: Checkpoint, layers: dict[str, dict], name: str, tens
 
 
 def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
-                 compensated: bool = False, tensors=None) -> dict[str, float | None]:  # noqa: ANN001
+                 compensated: Collection[str] = (), tensors=None) -> dict[str, float | None]:  # noqa: ANN001
     """`quantization_steps` of every layer against the source weight (one at a time).
 
     A t folded into a norm weight is read back from it (``tensors``: the ONNX initializers);
     None where that is not possible (t folded into another layer's rows: the ONNX tensors of
-    such a layer are not the quantized source weight alone). ``compensated`` (a
-    GPTQ-calibrated export): GPTQ moves codes away from round-to-nearest by design (up to ~8
-    steps measured on SmolLM2), so those layers report the RMS distance instead of the
-    largest: it still flags a wrong or mis-scaled tensor, not a single flipped byte.
+    such a layer are not the quantized source weight alone). ``compensated``: the layers GPTQ
+    calibrated, whose codes it moves away from round-to-nearest by design (up to ~8 steps
+    measured on SmolLM2), so they report the RMS distance instead of the largest: it still
+    flags a wrong or mis-scaled tensor, not a single flipped byte.
     """
     out: dict[str, float | None] = {}
     for name, meta in layers.items():
@@ -360,7 +361,7 @@ def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
             record = _checkable_record(ckpt, layers, name, tensors, modules[name].record)
         out[name] = None if record is None else quantization_steps(
             _load(ckpt, name + ".weight"), record,
-            rms=compensated and meta.get("shared_with") is None)
+            rms=name in compensated and meta.get("shared_with") is None)
     return out
 
 

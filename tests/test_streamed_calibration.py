@@ -1,0 +1,143 @@
+"""Calibration on a model streamed block by block, and the head calibrated alone.
+
+`models.load_causal_lm_streamed` builds the decoder blocks on the meta device and loads each
+from the checkpoint when it first runs; `quantize_model` with ``calibrate`` or
+``calibrate_head`` then needs one float block at a time. Real transformers models of every
+supported family (random weights, saved to a folder), real checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_architectures import ARCHS, make_model_dir
+from test_cli import tiny_tokenizer
+
+from sinq_export.config import SinqConfig
+from sinq_export.models import ModelLoadError, load_causal_lm, load_causal_lm_streamed
+from sinq_export.nn import quantize_model, quantized_layers
+from sinq_export.quant.calibrate import LayerStats, decoder_blocks, output_error
+
+WINDOWS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _with_tokenizer(folder):  # noqa: ANN001, ANN202
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_streamed_model_computes_what_the_loaded_one_does(tmp_path, model_type):
+    """Blocks hold no weights until they run; then the logits equal from_pretrained's."""
+    make_model_dir(tmp_path / "hf", model_type)
+    _with_tokenizer(tmp_path / "hf")
+    streamed, _ = load_causal_lm_streamed(tmp_path / "hf")
+    assert all(p.is_meta for b in decoder_blocks(streamed) for p in b.parameters())
+    assert not any(p.is_meta for n, p in streamed.named_parameters() if ".layers." not in n)
+    full, _ = load_causal_lm(tmp_path / "hf")
+    with torch.no_grad():
+        got = streamed(input_ids=WINDOWS[:1]).logits
+        want = full(input_ids=WINDOWS[:1]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _records(model):  # noqa: ANN001, ANN202
+    return {n: m.record for n, m in quantized_layers(model).items()}
+
+
+def _same_record(a, b) -> bool:  # noqa: ANN001
+    return all(torch.equal(getattr(a, f), getattr(b, f))
+               for f in ("packed", "scales", "zero_points", "col_scale"))
+
+
+def test_streamed_calibration_gives_the_in_memory_records_and_drops_the_float_blocks(tmp_path):
+    make_model_dir(tmp_path / "hf", "qwen2")
+    _with_tokenizer(tmp_path / "hf")
+    cfg = SinqConfig(group_size=16, calibrate=True, lm_head_bits=4)
+    streamed, _ = load_causal_lm_streamed(tmp_path / "hf")
+    quantize_model(streamed, cfg, progress=False, calibration=WINDOWS)
+    full, _ = load_causal_lm(tmp_path / "hf")
+    quantize_model(full, cfg, progress=False, calibration=WINDOWS)
+    got, want = _records(streamed), _records(full)
+    assert set(got) == set(want) and len(got) == 2 * 7 + 1
+    assert all(_same_record(got[n], want[n]) for n in want)
+    # no float linear weight is left in any block: only records, norms and biases
+    for block in decoder_blocks(streamed):
+        assert not any(isinstance(m, torch.nn.Linear) for m in block.modules())
+
+
+def test_head_calibrated_alone_keeps_the_decoder_calibration_free(tmp_path):
+    """``calibrate_head``: every decoder record is the calibration-free one, the head's is
+    calibrated on the final norm of the quantized decoder's output and has the lower output
+    error there."""
+    make_model_dir(tmp_path / "hf", "llama")
+    _with_tokenizer(tmp_path / "hf")
+    base = SinqConfig(group_size=16, lm_head_bits=4, shared_col_scale="mlp")
+    model, _ = load_causal_lm_streamed(tmp_path / "hf")
+    report = quantize_model(model, base.replace(calibrate_head=True), progress=False,
+                            calibration=WINDOWS)
+    plain, _ = load_causal_lm(tmp_path / "hf")
+    float_head = copy.deepcopy(plain.lm_head.weight.detach())
+    quantize_model(plain, base, progress=False)
+    got, want = _records(model), _records(plain)
+    body = [n for n in want if n != "lm_head"]
+    assert body and all(_same_record(got[n], want[n]) for n in body)
+    labels = {r.name: r.method for r in report.layers}
+    assert labels["lm_head"] == "sinq+calibrated"
+    assert all(not labels[n].endswith("+calibrated") for n in body)
+
+    captured = []
+    hook = plain.lm_head.register_forward_hook(lambda _m, a, _o: captured.append(a[0]))
+    with torch.no_grad():
+        plain(input_ids=WINDOWS)
+    hook.remove()
+    stats = LayerStats(float_head.shape[1])
+    stats.add(captured[0])
+    h = stats.hessian()
+
+    def err(rec) -> float:  # noqa: ANN001
+        return output_error(float_head, rec.dequantize(), h)
+
+    assert err(got["lm_head"]) < err(want["lm_head"])
+
+
+def test_a_block_tensor_the_checkpoint_lacks_is_named(tmp_path):
+    make_model_dir(tmp_path / "hf", "llama")
+    _with_tokenizer(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    model, _ = load_causal_lm_streamed(tmp_path / "hf")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        quantize_model(model, SinqConfig(group_size=16, calibrate=True), progress=False,
+                       calibration=WINDOWS)
+
+
+def test_model_default_calibrates_a_4bit_head_and_records_it(tmp_path, capsys):
+    """The first command's head: 4-bit g32 calibrated alone (manifest says so); without a
+    tokenizer in the source the head stays 8-bit, with a warning."""
+    from sinq_export.cli import main
+
+    make_model_dir(tmp_path / "hf", "llama")
+    assert main(["model", str(tmp_path / "hf"), "-o", str(tmp_path / "plain"), "--group-size",
+                 "32", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert any("lm_head stays 8-bit" in w for w in summary["warnings"])
+    manifest = json.loads((tmp_path / "plain" / "sinq_export.json").read_text())
+    assert manifest["layers"]["lm_head"]["bits"] == 8
+
+    _with_tokenizer(tmp_path / "hf")
+    assert main(["model", str(tmp_path / "hf"), "-o", str(tmp_path / "out"), "--group-size",
+                 "32", "--calibration-windows", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "calibrate" in summary["timings_s"] and summary["warnings"] == []
+    manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
+    head = manifest["layers"]["lm_head"]
+    assert (head["bits"], head["group_size"]) == (4, 32)
+    assert manifest["calibration"]["layers"] == "lm_head"
+    assert manifest["layers"]["model.embed_tokens"]["bits"] == 8
