@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import time
 
 import pytest
@@ -25,16 +26,20 @@ from sinq_export.quant.core import quantize_weight
 
 
 def test_stage_peak_rss_is_the_stage_own_peak():
-    """A stage that allocates 256 MiB reports >= that much more than a later idle stage.
+    """A stage that maps 256 MiB reports >= that much more than a later idle stage.
 
     Held for a few sampling periods: in a test process whose high-water mark earlier tests
-    already raised, the stage's own peak comes from the RSS sampler (every 50 ms)."""
+    already raised, the stage's own peak comes from the RSS sampler (every 50 ms). The pages
+    are mapped directly (fresh, touched, unmapped at the end): a tensor could reuse memory the
+    allocator kept resident from earlier tests and never raise the resident set."""
     stages = Stages(["big", "small"], progress=False)
     with stages.stage("big"):
-        block = torch.ones(64 << 20)  # 256 MiB, touched
-        float(block.sum())
+        size = 256 << 20
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
         time.sleep(0.3)
-        del block
+        block.close()
     with stages.stage("small"):
         small = torch.ones(1 << 10)
         float(small.sum())

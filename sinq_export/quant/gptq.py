@@ -28,6 +28,7 @@ from .rtn import minmax_params, search_params
 
 SUB = 16  # columns per rank-1-update slice inside a group (see `_round_group`)
 DAMP = 0.01  # Tikhonov damping, fraction of mean(diag(H'))
+CHUNK_BYTES = 64 << 20  # rows swept together (see `gptq_codes`)
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -47,12 +48,14 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: MethodConfig,
-               damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               damp: float = DAMP, chunk_bytes: int = CHUNK_BYTES
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes [N, K], scales [N, n_blocks], zeros [N, n_blocks]) of ``w / t`` by GPTQ.
 
-    ``hessian`` is ``E[x x^T]`` ``[K, K]`` of the layer's (unscaled) inputs.
+    ``hessian`` is ``E[x x^T]`` ``[K, K]`` of the layer's (unscaled) inputs. Rows are
+    independent given the Hessian, so they are swept in chunks of at most ``chunk_bytes`` of
+    working copy: a 150k-row head then needs a few small copies, not three of its size.
     """
-    g, bits = config.group_size, config.bits
     n, k = w.shape
     h = hessian.double() * t.double()[:, None] * t.double()[None, :]
     dead = h.diagonal() <= 0
@@ -61,6 +64,16 @@ def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: 
     importance = h.diagonal().float()
     # float32 factorisation (as the paper's code): 2-3x faster than float64 at K = 1536
     u = inverse_cholesky(h.float(), damp)
+    rows = max(1, chunk_bytes // (k * 4))
+    parts = [_sweep(w[r:r + rows], t, u, importance, config) for r in range(0, n, rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.Tensor,
+           config: MethodConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gptq_codes` of a block of rows, given the inverse Hessian's Cholesky factor ``u``."""
+    g, bits = config.group_size, config.bits
+    n, k = w.shape
     # column-major working copy: column i of W / t is the contiguous row ``wt[i]``
     wt = (w.float() / t).T.contiguous()
     nb = -(-k // g)

@@ -29,6 +29,7 @@ STEP_MIN, STEP_MAX = 0.7, 2.0  # per-iteration ratio clamp
 LOG_MIN, LOG_MAX = -0.3, 10.0  # clip of the log scales
 STD_MIN, STD_MAX = 1e-3, 1e3  # clamp of the standard deviations used for the step
 EPS = 1e-6
+CHUNK_BYTES = 64 << 20  # tiles normalised together (see `sinkhorn_scales`)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,14 @@ def _imbalance(std_r: torch.Tensor, std_c: torch.Tensor) -> torch.Tensor:
     return hi / lo
 
 
-def sinkhorn_scales(tiles: torch.Tensor, iters: int = 16) -> SinkhornScales:
+def sinkhorn_scales(tiles: torch.Tensor, iters: int = 16,
+                    chunk_bytes: int = CHUNK_BYTES) -> SinkhornScales:
     """Find row/column scales minimising the imbalance of each ``[N, g]`` tile.
+
+    Tiles are independent, so they are normalised in chunks of at most ``chunk_bytes`` of
+    float32 weights, each copied contiguous first: the tiles are usually a permuted view of
+    the weight, and the ~60 batched mat-vecs over a strided operand run 2-3x slower; the
+    chunking keeps that copy (and ``W^2``) small for a 150k-row head.
 
     Args:
         tiles: float32 ``[T, N, g]`` with ``N >= 2`` and ``g >= 2``.
@@ -70,7 +77,17 @@ def sinkhorn_scales(tiles: torch.Tensor, iters: int = 16) -> SinkhornScales:
     t, n, g = tiles.shape
     if n < 2 or g < 2:
         raise ValueError(f"Sinkhorn normalisation needs tiles of at least 2x2, got {n}x{g}")
-    w = tiles.float()
+    per_chunk = max(1, chunk_bytes // (n * g * 4))
+    parts = [_normalise(tiles[i:i + per_chunk].float().contiguous(), iters)
+             for i in range(0, t, per_chunk)]
+    return SinkhornScales(row=torch.cat([p.row for p in parts]),
+                          col=torch.cat([p.col for p in parts]),
+                          imbalance=torch.cat([p.imbalance for p in parts]))
+
+
+def _normalise(w: torch.Tensor, iters: int) -> SinkhornScales:
+    """`sinkhorn_scales` of one contiguous chunk of tiles ``[T, N, g]``."""
+    t, n, g = w.shape
     w2 = w.square()
     ones_r = torch.ones(t, n)
     ones_c = torch.ones(t, g)
