@@ -72,6 +72,10 @@ class SinqLinear(nn.Module):
             self._dequantized = self.record.dequantize_grouped()
         return self._dequantized
 
+    def drop_cache(self) -> None:
+        """Forget the dequantized weight (a float copy of the layer) until the next call."""
+        self._dequantized = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.grouped_weight().to(x.dtype)
         if self.col_scale is not None:
@@ -80,7 +84,7 @@ class SinqLinear(nn.Module):
         return F.linear(x, w, bias)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
-        self._dequantized = None
+        self.drop_cache()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -248,6 +252,9 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
         for name in (n for u in mine for n in u):  # a streamed model frees the float weights
             done.add(name)
             linears.pop(name)
+        for m in block.modules():  # and holds no float copy of a quantized block either
+            if isinstance(m, SinqLinear):
+                m.drop_cache()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):
