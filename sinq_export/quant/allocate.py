@@ -29,8 +29,6 @@ import numpy as np
 from . import packing
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
-import os
-SAMPLED = os.environ.get("SINQ_FISHER") == "sampled"
 STATES = 20_000  # DP resolution: the budget is cut into this many units
 
 
@@ -119,13 +117,7 @@ def output_fisher_costs(model, errors: Mapping[str, Mapping[int, object]], windo
             for win in windows:
                 ids = torch.as_tensor(win).reshape(1, -1)
                 embeds = embeddings(ids).detach().requires_grad_(True)  # the graph starts here
-                if SAMPLED:
-                    logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1]
-                    gen = torch.Generator().manual_seed(0)
-                    y = torch.multinomial(logits.detach().float().softmax(-1), 1, generator=gen)[:, 0]
-                    loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                else:
-                    loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
+                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
                 loss.backward()
     finally:
         for h in handles:
