@@ -56,6 +56,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                          "model` default", ("--bits", "4")),
     "sinq4-lmh4c-emb4": ("the default with the embedding 4-bit too (one shared table: the "
                          "calibrated head's record)", ("--embedding-bits", "4")),
+    "sinq4-lmh4c-emb4-packed": ("all 4-bit: the default + `--embedding-bits 4` + q/k/v and "
+                                "gate/up sharing one t (folded), q/k/v packed into one node",
+                                ("--embedding-bits", "4", "--shared-col-scale", "all")),
     "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), gate/up share "
                         "one t, t folded where exact, acc4: the default before the calibrated head",
                         ("--lm-head-bits", "8")),
