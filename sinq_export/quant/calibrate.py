@@ -12,13 +12,13 @@ searched on a grid by the layer's output error ``tr((W - W_hat) H (W - W_hat)^T)
 (plain SINQ) is on the grid, so the search never does worse on the calibration data. The graph
 already multiplies activations by ``t``, so the search costs nothing at run time.
 
-Block-by-block driver (`calibrate_blocks`): capture the inputs of the first decoder block for
-the calibration windows, then per block: hook its linears, run the float block (statistics),
-quantize its linears, run the quantized block to get the next block's inputs (so each block is
-calibrated on what the quantized model will actually feed it). A streaming export plugs in at
-`calibrate_block`: it builds one float decoder block from the checkpoint, calls
-`calibrate_block(block, hidden, block_kwargs, quantize_unit)`, writes the records and drops
-the block; only the ``[windows, length, hidden]`` activations persist between blocks.
+Block by block (`calibrate_block`, driven by `nn.quantize_model`): capture the inputs of the
+first decoder block for the calibration windows, then per block: hook its linears, run the
+float block (statistics), quantize its linears, run the quantized block to get the next
+block's inputs (so each block is calibrated on what the quantized model will actually feed
+it). On a model from `models.load_causal_lm_streamed` each block is loaded from the checkpoint
+just before it is calibrated and holds only records afterwards, so one float block and the
+``[windows, length, hidden]`` activations are what persists between blocks.
 """
 
 from __future__ import annotations
