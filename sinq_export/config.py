@@ -82,7 +82,9 @@ class SinqConfig:
         tile_gate: SINQ keeps a tile's Sinkhorn scale only where it lowers the error.
         calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
-            are disjoint from the evaluation windows (see ``quant.calibrate``).
+            are disjoint from the evaluation windows (see ``quant.calibrate``);
+            ``calibration_windows=None``: at least 8, more for linears wider than ~2700
+            inputs (`quant.calibrate.default_window_count`).
         calibrate_head: calibrate the output projection alone (A-SINQ + GPTQ on the final
             norm's output, the decoder quantized calibration-free and run on the calibration
             windows to produce it). Why alone: a 4-bit head costs +2.6 perplexity
@@ -111,7 +113,7 @@ class SinqConfig:
     tile_gate: bool = False
     calibrate: bool = False
     calibrate_head: bool = False
-    calibration_windows: int = 8
+    calibration_windows: int | None = None
     calibration_length: int = 512
     awq: bool = True
     gptq: bool = True
@@ -149,6 +151,8 @@ class SinqConfig:
             check_group_size(self.lm_head_group_size, where="lm_head_group_size")
         for name in ("calibration_windows", "calibration_length"):
             value = getattr(self, name)
+            if name == "calibration_windows" and value is None:
+                continue  # enough for the widest calibrated linear (quant.calibrate)
             if not isinstance(value, int) or not 1 <= value <= 4096:
                 raise ConfigError(f"{name}={value!r} must be an int in [1, 4096]")
         if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:

@@ -293,10 +293,14 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     if not (config.needs_calibration or budgeted):
         return QuantizationPlan(config)
     from .quant.allocate import budget_bytes, plan_overrides, quantization_costs
-    from .quant.calibrate import calibration_windows
+    from .quant.calibrate import calibration_windows, default_window_count
 
-    windows, info = calibration_windows(tokenizer, config.calibration_windows,
-                                        config.calibration_length)
+    n_windows = config.calibration_windows
+    if n_windows is None:
+        calibrated = [lin.in_features for name, (lin, _) in eligible_linears(model, config).items()
+                      if config.is_calibrated(name)]
+        n_windows = default_window_count(max(calibrated, default=0), config.calibration_length)
+    windows, info = calibration_windows(tokenizer, n_windows, config.calibration_length)
     manifest = {}
     if config.needs_calibration:
         manifest["calibration"] = {**info, "layers": "all" if config.calibrate else "lm_head"}

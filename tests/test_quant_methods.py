@@ -357,3 +357,33 @@ def test_plan_quantization_records_the_calibration_windows():
     plan = plan_quantization(tiny_llama(), char_tokenizer, cfg)
     assert plan.calibration.shape == (2, 64)
     assert plan.manifest["calibration"]["token_range"] == [65536, 65536 + 128]
+
+
+@pytest.mark.parametrize(("max_k", "length", "want"), [
+    (0, 512, 8), (576, 512, 8), (1536, 512, 8),  # SmolLM2: the minimum covers it
+    (2730, 512, 8), (2731, 512, 16), (4864, 512, 16),  # Qwen2.5-0.5B down_proj: 16 measured
+    (8960, 512, 32), (18944, 512, 64), (10**6, 512, 64), (4864, 64, 64),
+])
+def test_default_window_count_covers_the_widest_input(max_k, length, want):
+    from sinq_export.quant.calibrate import default_window_count
+
+    got = default_window_count(max_k, length)
+    assert got == want
+    assert got & (got - 1) == 0 and (got * length >= 1.5 * max_k or got == 64)
+
+
+def test_plan_quantization_sizes_the_calibration_for_what_it_calibrates():
+    """Without an explicit count: enough windows for the widest *calibrated* linear (every
+    linear with ``calibrate``, the head alone with ``calibrate_head``)."""
+    from sinq_export import SinqConfig
+    from sinq_export.nn import plan_quantization
+    from sinq_export.quant.calibrate import default_window_count
+
+    model = tiny_llama()
+    widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.lm_head.in_features
+    for cfg, k in ((SinqConfig(calibrate=True, calibration_length=16), widest),
+                   (SinqConfig(calibrate_head=True, lm_head_bits=4, calibration_length=16), head)):
+        plan = plan_quantization(model, char_tokenizer, cfg)
+        assert plan.calibration.shape == (default_window_count(k, 16), 16)
+        assert plan.manifest["calibration"]["n_windows"] == plan.calibration.shape[0]
