@@ -62,10 +62,6 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
                         "Wikipedia windows disjoint from the evaluation windows (opt-in)")
-    p.add_argument("--calibrate-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states "
-                        "of the calibration-free decoder; a 4-bit head then costs +0.4 "
-                        "perplexity instead of +2.6). `model`: on when the head is below 8 bits")
     p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
                    help="calibration windows of 512 tokens (default 8, or enough for 1.5x "
                         "the widest calibrated linear's inputs)")
@@ -236,6 +232,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="quantize lm_head at this width, or 'float' (default 4, calibrated)")
     p.add_argument("--lm-head-group-size", type=int, default=None,
                    help="block size for lm_head (default 32 below 8 bits, else --group-size)")
+    p.add_argument("--calibrate-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states "
+                        "of the calibration-free decoder; a 4-bit head then costs +0.4 "
+                        "perplexity instead of +2.6; default: on below 8 bits)")
     p.add_argument("--embedding-bits", type=_width(EMBEDDING_BITS),
                    default=MODEL_DEFAULTS["embedding_bits"],
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "

@@ -149,6 +149,9 @@ class SinqConfig:
             check_bits(self.lm_head_bits, where="lm_head_bits")
         if self.lm_head_group_size is not None:
             check_group_size(self.lm_head_group_size, where="lm_head_group_size")
+        if self.calibrate_head and self.lm_head_bits is None:
+            raise ConfigError("calibrate_head needs a quantized lm_head (lm_head_bits); "
+                              "the head is kept float")
         for name in ("calibration_windows", "calibration_length"):
             value = getattr(self, name)
             if name == "calibration_windows" and value is None:
@@ -182,7 +185,7 @@ class SinqConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing needs the calibration windows run through the model."""
-        return self.calibrate or (self.calibrate_head and self.lm_head_bits is not None)
+        return self.calibrate or self.calibrate_head
 
     def is_calibrated(self, name: str) -> bool:
         """Whether module ``name`` is quantized on calibration statistics."""

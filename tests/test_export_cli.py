@@ -89,12 +89,11 @@ def test_model_head_defaults_follow_its_width(argv, head):
     assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == head
 
 
-def test_quantize_calibrates_the_head_only_when_asked():
-    from sinq_export.cli import build_parser, config_from_args
+def test_calibrating_a_float_head_is_refused(capsys):
+    from sinq_export.cli import EXIT_USAGE, main
 
-    for argv, want in (([], False), (["--calibrate-head"], True)):
-        cfg = config_from_args(build_parser().parse_args(["quantize", "-o", "x", *argv]))
-        assert cfg.calibrate_head is want and cfg.lm_head_bits is None
+    assert main(["model", "-o", "x", "--lm-head-bits", "float", "--calibrate-head"]) == EXIT_USAGE
+    assert "calibrate_head needs a quantized lm_head" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "shared"), [
