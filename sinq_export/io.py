@@ -156,16 +156,32 @@ def check_output(
         if real == src or real in src.parents:
             what = "the input folder" if real == src else f"a parent of the input folder {src}"
             raise UnsafeOutputError(f"output folder {target} is {what}; choose another -o")
-    if not os.path.lexists(target):
-        check_parents(target)
-        return target
-    problem = _refusal(target, overwrite, marker)
-    # A target that vanished while it was inspected is being swapped by another run (moved
-    # aside, then replaced): not a refusal. The check under the lock before our own swap
-    # looks again at whatever is there then.
-    if problem is not None and os.path.lexists(target):
-        raise problem
-    return target
+    # A target that vanished or was replaced while it was inspected is being swapped by another
+    # run (moved aside, then replaced): what was seen is no refusal, so look again; a refusal
+    # counts only when the same folder was there before and after the inspection.
+    for _ in range(_SWAP_RETRIES):
+        before = _identity(target)
+        if before is None:
+            check_parents(target)
+            return target
+        problem = _refusal(target, overwrite, marker)
+        if problem is None:
+            return target
+        if _identity(target) == before:
+            raise problem
+    raise problem
+
+
+_SWAP_RETRIES = 20  # inspections of a target that other runs keep swapping (`check_output`)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` itself, None when it does not exist."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _refusal(target: Path, overwrite: bool, marker: Marker | None) -> Exception | None:
