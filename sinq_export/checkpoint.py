@@ -222,6 +222,16 @@ class Checkpoint:
         except KeyError:
             raise ModelLoadError(f"{self.folder}: checkpoint has no tensor {name!r}") from None
 
+    def require(self, name: str, shape: tuple[int, ...] | None = None) -> None:
+        """One line naming ``name`` when the checkpoint lacks a tensor the config promises or
+        (``shape``) stores it in another shape: checked on the header, before any read."""
+        if name not in self._tensors:
+            raise ModelLoadError(f"{self.folder}: checkpoint lacks tensor {name!r}, "
+                                 "which the config promises")
+        if shape is not None and self.shape(name) != tuple(shape):
+            raise ModelLoadError(f"{self.folder}: tensor {name!r} has shape "
+                                 f"{self.shape(name)}, the config implies {tuple(shape)}")
+
     def shard(self, name: str) -> Path:
         """The shard file that stores ``name``."""
         return self._entry(name)[0]

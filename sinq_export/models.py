@@ -268,15 +268,13 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
                 loaded.add(id(tensor))
     for name, tensor in outside.items():  # a tied head is the embedding's tensor
         if id(tensor) not in loaded:
-            raise ModelLoadError(f"{folder}: checkpoint lacks tensor {name!r}, "
-                                 "which the config promises")
+            ckpt.require(name)
     for block in blocks:
         persistent = set(block.state_dict())
         computed = [n for n, _ in block.named_buffers() if n not in persistent]
         if computed:
             raise ModelLoadError(f"{prefix[id(block)]}.{computed[0]}: a computed buffer in a "
                                  "decoder block cannot be streamed")
-    for block in blocks:
         _attach_loader(block, ckpt, prefix[id(block)] + ".")
     model.eval()
     return model, tokenizer
@@ -327,21 +325,15 @@ def ensure_loaded(block: torch.nn.Module) -> None:
 
 
 def _attach_loader(block: torch.nn.Module, ckpt, prefix: str) -> None:  # noqa: ANN001
-    """Load ``block``'s tensors from ``ckpt`` on `ensure_loaded` or its first call."""
+    """Load ``block``'s tensors from ``ckpt`` on `ensure_loaded` or its first call (once)."""
     def load() -> None:
-        if not any(t.is_meta for t in block.state_dict().values()):
-            return
+        hook.remove()
+        delattr(block, _BLOCK_LOADER)
         tensors = {}
         for name, meta in block.state_dict().items():
-            if prefix + name not in ckpt:
-                raise ModelLoadError(f"{ckpt.folder}: checkpoint lacks tensor "
-                                     f"{prefix + name!r}, which the config promises")
+            ckpt.require(prefix + name, tuple(meta.shape))
             tensors[name] = ckpt.load(prefix + name)
-            if tuple(tensors[name].shape) != tuple(meta.shape):
-                raise ModelLoadError(f"{ckpt.folder}: tensor {prefix + name!r} has shape "
-                                     f"{list(tensors[name].shape)}, the config implies "
-                                     f"{list(meta.shape)}")
         block.load_state_dict(tensors, assign=True)
 
     setattr(block, _BLOCK_LOADER, load)
-    block.register_forward_pre_hook(lambda _block, _args: load())
+    hook = block.register_forward_pre_hook(lambda _block, _args: load())

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from ..checkpoint import Checkpoint
 from ..config import GraphConfig, SinqConfig
 from ..io import atomic_output_dir, check_output, write_json
-from ..models import ModelLoadError, hub_offline
+from ..models import hub_offline
 from ..nn import _joint_groups
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
@@ -64,12 +64,11 @@ class Plan:
 
 
 def _weight_source(name: str, ckpt: Checkpoint, tied: bool) -> str:
-    if f"{name}.weight" in ckpt:
-        return f"{name}.weight"
-    if name == "lm_head" and tied and "model.embed_tokens.weight" in ckpt:
+    own = f"{name}.weight"
+    if own not in ckpt and name == "lm_head" and tied and "model.embed_tokens.weight" in ckpt:
         return "model.embed_tokens.weight"
-    raise ModelLoadError(f"{ckpt.folder}: checkpoint lacks tensor {name + '.weight'!r}, "
-                         "which the config promises")
+    ckpt.require(own)
+    return own
 
 
 def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Checkpoint,
@@ -174,9 +173,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     bits = {n: b for n in shapes if (b := config.bits_for(n)) is not None}
     sources = {n: _weight_source(n, ckpt, tied) for n in bits}
     for n, src in sources.items():
-        if ckpt.shape(src) != shapes[n][0]:
-            raise ModelLoadError(f"{ckpt.folder}: tensor {src!r} has shape {ckpt.shape(src)}, "
-                                 f"the config implies {shapes[n][0]}")
+        ckpt.require(src, shapes[n][0])
     embedding, shared_head = None, False
     group_sizes = {n: config.group_size_for(n) for n in bits}
     if graph.embedding_bits is not None:

@@ -147,13 +147,7 @@ def bind_weights(
             value.const_value = _lazy(_part_func(cache, lin, part, linears[lin]), value)
             continue
         source = aliases.get(name, name)
-        if source not in checkpoint:
-            raise ModelLoadError(f"{checkpoint.folder}: checkpoint lacks tensor {source!r}, "
-                                 "which the config promises")
-        want = tuple(int(d) for d in value.shape)
-        if checkpoint.shape(source) != want:
-            raise ModelLoadError(f"{checkpoint.folder}: tensor {source!r} has shape "
-                                 f"{checkpoint.shape(source)}, the config implies {want}")
+        checkpoint.require(source, tuple(int(d) for d in value.shape))
         if name in norm_folds:
             func = _scaled_func(checkpoint, source, cache, norm_folds[name])
         elif name in biases:
