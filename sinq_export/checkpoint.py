@@ -44,15 +44,19 @@ def _parse_config(folder: Path) -> dict:
     return config
 
 
-def architecture_model_type(arch: str) -> str | None:
-    """The ``model_type`` transformers' class ``arch`` is built for (None: class unknown)."""
-    import transformers
+def architecture_model_types(arch: str) -> frozenset[str]:
+    """The ``model_type`` values transformers' auto classes build class ``arch`` for (empty:
+    class unknown). Read from the auto mappings, not the class: importing a modeling module
+    to ask its config takes seconds."""
+    from transformers.models.auto import modeling_auto
 
-    try:
-        cls = getattr(transformers, arch)
-    except (AttributeError, ImportError, RuntimeError):
-        return None
-    return getattr(getattr(cls, "config_class", None), "model_type", None)
+    types = set()
+    for key, mapping in vars(modeling_auto).items():
+        if key.startswith("MODEL") and key.endswith("MAPPING_NAMES") and isinstance(mapping, dict):
+            for model_type, names in mapping.items():
+                if arch == names or (isinstance(names, tuple | list) and arch in names):
+                    types.add(model_type)
+    return frozenset(types)
 
 
 def _check_model_type(path: Path, config: dict) -> None:
@@ -64,11 +68,11 @@ def _check_model_type(path: Path, config: dict) -> None:
         return  # which architectures are supported is decided by the graph builder
     if not isinstance(model_type, str):
         raise ModelLoadError(f"{path}: config.json has no 'model_type' string")
-    expected = architecture_model_type(archs[0])
-    if expected is not None and expected != model_type:
+    expected = architecture_model_types(archs[0])
+    if expected and model_type not in expected:
         raise ModelLoadError(
             f"{path}: model_type {model_type!r} disagrees with architectures "
-            f"[{archs[0]!r}] (which expects model_type {expected!r})"
+            f"[{archs[0]!r}] (which expects model_type {' or '.join(map(repr, sorted(expected)))})"
         )
 
 

@@ -231,7 +231,8 @@ def source_quantization(folder: str | os.PathLike) -> dict | None:
 
     ``{"format": "gguf", "file": ..., "architecture": ..., "tensor_types": {"Q4_K": n, ...},
     "file_type": ...}`` for a folder `convert` wrote, ``None`` for any other folder. Markers of
-    folders converted before the types were recorded are completed from the source file's header.
+    folders converted before the types were recorded are completed from the source file's header,
+    once: the answer is written back into the marker (parsing a GGUF's metadata takes seconds).
     """
     marker = read_marker(folder)
     if marker is None:
@@ -240,9 +241,21 @@ def source_quantization(folder: str | os.PathLike) -> dict | None:
     if info is None:
         with contextlib.suppress(ModelLoadError, OSError):
             info = inspect(marker["source"]).to_dict()
-    if info is None:
-        return None
+        if info is None:
+            return None
+        _complete_marker(Path(folder), {**marker, "gguf": info})
     return {"format": "gguf", "file": marker.get("source"), **info}
+
+
+def _complete_marker(folder: Path, marker: dict) -> None:
+    """Replace our own marker atomically; a read-only cache just keeps the old one."""
+    tmp = folder / f"{COMPLETE_MARKER}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(marker, indent=1) + "\n")
+        os.replace(tmp, folder / COMPLETE_MARKER)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager

@@ -96,3 +96,22 @@ def test_smollm2_float_perplexity(smollm2, wiki_windows):
     assert wiki_windows.shape == (4, 512)
     ppl = data.perplexity(model, wiki_windows)
     assert abs(ppl - 22.68) < 0.3, ppl
+
+
+def test_leading_token_ids_grows_the_prefix_until_it_holds_enough():
+    text = "\n\n".join("x" * 40 for _ in range(50))  # 2,098 characters, a break every 42
+    ids = CharTokenizer()(text, add_special_tokens=False)["input_ids"]
+    for n in (1, 300, 1700, 5000):  # 1700 needs more than the first 6 chars per token guess
+        assert data.leading_token_ids(CharTokenizer(), text, n) == ids[:n]
+
+
+@needs_gensim
+@pytest.mark.slow
+def test_leading_token_ids_equal_the_whole_texts_tokens(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = data.load_text("wikipedia")
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in (512, 4 * 512, 65_536 + 8 * 512, 65_536 + 64 * 512):  # evaluation, calibration
+        assert data.leading_token_ids(tokenizer, text, n) == whole[:n]

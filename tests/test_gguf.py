@@ -208,6 +208,11 @@ def test_conversion_is_cached_per_file_and_redone_when_it_changes(tmp_path, cach
     assert marker["source_bytes"] == path.stat().st_size
     assert sg.source_quantization(first)["tensor_types"] == {"F32": 1, "Q8_0": 1}
     assert sg.source_quantization(tmp_path) is None  # not a converted folder
+    del marker["gguf"]  # a folder converted before the types were recorded ...
+    (first / sg.COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert sg.source_quantization(first)["tensor_types"] == {"F32": 1, "Q8_0": 1}
+    assert sg.read_marker(first)["gguf"]["tensor_types"] == {"F32": 1, "Q8_0": 1}  # ... once
+    assert not list(first.glob("*.tmp"))
 
     write_gguf(path, arch="mistral")  # a different file at the same path: a new folder
     second = sg.convert(path)

@@ -121,10 +121,10 @@ def calibration_windows(tokenizer, n_windows: int = 16, length: int = 512,  # no
                         text: str = "wikipedia", offset: int = CALIBRATION_OFFSET
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``[n_windows, length]`` calibration tokens and the manifest record that describes them."""
-    from ..data import load_text
+    from ..data import leading_token_ids, load_text
 
-    ids = tokenizer(load_text(text), add_special_tokens=False)["input_ids"]
     stop = offset + n_windows * length
+    ids = leading_token_ids(tokenizer, load_text(text), stop)
     if len(ids) < stop:
         raise ValueError(f"text {text!r} has {len(ids)} tokens; calibration needs {stop}")
     win = torch.tensor(ids[offset:stop], dtype=torch.long).reshape(n_windows, length)
