@@ -25,8 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def session(folder: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
+def session(folder: Path, threads: int, so: ort.SessionOptions | None = None
+            ) -> ort.InferenceSession:
+    so = so or ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
