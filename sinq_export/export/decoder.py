@@ -24,7 +24,7 @@ from ..checkpoint import Checkpoint
 from ..config import GraphConfig, SinqConfig
 from ..io import atomic_output_dir, check_output, write_json
 from ..models import hub_offline
-from ..nn import _joint_groups
+from ..nn import SHARED_INPUT_GROUPS, _joint_groups
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
@@ -101,6 +101,11 @@ def _norm_read_by(name: str) -> str | None:
     return "model.norm.weight" if name == "lm_head" else None
 
 
+# How many linears read the norm before each one (the widest same-input groups): a t folds into
+# the norm only when the linear's unit holds all of them.
+NORM_READERS = {leaf: len(group) for group in SHARED_INPUT_GROUPS["all"] for leaf in group}
+
+
 def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapping[str, int],
                   offset_norms: bool) -> tuple[str, str] | None:
     """('norm', initializer) or ('rows', linear) where ``name``'s t folds exactly, else None.
@@ -116,8 +121,7 @@ def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapp
     norm = _norm_read_by(name)
     if offset_norms or norm is None:
         return None
-    joint = {"q_proj": 3, "k_proj": 3, "v_proj": 3, "gate_proj": 2, "up_proj": 2}
-    if len(units[name]) == joint.get(leaf, 1):
+    if len(units[name]) == NORM_READERS.get(leaf, 1):
         return ("norm", norm)
     return None
 
