@@ -253,8 +253,6 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
         with _blocks_on_meta(AutoModelForCausalLM, config):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = _load_tokenizer(folder)
-    from .quant.calibrate import decoder_blocks
-
     blocks = decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
     in_blocks = tuple(prefix[id(b)] + "." for b in blocks)
@@ -278,6 +276,20 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
         _attach_loader(block, ckpt, prefix[id(block)] + ".")
     model.eval()
     return model, tokenizer
+
+
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's block list (``model.model.layers`` for Llama/Qwen/Mistral-style LMs)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+        mod = model
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        if isinstance(mod, torch.nn.ModuleList):
+            return mod
+    raise ValueError(f"{type(model).__name__}: no decoder block list found for calibration")
 
 
 @contextlib.contextmanager

@@ -225,13 +225,8 @@ def quantize_model(
 def _quantize_calibrated(model, linears, units, config, report, measure_error,  # noqa: ANN001
                          windows, progress) -> None:  # noqa: ANN001
     """Block by block: statistics of each block's inputs, quantize its units, propagate."""
-    from .models import ensure_loaded
-    from .quant.calibrate import (
-        LayerStats,
-        calibrate_block,
-        capture_block_inputs,
-        decoder_blocks,
-    )
+    from .models import decoder_blocks, ensure_loaded
+    from .quant.calibrate import LayerStats, calibrate_block, capture_block_inputs
 
     blocks = decoder_blocks(model)
     block_prefix = {id(m): n for n, m in model.named_modules()}

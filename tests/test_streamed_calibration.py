@@ -18,9 +18,9 @@ from test_architectures import ARCHS, make_model_dir
 from test_cli import tiny_tokenizer
 
 from sinq_export.config import SinqConfig
-from sinq_export.models import ModelLoadError, load_causal_lm, load_causal_lm_streamed
+from sinq_export.models import ModelLoadError, decoder_blocks, load_causal_lm, load_causal_lm_streamed
 from sinq_export.nn import quantize_model, quantized_layers
-from sinq_export.quant.calibrate import LayerStats, decoder_blocks, output_error
+from sinq_export.quant.calibrate import LayerStats, output_error
 
 WINDOWS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(3))
 

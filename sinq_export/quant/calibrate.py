@@ -141,24 +141,12 @@ class _Captured(Exception):
     pass
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder's block list (``model.model.layers`` for Llama/Qwen/Mistral-style LMs)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
-        mod = model
-        try:
-            for part in path.split("."):
-                mod = getattr(mod, part)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList):
-            return mod
-    raise ValueError(f"{type(model).__name__}: no decoder block list found for calibration")
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor
                          ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(hidden states entering block 0, the keyword arguments every block is called with)."""
+    from ..models import decoder_blocks
+
     first = decoder_blocks(model)[0]
     seen: dict[str, Any] = {}
 
