@@ -243,6 +243,7 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
     instead of the whole float model. float32, eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from .checkpoint import Checkpoint
 
@@ -250,8 +251,11 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
     ckpt = Checkpoint.open(folder)
     with hub_offline():
         config = AutoConfig.from_pretrained(folder, **_LOAD_KWARGS)
-        with _blocks_on_meta(AutoModelForCausalLM, config):
+        # No random initialisation: every tensor outside the blocks is loaded below (or is the
+        # tied embedding; one the checkpoint lacks is refused), so it was wasted work (~1 s).
+        with _blocks_on_meta(AutoModelForCausalLM, config), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()  # skipped with the initialisation
         tokenizer = _load_tokenizer(folder)
     blocks = decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
