@@ -243,17 +243,18 @@ def source_quantization(folder: str | os.PathLike) -> dict | None:
             info = inspect(marker["source"]).to_dict()
         if info is None:
             return None
-        _complete_marker(Path(folder), {**marker, "gguf": info})
+        with contextlib.suppress(OSError):  # a read-only cache just keeps the old marker
+            _write_marker(Path(folder), {**marker, "gguf": info})
     return {"format": "gguf", "file": marker.get("source"), **info}
 
 
-def _complete_marker(folder: Path, marker: dict) -> None:
-    """Replace our own marker atomically; a read-only cache just keeps the old one."""
+def _write_marker(folder: Path, marker: dict) -> None:
+    """Write (or replace) ``folder``'s conversion marker atomically: a temp file, then rename."""
     tmp = folder / f"{COMPLETE_MARKER}.{os.getpid()}.tmp"
     try:
         tmp.write_text(json.dumps(marker, indent=1) + "\n")
         os.replace(tmp, folder / COMPLETE_MARKER)
-    except OSError:
+    finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
 
@@ -327,7 +328,7 @@ def convert(path: str | os.PathLike, *, name: str | None = None) -> Path:
                     "gguf": info.to_dict(),
                     "seconds": round(time.perf_counter() - start, 1),
                 }
-                (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+                _write_marker(tmp, marker)
                 _apply_umask(tmp)
                 if final.exists():  # stale or outdated folder: move aside, then delete
                     stale = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=root))
