@@ -57,10 +57,18 @@ def feeds(sess: ort.InferenceSession, folder: Path, past: int) -> dict[str, np.n
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from e2e import VARIANTS, rotated
+def built_variants(only: str | None) -> tuple[Path, list[str]]:
+    """(the folder `bench/e2e.py` builds into, the ``--only`` variants or every built one)."""
+    from e2e import VARIANTS
 
     from sinq_export.models import cache_dir
+
+    built = cache_dir() / "bench-built"
+    return built, only.split(",") if only else [n for n in VARIANTS if (built / n).is_dir()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from e2e import VARIANTS, rotated
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help="comma list of built variants (default: all built)")
@@ -73,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                          "guests of a shared VM cannot inflate")
     ap.add_argument("--out", default=str(HERE / "results" / "decode_step"))
     args = ap.parse_args(argv)
-    built = cache_dir() / "bench-built"
-    names = args.only.split(",") if args.only else [n for n in VARIANTS if (built / n).is_dir()]
+    built, names = built_variants(args.only)
     runs = {}
     for name in names:
         sess = session(built / name, args.threads)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
@@ -31,7 +31,7 @@ def op_times(folder: Path, threads: int, past: int, steps: int, warmup: int = 20
 
     so = ort.SessionOptions()
     so.enable_profiling = True
-    so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"op_profile_{folder.name}")
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"op_profile_{folder.name}")
     sess = session(folder, threads, so)
     f = feeds(sess, folder, past)
     for _ in range(warmup + steps):
@@ -58,9 +58,8 @@ def op_times(folder: Path, threads: int, past: int, steps: int, warmup: int = 20
 
 
 def main(argv: list[str] | None = None) -> int:
+    from decode_step import built_variants
     from e2e import VARIANTS
-
-    from sinq_export.models import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help="comma list of built variants (default: all built)")
@@ -69,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "op_profile"))
     args = ap.parse_args(argv)
-    built = cache_dir() / "bench-built"
-    names = args.only.split(",") if args.only else [n for n in VARIANTS if (built / n).is_dir()]
+    built, names = built_variants(args.only)
     results = {n: op_times(built / n, args.threads, args.past, args.steps) for n in names}
     ops = sorted({op for _, per in results.values() for op in per},
                  key=lambda op: -max(per.get(op, (0, 0))[0] for _, per in results.values()))
