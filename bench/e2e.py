@@ -59,6 +59,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sinq4-lmh4c-emb4-packed": ("all 4-bit: the default + `--embedding-bits 4` + q/k/v and "
                                 "gate/up sharing one t (folded), q/k/v packed into one node",
                                 ("--embedding-bits", "4", "--shared-col-scale", "all")),
+    "sinq4-lmh4c-emb4-packed-tied": ("all 4-bit packed + o_proj's t tied per GQA group and folded "
+                                     "into v_proj's rows (`--tie-o-proj`): genai's graph plus "
+                                     "the embedding's one Mul",
+                                     ("--embedding-bits", "4", "--shared-col-scale", "all",
+                                      "--tie-o-proj")),
+    "sinq4-lmh4c-emb8-tied": ("the default + `--tie-o-proj` (o_proj's t in v_proj's rows)",
+                              ("--tie-o-proj",)),
     "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), gate/up share "
                         "one t, t folded where exact, acc4: the default before the calibrated head",
                         ("--lm-head-bits", "8")),

@@ -493,3 +493,43 @@ def test_overrides_and_float_layers(tmp_path):
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
     run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+
+
+@pytest.mark.parametrize("shared", ["all", "none"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tied_o_proj_folds_into_value_rows(tmp_path, family, shared):
+    """With o_proj's t tied per GQA group, it multiplies v_proj's rows (and bias) instead of a
+    Mul: ``all`` leaves no column-scale Mul at all (genai's graph), ``none`` only the k/v/up
+    ratios. Same numbers as torch; validate passes (packed rows with biases included)."""
+    model = make_model_dir(tmp_path / "hf", family, seed=2)
+    cfg = CFG.replace(shared_col_scale=shared).tie_o_proj_for(FAMILIES[family])
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                           progress=False)
+    assert res.manifest["mul_nodes"] == (0 if shared == "all" else 2 * 3)
+    kv = FAMILIES[family]["num_key_value_heads"]
+    layers = res.manifest["layers"]
+    for i in range(2):
+        attn = f"model.layers.{i}.self_attn"
+        assert layers[f"{attn}.o_proj"]["folded_into"] == f"{attn}.v_proj"
+        assert layers[f"{attn}.v_proj"]["output_scaled_by"] == f"{attn}.o_proj"
+        assert layers[f"{attn}.v_proj"]["output_scale_heads"] == kv
+    ref = reference(model, cfg)
+    rep = FAMILIES[family]["num_attention_heads"] // kv
+    t = ref.model.layers[0].self_attn.o_proj.record.col_scale.reshape(kv, rep, -1)
+    assert torch.equal(t, t[:, :1].expand_as(t))
+    torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
+    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    assert run_ort_lm(_session(tmp_path / "out"), PROMPT, STEPS).fed == fed
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+def test_o_proj_tie_of_another_model_is_refused(tmp_path):
+    make_model_dir(tmp_path / "hf", "llama")
+    cfg = CFG.replace(o_proj_tie=(3, 2))  # the model has 2 kv heads of 3 query heads each
+    with pytest.raises(ExportError, match=r"o_proj_tie=\[3, 2\].*\[2, 3\]"):
+        export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
+                         progress=False)
+    assert not (tmp_path / "out").exists()

@@ -177,3 +177,73 @@ def test_all_zero_weight_is_exact():
     q = quantize_weight(torch.zeros(8, 64), 4, 64)
     assert bool(torch.isfinite(q.scales).all())
     assert float(q.dequantize().abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------ o_proj's t tied per GQA group
+
+
+@settings(max_examples=40, deadline=None)
+@given(kv=st.integers(1, 3), rep=st.integers(1, 4), d=st.integers(1, 6), seed=st.integers(0, 999))
+def test_tied_col_scale_is_one_value_per_group_channel(kv, rep, d, seed):
+    """Every query head of a kv group gets the group's geometric mean, channel by channel (the
+    group's product is kept), and `tied_rows` reads back one head's slice per kv head."""
+    from sinq_export.quant.core import tie_col_scale, tied_rows
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(kv * rep * d, generator=g, dtype=torch.float64) * 3 + 0.1
+    tied = tie_col_scale(t, kv, rep)
+    heads = tied.reshape(kv, rep, d)
+    assert torch.equal(heads, heads[:, :1].expand_as(heads))
+    ref = np.exp(np.log(t.numpy().reshape(kv, rep, d)).mean(1))
+    np.testing.assert_allclose(heads[:, 0].numpy(), ref, rtol=1e-12)
+    assert torch.equal(tied_rows(tied, kv, kv * d), heads[:, 0].reshape(-1))
+    assert torch.equal(tied_rows(t, 1, t.shape[0]), t)  # a plain row fold: t itself
+
+
+def test_tied_t_on_value_rows_equals_t_on_attention_output():
+    """The fold's algebra with GQA's head mapping (query head h reads kv head h // rep): o_proj
+    applying a tied t to the attention output equals v_proj's rows carrying it."""
+    from sinq_export.quant.core import tie_col_scale, tied_rows
+
+    torch.manual_seed(0)
+    kv, rep, d, tokens, hidden = 2, 3, 4, 5, 7
+    x = torch.randn(tokens, hidden, dtype=torch.float64)
+    wv = torch.randn(kv * d, hidden, dtype=torch.float64)
+    p = torch.softmax(torch.randn(kv * rep, tokens, tokens, dtype=torch.float64), -1)
+    t = tie_col_scale(torch.rand(kv * rep * d, dtype=torch.float64) + 0.5, kv, rep)
+
+    def attention(v):  # [tokens, kv * d] -> [tokens, heads * d]
+        v = v.reshape(tokens, kv, d).permute(1, 0, 2).repeat_interleave(rep, 0)
+        return (p @ v).permute(1, 0, 2).reshape(tokens, -1)
+
+    scaled_input = attention(x @ wv.T) * t
+    scaled_rows = attention(x @ (wv * tied_rows(t, kv, kv * d)[:, None]).T)
+    torch.testing.assert_close(scaled_rows, scaled_input, rtol=1e-12, atol=1e-12)
+
+
+def test_o_proj_tie_reaches_only_o_proj():
+    from sinq_export.config import ConfigError, SinqConfig
+
+    cfg = SinqConfig().tie_o_proj_for({"num_attention_heads": 9, "num_key_value_heads": 3})
+    assert cfg.o_proj_tie == (3, 3)
+    assert cfg.method_config("model.layers.0.self_attn.o_proj", 4).col_scale_tie == (3, 3)
+    assert cfg.method_config("model.layers.0.self_attn.v_proj", 4).col_scale_tie is None
+    assert SinqConfig.from_dict(cfg.to_dict()) == cfg
+    assert SinqConfig().tie_o_proj_for({"num_attention_heads": 4}).o_proj_tie == (4, 1)
+    with pytest.raises(ConfigError, match="o_proj_tie"):
+        SinqConfig(o_proj_tie=(2, 0))
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        SinqConfig().tie_o_proj_for({"num_attention_heads": 4, "num_key_value_heads": 3})
+
+
+def test_tied_o_proj_record_has_a_tied_t():
+    from sinq_export.config import SinqConfig
+    from sinq_export.quant.methods import quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 6 * 16)
+    cfg = SinqConfig(group_size=16, o_proj_tie=(2, 3))
+    t = quantize(w, cfg.method_config("o_proj", 4)).col_scale.reshape(2, 3, 16)
+    assert torch.equal(t, t[:, :1].expand_as(t))
+    free = quantize(w, SinqConfig(group_size=16).method_config("o_proj", 4)).col_scale
+    assert not torch.equal(free.reshape(2, 3, 16), t)

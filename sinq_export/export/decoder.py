@@ -14,7 +14,7 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -58,9 +58,10 @@ class Plan:
     linears: dict[str, builder.LinearPlan]
     sources: dict[str, str]  # linear -> checkpoint tensor of its float weight
     units: dict[str, tuple[str, ...]]  # linear -> joint quantization unit
-    row_scale_from: dict[str, str]  # up_proj -> down_proj whose t scales its output rows
+    row_scale_from: dict[str, str]  # up_proj -> down_proj (v_proj -> o_proj) whose t scales its rows
     norm_folds: dict[str, str]  # norm weight initializer -> linear whose t it absorbs
     quantize_as: dict[str, str]  # a tied table quantized as its head (one record for both)
+    row_scale_heads: dict[str, int] = field(default_factory=dict)  # v_proj -> kv heads of its rows
 
 
 def _weight_source(name: str, ckpt: Checkpoint, tied: bool) -> str:
@@ -107,17 +108,21 @@ NORM_READERS = {leaf: len(group) for group in SHARED_INPUT_GROUPS["all"] for lea
 
 
 def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapping[str, int],
-                  offset_norms: bool) -> tuple[str, str] | None:
+                  offset_norms: bool, o_proj_tied: bool) -> tuple[str, str] | None:
     """('norm', initializer) or ('rows', linear) where ``name``'s t folds exactly, else None.
 
     A t that every reader of a norm shares (one joint unit, or a single reader) multiplies that
     norm's weight; ``down_proj`` reads ``act(gate) * up``, so its t multiplies ``up_proj``'s
-    output rows. Norms computed as ``x * (1 + w)`` (``offset_norms``: Gemma) cannot absorb a t
-    into ``w``; only the row fold applies.
+    output rows; ``o_proj`` reads each query head's ``softmax(q k^T) v``, linear in its kv
+    head's values, so a t tied across each GQA group (``o_proj_tied``) multiplies
+    ``v_proj``'s rows. Norms computed as ``x * (1 + w)`` (``offset_norms``: Gemma) cannot
+    absorb a t into ``w``; only the row folds apply.
     """
     parent, _, leaf = name.rpartition(".")
     if leaf == "down_proj" and f"{parent}.up_proj" in planned:
         return ("rows", f"{parent}.up_proj")
+    if leaf == "o_proj" and o_proj_tied and f"{parent}.v_proj" in planned:
+        return ("rows", f"{parent}.v_proj")
     norm = _norm_read_by(name)
     if offset_norms or norm is None:
         return None
@@ -203,6 +208,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     if shared_head:
         units["lm_head"] = (EMBEDDING,)
     offset_norms = ckpt.config.get("model_type") in builder.OFFSET_NORM_MODEL_TYPES
+    o_proj_tied = _check_o_proj_tie(config, ckpt)
     has_t = {}
     for unit in dict.fromkeys(units.values()):
         t = _has_col_scale(unit, sources, ckpt, config)
@@ -212,6 +218,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
 
     modes: dict[str, str] = {}
     row_scale_from: dict[str, str] = {}
+    row_scale_heads: dict[str, int] = {}
     norm_folds: dict[str, str] = {}
     choices = {n: choose_node(bits[n], graph.runtime, graph.col_scale) for n in bits}
     if embedding is not None:
@@ -224,10 +231,13 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
             modes[n] = "mul"  # t scales the gathered rows' columns: after the gather
         elif choice.fused_col_scale and not (shared_head and n == "lm_head"):
             modes[n] = "fused"
-        elif graph.col_scale == "fold" and (target := _fold_targets(n, units, bits, offset_norms)):
+        elif graph.col_scale == "fold" and (
+                target := _fold_targets(n, units, bits, offset_norms, o_proj_tied)):
             kind, where = target
             if kind == "rows":
                 row_scale_from[where] = n
+                if where.endswith(".v_proj"):
+                    row_scale_heads[where] = config.o_proj_tie[0]
             else:
                 norm_folds.setdefault(where, units[n][0])
             modes[n] = f"folded:{where.removesuffix('.weight')}"
@@ -249,7 +259,22 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     if shared_head:
         del units["lm_head"], sources["lm_head"]
     quantize_as = {EMBEDDING: "lm_head"} if shared_head else {}
-    return Plan(linears, sources, units, row_scale_from, norm_folds, quantize_as)
+    return Plan(linears, sources, units, row_scale_from, norm_folds, quantize_as, row_scale_heads)
+
+
+def _check_o_proj_tie(config: SinqConfig, ckpt: Checkpoint) -> bool:
+    """Whether o_proj's t is tied per GQA group; a tie that is not this model's attention
+    layout would fold wrong values into v_proj's rows, so it is refused."""
+    if config.o_proj_tie is None:
+        return False
+    try:
+        expected = config.tie_o_proj_for(ckpt.config).o_proj_tie
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if config.o_proj_tie != expected:
+        raise ExportError(f"o_proj_tie={list(config.o_proj_tie)} does not match the model's "
+                          f"attention (kv heads, heads per kv head) = {list(expected)}")
+    return True
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
@@ -346,7 +371,8 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             "col_scale_mode": mode,
             "folded_into": p.col_scale.split(":", 1)[1] if mode == "fold" else None,
             "ratio_of": p.ratio_of,
-            "output_scaled_by": next((s for t, s in plan.row_scale_from.items() if t == name), None),
+            "output_scaled_by": plan.row_scale_from.get(name),
+            "output_scale_heads": plan.row_scale_heads.get(name, 1),
         }
     return out
 
@@ -447,7 +473,8 @@ def export_causal_lm(
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n),
                                          flat=p.choice.op == EMBEDDING_OP,
-                                         col_scale_over=p.ratio_of)
+                                         col_scale_over=p.ratio_of,
+                                         row_scale_heads=plan.row_scale_heads.get(n, 1))
                         for n, p in plan.linears.items() if p.shared_with is None}
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)

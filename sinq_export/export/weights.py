@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig
 from ..models import ModelLoadError
-from ..quant.core import quantize_jointly
+from ..quant.core import quantize_jointly, tied_rows
 from ..quant.methods import quantize
 from ..quant.record import QuantizedWeight
 from .layout import quant_tensors
@@ -119,6 +119,7 @@ class LinearBinding:
     row_scale_from: str | None  # linear whose t multiplies this linear's output rows
     flat: bool = False  # packed codes stored 2-D [N, K*bits/8] (GatherBlockQuantized)
     col_scale_over: str | None = None  # the col_scale initializer is t / this linear's t
+    row_scale_heads: int = 1  # kv heads of the rows a GQA-tied t scales (`core.tied_rows`)
 
 
 def bind_weights(
@@ -151,7 +152,9 @@ def bind_weights(
         if name in norm_folds:
             func = _scaled_func(checkpoint, source, cache, norm_folds[name])
         elif name in biases:
-            func = _scaled_func(checkpoint, source, cache, linears[biases[name]].row_scale_from)
+            lin = biases[name]
+            func = _scaled_func(checkpoint, source, cache, linears[lin].row_scale_from,
+                                heads=linears[lin].row_scale_heads)
         else:
             def func(source=source) -> np.ndarray:  # noqa: ANN001
                 return checkpoint.load(source).numpy()
@@ -163,14 +166,15 @@ def _t(record: QuantizedWeight, k: int) -> torch.Tensor:
 
 
 def _scaled_func(checkpoint: Checkpoint, source: str, cache: RecordCache,
-                 linear: str) -> Callable[[], np.ndarray]:
-    """``w * t`` of ``linear``: a norm weight that absorbs its readers' shared t, or the bias
-    of an ``up_proj`` whose output rows absorb ``down_proj``'s t."""
+                 linear: str, heads: int | None = None) -> Callable[[], np.ndarray]:
+    """``w * t`` of ``linear``: a norm weight that absorbs its readers' shared t, or (``heads``
+    given) the bias of a linear whose output rows absorb ``linear``'s t (`tied_rows`)."""
     def func() -> np.ndarray:
         w = checkpoint.load(source)
         record = cache.get(linear)
         try:
-            return (w * _t(record, record.in_features)).numpy()
+            t = _t(record, record.in_features)
+            return (w * (t if heads is None else tied_rows(t, heads, w.shape[0]))).numpy()
         finally:
             cache.release(linear)
     return func
@@ -201,7 +205,9 @@ def _part_func(cache: RecordCache, linear: str, part: str,
             if binding.row_scale_from is not None:
                 src = cache.get(binding.row_scale_from)
                 try:
-                    scales = scales * _t(src, src.in_features).numpy()[:, None]
+                    t = tied_rows(_t(src, src.in_features), binding.row_scale_heads,
+                                  scales.shape[0])
+                    scales = scales * t.numpy()[:, None]
                 finally:
                     cache.release(binding.row_scale_from)
             return scales

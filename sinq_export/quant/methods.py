@@ -52,6 +52,10 @@ class SINQConfig(MethodConfig):
             default: lower weight error, higher perplexity on SmolLM2 (docs/quality.md).
         awq, gptq: with calibration statistics, search an activation-aware factor of ``t``
             (A-SINQ) and round with GPTQ's error compensation; ignored without statistics.
+        col_scale_tie: ``(kv_heads, heads_per_kv)``: the input channels are attention heads
+            ``[kv_heads, heads_per_kv, head_dim]`` and ``t`` is tied (geometric mean) over the
+            query heads that read one kv head, so it can move onto that kv head's value rows
+            (`core.tie_col_scale`); None = a free t per channel.
     """
 
     sinkhorn_iters: int = 16
@@ -59,6 +63,7 @@ class SINQConfig(MethodConfig):
     tile_gate: bool = False
     awq: bool = True
     gptq: bool = True
+    col_scale_tie: tuple[int, int] | None = None
 
 
 Handler = Callable[..., QuantizedWeight]

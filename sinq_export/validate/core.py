@@ -288,6 +288,8 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
     """
     import torch
 
+    from ..quant.core import tied_rows
+
     weight_check = weight_check or {}
     results = []
     for s in sites:
@@ -314,9 +316,12 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
         other = ref_layers.get(s.output_scaled_by) if s.output_scaled_by else None
         if other is not None and other.col_scale is not None:
             # a reference/ folder keeps t on the consumer; the graph (and a reference rebuilt
-            # from its tensors) has it in this layer's scales
-            row_scale = other.col_scale.float().numpy()
-            y = y * other.col_scale.float()
+            # from its tensors) has it in this layer's scales (one query head's slice of a
+            # GQA-tied t per kv head for v_proj)
+            rows = tied_rows(other.col_scale.float(), int(s.meta.get("output_scale_heads") or 1),
+                             y.shape[-1])
+            row_scale = rows.numpy()
+            y = y * rows
         ref = y.numpy()
         if ref.shape != got.shape:
             res.passed, res.note = False, f"shape {got.shape} vs reference {ref.shape}"

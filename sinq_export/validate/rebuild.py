@@ -255,7 +255,10 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
         if record.shape != (linear.out_features, linear.in_features):
             raise ValidationError(f"layer {name}: ONNX rows give shape {list(record.shape)}, the "
                                   f"model has {[linear.out_features, linear.in_features]}")
-        bias = _load(ckpt, name + ".bias") if linear.bias is not None else None
+        bias = None
+        if linear.bias is not None:
+            bias = (_graph_bias(meta, node, tensors) if meta.get("output_scaled_by")
+                    else _load(ckpt, name + ".bias"))
         _replace_module(model, name, _PackedSinqLinear(record, bias))
     float_overrides = float_overrides or {}
     tied = dict(getattr(model, "_tied_weights_keys", None) or {})
@@ -363,6 +366,19 @@ def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
             _load(ckpt, name + ".weight"), record,
             rms=name in compensated and meta.get("shared_with") is None)
     return out
+
+
+def _graph_bias(meta: dict, node, tensors) -> torch.Tensor:  # noqa: ANN001
+    """The graph's bias of a row-scaled layer (it carries the other layer's t, the source's
+    does not): ``<owner>.bias``, this layer's rows of it when the node is packed."""
+    owner = meta["initializers"]["packed"].removesuffix(".qweight")
+    name = f"{owner}.bias"
+    try:
+        bias = np.array(tensors[name], dtype=np.float32)
+    except KeyError:
+        raise ValidationError(f"layer {meta.get('node')}: the graph has no bias {name!r}") from None
+    start, stop = layer_rows(meta, node)
+    return torch.from_numpy(bias[start:stop])
 
 
 def _embedding_table(meta: dict, tensors) -> torch.Tensor:  # noqa: ANN001
