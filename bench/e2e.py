@@ -64,6 +64,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                                      "the embedding's one Mul",
                                      ("--embedding-bits", "4", "--shared-col-scale", "all",
                                       "--tie-o-proj")),
+    "sinq4-lmh4c-emb4-packed-tied-sym": ("the same with symmetric codes (no zero-point inputs: "
+                                         "onnxruntime's zero-point-free kernels)",
+                                         ("--embedding-bits", "4", "--shared-col-scale", "all",
+                                          "--tie-o-proj", "--symmetric")),
+    "sinq4g128-lmh4c-emb4-packed-tied": ("all 4-bit packed + tied, decoder g128 (fewer scales)",
+                                         ("--embedding-bits", "4", "--shared-col-scale", "all",
+                                          "--tie-o-proj", "--group-size", "128")),
     "sinq4-lmh4c-emb8-tied": ("the default + `--tie-o-proj` (o_proj's t in v_proj's rows)",
                               ("--tie-o-proj",)),
     "sinq4-lmh8-emb8": ("SINQ 4-bit, lm_head + embedding 8-bit (one shared table), gate/up share "

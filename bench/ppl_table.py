@@ -237,19 +237,27 @@ class Bench:
                            4, rep.seconds, calibration=self.cal_info)
 
     def row_alloc(self, _bits) -> None:  # noqa: ANN001
-        from sinq_export.quant.allocate import budget_bytes, plan_overrides, quantization_costs
+        from sinq_export.quant.allocate import (
+            allocatable_shapes,
+            allocation_options,
+            budget_bytes,
+            plan_overrides,
+            quantization_costs,
+        )
 
         base = self.config(4)
-        t0 = time.perf_counter()
-        costs, shapes = quantization_costs(self.model, base, self.cal[:4])
-        measure = time.perf_counter() - t0
+        shapes = allocatable_shapes(self.model, base)
         for uniform in (3, 4):
             budget = budget_bytes(shapes, uniform, self.g)
-            overrides, chosen = plan_overrides(costs, shapes, self.g, budget)
-            widths = list(chosen.values())
+            t0 = time.perf_counter()
+            options = allocation_options(shapes, budget, self.g)
+            costs = quantization_costs(self.model, base, self.cal[:4], options)
+            measure = time.perf_counter() - t0
+            overrides, groups, chosen = plan_overrides(costs, shapes, budget)
+            widths = [f"{b}/g{g}" for b, g in chosen.values()]
             for calibrate in (False, True) if self.alloc_calibrated else (False,):
-                cfg = self.config(uniform, overrides=overrides, calibrate=calibrate,
-                                  avg_bits=float(uniform))
+                cfg = self.config(uniform, overrides=overrides, group_overrides=groups,
+                                  calibrate=calibrate, avg_bits=float(uniform))
                 q, rep = self.quantized(cfg)
                 used = sum(rec.record.nbytes() for rec in _layers(q).values())
                 self.score(q, f"alloc/{uniform}/{int(calibrate)}",

@@ -70,6 +70,8 @@ class SinqConfig:
             RTN (the reference's default is 5.0; off by default, see README for measurements).
         include / exclude: regular expressions matched (``re.search``) against module names.
         overrides: regex -> bits for per-layer bit widths (first match wins).
+        group_overrides: regex -> group size per layer (first match wins; a bit allocation
+            writes one per layer). The output projection's ``lm_head_group_size`` comes first.
         shared_col_scale: which linears that read the same input run Sinkhorn jointly, so
             they share one t that folds into the norm weight: ``"none"``, ``"mlp"``
             (gate/up: free on SmolLM2, perplexity 26.96 -> 26.86) or ``"all"`` (q/k/v too,
@@ -110,6 +112,7 @@ class SinqConfig:
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = (HEAD_PATTERN,)
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    group_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     shared_col_scale: Literal["none", "mlp", "all"] = "none"
     lm_head_bits: int | None = None
     lm_head_group_size: int | None = None
@@ -126,8 +129,11 @@ class SinqConfig:
     o_proj_tie: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.overrides, Mapping):
-            object.__setattr__(self, "overrides", tuple(self.overrides.items()))
+        for name in ("overrides", "group_overrides"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                value = value.items()
+            object.__setattr__(self, name, tuple((p, int(v)) for p, v in value))
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -150,6 +156,9 @@ class SinqConfig:
         _compile_all(tuple(p for p, _ in self.overrides), "overrides")
         for pattern, b in self.overrides:
             check_bits(b, where=f"overrides[{pattern!r}]")
+        _compile_all(tuple(p for p, _ in self.group_overrides), "group_overrides")
+        for pattern, g in self.group_overrides:
+            check_group_size(g, where=f"group_overrides[{pattern!r}]")
         if self.lm_head_bits is not None:
             check_bits(self.lm_head_bits, where="lm_head_bits")
         if self.lm_head_group_size is not None:
@@ -200,6 +209,9 @@ class SinqConfig:
         """Block size for module ``name`` (the output projection may use finer groups)."""
         if self.lm_head_group_size is not None and is_head(name):
             return self.lm_head_group_size
+        for pattern, g in self.group_overrides:
+            if re.search(pattern, name):
+                return g
         return self.group_size
 
     @property
@@ -238,6 +250,7 @@ class SinqConfig:
         d["include"] = list(self.include)
         d["exclude"] = list(self.exclude)
         d["overrides"] = [list(o) for o in self.overrides]
+        d["group_overrides"] = [list(o) for o in self.group_overrides]
         d["o_proj_tie"] = None if self.o_proj_tie is None else list(self.o_proj_tie)
         return d
 
@@ -247,8 +260,8 @@ class SinqConfig:
         for key in ("include", "exclude"):
             if key in known:
                 known[key] = tuple(known[key])
-        if "overrides" in known:
-            known["overrides"] = tuple((p, int(b)) for p, b in known["overrides"])
+        if known.get("o_proj_tie") is not None:
+            known["o_proj_tie"] = tuple(known["o_proj_tie"])
         return cls(**known)
 
 

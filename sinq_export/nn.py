@@ -287,7 +287,13 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     budgeted = config.avg_bits is not None or config.max_size_mb is not None
     if not (config.needs_calibration or budgeted):
         return QuantizationPlan(config)
-    from .quant.allocate import budget_bytes, plan_overrides, quantization_costs
+    from .quant.allocate import (
+        allocatable_shapes,
+        allocation_options,
+        budget_bytes,
+        plan_overrides,
+        quantization_costs,
+    )
     from .quant.calibrate import calibration_windows, default_window_count
 
     n_windows = config.calibration_windows
@@ -300,14 +306,19 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     if config.needs_calibration:
         manifest["calibration"] = {**info, "layers": "all" if config.calibrate else "lm_head"}
     if budgeted:
-        costs, shapes = quantization_costs(model, config, windows[:sensitivity_windows])
+        shapes = allocatable_shapes(model, config)
         budget = (budget_bytes(shapes, config.avg_bits, config.group_size)
                   if config.avg_bits is not None else int(config.max_size_mb * 1e6))
-        overrides, widths = plan_overrides(costs, shapes, config.group_size, budget)
+        options = allocation_options(shapes, budget, config.group_size)
+        costs = quantization_costs(model, config, windows[:sensitivity_windows], options)
+        overrides, groups, chosen = plan_overrides(costs, shapes, budget)
         # Explicit user overrides come first (first match wins), then the allocation.
-        config = config.replace(overrides=tuple(config.overrides) + overrides)
+        config = config.replace(overrides=tuple(config.overrides) + overrides,
+                                group_overrides=tuple(config.group_overrides) + groups)
         manifest["allocation"] = {
-            "budget_bytes": budget, "widths": widths,
+            "budget_bytes": budget, "options": [list(o) for o in options],
+            "widths": {n: b for n, (b, _) in chosen.items()},
+            "group_sizes": {n: g for n, (_, g) in chosen.items()},
             "sensitivity": f"per-token output Fisher on {sensitivity_windows} calibration windows",
             "calibration": info}
     return QuantizationPlan(config, windows if config.needs_calibration else None, manifest)

@@ -55,3 +55,17 @@ def test_bits_for_include_exclude_overrides():
 def test_dict_round_trip():
     cfg = SinqConfig(bits=3, overrides={"a": 8}, exclude=("x", "y"), kurtosis_gate=5.0)
     assert SinqConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_group_overrides_pick_a_layer_group_size():
+    from sinq_export.config import ConfigError, SinqConfig
+
+    cfg = SinqConfig(group_overrides=(("^a$", 128), ("a", 32)), lm_head_bits=4,
+                     lm_head_group_size=16)
+    assert [cfg.group_size_for(n) for n in ("a", "ba", "c", "lm_head")] == [128, 32, 64, 16]
+    assert SinqConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.method_config("a", 5).group_size == 128
+    with pytest.raises(ConfigError, match="group_overrides"):
+        SinqConfig(group_overrides={"x": 48})
+    with pytest.raises(ConfigError, match="group_overrides"):
+        SinqConfig(group_overrides={"(": 64})

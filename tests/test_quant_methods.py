@@ -224,6 +224,35 @@ def test_allocation_dp_matches_brute_force(data):
     assert sum(costs[n][b] for n, b in got.items()) == pytest.approx(best, abs=1e-9)
 
 
+def test_allocation_options_bracket_the_budget_width():
+    """The widest uniform width that fits and the next one, at half / once / twice the group."""
+    from sinq_export.quant.allocate import allocation_options, budget_bytes
+
+    shapes = {"a": (64, 256), "b": (128, 256)}
+    at = {b: budget_bytes(shapes, b, 64) for b in (2, 3, 4, 8)}
+    assert allocation_options(shapes, at[4], 64) == [(b, g) for b in (4, 5) for g in (32, 64, 128)]
+    assert allocation_options(shapes, (at[3] + at[4]) // 2, 64)[0] == (3, 32)
+    assert allocation_options(shapes, at[8] * 2, 256) == [(8, 128), (8, 256)]
+    assert allocation_options(shapes, at[2] - 1, 16) == [(2, 16), (2, 32), (3, 16), (3, 32)]
+
+
+def test_allocation_over_group_sizes_is_exact():
+    """(bits, group) options: the DP agrees with brute force on real layer sizes."""
+    from sinq_export.quant.allocate import allocation_options, budget_bytes, layer_bytes
+
+    shapes = {"a": (64, 256), "b": (128, 256), "c": (32, 512)}
+    budget = budget_bytes(shapes, 4, 64)
+    options = allocation_options(shapes, budget, 64)
+    rng = np.random.default_rng(0)
+    costs = {n: {o: float(rng.uniform(0, 10)) / o[0] ** 2 for o in options} for n in shapes}
+    sizes = {n: {o: layer_bytes(shapes[n], *o) for o in options} for n in shapes}
+    best = min((sum(costs[n][o] for n, o in zip(shapes, combo)), combo)
+               for combo in itertools.product(options, repeat=3)
+               if sum(sizes[n][o] for n, o in zip(shapes, combo)) <= budget)
+    got = allocate(costs, sizes, budget, unit=1)
+    assert sum(costs[n][o] for n, o in got.items()) == pytest.approx(best[0])
+
+
 def test_layer_bytes_matches_a_record():
     q = quantize(outlier_matrix(64, 192), make_config("sinq", bits=3, group_size=64))
     assert layer_bytes((64, 192), 3, 64) == q.nbytes()
@@ -335,10 +364,12 @@ def test_plan_quantization_allocates_widths_within_the_budget():
     alloc = plan.manifest["allocation"]
     assert plan.calibration is None and "calibration" not in plan.manifest
     assert set(alloc["widths"]) == {n for n in quantized_names(model)}
-    assert set(alloc["widths"].values()) <= {2, 3, 4, 5, 6, 8}
+    assert [tuple(o) for o in alloc["options"]] == [(b, g) for b in (3, 4) for g in (16, 32, 64)]
+    assert set(alloc["widths"].values()) <= {3, 4}
     quantize_model(model, plan.config, progress=False)
     layers = quantized_layers(model)
     assert {n: m.bits for n, m in layers.items()} == alloc["widths"]
+    assert {n: m.group_size for n, m in layers.items()} == alloc["group_sizes"]
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
     assert sum(m.record.nbytes() for m in layers.values()) <= budget_bytes(shapes, 3.0, 32)
 

@@ -1,5 +1,14 @@
-"""Bit allocation to a size budget: one width per linear from `WIDTHS`, minimising the
+"""Bit allocation to a size budget: one (width, group size) per linear, minimising the
 predicted loss increase at a given number of bytes.
+
+Options (`allocation_options`): the widest uniform width that fits the budget and the next
+wider one, each at half, once and twice the configured group size. Why not every width:
+below the budget's width the loss is far from quadratic (2-3 bits) and the second-order costs
+underestimate it, so a DP free to pick them sends exactly those layers there (widths 2-8 at
+g64 measured 27.68 at the bytes of uniform 4-bit, above uniform's 26.96). Why group sizes: a
+coarser group is the cheapest way to free bytes (4-bit g128 saves 0.28 bit per weight at a
+small error), which then buy 5 bits where the costs say it matters: 26.53 against uniform's
+26.96 on SmolLM2 (26.93 vs 27.59 on 16 windows; docs/quality.md).
 
 Model (the linearity result of HIGGS, arXiv 2411.17525): the loss increase of a quantized
 model is close to a sum of independent per-layer terms, ``dL ~ sum_l a_l * err_l(b_l)``. Each
@@ -23,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -30,6 +40,7 @@ from . import packing
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
 STATES = 20_000  # DP resolution: the budget is cut into this many units
+Option = tuple[int, int]  # (bits, group_size) of one layer
 
 
 def layer_bytes(shape: Sequence[int], bits: float, group_size: int) -> int:
@@ -45,9 +56,22 @@ def budget_bytes(shapes: Mapping[str, Sequence[int]], bits: float, group_size: i
     return sum(layer_bytes(s, bits, group_size) for s in shapes.values())
 
 
-def allocate(costs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, Mapping[int, int]],
-             budget: int, unit: int | None = None) -> dict[str, int]:
-    """Width per layer minimising ``sum cost[l][b]`` subject to ``sum size[l][b] <= budget``.
+def allocation_options(shapes: Mapping[str, Sequence[int]], budget: int, group_size: int
+                       ) -> list[Option]:
+    """The (bits, group size) choices each layer gets for ``budget`` (module docstring): the
+    widest `WIDTHS` entry whose uniform bytes fit and the next wider one, at group sizes
+    ``group_size / 2, group_size, 2 * group_size`` (those MatMulNBits accepts, 16-256)."""
+    fitting = [b for b in WIDTHS if budget_bytes(shapes, b, group_size) <= budget]
+    base = fitting[-1] if fitting else WIDTHS[0]
+    bits = WIDTHS[WIDTHS.index(base): WIDTHS.index(base) + 2]
+    groups = [g for g in (group_size // 2, group_size, group_size * 2) if 16 <= g <= 256]
+    return [(b, g) for b in bits for g in groups]
+
+
+def allocate(costs: Mapping[str, Mapping], sizes: Mapping[str, Mapping], budget: int,
+             unit: int | None = None) -> dict:
+    """Option per layer minimising ``sum cost[l][o]`` subject to ``sum size[l][o] <= budget``
+    (options: any sortable keys, widths or (bits, group size) pairs).
 
     ``unit`` (bytes) defaults to ``budget / STATES``. Raises ValueError when even the
     narrowest widths do not fit.
@@ -127,34 +151,43 @@ def output_fisher_costs(model, errors: Mapping[str, Mapping[int, object]], windo
     return costs
 
 
-def quantization_costs(model, config, windows, widths: Sequence[int] = WIDTHS  # noqa: ANN001
-                       ) -> tuple[dict[str, dict[int, float]], dict[str, tuple[int, int]]]:
-    """(cost[layer][bits], shape[layer]) for every linear ``config`` quantizes (see module doc).
-
-    Every layer is quantized once per width first (the records are kept, ~0.9x the float
-    weights' bytes over all widths); the Fisher pass then dequantizes one error at a time.
-    """
+def allocatable_shapes(model, config) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+    """``[N, K]`` of every linear the allocation chooses for (the head keeps its own width)."""
     from ..config import is_head
     from ..nn import eligible_linears
+
+    return {n: tuple(lin.weight.shape) for n, (lin, _) in eligible_linears(model, config).items()
+            if not is_head(n)}
+
+
+def quantization_costs(model, config, windows, options: Sequence[Option]  # noqa: ANN001
+                       ) -> dict[str, dict[Option, float]]:
+    """``cost[layer][(bits, group size)]`` for every `allocatable_shapes` linear (module doc).
+
+    Every layer is quantized once per option first (the records are kept, ~1.4x the float
+    weights' bytes over six options); the Fisher pass then dequantizes one error at a time.
+    """
     from .methods import quantize
 
-    linears = {n: v for n, v in eligible_linears(model, config).items()
-               if not is_head(n)}  # the head keeps its own width
-    errors: dict[str, dict[int, object]] = {}
-    for name, (lin, _) in linears.items():
+    errors: dict[str, dict[Option, object]] = {}
+    for name in allocatable_shapes(model, config):
+        lin = model.get_submodule(name)
         w = lin.weight.detach().float()
-        records = {b: quantize(w, config.method_config(name, b), name=name) for b in widths}
-        errors[name] = {b: (lambda r=r, lin=lin: lin.weight.detach().float() - r.dequantize())
-                        for b, r in records.items()}
-    costs = output_fisher_costs(model, errors, windows)
-    return costs, {n: tuple(lin.weight.shape) for n, (lin, _) in linears.items()}
+        records = {(b, g): quantize(w, replace(config.method_config(name, b), group_size=g),
+                                    name=name) for b, g in options}
+        errors[name] = {o: (lambda r=r, lin=lin: lin.weight.detach().float() - r.dequantize())
+                        for o, r in records.items()}
+    return output_fisher_costs(model, errors, windows)
 
 
-def plan_overrides(costs: Mapping[str, Mapping[int, float]], shapes: Mapping[str, Sequence[int]],
-                   group_size: int, budget: int
-                   ) -> tuple[tuple[tuple[str, int], ...], dict[str, int]]:
-    """(`SinqConfig.overrides`, one anchored pattern per layer; width per layer) at ``budget``."""
-
-    sizes = {n: {b: layer_bytes(shapes[n], b, group_size) for b in costs[n]} for n in costs}
-    widths = allocate(costs, sizes, budget)
-    return tuple((f"^{re.escape(n)}$", b) for n, b in widths.items()), widths
+def plan_overrides(costs: Mapping[str, Mapping[Option, float]],
+                   shapes: Mapping[str, Sequence[int]], budget: int
+                   ) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...],
+                              dict[str, Option]]:
+    """(`SinqConfig.overrides`, `SinqConfig.group_overrides` - one anchored pattern per layer -
+    and the (bits, group size) per layer) at ``budget``."""
+    sizes = {n: {o: layer_bytes(shapes[n], *o) for o in costs[n]} for n in costs}
+    chosen = allocate(costs, sizes, budget)
+    patterns = {n: f"^{re.escape(n)}$" for n in chosen}
+    return (tuple((patterns[n], b) for n, (b, _) in chosen.items()),
+            tuple((patterns[n], g) for n, (_, g) in chosen.items()), chosen)
