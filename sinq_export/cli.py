@@ -66,10 +66,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="calibration windows of 512 tokens (default 8, or enough for 1.5x "
                         "the widest calibrated linear's inputs)")
     p.add_argument("--avg-bits", type=float, default=None, metavar="B",
-                   help="pick a width per linear from {2,3,4,5,6,8} for the bytes of B bits "
-                        "per weight (overrides --bits per layer)")
+                   help="pick a width and group size per linear for the bytes of uniform B-bit "
+                        "codes at --group-size: the widest width that fits and the next one, at "
+                        "half / once / twice the group (overrides --bits per layer)")
     p.add_argument("--max-size", type=float, default=None, metavar="MB",
-                   help="pick widths per linear so the quantized linears fit in MB megabytes")
+                   help="pick widths and group sizes per linear so the quantized linears fit "
+                        "in MB megabytes")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
 
 
