@@ -533,3 +533,35 @@ def test_o_proj_tie_of_another_model_is_refused(tmp_path):
         export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                          progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("runtime", ["stock", "custom"])
+def test_allocated_widths_and_group_sizes_export(tmp_path, runtime):
+    """What a bit allocation writes (a width and a group size per layer, `group_overrides`)
+    reaches every node: block sizes per layer, 5-bit codes in 8-bit containers (stock) or the
+    custom op (custom); logits match torch and validate passes."""
+    from sinq_export import runtime_ops
+
+    model = make_model_dir(tmp_path / "hf", "llama", seed=5)
+    cfg = CFG.replace(overrides=((r"\.0\.mlp\.", 5),),
+                      group_overrides=((r"\.1\.self_attn\.", 64), (r"up_proj", 16)))
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(runtime=runtime),
+                           progress=False)
+    layers = res.manifest["layers"]
+    assert layers["model.layers.1.self_attn.q_proj"]["group_size"] == 64
+    assert layers["model.layers.0.mlp.up_proj"]["group_size"] == 16
+    assert layers["model.layers.0.mlp.up_proj"]["bits"] == 5
+    assert layers["model.layers.0.mlp.gate_proj"]["container_bits"] == (8 if runtime == "stock" else 5)
+    assert layers["model.layers.0.self_attn.q_proj"]["group_size"] == 32
+    nodes = {n.name: n for n in onnx.load(str(tmp_path / "out" / "model.onnx"),
+                                          load_external_data=False).graph.node}
+    node = nodes[layers["model.layers.1.self_attn.q_proj"]["node"]]
+    assert {a.name: a.i for a in node.attribute}["block_size"] == 64
+    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+                                runtime_ops.session_options(), providers=["CPUExecutionProvider"])
+    run = run_ort_lm(sess, PROMPT, fed)
+    assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
