@@ -100,7 +100,8 @@ class SinqConfig:
             into v_proj's rows instead of a Mul per layer (+0.16 perplexity on SmolLM2;
             `SinqConfig.tie_o_proj_for` fills it from a model's config.json).
         avg_bits / max_size_mb: the budget a bit allocation (``quant.allocate``) was solved
-            for; the chosen widths themselves are the ``overrides``.
+            for; the chosen widths and group sizes themselves are the ``overrides`` and
+            ``group_overrides``.
     """
 
     bits: int = 4
@@ -133,7 +134,10 @@ class SinqConfig:
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 value = value.items()
-            object.__setattr__(self, name, tuple((p, int(v)) for p, v in value))
+            try:
+                object.__setattr__(self, name, tuple((str(p), int(v)) for p, v in value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}={value!r} must be (regex, int) pairs") from None
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):

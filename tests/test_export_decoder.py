@@ -565,3 +565,14 @@ def test_allocated_widths_and_group_sizes_export(tmp_path, runtime):
     from sinq_export.validate import validate
 
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+def test_o_proj_tie_that_cannot_fold_is_refused(tmp_path):
+    """A tied t kept as a Mul (v_proj float, or --col-scale mul) is quality lost for nothing."""
+    make_model_dir(tmp_path / "hf", "llama")
+    cfg = CFG.tie_o_proj_for(FAMILIES["llama"])
+    for c, graph in ((cfg.replace(exclude=(r"v_proj", r"lm_head")), GraphConfig(col_scale="fold")),
+                     (cfg, GraphConfig(col_scale="mul"))):
+        with pytest.raises(ExportError, match="o_proj_tie: model.layers.0.self_attn.o_proj"):
+            export_causal_lm(tmp_path / "hf", tmp_path / "out", c, graph, progress=False)
+    assert not (tmp_path / "out").exists()
