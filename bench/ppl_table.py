@@ -251,7 +251,7 @@ class Bench:
             budget = budget_bytes(shapes, uniform, self.g)
             t0 = time.perf_counter()
             options = allocation_options(shapes, budget, self.g)
-            costs = quantization_costs(self.model, base, self.cal[:4], options)
+            costs = quantization_costs(self.model, base, self.cal[:4], options, list(shapes))
             measure = time.perf_counter() - t0
             overrides, groups, chosen = plan_overrides(costs, shapes, budget)
             widths = [f"{b}/g{g}" for b, g in chosen.values()]

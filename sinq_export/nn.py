@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import SinqConfig
+from .config import ConfigError, SinqConfig
 from .io import Marker, atomic_output_dir, read_json, write_json
 from .quant.core import quantize_jointly, relative_error
 from .quant.methods import quantize
@@ -291,6 +291,7 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
         allocatable_shapes,
         allocation_options,
         budget_bytes,
+        fixed_by_overrides,
         plan_overrides,
         quantization_costs,
     )
@@ -309,14 +310,25 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
         shapes = allocatable_shapes(model, config)
         budget = (budget_bytes(shapes, config.avg_bits, config.group_size)
                   if config.avg_bits is not None else int(config.max_size_mb * 1e6))
-        options = allocation_options(shapes, budget, config.group_size)
-        costs = quantization_costs(model, config, windows[:sensitivity_windows], options)
-        overrides, groups, chosen = plan_overrides(costs, shapes, budget)
+        fixed = fixed_by_overrides(shapes, config)
+        free = {n: s for n, s in shapes.items() if n not in fixed}
+        left = budget - sum(fixed.values())
+        if not free or left <= 0:
+            raise ConfigError(f"the bit allocation has nothing to choose: the --override layers "
+                             f"take {sum(fixed.values())} of the {budget} budget bytes"
+                             + ("" if free else " and pin every layer"))
+        options = allocation_options(free, left, config.group_size)
+        costs = quantization_costs(model, config, windows[:sensitivity_windows], options, free)
+        try:
+            overrides, groups, chosen = plan_overrides(costs, free, left)
+        except ValueError as exc:  # even the narrowest options overflow the budget
+            raise ConfigError(f"bit allocation: {exc}") from None
         # Explicit user overrides come first (first match wins), then the allocation.
         config = config.replace(overrides=tuple(config.overrides) + overrides,
                                 group_overrides=tuple(config.group_overrides) + groups)
         manifest["allocation"] = {
-            "budget_bytes": budget, "options": [list(o) for o in options],
+            "budget_bytes": budget, "pinned_by_overrides": sorted(fixed),
+            "options": [list(o) for o in options],
             "widths": {n: b for n, (b, _) in chosen.items()},
             "group_sizes": {n: g for n, (_, g) in chosen.items()},
             "sensitivity": f"per-token output Fisher on {sensitivity_windows} calibration windows",

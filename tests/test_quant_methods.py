@@ -374,6 +374,35 @@ def test_plan_quantization_allocates_widths_within_the_budget():
     assert sum(m.record.nbytes() for m in layers.values()) <= budget_bytes(shapes, 3.0, 32)
 
 
+@torch.no_grad()
+def test_allocation_leaves_user_overrides_pinned_within_the_budget():
+    """--override layers keep the user's width; the rest share what is left of the budget,
+    so the whole still fits. An override that eats the budget is one clear error."""
+    from sinq_export import ConfigError, SinqConfig, quantize_model
+    from sinq_export.nn import plan_quantization, quantized_layers
+    from sinq_export.quant.allocate import budget_bytes
+
+    model = tiny_llama()
+    cfg = SinqConfig(group_size=32, avg_bits=4.0, overrides=((r"down_proj", 8),),
+                     calibration_windows=4, calibration_length=64)
+    with torch.enable_grad():
+        plan = plan_quantization(model, char_tokenizer, cfg, sensitivity_windows=2)
+    alloc = plan.manifest["allocation"]
+    assert alloc["pinned_by_overrides"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert not set(alloc["widths"]) & set(alloc["pinned_by_overrides"])
+    quantize_model(model, plan.config, progress=False)
+    layers = quantized_layers(model)
+    assert {layers[n].bits for n in alloc["pinned_by_overrides"]} == {8}
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers.items() if n != "lm_head"}
+    assert sum(m.record.nbytes() for n, m in layers.items() if n in shapes) \
+        <= budget_bytes(shapes, 4.0, 32)
+    with pytest.raises(ConfigError, match="override layers take"):
+        with torch.enable_grad():
+            plan_quantization(tiny_llama(), char_tokenizer,
+                              cfg.replace(avg_bits=2.0, overrides=((r".", 8),)),
+                              sensitivity_windows=2)
+
+
 def quantized_names(model):
     from torch import nn
 

@@ -152,7 +152,7 @@ def output_fisher_costs(model, errors: Mapping[str, Mapping[int, object]], windo
 
 
 def allocatable_shapes(model, config) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    """``[N, K]`` of every linear the allocation chooses for (the head keeps its own width)."""
+    """``[N, K]`` of every linear the budget covers (the head keeps its own width)."""
     from ..config import is_head
     from ..nn import eligible_linears
 
@@ -160,9 +160,16 @@ def allocatable_shapes(model, config) -> dict[str, tuple[int, int]]:  # noqa: AN
             if not is_head(n)}
 
 
-def quantization_costs(model, config, windows, options: Sequence[Option]  # noqa: ANN001
-                       ) -> dict[str, dict[Option, float]]:
-    """``cost[layer][(bits, group size)]`` for every `allocatable_shapes` linear (module doc).
+def fixed_by_overrides(shapes: Mapping[str, Sequence[int]], config) -> dict[str, int]:  # noqa: ANN001
+    """Bytes of the layers the user's own ``overrides`` pin (the allocation leaves them be
+    and gives the rest what is left of the budget)."""
+    return {n: layer_bytes(s, config.bits_for(n), config.group_size_for(n))
+            for n, s in shapes.items() if any(re.search(p, n) for p, _ in config.overrides)}
+
+
+def quantization_costs(model, config, windows, options: Sequence[Option],  # noqa: ANN001
+                       names: Sequence[str]) -> dict[str, dict[Option, float]]:
+    """``cost[layer][(bits, group size)]`` for the linears ``names`` (module doc).
 
     Every layer is quantized once per option first (the records are kept, ~1.4x the float
     weights' bytes over six options); the Fisher pass then dequantizes one error at a time.
@@ -170,7 +177,7 @@ def quantization_costs(model, config, windows, options: Sequence[Option]  # noqa
     from .methods import quantize
 
     errors: dict[str, dict[Option, object]] = {}
-    for name in allocatable_shapes(model, config):
+    for name in names:
         lin = model.get_submodule(name)
         w = lin.weight.detach().float()
         records = {(b, g): quantize(w, replace(config.method_config(name, b), group_size=g),
