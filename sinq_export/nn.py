@@ -292,6 +292,7 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
         allocation_options,
         budget_bytes,
         fixed_by_overrides,
+        layer_bytes,
         plan_overrides,
         quantization_costs,
     )
@@ -318,6 +319,11 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
                              f"take {sum(fixed.values())} of the {budget} budget bytes"
                              + ("" if free else " and pin every layer"))
         options = allocation_options(free, left, config.group_size)
+        narrowest = sum(min(layer_bytes(s, *o) for o in options) for s in free.values())
+        if narrowest > left:  # refuse before the minutes of sensitivity measurement
+            raise ConfigError(f"bit allocation: {left} bytes are too few; the narrowest choice "
+                              f"({options[0][0]}-bit, group {max(g for _, g in options)}) "
+                              f"needs {narrowest}")
         costs = quantization_costs(model, config, windows[:sensitivity_windows], options, free)
         try:
             overrides, groups, chosen = plan_overrides(costs, free, left)

@@ -396,6 +396,9 @@ def test_allocation_leaves_user_overrides_pinned_within_the_budget():
     shapes = {n: (m.out_features, m.in_features) for n, m in layers.items() if n != "lm_head"}
     assert sum(m.record.nbytes() for n, m in layers.items() if n in shapes) \
         <= budget_bytes(shapes, 4.0, 32)
+    with pytest.raises(ConfigError, match="too few; the narrowest choice"):
+        plan_quantization(tiny_llama(), char_tokenizer, cfg.replace(avg_bits=None, max_size_mb=1e-3,
+                                                                    overrides=()))
     with pytest.raises(ConfigError, match="override layers take"):
         with torch.enable_grad():
             plan_quantization(tiny_llama(), char_tokenizer,
