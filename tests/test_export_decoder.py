@@ -521,6 +521,8 @@ def test_tied_o_proj_folds_into_value_rows(tmp_path, family, shared):
     run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     assert run_ort_lm(_session(tmp_path / "out"), PROMPT, STEPS).fed == fed
+    got = _og_tokens(tmp_path / "out", PROMPT, STEPS)  # genai's shared-buffer loop
+    assert got == fed[:len(got)] and (len(got) == len(fed) or got[-1] == 2)  # 2: eos, it stops
     from sinq_export.validate import validate
 
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
