@@ -246,8 +246,8 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     if graph.col_scale == "fold" and not offset_norms:
         _fold_lead_into_norms(modes, norm_folds, list(shapes))
     if o_proj_tied:  # a tie that does not fold is perplexity lost for nothing
-        stuck = next((n for n in bits if n.endswith(".o_proj") and n not in
-                      {src for src in row_scale_from.values()}), None)
+        folded = set(row_scale_from.values())
+        stuck = next((n for n in bits if n.endswith(".o_proj") and n not in folded), None)
         if stuck is not None:
             raise ExportError(f"o_proj_tie: {stuck}'s t cannot fold into a v_proj (it needs "
                               "col_scale 'fold' and a quantized, separate v_proj)")

@@ -166,15 +166,15 @@ def _t(record: QuantizedWeight, k: int) -> torch.Tensor:
 
 
 def _scaled_func(checkpoint: Checkpoint, source: str, cache: RecordCache,
-                 linear: str, heads: int | None = None) -> Callable[[], np.ndarray]:
-    """``w * t`` of ``linear``: a norm weight that absorbs its readers' shared t, or (``heads``
-    given) the bias of a linear whose output rows absorb ``linear``'s t (`tied_rows`)."""
+                 linear: str, heads: int = 1) -> Callable[[], np.ndarray]:
+    """``w * t`` of ``linear``: a norm weight that absorbs its readers' shared t, or the bias
+    of a linear whose output rows absorb ``linear``'s t (per kv head: `tied_rows`)."""
     def func() -> np.ndarray:
         w = checkpoint.load(source)
         record = cache.get(linear)
         try:
             t = _t(record, record.in_features)
-            return (w * (t if heads is None else tied_rows(t, heads, w.shape[0]))).numpy()
+            return (w * tied_rows(t, heads, w.shape[0])).numpy()
         finally:
             cache.release(linear)
     return func
