@@ -65,6 +65,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
                    help="calibration windows of 512 tokens (default 8, or enough for 1.5x "
                         "the widest calibrated linear's inputs)")
+    p.add_argument("--calibration-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                   help="precision of the calibration forwards (default auto: bfloat16 where "
+                        "the CPU has bfloat16 instructions, else float32)")
     p.add_argument("--avg-bits", type=float, default=None, metavar="B",
                    help="pick a width and group size per linear for the bytes of uniform B-bit "
                         "codes at --group-size: the widest width that fits and the next one, at "
@@ -109,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     if hasattr(args, "shared_col_scale"):  # `model` only: its default follows --calibrate
         fields["shared_col_scale"] = args.shared_col_scale or (
             "none" if getattr(args, "calibrate", False) else MODEL_DEFAULTS["shared_col_scale"])
-    for name in ("lm_head_group_size", "calibration_windows", "avg_bits"):
+    for name in ("lm_head_group_size", "calibration_windows", "calibration_dtype", "avg_bits"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "calibrate", False):

@@ -20,6 +20,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DTYPES = ("fp32", "fp16")
 COL_SCALE_MODES = ("mul", "fold", "fused")
 SHARED_COL_SCALES = ("none", "mlp", "all")  # which same-input linears share one t
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")  # precision of the calibration forwards
 
 
 HEAD_PATTERN = r"(^|\.)lm_head$"  # the output projection's module name
@@ -87,6 +88,11 @@ class SinqConfig:
             are disjoint from the evaluation windows (see ``quant.calibrate``);
             ``calibration_windows=None``: at least 8, more for linears wider than ~2700
             inputs (`quant.calibrate.default_window_count`).
+        calibration_dtype: precision of the decoder forwards that produce the calibration
+            statistics (`quant.calibrate.forward_dtype`): ``"auto"`` runs them in bfloat16
+            autocast where the CPU multiplies bfloat16 natively (2.5x faster matmuls, the
+            same perplexity within the calibration's own spread; docs/quality.md) and in
+            float32 elsewhere; the statistics themselves always accumulate in float32.
         calibrate_head: calibrate the output projection alone (A-SINQ + GPTQ on the final
             norm's output, the decoder quantized calibration-free and run on the calibration
             windows to produce it). Why alone: a 4-bit head costs +2.6 perplexity
@@ -123,6 +129,7 @@ class SinqConfig:
     calibrate_head: bool = False
     calibration_windows: int | None = None
     calibration_length: int = 512
+    calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     awq: bool = True
     gptq: bool = True
     avg_bits: float | None = None
@@ -176,6 +183,9 @@ class SinqConfig:
                 continue  # enough for the widest calibrated linear (quant.calibrate)
             if not isinstance(value, int) or not 1 <= value <= 4096:
                 raise ConfigError(f"{name}={value!r} must be an int in [1, 4096]")
+        if self.calibration_dtype not in CALIBRATION_DTYPES:
+            raise ConfigError(f"calibration_dtype={self.calibration_dtype!r} is not one of "
+                              f"{CALIBRATION_DTYPES}")
         if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:
             raise ConfigError(f"avg_bits={self.avg_bits!r} must be between 2 and 8")
         if self.max_size_mb is not None and not self.max_size_mb > 0:

@@ -226,9 +226,10 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
                          windows, progress) -> None:  # noqa: ANN001
     """Block by block: statistics of each block's inputs, quantize its units, propagate."""
     from .models import decoder_blocks, ensure_loaded
-    from .quant.calibrate import LayerStats, calibrate_block, capture_block_inputs
+    from .quant.calibrate import LayerStats, calibrate_block, capture_block_inputs, forward_dtype
 
     blocks = decoder_blocks(model)
+    dtype = forward_dtype(config.calibration_dtype)
     block_prefix = {id(m): n for n, m in model.named_modules()}
     hidden, kwargs = capture_block_inputs(model, windows)
     done: set[str] = set()
@@ -243,7 +244,7 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
                 _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
-                                 with_stats=config.calibrate)
+                                 with_stats=config.calibrate, dtype=dtype)
         for name in (n for u in mine for n in u):  # a streamed model frees the float weights
             done.add(name)
             linears.pop(name)
@@ -296,7 +297,7 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
         plan_overrides,
         quantization_costs,
     )
-    from .quant.calibrate import calibration_windows, default_window_count
+    from .quant.calibrate import calibration_windows, default_window_count, forward_dtype
 
     n_windows = config.calibration_windows
     if n_windows is None:
@@ -306,7 +307,9 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     windows, info = calibration_windows(tokenizer, n_windows, config.calibration_length)
     manifest = {}
     if config.needs_calibration:
-        manifest["calibration"] = {**info, "layers": "all" if config.calibrate else "lm_head"}
+        manifest["calibration"] = {**info, "layers": "all" if config.calibrate else "lm_head",
+                                   "forward_dtype": str(forward_dtype(config.calibration_dtype)
+                                                        ).removeprefix("torch.")}
     if budgeted:
         shapes = allocatable_shapes(model, config)
         budget = (budget_bytes(shapes, config.avg_bits, config.group_size)

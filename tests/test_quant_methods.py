@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_quant import outlier_matrix  # the suite's heavy-row/column weight
 
+import sinq_export.quant.calibrate as calibration
 from sinq_export.quant import METHODS, QuantizedWeight, SINQConfig, make_config, quantize
 from sinq_export.quant.allocate import allocate, layer_bytes
 from sinq_export.quant.calibrate import LayerStats, output_error
@@ -420,6 +421,58 @@ def test_plan_quantization_records_the_calibration_windows():
     plan = plan_quantization(tiny_llama(), char_tokenizer, cfg)
     assert plan.calibration.shape == (2, 64)
     assert plan.manifest["calibration"]["token_range"] == [65536, 65536 + 128]
+    want = "bfloat16" if calibration.native_bf16() else "float32"
+    assert plan.manifest["calibration"]["forward_dtype"] == want
+    plan = plan_quantization(tiny_llama(), char_tokenizer, cfg.replace(calibration_dtype="float32"))
+    assert plan.manifest["calibration"]["forward_dtype"] == "float32"
+
+
+def test_forward_dtype_is_bfloat16_only_where_asked_or_native(monkeypatch):
+    from sinq_export import SinqConfig
+    from sinq_export.config import ConfigError
+
+    assert calibration.forward_dtype("float32") == torch.float32
+    assert calibration.forward_dtype("bfloat16") == torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(calibration, "native_bf16", lambda native=native: native)
+        assert calibration.forward_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ConfigError, match="calibration_dtype"):
+        SinqConfig(calibration_dtype="fp8")
+
+
+@torch.no_grad()
+def test_bfloat16_calibration_forwards_keep_float32_statistics_and_calibrate_as_well():
+    """bfloat16 autocast changes only the rounding of each block's matmuls: the residual stream
+    and the statistics stay float32, and the calibrated model is as close to the float one as
+    with float32 forwards (and closer than calibration-free)."""
+    import copy
+
+    from sinq_export import SinqConfig, quantize_model
+
+    model = tiny_llama()
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    ref = model(input_ids=windows).logits
+    hidden, kwargs = calibration.capture_block_inputs(model, windows)
+    block = model.model.layers[0]
+    seen = {}
+
+    def quantize_unit(_blk, stats):  # noqa: ANN001, ANN202
+        seen.update(stats)
+
+    out = calibration.calibrate_block(block, hidden, kwargs, quantize_unit,
+                                    ["self_attn.o_proj", "mlp.down_proj"], dtype=torch.bfloat16)
+    exact = calibration._block_output(block, hidden, kwargs)
+    assert out.dtype == torch.float32 and seen["mlp.down_proj"].xtx.dtype == torch.float32
+    assert 0 < float((out - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    errs = {}
+    for dtype in ("float32", "bfloat16", None):
+        q = copy.deepcopy(model)
+        cfg = SinqConfig(bits=3, group_size=32, calibrate=dtype is not None, lm_head_bits=4,
+                         calibration_dtype=dtype or "auto")
+        quantize_model(q, cfg, progress=False, calibration=windows)
+        errs[dtype] = float((q(input_ids=windows).logits - ref).square().mean())
+    assert errs["bfloat16"] < errs[None] and errs["float32"] < errs[None]
+    assert errs["bfloat16"] < 1.5 * errs["float32"]
 
 
 @pytest.mark.parametrize(("max_k", "length", "want"), [
