@@ -30,6 +30,11 @@ Rows (``--rows``):
   alloc                bit allocation at the linear-weight bytes of uniform 3 and 4 bits
                        (calibration-free SINQ at the chosen widths; ``--alloc-calibrated``
                        adds the calibrated rows).
+  cal_spread           the calibrated row on three disjoint calibration sets (tokens from
+                       65,536 / 98,304 / 131,072), each also scored on the first 16 windows:
+                       how much of a calibrated perplexity is the choice of calibration text
+                       and of the 4 evaluation windows (a single calibrated number moves by
+                       +-0.4 between sets or CPUs; the note gives the 16-window perplexity).
 
 Every perplexity here is measured in PyTorch on the quantized modules (`SinqLinear` computes what
 the exported MatMulNBits graph computes; bench/e2e.py and `sinq-export eval` score the ONNX
@@ -53,9 +58,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-ALL_ROWS = ("float", "rtn", "ort", "sinq", "calibrated", "head", "head_calibrated", "alloc")
+ALL_ROWS = ("float", "rtn", "ort", "sinq", "calibrated", "head", "head_calibrated", "alloc",
+            "cal_spread")
+CAL_SPREAD_OFFSETS = (65536, 98304, 131072)  # disjoint 4096-token calibration sets
 HEADLINE_ROWS = ("float", "rtn", "sinq", "calibrated")
-TARGETS = {"sinq": {4: 26.5, 3: 55.0}, "calibrated": {4: 25.5, 3: 40.0}}
+TARGETS = {"sinq": {4: 26.5, 3: 55.0}, "calibrated": {4: 25.5, 3: 40.0},
+           "cal_spread": {4: 25.5, 3: 40.0}}
 
 
 def _versions() -> dict[str, str]:
@@ -159,12 +167,13 @@ class Bench:
 
         return SinqConfig(bits=bits, group_size=self.g, **kw)
 
-    def quantized(self, cfg):  # noqa: ANN001, ANN201
+    def quantized(self, cfg, calibration=None):  # noqa: ANN001, ANN201
         from sinq_export.nn import quantize_model
 
         q = copy.deepcopy(self.model)
+        windows = self.cal if calibration is None else calibration
         report = quantize_model(q, cfg, progress=False,
-                                calibration=self.cal if cfg.calibrate else None)
+                                calibration=windows if cfg.calibrate else None)
         return q, report
 
     def run(self, kind: str, bits: list[int]) -> None:
@@ -267,6 +276,22 @@ class Bench:
                            widths={str(b): widths.count(b) for b in sorted(set(widths))})
 
 
+    def row_cal_spread(self, bits) -> None:  # noqa: ANN001
+        from sinq_export import eval as ev
+        from sinq_export.quant.calibrate import calibration_windows
+
+        long = ev.text_windows(self.tok, "wikipedia", 16, self.windows.shape[1])
+        for b in bits:
+            for offset in CAL_SPREAD_OFFSETS:
+                cal, info = calibration_windows(self.tok, self.cal.shape[0], self.cal.shape[1],
+                                                offset=offset)
+                q, rep = self.quantized(self.config(b, calibrate=True), cal)
+                ppl16 = ev.perplexity_torch(q, long).ppl
+                self.score(q, f"cal-spread/{b}/{offset}",
+                           f"SINQ calibrated, calibration tokens from {offset}", b, rep.seconds,
+                           calibration=info, ppl_16_windows=ppl16)
+
+
 def _layers(model):  # noqa: ANN001, ANN202
     from sinq_export.nn import quantized_layers
 
@@ -286,6 +311,8 @@ def _markdown(data: dict) -> str:
         note = ""
         if "used_bytes" in r:
             note = f"{r['used_bytes'] / 1e6:.2f} MB of {r['budget_bytes'] / 1e6:.2f} MB; widths {r['widths']}"
+        if "ppl_16_windows" in r:
+            note = f"16 windows: {r['ppl_16_windows']:.2f}; "
         target = TARGETS.get(r["kind"], {}).get(r["bits"]) if "SmolLM2" in data["model"] else None
         if target:
             note += f"target <= {target}"

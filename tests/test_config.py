@@ -14,6 +14,9 @@ from sinq_export.config import ConfigError, GraphConfig, SinqConfig
         ({"method": "gptq"}, "method"),
         ({"exclude": ("(",)}, "invalid regular expression"),
         ({"overrides": {"down_proj": 11}}, "overrides"),
+        ({"gptq_damp": 0}, "gptq_damp"),
+        ({"gptq_damp": "high"}, "gptq_damp"),
+        ({"calibration_dtype": "fp16"}, "calibration_dtype"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, message):
@@ -69,3 +72,15 @@ def test_group_overrides_pick_a_layer_group_size():
         SinqConfig(group_overrides={"x": 48})
     with pytest.raises(ConfigError, match="group_overrides"):
         SinqConfig(group_overrides={"(": 64})
+
+
+def test_gptq_damping_is_strong_for_decoder_linears_and_gptqs_own_for_the_head():
+    from sinq_export.config import DECODER_GPTQ_DAMP, HEAD_GPTQ_DAMP
+
+    cfg = SinqConfig(calibrate=True, lm_head_bits=4)
+    assert cfg.method_config("model.layers.0.mlp.down_proj", 4).gptq_damp == DECODER_GPTQ_DAMP
+    assert cfg.method_config("lm_head", 4).gptq_damp == HEAD_GPTQ_DAMP < DECODER_GPTQ_DAMP
+    pinned = cfg.replace(gptq_damp=0.05)
+    assert {pinned.method_config(n, 4).gptq_damp for n in ("lm_head", "model.layers.3.q_proj")} \
+        == {0.05}
+    assert SinqConfig.from_dict(pinned.to_dict()) == pinned

@@ -427,6 +427,30 @@ def test_plan_quantization_records_the_calibration_windows():
     assert plan.manifest["calibration"]["forward_dtype"] == "float32"
 
 
+def test_the_method_configs_damping_reaches_gptq(monkeypatch):
+    """``gptq_damp`` is what GPTQ regularises its Hessian with: more damping, codes closer to
+    plain rounding (in the limit GPTQ is RTN on the same grid)."""
+    from sinq_export.quant import gptq
+
+    seen = []
+    real = gptq.gptq_codes
+    monkeypatch.setattr("sinq_export.quant.core.gptq_codes",
+                        lambda *a, damp, **k: seen.append(damp) or real(*a, damp=damp, **k))
+    torch.manual_seed(3)
+    w = torch.randn(48, 64)
+    x = torch.randn(256, 64) @ torch.randn(64, 64)  # correlated inputs: compensation matters
+    stats = LayerStats(64)
+    stats.add(x)
+    plain = quantize(w, make_config("sinq", bits=3, group_size=32, awq=False, gptq=False),
+                     calibration=stats).dequantize()
+    moved = []
+    for damp in (0.01, 1.0, 1000.0):
+        cfg = make_config("sinq", bits=3, group_size=32, awq=False, gptq_damp=damp)
+        moved.append(float((quantize(w, cfg, calibration=stats).dequantize() - plain).abs().sum()))
+    assert seen == [0.01, 1.0, 1000.0]
+    assert moved[0] > moved[1] > moved[2]
+
+
 def test_forward_dtype_is_bfloat16_only_where_asked_or_native(monkeypatch):
     from sinq_export import SinqConfig
     from sinq_export.config import ConfigError

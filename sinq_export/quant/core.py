@@ -223,7 +223,7 @@ def quantize_with_scale(w: torch.Tensor, t: torch.Tensor | None, config: MethodC
     tt = ones if t is None else t
     h = None if calibration is None else calibration.diag()
     if calibration is not None and getattr(config, "gptq", False):
-        codes, s, z = gptq_codes(w, tt, calibration.hessian(), config)
+        codes, s, z = gptq_codes(w, tt, calibration.hessian(), config, damp=config.gptq_damp)
     else:
         s, z, _ = grid_for(w, tt, h, config)
         codes = round_codes(w / tt, s, z, bits, g)

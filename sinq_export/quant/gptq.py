@@ -27,7 +27,7 @@ from .methods import MethodConfig
 from .rtn import minmax_params, search_params
 
 SUB = 16  # columns per rank-1-update slice inside a group (see `_round_group`)
-DAMP = 0.01  # Tikhonov damping, fraction of mean(diag(H'))
+DAMP = 0.01  # Tikhonov damping, fraction of mean(diag(H')) (the paper's; see SINQConfig.gptq_damp)
 CHUNK_BYTES = 64 << 20  # rows swept together (see `gptq_codes`)
 
 

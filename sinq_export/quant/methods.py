@@ -52,6 +52,9 @@ class SINQConfig(MethodConfig):
             default: lower weight error, higher perplexity on SmolLM2 (docs/quality.md).
         awq, gptq: with calibration statistics, search an activation-aware factor of ``t``
             (A-SINQ) and round with GPTQ's error compensation; ignored without statistics.
+        gptq_damp: GPTQ's Tikhonov damping as a fraction of the mean Hessian diagonal (0.01 as
+            in the GPTQ paper; `SinqConfig` raises it for decoder linears, whose compensation
+            otherwise fits the calibration text, docs/quality.md).
         col_scale_tie: ``(kv_heads, heads_per_kv)``: the input channels are attention heads
             ``[kv_heads, heads_per_kv, head_dim]`` and ``t`` is tied (geometric mean) over the
             query heads that read one kv head, so it can move onto that kv head's value rows
@@ -63,6 +66,7 @@ class SINQConfig(MethodConfig):
     tile_gate: bool = False
     awq: bool = True
     gptq: bool = True
+    gptq_damp: float = 0.01
     col_scale_tie: tuple[int, int] | None = None
 
 
