@@ -17,8 +17,16 @@ Rows (``--rows``):
   ort                  onnxruntime's own quantizers applied to the same weights:
                        ``quantize_matmul_4bits`` (its RTN, 4-bit only) and its HQQ
                        (``HQQWeightOnlyQuantizer.quantize_internal``, float zero points), scored
-                       in torch with the weights they produce (ORT's GPTQ needs
-                       neural-compressor, which is not installed: not run).
+                       in torch with the weights they produce.
+  ort_gptq             onnxruntime's own GPTQ (``MatMulNBitsQuantizer`` with
+                       ``GPTQWeightOnlyQuantConfig``: the neural-compressor code vendored in
+                       onnxruntime, runs offline) on our float ONNX export of the same model,
+                       calibrated on the same 8 x 512 tokens, lm_head kept float, 4-bit g64
+                       *symmetric* (onnxruntime 1.32's asymmetric GPTQ packs the zero points
+                       of a row with an odd number of groups wrongly and fails, e.g. K = 576
+                       at g64), then scored *in onnxruntime* (acc0) with the same protocol.
+                       Slow: one whole-model run per calibration window for each of the ~120
+                       distinct MatMul inputs (~50 min on 2 cores).
   sinq                 calibration-free SINQ (our default).
   calibrated           SINQ --calibrate (A-SINQ + GPTQ).
   head_calibrated      the calibrated 4-bit decoder with a calibrated 4-bit head (g64 / g32),
@@ -48,6 +56,7 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,7 +67,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-ALL_ROWS = ("float", "rtn", "ort", "sinq", "calibrated", "head", "head_calibrated", "alloc",
+ALL_ROWS = ("float", "rtn", "ort", "ort_gptq", "sinq", "calibrated", "head", "head_calibrated", "alloc",
             "cal_spread")
 CAL_SPREAD_OFFSETS = (65536, 98304, 131072)  # disjoint 4096-token calibration sets
 HEADLINE_ROWS = ("float", "rtn", "sinq", "calibrated")
@@ -132,6 +141,59 @@ def ort_hqq_linear(bits: int, g: int):  # noqa: ANN201
     return make
 
 
+def ort_gptq_export(model_dir, tmp: Path, calibration: torch.Tensor, group_size: int,  # noqa: ANN001
+                    symmetric: bool = True) -> Path:
+    """Our float export of ``model_dir`` quantized by onnxruntime's GPTQ into ``tmp/gptq``.
+
+    Why through our export: onnxruntime's quantizer needs an ONNX model with float MatMuls, and
+    the folder then carries our manifest and genai config, so `eval.perplexity_onnx` scores it
+    like any export. The head is kept float as in every other row of the table.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from sinq_export.config import GraphConfig, SinqConfig
+    from sinq_export.export import export_causal_lm
+    from sinq_export.validate import prefill_feed
+
+    float_dir, out = tmp / "float", tmp / "gptq"
+    export_causal_lm(model_dir, float_dir, SinqConfig(exclude=(r".*",)), GraphConfig(),
+                     progress=False, allow_unquantized=True)
+    session = ort.InferenceSession(str(float_dir / "model.onnx"))
+    feeds = [prefill_feed(session, w.numpy()) for w in calibration]
+    del session
+
+    class Reader:  # onnxruntime's CalibrationDataReader protocol
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):  # noqa: ANN202
+            return next(self.it, None)
+
+        def __iter__(self):  # noqa: ANN204
+            return iter(feeds)
+
+    # the ModelProto with its weights inline (< 2 GB): given a path, the quantizer builds its
+    # calibration session from bytes that point at external data it then cannot resolve
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(float_dir / "model.onnx")), block_size=group_size, is_symmetric=symmetric,
+        accuracy_level=0, algo_config=GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=Reader(), percdamp=0.01, block_size=128))
+    # Its GPTQ branch ignores nodes_to_exclude; "fp32" in the per-node config is its own skip.
+    per_node = quantizer._generate_q4_node_config
+    head = [n.name for n in quantizer.model.model.graph.node
+            if n.op_type == "MatMul" and n.name.startswith("lm_head")]
+    quantizer._generate_q4_node_config = lambda: {**per_node(), **dict.fromkeys(head, "fp32")}
+    quantizer.process()
+    shutil.copytree(float_dir, out, ignore=shutil.ignore_patterns("model.onnx*"))
+    quantizer.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
+    return out
+
+
 class Bench:
     """Model, tokenizer, evaluation and calibration windows; one method per kind of row."""
 
@@ -142,6 +204,7 @@ class Bench:
         from sinq_export.quant.calibrate import calibration_windows
 
         self.model, self.tok = load_causal_lm(model_dir)
+        self.model_dir = model_dir
         self.g = group_size
         self.windows = ev.text_windows(self.tok, "wikipedia", n_windows, length)
         self.cal, self.cal_info = calibration_windows(self.tok, cal_windows, length)
@@ -197,6 +260,27 @@ class Bench:
             q = copy.deepcopy(self.model)
             dt = _replace_linears(q, ort_hqq_linear(b, self.g))
             self.score(q, f"ort-hqq/{b}", "onnxruntime HQQ (float zero points)", b, dt)
+
+    def row_ort_gptq(self, bits) -> None:  # noqa: ANN001
+        """onnxruntime's GPTQ on a float export, scored in onnxruntime (4-bit only: its
+        MatMulNBits path; other widths become fake-quantized float weights)."""
+        import tempfile
+
+        from sinq_export import eval as ev
+
+        if 4 not in bits:
+            return
+        with tempfile.TemporaryDirectory(prefix="ort-gptq-") as tmp:
+            t0 = time.perf_counter()
+            folder = ort_gptq_export(self.model_dir, Path(tmp), self.cal, self.g)
+            seconds = time.perf_counter() - t0
+            r = ev.perplexity_onnx(folder, self.windows)
+        row = {"key": "ort-gptq/4", "kind": self.kind, "bits": 4, "group_size": self.g,
+               "label": "onnxruntime GPTQ, symmetric (MatMulNBitsQuantizer, in onnxruntime)",
+               "backend": "onnxruntime", "ppl": r.ppl, "quantize_seconds": seconds,
+               "calibration": self.cal_info}
+        print(f"{row['label']:55s}    4  ppl {r.ppl:8.3f}  quantize {seconds:.1f} s", flush=True)
+        self.rows.append(row)
 
     def row_sinq(self, bits) -> None:  # noqa: ANN001
         for b in bits:

@@ -461,7 +461,8 @@ def export_causal_lm(
             plan = plan_export(module, ckpt, config, graph_config, tied)
             if not plan.linears and not allow_unquantized:
                 raise ExportError("the config quantizes no linear layer (check --exclude / "
-                                  "--include); pass allow_unquantized to export a float model")
+                                  "--include); pass allow_unquantized (--allow-unquantized) "
+                                  "to export a float model")
             _check_records(records or {}, plan)
             _check_disk(ckpt, plan, config, graph_config, out_dir)
         with stages.stage("build"):

@@ -76,6 +76,7 @@ from .report import (  # noqa: F401
 )
 from .runners import (  # noqa: F401
     module_feeds,
+    prefill_feed,
     run_ort_lm,
     run_ort_module,
     run_torch_lm,

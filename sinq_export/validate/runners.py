@@ -45,6 +45,29 @@ _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(i
            "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
 
 
+def _step_feed(input_names: dict, ids: np.ndarray, done: int, past: dict) -> dict[str, np.ndarray]:
+    """One step's inputs: ``ids`` after ``done`` cached tokens whose keys/values are ``past``."""
+    s = len(ids)
+    feed: dict[str, np.ndarray] = {"input_ids": ids[None, :]}
+    if "attention_mask" in input_names:
+        feed["attention_mask"] = np.ones((1, done + s), dtype=_ORT_NP[input_names["attention_mask"].type])
+    if "position_ids" in input_names:
+        feed["position_ids"] = np.arange(done, done + s, dtype=np.int64)[None, :]
+    if "use_cache_branch" in input_names:
+        feed["use_cache_branch"] = np.array([done > 0])
+    feed.update(past)
+    return feed
+
+
+def prefill_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The inputs that run the tokens ``ids`` from an empty cache (what a calibration reader of
+    onnxruntime's own quantizers feeds, bench/ort_gptq.py)."""
+    pasts, _ = _past_specs(session)
+    past = {name: np.zeros(shape, dtype=dt) for name, dt, shape in pasts}
+    return _step_feed({i.name: i for i in session.get_inputs()},
+                      np.asarray(ids, dtype=np.int64), 0, past)
+
+
 def run_ort_lm(session, prefill: np.ndarray, decode: Sequence[int] | int,
                capture: Sequence[str] = ()) -> _LMRun:
     """Prefill ``prefill`` with an empty past, then feed ``decode`` tokens one at a time.
@@ -63,15 +86,7 @@ def run_ort_lm(session, prefill: np.ndarray, decode: Sequence[int] | int,
     ids = np.asarray(prefill, dtype=np.int64)
     for step in range(n_steps + 1):
         s = len(ids)
-        feed: dict[str, np.ndarray] = {"input_ids": ids[None, :]}
-        if "attention_mask" in input_names:
-            feed["attention_mask"] = np.ones((1, done + s), dtype=_ORT_NP[input_names["attention_mask"].type])
-        if "position_ids" in input_names:
-            feed["position_ids"] = np.arange(done, done + s, dtype=np.int64)[None, :]
-        if "use_cache_branch" in input_names:
-            feed["use_cache_branch"] = np.array([done > 0])
-        feed.update(past)
-        res = session.run(out_names, feed)
+        res = session.run(out_names, _step_feed(input_names, ids, done, past))
         logits.append(np.asarray(res[0], dtype=np.float32).reshape(s, -1))
         for (name, _, _), value in zip(pasts, res[1:1 + len(presents)]):
             past[name] = value
