@@ -7,7 +7,8 @@
 On the bundled SmolLM2-135M-Instruct, CPU. Every model runs through the *same* loops, each in
 its own process (so its peak RSS is its own): onnxruntime-genai's generator
 (``_e2e_genai.py``: ``append_tokens`` of a ``--prompt-tokens`` (128) prefill of the Wikipedia
-text, then ``--decode-steps`` (32) greedy steps, shared KV buffer) and a plain onnxruntime
+text, then ``--decode-steps`` (128; at 32 one round is a half-second sample that this VM's
+neighbours move by +-20 %) greedy steps, shared KV buffer) and a plain onnxruntime
 loop (``_e2e_worker.py``: numpy KV cache that grows by one token per step). Reported per
 variant: file size, export wall time, prefill and decode tok/s (median of ``--rounds``), peak
 RSS, perplexity (the shared protocol: 4 x 512-token windows of the cleaned Wikipedia text,
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma list of variants")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e"))
     args = ap.parse_args(argv)
