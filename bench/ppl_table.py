@@ -26,7 +26,7 @@ Rows (``--rows``):
                        of a row with an odd number of groups wrongly and fails, e.g. K = 576
                        at g64), then scored *in onnxruntime* (acc0) with the same protocol.
                        Slow: one whole-model run per calibration window for each of the ~120
-                       distinct MatMul inputs (~50 min on 2 cores).
+                       distinct MatMul inputs (33 min on 2 cores, measured).
   sinq                 calibration-free SINQ (our default).
   calibrated           SINQ --calibrate (A-SINQ + GPTQ).
   head_calibrated      the calibrated 4-bit decoder with a calibrated 4-bit head (g64 / g32),
@@ -358,7 +358,6 @@ class Bench:
                            f"{', calibrated' if calibrate else ''}", uniform, rep.seconds,
                            budget_bytes=budget, used_bytes=used, sensitivity_seconds=measure,
                            widths={str(b): widths.count(b) for b in sorted(set(widths))})
-
 
     def row_cal_spread(self, bits) -> None:  # noqa: ANN001
         from sinq_export import eval as ev

@@ -20,7 +20,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__, verbosity
-from .config import METHODS, QUANT_BITS, SHARED_COL_SCALES, ConfigError, GraphConfig, SinqConfig
+from .config import (
+    CALIBRATION_DTYPES,
+    METHODS,
+    QUANT_BITS,
+    SHARED_COL_SCALES,
+    ConfigError,
+    GraphConfig,
+    SinqConfig,
+)
 from .gguf import resolve_model_input
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -65,7 +73,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
                    help="calibration windows of 512 tokens (default 8, or enough for 1.5x "
                         "the widest calibrated linear's inputs)")
-    p.add_argument("--calibration-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+    p.add_argument("--calibration-dtype", choices=CALIBRATION_DTYPES, default=None,
                    help="precision of the calibration forwards (default auto: bfloat16 where "
                         "the CPU has bfloat16 instructions, else float32)")
     p.add_argument("--avg-bits", type=float, default=None, metavar="B",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .quant import METHODS as _REGISTRY
+from .quant.methods import GPTQ_DAMP
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 METHODS = tuple(_REGISTRY)  # the registered quantization methods (sinq_export.quant.methods)
@@ -25,7 +26,7 @@ CALIBRATION_DTYPES = ("auto", "float32", "bfloat16")  # precision of the calibra
 
 HEAD_PATTERN = r"(^|\.)lm_head$"  # the output projection's module name
 # GPTQ damping (SinqConfig.gptq_damp): decoder linears / the output projection
-DECODER_GPTQ_DAMP, HEAD_GPTQ_DAMP = 0.2, 0.01
+DECODER_GPTQ_DAMP, HEAD_GPTQ_DAMP = 0.2, GPTQ_DAMP
 
 
 def is_head(name: str) -> bool:

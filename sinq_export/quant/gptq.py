@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from .methods import MethodConfig
+from .methods import GPTQ_DAMP, MethodConfig
 from .rtn import minmax_params, search_params
 
 SUB = 16  # columns per rank-1-update slice inside a group (see `_round_group`)
-DAMP = 0.01  # Tikhonov damping, fraction of mean(diag(H')) (the paper's; see SINQConfig.gptq_damp)
 CHUNK_BYTES = 64 << 20  # rows swept together (see `gptq_codes`)
 
 
-def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+def inverse_cholesky(h: torch.Tensor, damp: float = GPTQ_DAMP) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (damping raised until PD)."""
     k = h.shape[0]
     eye = torch.eye(k, dtype=h.dtype)
@@ -48,7 +47,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 
 def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: MethodConfig,
-               damp: float = DAMP, chunk_bytes: int = CHUNK_BYTES
+               damp: float = GPTQ_DAMP, chunk_bytes: int = CHUNK_BYTES
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes [N, K], scales [N, n_blocks], zeros [N, n_blocks]) of ``w / t`` by GPTQ.
 

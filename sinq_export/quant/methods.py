@@ -20,6 +20,8 @@ import torch
 
 from .record import QuantizedWeight
 
+GPTQ_DAMP = 0.01  # GPTQ's own damping, a fraction of mean(diag(H')) (the paper's value)
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -66,7 +68,7 @@ class SINQConfig(MethodConfig):
     tile_gate: bool = False
     awq: bool = True
     gptq: bool = True
-    gptq_damp: float = 0.01
+    gptq_damp: float = GPTQ_DAMP
     col_scale_tie: tuple[int, int] | None = None
 
 

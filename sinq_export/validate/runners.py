@@ -61,7 +61,7 @@ def _step_feed(input_names: dict, ids: np.ndarray, done: int, past: dict) -> dic
 
 def prefill_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
     """The inputs that run the tokens ``ids`` from an empty cache (what a calibration reader of
-    onnxruntime's own quantizers feeds, bench/ort_gptq.py)."""
+    onnxruntime's own quantizers feeds: bench/ppl_table.py, row ort_gptq)."""
     pasts, _ = _past_specs(session)
     past = {name: np.zeros(shape, dtype=dt) for name, dt, shape in pasts}
     return _step_feed({i.name: i for i in session.get_inputs()},
