@@ -13,7 +13,7 @@ Calibrated rows use 8 x 512 tokens starting at token 65536 of the same text (dis
 evaluation windows; `sinq_export.quant.calibrate.calibration_windows`).
 
 Rows (``--rows``):
-  float, rtn           float model; plain min/max group RTN.
+  float, rtn           float model; plain min/max group RTN (no energy refit).
   ort                  onnxruntime's own quantizers applied to the same weights:
                        ``quantize_matmul_4bits`` (its RTN, 4-bit only) and its HQQ
                        (``HQQWeightOnlyQuantizer.quantize_internal``, float zero points), scored
@@ -27,7 +27,9 @@ Rows (``--rows``):
                        at g64), then scored *in onnxruntime* (acc0) with the same protocol.
                        Slow: one whole-model run per calibration window for each of the ~120
                        distinct MatMul inputs (33 min on 2 cores, measured).
-  sinq                 calibration-free SINQ (our default).
+  sinq                 calibration-free SINQ: weight-only (the paper's, ``energy_refit=0``)
+                       and our default (scale refit weighted by input energies measured on
+                       256 random token ids, no text; ``SinqConfig.energy_refit``).
   calibrated           SINQ --calibrate (A-SINQ + GPTQ).
   head_calibrated      the calibrated 4-bit decoder with a calibrated 4-bit head (g64 / g32),
                        also with the tied embedding quantized; compare with calibrated 4-bit.
@@ -248,7 +250,7 @@ class Bench:
 
     def row_rtn(self, bits) -> None:  # noqa: ANN001
         for b in bits:
-            q, rep = self.quantized(self.config(b, method="rtn"))
+            q, rep = self.quantized(self.config(b, method="rtn", energy_refit=0))
             self.score(q, f"rtn/{b}", "rtn (min/max)", b, rep.seconds)
 
     def row_ort(self, bits) -> None:  # noqa: ANN001
@@ -284,8 +286,12 @@ class Bench:
 
     def row_sinq(self, bits) -> None:  # noqa: ANN001
         for b in bits:
+            q, rep = self.quantized(self.config(b, energy_refit=0))
+            self.score(q, f"sinq-wo/{b}", "SINQ weight-only (the paper's; energy_refit=0)", b,
+                       rep.seconds)
             q, rep = self.quantized(self.config(b))
-            self.score(q, f"sinq/{b}", "SINQ calibration-free", b, rep.seconds)
+            self.score(q, f"sinq/{b}", "SINQ calibration-free (energy refit, random-id probe)",
+                       b, rep.seconds)
             q, rep = self.quantized(self.config(b, shared_col_scale="mlp"))
             self.score(q, f"sinq-mlp/{b}", "SINQ calibration-free, gate/up one t (model default)",
                        b, rep.seconds)

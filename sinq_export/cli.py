@@ -14,7 +14,6 @@ import errno
 import json
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +21,9 @@ from pathlib import Path
 from . import __version__, verbosity
 from .config import (
     CALIBRATION_DTYPES,
+    ENERGY_REFIT,
     METHODS,
+    PROBE_TOKENS,
     QUANT_BITS,
     SHARED_COL_SCALES,
     ConfigError,
@@ -67,6 +68,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep matching modules in float (default: lm_head); repeatable")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=BITS",
                    help="per-layer bit width, e.g. 'down_proj=8'; repeatable")
+    p.add_argument("--energy-refit", type=int, default=None, metavar="N",
+                   help="weighted scale refits per group, each weight weighted by its input "
+                        "channel's energy, measured on the calibration text or else on "
+                        f"random token ids (default {ENERGY_REFIT}; 0 = weight-only SINQ, no "
+                        "forward pass)")
+    p.add_argument("--probe-tokens", type=int, default=None, metavar="N",
+                   help=f"random token ids that give the input energies when nothing is "
+                        f"calibrated (default {PROBE_TOKENS})")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
                         "Wikipedia windows disjoint from the evaluation windows (opt-in)")
@@ -120,7 +129,8 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
     if hasattr(args, "shared_col_scale"):  # `model` only: its default follows --calibrate
         fields["shared_col_scale"] = args.shared_col_scale or (
             "none" if getattr(args, "calibrate", False) else MODEL_DEFAULTS["shared_col_scale"])
-    for name in ("lm_head_group_size", "calibration_windows", "calibration_dtype", "avg_bits"):
+    for name in ("lm_head_group_size", "calibration_windows", "calibration_dtype", "avg_bits",
+                 "energy_refit", "probe_tokens"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     if getattr(args, "calibrate", False):
@@ -304,34 +314,9 @@ def _require_custom_ops(args: argparse.Namespace) -> None:
         runtime_ops.require(" / ".join(wants))
 
 
-def _planned_records(source, config: SinqConfig, progress: bool):  # noqa: ANN001, ANN202
-    """(config, records, manifest sections) for ``--calibrate`` / ``--avg-bits`` / ``--max-size``.
-
-    The allocation needs the float model in memory once (it measures per-layer sensitivity
-    on it). Calibration runs the model block by block (`models.load_causal_lm_streamed`: one
-    float block at a time) to collect each linear's input statistics and quantizes there, so
-    the records are handed to the export. The export itself streams everything else (tables,
-    norms, float tensors) from the checkpoint.
-    """
-    from .models import load_causal_lm, load_causal_lm_streamed
-    from .nn import plan_quantization, quantize_model, quantized_layers
-
-    budgeted = config.avg_bits is not None or config.max_size_mb is not None
-    load = load_causal_lm if budgeted else load_causal_lm_streamed
-    model, tokenizer = load(source)
-    plan = plan_quantization(model, tokenizer, config)
-    records = None
-    if plan.config.needs_calibration:
-        quantize_model(model, plan.config, progress=progress, calibration=plan.calibration)
-        records = {name: m.record for name, m in quantized_layers(model).items()}
-    return plan.config, records, plan.manifest
-
-
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
     from .export.decoder import missing_tokenizer
-    from .export.manifest import MANIFEST_MARKER
-    from .io import check_output
     from .models import default_model_dir
 
     config = config_from_args(args)
@@ -349,25 +334,16 @@ def _run_model(args: argparse.Namespace) -> int:
         config = config.replace(calibrate_head=False, lm_head_bits=8, lm_head_group_size=None)
         warnings.append("the lm_head stays 8-bit: calibrating the default 4-bit head needs the "
                         "tokenizer")
-    records, extra, seconds = None, None, None
-    if config.needs_calibration or config.avg_bits is not None or config.max_size_mb is not None:
-        check_output(Path(args.output), overwrite=args.overwrite, marker=MANIFEST_MARKER,
-                     protect=[source or default_model_dir()])  # refuse before the minutes of work
-        start = time.perf_counter()
-        config, records, extra = _planned_records(source, config, progress=not args.json)
-        seconds = time.perf_counter() - start
     try:
         result = export_causal_lm(
             source, args.output, config, graph_config_from_args(args),
             overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
-            allow_unquantized=args.allow_unquantized, records=records, manifest_extra=extra,
+            allow_unquantized=args.allow_unquantized,
         )
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
     summary = result.summary()
     summary["warnings"] = warnings + summary["warnings"]
-    if seconds is not None:  # calibration / allocation ran on the torch model before the export
-        summary["timings_s"] = {"calibrate": seconds, **summary["timings_s"]}
     for warning in summary["warnings"]:
         print(f"sinq-export model: warning: {warning}", file=sys.stderr)
     if args.json:

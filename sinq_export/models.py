@@ -230,7 +230,8 @@ def _load_tokenizer(folder: Path):  # noqa: ANN202
         raise ModelLoadError(f"{folder}: cannot load tokenizer ({exc})") from exc
 
 
-def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.nn.Module, object]:
+def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer: bool = True
+                            ) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` whose decoder blocks hold no weights until they first run.
 
     Why: calibration runs the model one block at a time (`quant.calibrate`) and replaces each
@@ -240,7 +241,8 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
     built on the ``meta`` device and loaded from the checkpoint (`checkpoint.Checkpoint`, one
     tensor at a time, finite-checked) by a pre-hook the first time it is called. Peak memory
     is then the embedding and head plus one float block and the calibration activations,
-    instead of the whole float model. float32, eval mode.
+    instead of the whole float model. float32, eval mode. ``with_tokenizer=False`` (the energy
+    probe runs random ids): the tokenizer is neither needed nor loaded (None).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -256,7 +258,7 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None) -> tuple[torch.
         with _blocks_on_meta(AutoModelForCausalLM, config), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.tie_weights()  # skipped with the initialisation
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = _load_tokenizer(folder) if with_tokenizer else None
     blocks = decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
     in_blocks = tuple(prefix[id(b)] + "." for b in blocks)

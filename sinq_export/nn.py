@@ -177,7 +177,7 @@ def _quantize_unit(root: nn.Module, prefix: str, names: list[str],
         label = config.method if record.col_scale is not None or config.method == "rtn" \
             else "rtn(gated)"
         if stats is not None:
-            label += "+calibrated"
+            label += "+calibrated" if config.is_calibrated(name) else "+energy"
         report.layers.append(LayerReport(name, record.shape, bits, label, dt, err))
 
 
@@ -196,6 +196,11 @@ def quantize_model(
     Tied weights (e.g. lm_head sharing the embedding) are quantized from the shared tensor
     but the embedding itself stays float.
 
+    With ``config.energy_refit`` (the default) the model runs block by block on
+    ``calibration`` or, without it, on `probe_tokens` (random ids) to measure every linear's
+    input energies, which weight the scale refit; a module that is not a causal LM with
+    decoder blocks cannot be probed and is quantized weight-only (as with ``energy_refit=0``).
+
     With ``config.calibrate`` (or ``calibrate_head``), ``calibration`` holds the ``[n, L]``
     calibration token windows (`quant.calibrate.calibration_windows`); the model is then
     quantized block by block on statistics of each block's inputs
@@ -209,10 +214,12 @@ def quantize_model(
     linears = eligible_linears(model, config)
     units = _units(linears, config)
     report = QuantizationReport(config=config)
-    if config.needs_calibration:
-        if calibration is None:
-            raise ValueError("config.calibrate / calibrate_head is set but no calibration "
-                             "windows were given")
+    if calibration is None and config.needs_calibration:
+        raise ValueError("config.calibrate / calibrate_head is set but no calibration "
+                         "windows were given")
+    if calibration is None and config.energy_refit:
+        calibration = (probe_tokens(model, config) or (None,))[0]
+    if calibration is not None and config.needs_forward:
         _quantize_calibrated(model, linears, units, config, report, measure_error,
                              calibration, progress)
     else:
@@ -222,9 +229,26 @@ def quantize_model(
     return report
 
 
+def probe_tokens(model: nn.Module, config: SinqConfig) -> tuple[torch.Tensor, dict] | None:
+    """(`quant.calibrate.probe_window` ids, their manifest record) for a causal LM's energy
+    probe, or None when ``model`` has no vocabulary or decoder blocks to run them through."""
+    from .models import decoder_blocks
+    from .quant.calibrate import probe_window
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    try:
+        decoder_blocks(model)
+    except ValueError:
+        return None
+    return probe_window(vocab, config.probe_tokens) if isinstance(vocab, int) else None
+
+
 def _quantize_calibrated(model, linears, units, config, report, measure_error,  # noqa: ANN001
                          windows, progress) -> None:  # noqa: ANN001
-    """Block by block: statistics of each block's inputs, quantize its units, propagate."""
+    """Block by block: statistics of each block's inputs, quantize its units, propagate.
+
+    The statistics are full (``H``, for A-SINQ and GPTQ) with ``calibrate``, the input energies
+    alone for the scale refit of ``energy_refit``, none when only the head is calibrated."""
     from .models import decoder_blocks, ensure_loaded
     from .quant.calibrate import LayerStats, calibrate_block, capture_block_inputs, forward_dtype
 
@@ -233,7 +257,8 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     block_prefix = {id(m): n for n, m in model.named_modules()}
     hidden, kwargs = capture_block_inputs(model, windows)
     done: set[str] = set()
-    for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
+    desc = "SINQ calibrate" if config.needs_calibration else "SINQ quantize"
+    for block in tqdm(blocks, desc=desc, unit="block", disable=not progress):
         ensure_loaded(block)
         prefix = block_prefix[id(block)] + "."
         mine = [u for u in units if u[0].startswith(prefix)]
@@ -244,7 +269,9 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
                 _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
-                                 with_stats=config.calibrate, dtype=dtype)
+                                 with_stats=config.calibrate or config.energy_refit > 0,
+                                 dtype=dtype, full=config.calibrate,
+                                 float_stream=not config.needs_calibration)
         for name in (n for u in mine for n in u):  # a streamed model frees the float weights
             done.add(name)
             linears.pop(name)
@@ -255,9 +282,11 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):
         stats = None
-        if norm is not None and linears[names[0]][0] is head and config.is_calibrated(names[0]):
+        calibrated = config.is_calibrated(names[0])
+        if norm is not None and linears[names[0]][0] is head and (calibrated
+                                                                  or config.energy_refit):
             # The output projection reads the final norm of the last block's output.
-            stats = {names[0]: LayerStats(head.in_features)}
+            stats = {names[0]: LayerStats(head.in_features, full=calibrated)}
             stats[names[0]].add(norm(hidden))
         _quantize_unit(model, "", names, linears, config, report, measure_error, stats)
 
@@ -268,9 +297,12 @@ class QuantizationPlan:
 
     Attributes:
         config: the config to quantize with (a bit allocation's widths are its ``overrides``).
-        calibration: ``[n, L]`` calibration token windows, or None (calibration-free).
+        calibration: ``[n, L]`` token windows the quantization runs the model on: the
+            calibration windows, or the energy probe's random ids (`probe_tokens`), or None
+            (weight-only).
         manifest: records for ``sinq_export.json``: ``"calibration"`` (which tokens of which
-            text) and ``"allocation"`` (budget, per-layer widths), each present when used.
+            text), ``"probe"`` (the random ids that gave the input energies) and
+            ``"allocation"`` (budget, per-layer widths), each present when used.
     """
 
     config: SinqConfig
@@ -285,9 +317,9 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     The allocation measures each layer's sensitivity on the first ``sensitivity_windows``
     calibration windows (`quant.allocate`), which needs the float model in memory.
     """
-    budgeted = config.avg_bits is not None or config.max_size_mb is not None
+    budgeted = config.budgeted
     if not (config.needs_calibration or budgeted):
-        return QuantizationPlan(config)
+        return _probe_plan(model, config, {})
     from .quant.allocate import (
         allocatable_shapes,
         allocation_options,
@@ -342,7 +374,41 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
             "group_sizes": {n: g for n, (_, g) in chosen.items()},
             "sensitivity": f"per-token output Fisher on {sensitivity_windows} calibration windows",
             "calibration": info}
-    return QuantizationPlan(config, windows if config.needs_calibration else None, manifest)
+    if config.needs_calibration:
+        return QuantizationPlan(config, windows, manifest)
+    return _probe_plan(model, config, manifest)
+
+
+def _probe_plan(model: nn.Module, config: SinqConfig, manifest: dict) -> QuantizationPlan:
+    """The plan of a run without calibration windows: the energy probe's ids, if any."""
+    probe = probe_tokens(model, config) if config.energy_refit else None
+    if probe is None:
+        return QuantizationPlan(config, None, manifest)
+    ids, info = probe
+    return QuantizationPlan(config, ids, {**manifest, "probe": info})
+
+
+def quantize_planned(source, config: SinqConfig, progress: bool = True  # noqa: ANN001
+                     ) -> tuple[SinqConfig, dict[str, QuantizedWeight], dict]:
+    """(config, records, manifest sections) of a quantization that runs the model: the energy
+    probe (the default), ``calibrate`` / ``calibrate_head``, ``avg_bits`` / ``max_size_mb``.
+
+    The allocation needs the float model in memory once (it measures per-layer sensitivity
+    on it). Everything else runs the model block by block (`models.load_causal_lm_streamed`:
+    one float block at a time) to collect each linear's input statistics and quantizes there,
+    so the records are handed to the export, which streams everything else (tables, norms,
+    float tensors) from the checkpoint.
+    """
+    from .models import load_causal_lm, load_causal_lm_streamed
+
+    if config.budgeted:
+        model, tokenizer = load_causal_lm(source)
+    else:
+        model, tokenizer = load_causal_lm_streamed(source, with_tokenizer=config.needs_calibration)
+    plan = plan_quantization(model, tokenizer, config)
+    quantize_model(model, plan.config, progress=progress, calibration=plan.calibration)
+    records = {name: m.record for name, m in quantized_layers(model).items()}
+    return plan.config, records, plan.manifest
 
 
 def quantized_layers(model: nn.Module) -> dict[str, SinqLinear]:

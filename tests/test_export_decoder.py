@@ -468,7 +468,10 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
                                        load_external_data=False).graph.initializer}
     assert "model.embed_tokens.weight" not in inits and ("lm_head.qweight" in inits) != tied
     ref = reference(model, CFG)
-    record = quantize_weight(table, bits=embedding_bits, group_size=CFG.group_size)
+    # a tied table is the head's record (quantized with the probe's energies of the head's
+    # input); an untied one is quantized from its weight alone
+    record = ref.lm_head.record if tied else quantize_weight(table, bits=embedding_bits,
+                                                             group_size=CFG.group_size)
     with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this
         ref.model.embed_tokens.weight.copy_(record.dequantize())
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)

@@ -434,10 +434,12 @@ def export_causal_lm(
     loads the float model, unlike the export itself). An export that quantizes nothing is an
     error unless ``allow_unquantized``.
 
-    ``records``: linears already quantized (e.g. calibrated by `nn.quantize_model` on the float
-    model, which a calibrated export needs in memory anyway); each must match the plan's shape
-    and width, and the rest are quantized from the checkpoint as usual. ``manifest_extra``:
-    further manifest sections (``calibration``, ``allocation``).
+    A config that runs the model to quantize (the energy probe, the default; calibration; a
+    bit allocation) is quantized first, block by block (`nn.quantize_planned`, stage
+    ``quantize``), and its records and manifest sections (``probe``, ``calibration``,
+    ``allocation``) go into the export. ``records``: linears already quantized elsewhere
+    (then nothing is run); each must match the plan's shape and width, and the rest are
+    quantized from the checkpoint as usual. ``manifest_extra``: further manifest sections.
     """
     from ..models import default_model_dir
 
@@ -446,9 +448,11 @@ def export_causal_lm(
     out_dir = Path(out_dir)
     folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
-    stages = Stages(["plan", "build", "write", "check"], progress=progress)
+    run_model = records is None and (config.needs_forward or config.budgeted)
+    stages = Stages(["plan"] + ["calibrate", "plan"] * run_model + ["build", "write", "check"],
+                    progress=progress)
     try:
-        with stages.stage("plan"):
+        with stages.stage("plan"):  # everything that can refuse, before the model runs
             ckpt = Checkpoint.open(folder)
             builder.check_supported(ckpt.config, folder)
             from transformers import AutoConfig
@@ -457,6 +461,13 @@ def export_causal_lm(
                 hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
             dtype = ir.DataType.FLOAT16 if graph_config.dtype == "fp16" else ir.DataType.FLOAT
             module, cfg = builder.mobius_model(hf_config, dtype)
+        if run_model:
+            from ..nn import quantize_planned
+
+            with stages.stage("calibrate"):  # statistics from the probe or the calibration text
+                config, records, planned = quantize_planned(folder, config, progress=progress)
+            manifest_extra = {**planned, **(manifest_extra or {})}
+        with stages.stage("plan"):
             tied = bool(getattr(cfg, "tie_word_embeddings", False))
             plan = plan_export(module, ckpt, config, graph_config, tied)
             if not plan.linears and not allow_unquantized:
@@ -499,7 +510,7 @@ def export_causal_lm(
                            genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
                                n.op_type == "GroupQueryAttention" for n in model.graph)))
                 if with_reference:
-                    _write_reference(folder, tmp_out, config)
+                    _write_reference(folder, tmp_out, config, records or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
                                         tmp_out), **(manifest_extra or {})}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
@@ -543,14 +554,21 @@ def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, gra
     }
 
 
-def _write_reference(folder: Path, out: Path, config: SinqConfig) -> None:
-    """``OUT_DIR/reference``: the quantized PyTorch model (loads the float model: opt-in)."""
+def _write_reference(folder: Path, out: Path, config: SinqConfig,
+                     records: Mapping[str, QuantizedWeight]) -> None:
+    """``OUT_DIR/reference``: the quantized PyTorch model (loads the float model: opt-in).
+
+    The linears the export got as ``records`` get those very records; the rest are quantized
+    from their weights alone, as the export's record cache does."""
     from ..models import load_causal_lm
-    from ..nn import quantize_model
+    from ..nn import SinqLinear, _set_module, quantize_model
     from .reference import save_reference
 
     model, tokenizer = load_causal_lm(folder)
-    quantize_model(model, config, progress=False)
+    for name, record in records.items():
+        _set_module(model, name, SinqLinear(record, model.get_submodule(name).bias))
+    quantize_model(model, config.replace(energy_refit=0, calibrate=False, calibrate_head=False),
+                   progress=False)
     save_reference(model, out, config, tokenizer=tokenizer)
 
 

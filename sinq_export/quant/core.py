@@ -5,7 +5,8 @@ Every method here is the same three steps on an ``[N, K]`` weight ``W``:
 1. a per-input-channel scale ``t`` [K] (all ones for RTN; Sinkhorn's column scale per tile for
    SINQ, times the activation-aware factor when calibrated, see `calibrate`);
 2. group parameters (scale ``s``, integer zero point ``z``) of ``W / t`` per ``1 x g`` group,
-   by min/max or by the weighted range search of `rtn.search_params`;
+   by min/max, by the weighted range search of `rtn.search_params`, or by min/max with the
+   weighted scale refits of `rtn.refit_params` (the default when input energies are known);
 3. integer codes: round to nearest, or GPTQ's error-compensating rounding (`gptq`) when a
    Hessian of the layer's inputs is known.
 
@@ -27,7 +28,7 @@ from .calibrate import activation_aware_scale
 from .gptq import gptq_codes
 from .methods import MethodConfig, RTNConfig, SINQConfig, make_config, quantize, register
 from .record import QuantizedWeight
-from .rtn import minmax_params, search_params
+from .rtn import minmax_params, refit_params, search_params
 from .sinkhorn import sinkhorn_scales
 
 
@@ -82,13 +83,22 @@ def from_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def group_params(w: torch.Tensor, bits: int, g: int, importance: torch.Tensor | None,
-                 symmetric: bool, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales, zeros) ``[N, n_blocks]`` of ``w [N, K]``; ``importance`` broadcasts to ``w``."""
+                 symmetric: bool, search: bool, refit: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) ``[N, n_blocks]`` of ``w [N, K]``; ``importance`` broadcasts to ``w``.
+
+    ``search``: the range search (`rtn.search_params`); else ``refit`` > 0: min/max with that
+    many weighted scale refits (`rtn.refit_params`); else plain min/max.
+    """
     imp = torch.ones_like(w) if importance is None else importance.expand_as(w)
     out = []
     for x, i in zip(to_groups(w, g), to_groups(imp, g)):
-        out.append(search_params(x, bits, i, symmetric) if search
-                   else minmax_params(x, bits, symmetric))
+        if search:
+            out.append(search_params(x, bits, i, symmetric))
+        elif refit:
+            out.append(refit_params(x, bits, i, refit, symmetric))
+        else:
+            out.append(minmax_params(x, bits, symmetric))
     return torch.cat([s for s, _ in out], -1), torch.cat([z for _, z in out], -1)
 
 
@@ -148,11 +158,15 @@ def sinkhorn_col_scale(w: torch.Tensor, g: int, iters: int) -> torch.Tensor:
 
 def grid_for(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scales, zeros, importance) of ``W / t``; importance = ``t^2 h`` (the original units)."""
+    """(scales, zeros, importance) of ``W / t``; importance = ``t^2 h`` (the original units).
+
+    The scale refit needs the input energies ``h``: weighted by ``t^2`` alone it fits the bulk
+    of the weights, which is what the range search showed to hurt (docs/quality.md).
+    """
     importance = t.square() if h is None else t.square() * h
     importance = importance.expand_as(w)
     s, z = group_params(w / t, config.bits, config.group_size, importance, config.symmetric,
-                        config.scale_search)
+                        config.scale_search, 0 if h is None else config.scale_refit)
     return s, z, importance
 
 

@@ -34,6 +34,10 @@ class MethodConfig:
     # Off by default: on SmolLM2 it lowers the weight error but raises perplexity (4-bit
     # 26.96 -> 31.95, 3-bit 61.4 -> 200; docs/quality.md), i.e. clipping extremes hurts.
     scale_search: bool = False
+    # Weighted least-squares refits of each group's scale on the min/max range
+    # (`rtn.refit_params`), weighted by t^2 * E[x^2] when the input energies are known (the
+    # calibration-free default gets them from a random-token probe); 0 = plain min/max.
+    scale_refit: int = 0
 
 
 @dataclass(frozen=True)

@@ -292,7 +292,8 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
 
 
 def quantization_steps(weight: torch.Tensor, record: QuantizedWeight, rms: bool = False) -> float:
-    """Largest ``|W - W_hat|`` of a layer, in units of its own quantization step ``s * t``.
+    """Largest ``|W - W_hat|`` of a layer, in units of its own quantization step ``s * t``
+    (from the grid's edge for a weight past it: the quantizer clamps those).
 
     The parity run uses the ONNX tensors on both sides, so it cannot see a weight that was
     damaged (or mis-quantized) before it shipped; this can. Round-to-nearest with the zero
@@ -305,8 +306,12 @@ def quantization_steps(weight: torch.Tensor, record: QuantizedWeight, rms: bool 
     step = record.scales.float().repeat_interleave(g, dim=1)[:, :k]
     if record.col_scale is not None:
         step = step * record.col_scale.float()
-    err = (weight.float() - record.dequantize()).abs()
-    steps = err / step.abs().clamp_min(1e-30)
+    step = torch.where(step.abs() < 1e-30, torch.full_like(step, 1e-30), step)
+    zeros = record.zeros().float().repeat_interleave(g, dim=1)[:, :k]
+    # the code W would round to on the record's grid, clamped as the quantizer clamps: a
+    # refitted or searched scale may put a group's extremes past the grid's edge by design
+    target = (weight.float() / step + zeros).clamp(0, (1 << record.bits) - 1)
+    steps = (target - record.codes().float()).abs()
     steps = steps[~steps.isnan()]
     if steps.numel() == 0:
         return 0.0
