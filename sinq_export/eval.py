@@ -246,7 +246,8 @@ def compare(
 ) -> PplTable:
     """Torch perplexity of the float model and of RTN / SINQ copies at each width.
 
-    Every linear but lm_head is quantized (SinqConfig defaults) with ``group_size``.
+    Every linear but lm_head is quantized (SinqConfig defaults) with ``group_size``; ``rtn``
+    is the plain min/max baseline (no energy refit) unless ``config_overrides`` says otherwise.
     """
     from .config import SinqConfig
     from .nn import quantize_model
@@ -264,8 +265,9 @@ def compare(
         for method in ("rtn", "sinq"):
             if method not in methods:
                 continue
+            baseline = {"energy_refit": 0} if method == "rtn" else {}
             cfg = SinqConfig(bits=b, group_size=group_size, method=method,
-                             **(config_overrides or {}))
+                             **{**baseline, **(config_overrides or {})})
             q = copy.deepcopy(model)
             report = quantize_model(q, cfg, progress=progress)
             table.rows.append(perplexity_torch(q, windows, method, b, group_size,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, SinqConfig
 from .io import Marker, atomic_output_dir, read_json, write_json
+from .quant.calibrate import LayerStats
 from .quant.core import quantize_jointly, relative_error
 from .quant.methods import quantize
 from .quant.record import QuantizedWeight
@@ -164,7 +165,7 @@ def _quantize_unit(root: nn.Module, prefix: str, names: list[str],
     bits = linears[names[0]][1]
     method = config.method_config(names[0], bits)
     weights = [linears[n][0].weight for n in names]
-    calibration = None if stats is None else stats[names[0][len(prefix):]]
+    calibration = None if stats is None else stats.get(names[0][len(prefix):])
     if len(names) > 1:
         records = quantize_jointly(weights, names, calibration=calibration, config=method)
     else:
@@ -196,10 +197,11 @@ def quantize_model(
     Tied weights (e.g. lm_head sharing the embedding) are quantized from the shared tensor
     but the embedding itself stays float.
 
-    With ``config.energy_refit`` (the default) the model runs block by block on
+    With ``config.energy_refit`` (the default) the float model first runs block by block on
     ``calibration`` or, without it, on `probe_tokens` (random ids) to measure every linear's
-    input energies, which weight the scale refit; a module that is not a causal LM with
-    decoder blocks cannot be probed and is quantized weight-only (as with ``energy_refit=0``).
+    input energies, which weight the scale refit (`model_energies`); a module that is not a
+    causal LM with decoder blocks cannot be probed and is quantized weight-only (as with
+    ``energy_refit=0``).
 
     With ``config.calibrate`` (or ``calibrate_head``), ``calibration`` holds the ``[n, L]``
     calibration token windows (`quant.calibrate.calibration_windows`); the model is then
@@ -214,19 +216,55 @@ def quantize_model(
     linears = eligible_linears(model, config)
     units = _units(linears, config)
     report = QuantizationReport(config=config)
-    if calibration is None and config.needs_calibration:
-        raise ValueError("config.calibrate / calibrate_head is set but no calibration "
-                         "windows were given")
-    if calibration is None and config.energy_refit:
-        calibration = (probe_tokens(model, config) or (None,))[0]
-    if calibration is not None and config.needs_forward:
+    if config.needs_calibration:
+        if calibration is None:
+            raise ValueError("config.calibrate / calibrate_head is set but no calibration "
+                             "windows were given")
         _quantize_calibrated(model, linears, units, config, report, measure_error,
                              calibration, progress)
     else:
+        energies = model_energies(model, config, list(linears), calibration)
         for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
-            _quantize_unit(model, "", names, linears, config, report, measure_error)
+            _quantize_unit(model, "", names, linears, config, report, measure_error, energies)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def model_energies(model: nn.Module, config: SinqConfig, names: list[str],
+                   windows: torch.Tensor | None = None, release: bool = False
+                   ) -> dict[str, LayerStats] | None:
+    """Input energies of ``names`` for the energy refit (`quant.calibrate.input_energies`) on
+    ``windows`` or the random-id probe; None without ``energy_refit`` or for a module that is
+    not a causal LM with decoder blocks (quantized weight-only then)."""
+    from .quant.calibrate import forward_dtype, input_energies
+
+    if not config.energy_refit:
+        return None
+    if windows is None:
+        probe = probe_tokens(model, config)
+        if probe is None:
+            return None
+        windows = probe[0]
+    return input_energies(model, windows, names, forward_dtype(config.calibration_dtype),
+                          release=release)
+
+
+def probe_energies(source, config: SinqConfig  # noqa: ANN001
+                   ) -> tuple[dict[str, LayerStats], dict] | None:
+    """(input energies, the manifest's ``probe`` record) of ``source``'s linears, measured on a
+    streamed model (one float block at a time, each dropped once measured) so that a model
+    bigger than memory is still quantized tensor by tensor afterwards; None without
+    ``energy_refit``."""
+    from .models import load_causal_lm_streamed
+
+    if not config.energy_refit:
+        return None
+    model, _ = load_causal_lm_streamed(source, with_tokenizer=False)
+    probe = probe_tokens(model, config)
+    if probe is None:
+        return None
+    names = list(eligible_linears(model, config))
+    return model_energies(model, config, names, probe[0], release=True), probe[1]
 
 
 def probe_tokens(model: nn.Module, config: SinqConfig) -> tuple[torch.Tensor, dict] | None:
@@ -250,15 +288,14 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     The statistics are full (``H``, for A-SINQ and GPTQ) with ``calibrate``, the input energies
     alone for the scale refit of ``energy_refit``, none when only the head is calibrated."""
     from .models import decoder_blocks, ensure_loaded
-    from .quant.calibrate import LayerStats, calibrate_block, capture_block_inputs, forward_dtype
+    from .quant.calibrate import calibrate_block, capture_block_inputs, forward_dtype
 
     blocks = decoder_blocks(model)
     dtype = forward_dtype(config.calibration_dtype)
     block_prefix = {id(m): n for n, m in model.named_modules()}
     hidden, kwargs = capture_block_inputs(model, windows)
     done: set[str] = set()
-    desc = "SINQ calibrate" if config.needs_calibration else "SINQ quantize"
-    for block in tqdm(blocks, desc=desc, unit="block", disable=not progress):
+    for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
         ensure_loaded(block)
         prefix = block_prefix[id(block)] + "."
         mine = [u for u in units if u[0].startswith(prefix)]
@@ -270,8 +307,7 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
                                  with_stats=config.calibrate or config.energy_refit > 0,
-                                 dtype=dtype, full=config.calibrate,
-                                 float_stream=not config.needs_calibration)
+                                 dtype=dtype, full=config.calibrate)
         for name in (n for u in mine for n in u):  # a streamed model frees the float weights
             done.add(name)
             linears.pop(name)
@@ -390,8 +426,9 @@ def _probe_plan(model: nn.Module, config: SinqConfig, manifest: dict) -> Quantiz
 
 def quantize_planned(source, config: SinqConfig, progress: bool = True  # noqa: ANN001
                      ) -> tuple[SinqConfig, dict[str, QuantizedWeight], dict]:
-    """(config, records, manifest sections) of a quantization that runs the model: the energy
-    probe (the default), ``calibrate`` / ``calibrate_head``, ``avg_bits`` / ``max_size_mb``.
+    """(config, records, manifest sections) of a quantization that holds the model's records
+    before the export writes them: ``calibrate`` / ``calibrate_head``, ``avg_bits`` /
+    ``max_size_mb`` (the energy refit alone streams instead: `probe_energies`).
 
     The allocation needs the float model in memory once (it measures per-layer sensitivity
     on it). Everything else runs the model block by block (`models.load_causal_lm_streamed`:

@@ -142,3 +142,59 @@ def test_model_default_calibrates_a_4bit_head_and_records_it(tmp_path, capsys):
     assert (head["bits"], head["group_size"]) == (4, 32)
     assert manifest["calibration"]["layers"] == "lm_head"
     assert manifest["layers"]["model.embed_tokens"]["bits"] == 8
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_probe_energies_are_the_float_inputs_and_hold_one_block(tmp_path, model_type):
+    """`input_energies` on a streamed model (blocks released as it goes, no tokenizer) equals
+    ``E[x^2]`` of every linear's input hooked in one plain forward of the loaded float model;
+    the head's is its input, the final norm's output; an export streams the same energies."""
+    from sinq_export.nn import eligible_linears, probe_tokens
+    from sinq_export.quant.calibrate import input_energies
+
+    make_model_dir(tmp_path / "hf", model_type)
+    _with_tokenizer(tmp_path / "hf")  # only the loaded model's loader wants one
+    cfg = SinqConfig(group_size=16, lm_head_bits=4, probe_tokens=32)
+    streamed, tok = load_causal_lm_streamed(tmp_path / "hf", with_tokenizer=False)
+    assert tok is None
+    ids, info = probe_tokens(streamed, cfg)
+    names = list(eligible_linears(streamed, cfg))
+    got = input_energies(streamed, ids, names, release=True)
+    assert all(p.is_meta for b in decoder_blocks(streamed) for p in b.parameters())
+
+    full, _ = load_causal_lm(tmp_path / "hf")
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [full.get_submodule(n).register_forward_hook(
+        lambda _m, a, _o, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
+        for n in names]
+    with torch.no_grad():
+        full(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert set(got) == set(names) == set(seen) and "lm_head" in got
+    for n in names:
+        torch.testing.assert_close(got[n].diag(), seen[n].square().mean(0), rtol=1e-4, atol=1e-7)
+    assert info["tokens"] == 32
+
+
+def test_default_export_streams_the_probe_and_records_it(tmp_path):
+    """The default export measures the energies first (manifest ``probe``), its records differ
+    from weight-only SINQ's, and its ONNX model computes quantize_model's torch model."""
+    from test_export_decoder import PROMPT, STEPS, _session
+
+    from sinq_export.export import export_causal_lm
+    from sinq_export.validate.runners import run_ort_lm, run_torch_lm
+
+    model = make_model_dir(tmp_path / "hf", "llama")
+    cfg = SinqConfig(group_size=16, probe_tokens=32)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False)
+    plain = export_causal_lm(tmp_path / "hf", tmp_path / "plain", cfg.replace(energy_refit=0),
+                             progress=False)
+    assert res.manifest["probe"]["tokens"] == 32 and "probe" not in plain.manifest
+    assert "calibrate" in res.timings and "calibrate" not in plain.timings
+    quantize_model(model, cfg, progress=False)
+    want, fed = run_torch_lm(model, PROMPT, STEPS)
+    got = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    assert float(abs(got.logits - want.logits).max() / abs(want.logits).max()) <= 1e-4
+    other = run_ort_lm(_session(tmp_path / "plain"), PROMPT, fed)
+    assert float(abs(other.logits - got.logits).max()) > 0

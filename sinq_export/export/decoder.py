@@ -434,12 +434,14 @@ def export_causal_lm(
     loads the float model, unlike the export itself). An export that quantizes nothing is an
     error unless ``allow_unquantized``.
 
-    A config that runs the model to quantize (the energy probe, the default; calibration; a
-    bit allocation) is quantized first, block by block (`nn.quantize_planned`, stage
-    ``quantize``), and its records and manifest sections (``probe``, ``calibration``,
-    ``allocation``) go into the export. ``records``: linears already quantized elsewhere
-    (then nothing is run); each must match the plan's shape and width, and the rest are
-    quantized from the checkpoint as usual. ``manifest_extra``: further manifest sections.
+    The energy refit (the default, ``config.energy_refit``) first measures every linear's
+    input energies on the random-id probe, one float block at a time (`nn.probe_energies`,
+    stage ``calibrate``; manifest section ``probe``), then quantizes tensor by tensor as the
+    graph is written. A config that calibrates or allocates widths is quantized first, block
+    by block (`nn.quantize_planned`, stage ``calibrate``; sections ``calibration``,
+    ``allocation``). ``records``: linears already quantized elsewhere (then nothing is run);
+    each must match the plan's shape and width, and the rest are quantized from the
+    checkpoint (weight-only). ``manifest_extra``: further manifest sections.
     """
     from ..models import default_model_dir
 
@@ -448,9 +450,11 @@ def export_causal_lm(
     out_dir = Path(out_dir)
     folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
-    run_model = records is None and (config.needs_forward or config.budgeted)
-    stages = Stages(["plan"] + ["calibrate", "plan"] * run_model + ["build", "write", "check"],
-                    progress=progress)
+    run_model = records is None and (config.needs_calibration or config.budgeted)
+    probe = records is None and not run_model and config.energy_refit > 0
+    stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
+                    + ["build", "write", "check"], progress=progress)
+    energies = None
     try:
         with stages.stage("plan"):  # everything that can refuse, before the model runs
             ckpt = Checkpoint.open(folder)
@@ -467,6 +471,14 @@ def export_causal_lm(
             with stages.stage("calibrate"):  # statistics from the probe or the calibration text
                 config, records, planned = quantize_planned(folder, config, progress=progress)
             manifest_extra = {**planned, **(manifest_extra or {})}
+        elif probe:
+            from ..nn import probe_energies
+
+            with stages.stage("calibrate"):  # the input energies, one float block at a time
+                measured = probe_energies(folder, config)
+            if measured is not None:
+                energies, info = measured
+                manifest_extra = {"probe": info, **(manifest_extra or {})}
         with stages.stage("plan"):
             tied = bool(getattr(cfg, "tie_word_embeddings", False))
             plan = plan_export(module, ckpt, config, graph_config, tied)
@@ -486,8 +498,8 @@ def export_causal_lm(
             model.graph.name = "sinq-export-decoder"
             cache = RecordCache(ckpt, config, sources=plan.sources, units=plan.units,
                                 bits={n: p.bits for n, p in plan.linears.items()},
-                                uses=_uses(plan), precomputed=records,
-                                quantize_as=plan.quantize_as)
+                                uses=_uses(plan), precomputed=records, energies=energies,
+                                quantize_as=plan.quantize_as, keep=with_reference)
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n),
                                          flat=p.choice.op == EMBEDDING_OP,
@@ -510,7 +522,7 @@ def export_causal_lm(
                            genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
                                n.op_type == "GroupQueryAttention" for n in model.graph)))
                 if with_reference:
-                    _write_reference(folder, tmp_out, config, records or {})
+                    _write_reference(folder, tmp_out, config, cache.made or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
                                         tmp_out), **(manifest_extra or {})}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
@@ -558,15 +570,19 @@ def _write_reference(folder: Path, out: Path, config: SinqConfig,
                      records: Mapping[str, QuantizedWeight]) -> None:
     """``OUT_DIR/reference``: the quantized PyTorch model (loads the float model: opt-in).
 
-    The linears the export got as ``records`` get those very records; the rest are quantized
-    from their weights alone, as the export's record cache does."""
+    Its linears get the very ``records`` the export wrote (precomputed or made by the record
+    cache); any other is quantized from its weight alone, as the record cache would."""
+    import torch
+
     from ..models import load_causal_lm
     from ..nn import SinqLinear, _set_module, quantize_model
     from .reference import save_reference
 
     model, tokenizer = load_causal_lm(folder)
     for name, record in records.items():
-        _set_module(model, name, SinqLinear(record, model.get_submodule(name).bias))
+        linear = model.get_submodule(name)
+        if isinstance(linear, torch.nn.Linear):  # not a quantized table sharing a head's record
+            _set_module(model, name, SinqLinear(record, linear.bias))
     quantize_model(model, config.replace(energy_refit=0, calibrate=False, calibrate_head=False),
                    progress=False)
     save_reference(model, out, config, tokenizer=tokenizer)

@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig
 from ..models import ModelLoadError
+from ..quant.calibrate import LayerStats
 from ..quant.core import quantize_jointly, tied_rows
 from ..quant.methods import quantize
 from ..quant.record import QuantizedWeight
@@ -45,14 +46,20 @@ class RecordCache:
                  units: Mapping[str, tuple[str, ...]], bits: Mapping[str, int],
                  uses: Mapping[str, int],
                  precomputed: Mapping[str, QuantizedWeight] | None = None,
-                 quantize_as: Mapping[str, str] | None = None) -> None:
+                 energies: Mapping[str, LayerStats] | None = None,
+                 quantize_as: Mapping[str, str] | None = None, keep: bool = False) -> None:
         """``precomputed``: records quantized elsewhere (a calibrated pass over the float
-        model) that are handed out instead of quantizing from the checkpoint.
+        model) that are handed out instead of quantizing from the checkpoint. ``energies``:
+        each linear's input energies for the scale refit (`nn.probe_energies`). ``keep``:
+        also keep every record made in ``made`` (the export's PyTorch reference is built
+        from exactly what shipped).
         ``quantize_as``: name -> the name whose settings and precomputed record it takes (a
         tied embedding table shared with its head is the head's record)."""
         self._ckpt = checkpoint
         self._precomputed = dict(precomputed or {})
         self._as = dict(quantize_as or {})
+        self._energies = dict(energies or {})
+        self.made: dict[str, QuantizedWeight] | None = {} if keep else None
         self._config = config
         self._sources = sources  # linear -> checkpoint tensor of its weight
         self._units = units  # linear -> the names quantized together with it (itself included)
@@ -68,9 +75,10 @@ class RecordCache:
             return [self._precomputed.pop(k) for k in keys]
         method = self._config.method_config(keys[0], self._bits[names[0]])
         weights = [self._ckpt.load(self._sources[n]) for n in names]
+        energies = self._energies.get(keys[0])  # one input: the unit shares it
         if len(names) > 1:
-            return quantize_jointly(weights, list(names), config=method)
-        return [quantize(weights[0], method, name=names[0])]
+            return quantize_jointly(weights, list(names), calibration=energies, config=method)
+        return [quantize(weights[0], method, calibration=energies, name=names[0])]
 
     def get(self, name: str) -> QuantizedWeight:
         unit = self._units[name]
@@ -80,6 +88,8 @@ class RecordCache:
                 t0 = time.perf_counter()
                 for n, r in zip(unit, self._quantize(unit)):
                     self._records[n] = r
+                    if self.made is not None:
+                        self.made[n] = r
                 self.stats.units += 1
                 self.stats.seconds += time.perf_counter() - t0
                 record = self._records[name]

@@ -276,8 +276,7 @@ def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any
 def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
                     quantize_unit: Callable[[nn.Module, dict[str, LayerStats] | None], None],
                     names: Sequence[str], with_stats: bool = True,
-                    dtype: torch.dtype = torch.float32, full: bool = True,
-                    float_stream: bool = False) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, full: bool = True) -> torch.Tensor:
     """Calibrate and quantize one block in place; return the next block's input.
 
     ``quantize_unit(block, stats)`` replaces ``block``'s linears ``names`` by quantized ones
@@ -285,18 +284,48 @@ def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
     ``with_stats=False`` (only the head is calibrated): the block is quantized without
     statistics and only run to produce the next block's input. ``dtype``: the forwards'
     matmul precision (`forward_dtype`); ``full=False``: input energies only (`LayerStats`).
-    ``float_stream``: return the float block's output (the next block's statistics then come
-    from the float model, and the quantized block is never run). Why for the energy probe:
-    one forward per block instead of two, and the float model's energies did better at 3
-    bits on SmolLM2 (docs/quality.md); calibration proper keeps the quantized stream, which
-    measured better there.
     """
     stats = None
-    out = None
     if with_stats:
-        stats, out = collect_stats(block, names,
-                                   lambda: _block_output(block, hidden, kwargs, dtype), full)
+        stats, _ = collect_stats(block, names,
+                                 lambda: _block_output(block, hidden, kwargs, dtype), full)
     quantize_unit(block, stats)
-    if float_stream and out is not None:
-        return out
     return _block_output(block, hidden, kwargs, dtype)
+
+
+@torch.no_grad()
+def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str],
+                   dtype: torch.dtype = torch.float32, release: bool = False
+                   ) -> dict[str, LayerStats]:
+    """``E[x^2]`` of the input of each linear ``names`` over ``windows``, block by block
+    through the *float* model (`LayerStats(full=False)`), the output projection's from the
+    final norm of the last block's output.
+
+    Why the float model's: the energies only say which channels are loud, one forward per
+    block is enough, nothing is quantized in between, so the export can measure them first
+    and still quantize tensor by tensor afterwards; and they did better at 3 bits than the
+    quantized model's on SmolLM2 (42.6 vs 45.4, docs/quality.md). ``release``: move each block
+    to the meta device once measured (a streamed model then holds one float block at a time).
+    """
+    from ..models import decoder_blocks, ensure_loaded
+
+    names = list(names)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    hidden, kwargs = capture_block_inputs(model, windows)
+    energies: dict[str, LayerStats] = {}
+    for block in decoder_blocks(model):
+        ensure_loaded(block)
+        start = prefix[id(block)] + "."
+        mine = [n[len(start):] for n in names if n.startswith(start)]
+        stats, hidden = collect_stats(
+            block, mine, lambda h=hidden, b=block: _block_output(b, h, kwargs, dtype), full=False)
+        energies.update({start + n: st for n, st in stats.items()})
+        if release:
+            block.to("meta")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    for name in names:
+        if norm is not None and head is not None and model.get_submodule(name) is head:
+            energies[name] = LayerStats(head.in_features, full=False)
+            energies[name].add(norm(hidden))
+    return energies
