@@ -332,6 +332,7 @@ def _blocks_on_meta(auto_class, config) -> Iterator[None]:  # noqa: ANN001
 
 
 _BLOCK_LOADER = "_sinq_load_block"  # attribute of a streamed block: loads its tensors
+_BLOCK_SOURCE = "_sinq_block_source"  # ... and where from: (checkpoint, tensor name prefix)
 
 
 def ensure_loaded(block: torch.nn.Module) -> None:
@@ -340,6 +341,17 @@ def ensure_loaded(block: torch.nn.Module) -> None:
     loader = getattr(block, _BLOCK_LOADER, None)
     if loader is not None:
         loader()
+
+
+def release_block(block: torch.nn.Module) -> None:
+    """Drop a streamed block's tensors (back to the meta device) and re-arm its loader, so a
+    second pass over the model (the energy pass before a head calibration) still holds one
+    float block at a time; a no-op for any other module."""
+    source = getattr(block, _BLOCK_SOURCE, None)
+    if source is None:
+        return
+    block.to("meta")
+    _attach_loader(block, *source)
 
 
 def _attach_loader(block: torch.nn.Module, ckpt, prefix: str) -> None:  # noqa: ANN001
@@ -354,4 +366,5 @@ def _attach_loader(block: torch.nn.Module, ckpt, prefix: str) -> None:  # noqa: 
         block.load_state_dict(tensors, assign=True)
 
     setattr(block, _BLOCK_LOADER, load)
+    setattr(block, _BLOCK_SOURCE, (ckpt, prefix))
     hook = block.register_forward_pre_hook(lambda _block, _args: load())

@@ -285,14 +285,27 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
                          windows, progress) -> None:  # noqa: ANN001
     """Block by block: statistics of each block's inputs, quantize its units, propagate.
 
-    The statistics are full (``H``, for A-SINQ and GPTQ) with ``calibrate``, the input energies
-    alone for the scale refit of ``energy_refit``, none when only the head is calibrated."""
+    With ``calibrate`` every linear gets full statistics (``H``, for A-SINQ and GPTQ). With
+    ``calibrate_head`` alone the blocks only run to give the head its input, and the other
+    linears' energy refit takes energies from one float pass over the first
+    ``ENERGY_WINDOWS`` window(s) beforehand (`model_energies`): a second forward of every
+    block over all the windows would cost ~5 s of SmolLM2's 17 s export."""
     from .models import decoder_blocks, ensure_loaded
-    from .quant.calibrate import calibrate_block, capture_block_inputs, forward_dtype
+    from .quant.calibrate import (
+        ENERGY_WINDOWS,
+        calibrate_block,
+        capture_block_inputs,
+        forward_dtype,
+    )
 
     blocks = decoder_blocks(model)
     dtype = forward_dtype(config.calibration_dtype)
     block_prefix = {id(m): n for n, m in model.named_modules()}
+    # the linears calibration leaves out (all but the head of a head-only run) get their
+    # energies from a float pass over the first window(s) first
+    energies = {} if config.calibrate else (model_energies(
+        model, config, [n for n in linears if not config.is_calibrated(n)],
+        windows[:ENERGY_WINDOWS], release=True) or {})
     hidden, kwargs = capture_block_inputs(model, windows)
     done: set[str] = set()
     for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
@@ -302,12 +315,13 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
         rel = [n[len(prefix):] for u in mine for n in u]
 
         def quantize_block(blk, stats, mine=mine, prefix=prefix):  # noqa: ANN001, ANN202
+            if stats is None:
+                stats = {n[len(prefix):]: e for n, e in energies.items() if n.startswith(prefix)}
             for names in mine:
                 _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
-                                 with_stats=config.calibrate or config.energy_refit > 0,
-                                 dtype=dtype, full=config.calibrate)
+                                 with_stats=config.calibrate, dtype=dtype)
         for name in (n for u in mine for n in u):  # a streamed model frees the float weights
             done.add(name)
             linears.pop(name)
@@ -318,12 +332,12 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):
         stats = None
-        calibrated = config.is_calibrated(names[0])
-        if norm is not None and linears[names[0]][0] is head and (calibrated
-                                                                  or config.energy_refit):
+        if norm is not None and linears[names[0]][0] is head and config.is_calibrated(names[0]):
             # The output projection reads the final norm of the last block's output.
-            stats = {names[0]: LayerStats(head.in_features, full=calibrated)}
+            stats = {names[0]: LayerStats(head.in_features)}
             stats[names[0]].add(norm(hidden))
+        elif names[0] in energies:
+            stats = energies
         _quantize_unit(model, "", names, linears, config, report, measure_error, stats)
 
 

@@ -54,10 +54,15 @@ def _same_record(a, b) -> bool:  # noqa: ANN001
                for f in ("packed", "scales", "zero_points", "col_scale"))
 
 
-def test_streamed_calibration_gives_the_in_memory_records_and_drops_the_float_blocks(tmp_path):
+@pytest.mark.parametrize("calibrated", ["all", "head"])
+def test_streamed_calibration_gives_the_in_memory_records_and_drops_the_float_blocks(
+        tmp_path, calibrated):
+    """Streamed == loaded, for a calibrated model and for the head calibrated alone (whose
+    decoder's energy refit first runs a float pass that releases and reloads each block)."""
     make_model_dir(tmp_path / "hf", "qwen2")
     _with_tokenizer(tmp_path / "hf")
-    cfg = SinqConfig(group_size=16, calibrate=True, lm_head_bits=4)
+    cfg = SinqConfig(group_size=16, lm_head_bits=4, calibrate=calibrated == "all",
+                     calibrate_head=True)
     streamed, _ = load_causal_lm_streamed(tmp_path / "hf")
     quantize_model(streamed, cfg, progress=False, calibration=WINDOWS)
     full, _ = load_causal_lm(tmp_path / "hf")

@@ -158,6 +158,10 @@ def calibration_windows(tokenizer, n_windows: int = 16, length: int = 512,  # no
 
 
 PROBE_SEED = 0
+# Calibration windows whose float-model energies weight the refit of the linears that a
+# head-only calibration leaves uncalibrated (one extra forward over 512 tokens, not a
+# second forward per block over all of them)
+ENERGY_WINDOWS = 1
 
 
 def probe_window(vocab_size: int, n_tokens: int, seed: int = PROBE_SEED
@@ -304,10 +308,11 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
     Why the float model's: the energies only say which channels are loud, one forward per
     block is enough, nothing is quantized in between, so the export can measure them first
     and still quantize tensor by tensor afterwards; and they did better at 3 bits than the
-    quantized model's on SmolLM2 (42.6 vs 45.4, docs/quality.md). ``release``: move each block
-    to the meta device once measured (a streamed model then holds one float block at a time).
+    quantized model's on SmolLM2 (42.6 vs 45.4, docs/quality.md). ``release``: drop each
+    streamed block's tensors once measured (`models.release_block`: one float block at a
+    time; it reloads when it runs again).
     """
-    from ..models import decoder_blocks, ensure_loaded
+    from ..models import decoder_blocks, ensure_loaded, release_block
 
     names = list(names)
     prefix = {id(m): n for n, m in model.named_modules()}
@@ -321,7 +326,7 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
             block, mine, lambda h=hidden, b=block: _block_output(b, h, kwargs, dtype), full=False)
         energies.update({start + n: st for n, st in stats.items()})
         if release:
-            block.to("meta")
+            release_block(block)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
     for name in names:
