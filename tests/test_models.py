@@ -173,7 +173,8 @@ def test_missing_gguf_package_message(monkeypatch):
 def test_smollm2_loads(smollm2_dir, smollm2):
     model, tokenizer = smollm2
     assert read_marker(smollm2_dir) is not None  # a complete conversion
-    assert not str(smollm2_dir).startswith(str(models.Path(__file__).parents[1]))
+    repo = models.Path(__file__).resolve().parents[1]  # converted into the cache, not the repo
+    assert repo != smollm2_dir.resolve() and repo not in smollm2_dir.resolve().parents
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
