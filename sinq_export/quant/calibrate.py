@@ -158,10 +158,6 @@ def calibration_windows(tokenizer, n_windows: int = 16, length: int = 512,  # no
 
 
 PROBE_SEED = 0
-# Calibration windows whose float-model energies weight the refit of the linears that a
-# head-only calibration leaves uncalibrated (one extra forward over 512 tokens, not a
-# second forward per block over all of them)
-ENERGY_WINDOWS = 1
 
 
 def probe_window(vocab_size: int, n_tokens: int, seed: int = PROBE_SEED
