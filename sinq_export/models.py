@@ -230,8 +230,8 @@ def _load_tokenizer(folder: Path):  # noqa: ANN202
         raise ModelLoadError(f"{folder}: cannot load tokenizer ({exc})") from exc
 
 
-def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer: bool = True
-                            ) -> tuple[torch.nn.Module, object]:
+def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer: bool = True,
+                            with_head: bool = True) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` whose decoder blocks hold no weights until they first run.
 
     Why: calibration runs the model one block at a time (`quant.calibrate`) and replaces each
@@ -243,6 +243,9 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
     is then the embedding and head plus one float block and the calibration activations,
     instead of the whole float model. float32, eval mode. ``with_tokenizer=False`` (the energy
     probe runs random ids): the tokenizer is neither needed nor loaded (None).
+    ``with_head=False`` (the probe only needs the head's *input*): an untied output
+    projection's weight is left unread, allocated but never touched, so it takes no memory
+    (vocab x hidden x 4 bytes: 0.9 GB for Qwen2.5-1.5B).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -262,13 +265,16 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
     blocks = decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
     in_blocks = tuple(prefix[id(b)] + "." for b in blocks)
+    head = model.get_output_embeddings()
+    skip = set() if with_head or head is None or head.weight is model.get_input_embeddings().weight \
+        else {id(head.weight)}
     outside = {n: t for n, t in model.state_dict(keep_vars=True).items()
-               if not n.startswith(in_blocks)}
+               if not n.startswith(in_blocks) and id(t) not in skip}
     loaded: set[int] = set()
     with torch.no_grad():
         for name, tensor in outside.items():
             if name in ckpt:
-                tensor.copy_(ckpt.load(name))
+                tensor.copy_(ckpt.load(name, dtype=None))  # stored dtype: no float32 temporary
                 loaded.add(id(tensor))
     for name, tensor in outside.items():  # a tied head is the embedding's tensor
         if id(tensor) not in loaded:

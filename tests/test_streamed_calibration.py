@@ -160,12 +160,14 @@ def test_probe_energies_are_the_float_inputs_and_hold_one_block(tmp_path, model_
     make_model_dir(tmp_path / "hf", model_type)
     _with_tokenizer(tmp_path / "hf")  # only the loaded model's loader wants one
     cfg = SinqConfig(group_size=16, lm_head_bits=4, probe_tokens=32)
-    streamed, tok = load_causal_lm_streamed(tmp_path / "hf", with_tokenizer=False)
+    streamed, tok = load_causal_lm_streamed(tmp_path / "hf", with_tokenizer=False,
+                                            with_head=False)  # as nn.probe_energies loads it
     assert tok is None
     ids, info = probe_tokens(streamed, cfg)
     names = list(eligible_linears(streamed, cfg))
-    got = input_energies(streamed, ids, names, release=True)
+    got = input_energies(streamed, ids, names, release=True, drop_table=True)
     assert all(p.is_meta for b in decoder_blocks(streamed) for p in b.parameters())
+    assert streamed.get_input_embeddings().weight.is_meta
 
     full, _ = load_causal_lm(tmp_path / "hf")
     seen: dict[str, torch.Tensor] = {}

@@ -82,21 +82,29 @@ def from_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.reshape(*p.shape[:-2], -1) for p in parts], dim=-1)
 
 
+REFIT_ROWS = 4096  # rows per `rtn.refit_params` call (bounds its temporaries)
+
+
 def group_params(w: torch.Tensor, bits: int, g: int, importance: torch.Tensor | None,
                  symmetric: bool, search: bool, refit: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales, zeros) ``[N, n_blocks]`` of ``w [N, K]``; ``importance`` broadcasts to ``w``.
+    """(scales, zeros) ``[N, n_blocks]`` of ``w [N, K]``; ``importance`` ``[N, K]`` or ``[1, K]``
+    (broadcast, never materialised per row: the writer quantizes several layers at once).
 
     ``search``: the range search (`rtn.search_params`); else ``refit`` > 0: min/max with that
     many weighted scale refits (`rtn.refit_params`); else plain min/max.
     """
-    imp = torch.ones_like(w) if importance is None else importance.expand_as(w)
+    imp = torch.ones(1, w.shape[-1]) if importance is None else importance
     out = []
     for x, i in zip(to_groups(w, g), to_groups(imp, g)):
         if search:
             out.append(search_params(x, bits, i, symmetric))
-        elif refit:
-            out.append(refit_params(x, bits, i, refit, symmetric))
+        elif refit:  # in row chunks: its [N, K] temporaries would be 1 GB each for a big head
+            rows = x.split(REFIT_ROWS)
+            weights = i.split(REFIT_ROWS) if i.shape[0] > 1 else [i] * len(rows)
+            parts = [refit_params(xs, bits, is_, refit, symmetric)
+                     for xs, is_ in zip(rows, weights)]
+            out.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
         else:
             out.append(minmax_params(x, bits, symmetric))
     return torch.cat([s for s, _ in out], -1), torch.cat([z for _, z in out], -1)
@@ -163,8 +171,7 @@ def grid_for(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: M
     The scale refit needs the input energies ``h``: weighted by ``t^2`` alone it fits the bulk
     of the weights, which is what the range search showed to hurt (docs/quality.md).
     """
-    importance = t.square() if h is None else t.square() * h
-    importance = importance.expand_as(w)
+    importance = (t.square() if h is None else t.square() * h).reshape(1, -1)  # broadcasts
     s, z = group_params(w / t, config.bits, config.group_size, importance, config.symmetric,
                         config.scale_search, 0 if h is None else config.scale_refit)
     return s, z, importance
