@@ -70,12 +70,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer bit width, e.g. 'down_proj=8'; repeatable")
     p.add_argument("--energy-refit", type=int, default=None, metavar="N",
                    help="weighted scale refits per group, each weight weighted by its input "
-                        "channel's energy, measured on the calibration text or else on "
-                        f"random token ids (default {ENERGY_REFIT}; 0 = weight-only SINQ, no "
-                        "forward pass)")
+                        "channel's energy, measured on random token ids (default "
+                        f"{ENERGY_REFIT}; 0 = weight-only SINQ, no forward pass)")
     p.add_argument("--probe-tokens", type=int, default=None, metavar="N",
-                   help=f"random token ids that give the input energies when nothing is "
-                        f"calibrated (default {PROBE_TOKENS})")
+                   help=f"random token ids that give the input energies (default "
+                        f"{PROBE_TOKENS})")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
                         "Wikipedia windows disjoint from the evaluation windows (opt-in)")

@@ -91,13 +91,13 @@ class SinqConfig:
         tile_gate: SINQ keeps a tile's Sinkhorn scale only where it lowers the error.
         energy_refit: weighted least-squares refits of every group's scale on the min/max
             grid (`rtn.refit_params`), each weight weighted by ``t^2 E[x^2]``: its input
-            channel's energy. The energies come from the calibration windows when the run has
-            them, else from ``probe_tokens`` random token ids run through the model (no text:
-            the model's loud channels are a property of the model, not of the text). 0 = none
+            channel's energy, measured on ``probe_tokens`` random token ids run through the
+            float model (no text, also where the head is calibrated on text: the model's loud
+            channels are a property of the model, not of the text; one Wikipedia window did
+            worse on Qwen2.5-0.5B). Calibrated linears do not use it. 0 = none
             (weight-only SINQ, no forward pass). Why: SmolLM2 4-bit 26.96 -> 26.2, 3-bit
             61.4 -> 42.6; Qwen2.5-0.5B 39.27 -> 38.9, 51.2 -> 49.4 (docs/quality.md).
-        probe_tokens: how many random token ids (one window, fixed seed) give the energies of
-            a run without calibration windows.
+        probe_tokens: how many random token ids (one window, fixed seed) give the energies.
         calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
             are disjoint from the evaluation windows (see ``quant.calibrate``);
@@ -269,11 +269,6 @@ class SinqConfig:
     def budgeted(self) -> bool:
         """Whether a bit allocation picks the widths (``avg_bits`` / ``max_size_mb``)."""
         return self.avg_bits is not None or self.max_size_mb is not None
-
-    @property
-    def needs_forward(self) -> bool:
-        """Whether quantizing runs the model at all: calibration, or the energy probe."""
-        return self.needs_calibration or self.energy_refit > 0
 
     def is_calibrated(self, name: str) -> bool:
         """Whether module ``name`` is quantized on calibration statistics."""

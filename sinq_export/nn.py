@@ -276,8 +276,8 @@ def _return_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
     Why: the probe frees its float blocks, but glibc keeps the freed heap (tensors under its
-    mmap threshold) and the export's writing then grows on top of it: Qwen2.5-1.5B's export
-    peaked at 3.0 GB instead of 2.2-2.5 GB without the probe."""
+    mmap threshold) and the export's writing then grows on top of it: on the Qwen2.5-1.5B
+    shape the process held 2.07 GB after the probe without the trim, 0.46 GB with it."""
     import ctypes
     import ctypes.util
 

@@ -601,7 +601,6 @@ def test_energy_refit_needs_energies_and_is_off_where_calibrated():
     assert (decoder.scale_refit, decoder.awq, decoder.gptq) == (3, False, False)
     assert (head.scale_refit, head.awq, head.gptq) == (0, True, True)
     assert cfg.replace(energy_refit=0).method_config("model.layers.0.mlp.down_proj", 4).scale_refit == 0
-    assert SinqConfig().needs_forward and not SinqConfig(energy_refit=0).needs_forward
     for bad in ({"energy_refit": -1}, {"energy_refit": 1.5}, {"probe_tokens": 8}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             SinqConfig(**bad)

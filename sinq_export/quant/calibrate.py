@@ -276,19 +276,19 @@ def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any
 def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
                     quantize_unit: Callable[[nn.Module, dict[str, LayerStats] | None], None],
                     names: Sequence[str], with_stats: bool = True,
-                    dtype: torch.dtype = torch.float32, full: bool = True) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Calibrate and quantize one block in place; return the next block's input.
 
     ``quantize_unit(block, stats)`` replaces ``block``'s linears ``names`` by quantized ones
     using their input statistics (what `nn.quantize_model` and a streaming export provide).
     ``with_stats=False`` (only the head is calibrated): the block is quantized without
     statistics and only run to produce the next block's input. ``dtype``: the forwards'
-    matmul precision (`forward_dtype`); ``full=False``: input energies only (`LayerStats`).
+    matmul precision (`forward_dtype`).
     """
     stats = None
     if with_stats:
         stats, _ = collect_stats(block, names,
-                                 lambda: _block_output(block, hidden, kwargs, dtype), full)
+                                 lambda: _block_output(block, hidden, kwargs, dtype))
     quantize_unit(block, stats)
     return _block_output(block, hidden, kwargs, dtype)
 
