@@ -68,17 +68,28 @@ def quantize_groups(x: torch.Tensor, bits: int, symmetric: bool = False) -> Grou
     return GroupQuant(codes.to(torch.uint8), scales, zeros.to(torch.uint8))
 
 
+def _offsets(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+             ) -> torch.Tensor:
+    """``q - z``: each element's rounded code relative to its group's zero point."""
+    return _codes(x, scales, zeros, (1 << bits) - 1) - zeros.unsqueeze(-1)
+
+
+def _weighted_error(x: torch.Tensor, importance: torch.Tensor, d: torch.Tensor,
+                    scales: torch.Tensor) -> torch.Tensor:
+    """``sum importance * (x - d s)^2`` of each group, for offsets ``d`` (`_offsets`)."""
+    return (importance * (x - d * scales.unsqueeze(-1)).square()).sum(-1)
+
+
 def group_error(x: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Weighted squared error ``sum importance * (x - (q - z) s)^2`` of each group."""
-    q = _codes(x, scales, zeros, (1 << bits) - 1)
-    return (importance * (x - (q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).square()).sum(-1)
+    return _weighted_error(x, importance, _offsets(x, scales, zeros, bits), scales)
 
 
 def refit_scales(x: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Weighted least-squares scale for the codes and zero point of the current ``scales``."""
-    d = _codes(x, scales, zeros, (1 << bits) - 1) - zeros.unsqueeze(-1)
+    d = _offsets(x, scales, zeros, bits)
     num = (importance * x * d).sum(-1)
     den = (importance * d.square()).sum(-1)
     fitted = torch.where(den > 0, num / den.clamp_min(1e-30), scales)
@@ -120,14 +131,11 @@ def refit_params(x: torch.Tensor, bits: int, importance: torch.Tensor, iters: in
     """
     x = x.float()
     imp = importance.float().expand_as(x)
-    qmax = (1 << bits) - 1
     scales, zeros = minmax_params(x, bits, symmetric)
-    z = zeros.unsqueeze(-1)
     best_s, best_e, cur = scales, None, scales
-    for step in range(iters + 1):
-        d = _codes(x, cur, zeros, qmax) - z
-        wd = imp * d
-        err = (imp * (x - d * cur.unsqueeze(-1)).square()).sum(-1)
+    for step in range(iters + 1):  # one rounding per step serves its error and its refit
+        d = _offsets(x, cur, zeros, bits)
+        err = _weighted_error(x, imp, d, cur)
         if best_e is None:
             best_e = err
         else:
@@ -135,6 +143,7 @@ def refit_params(x: torch.Tensor, bits: int, importance: torch.Tensor, iters: in
             best_s, best_e = torch.where(better, cur, best_s), torch.minimum(err, best_e)
         if step == iters:
             break
+        wd = imp * d
         den = (wd * d).sum(-1)
         fitted = torch.where(den > 0, (wd * x).sum(-1) / den.clamp_min(1e-30), cur)
         cur = torch.where(fitted > MIN_SCALE, fitted, cur)
