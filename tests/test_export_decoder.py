@@ -77,18 +77,44 @@ def _session(out) -> ort.InferenceSession:  # noqa: ANN001
     return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
+def _eos_ids(out) -> list[int]:  # noqa: ANN001
+    """The token ids genai's loop stops at (``model.eos_token_id`` of genai_config.json)."""
+    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
 def _og_tokens(out, prompt: np.ndarray, steps: int) -> list[int]:  # noqa: ANN001
+    """genai's greedy loop for ``steps`` tokens. genai stops at EOS: a random test model may
+    well pick it, so EOS is suppressed (``min_length`` = ``max_length``) and the loop always
+    runs every step; compare it with `greedy_without_eos`, which suppresses it the same way."""
     import onnxruntime_genai as og
 
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    length = len(prompt) + steps
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(prompt.tolist())
     tokens = []
     while not gen.is_done() and len(tokens) < steps:
         gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+def greedy_without_eos(model, prompt: np.ndarray, steps: int, out) -> list[int]:  # noqa: ANN001
+    """Torch's greedy continuation with the export's EOS ids never picked (what `_og_tokens`
+    computes): the full sequence is recomputed each step, no cache, so it shares no code
+    with the runners under test."""
+    banned = _eos_ids(out)
+    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None, :]
+    tokens = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            logits[banned] = -torch.inf
+            tokens.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
     return tokens
 
 
@@ -102,11 +128,11 @@ def exported(request, tmp_path_factory):  # noqa: ANN001, ANN201
     export_causal_lm(root / "hf", root / "out", CFG, progress=False)
     ref = reference(model, CFG)
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
-    return root, torch_run, fed
+    return root, torch_run, fed, greedy_without_eos(ref, PROMPT, STEPS, root / "out")
 
 
 def test_logits_and_greedy_tokens_match_torch(exported):
-    root, torch_run, fed = exported
+    root, torch_run, fed, _ = exported
     sess = _session(root / "out")
     run = run_ort_lm(sess, PROMPT, fed)  # teacher-forced on torch's tokens
     rel = np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max()
@@ -117,10 +143,10 @@ def test_logits_and_greedy_tokens_match_torch(exported):
 
 
 def test_genai_greedy_matches_torch(exported):
-    root, _, fed = exported
+    root, _, _, want = exported
     genai = json.loads((root / "out" / "genai_config.json").read_text())
     assert genai["search"]["past_present_share_buffer"] is True
-    assert _og_tokens(root / "out", PROMPT, STEPS) == fed
+    assert _og_tokens(root / "out", PROMPT, STEPS) == want
 
 
 def test_graph_is_fused_and_manifest_names_real_tensors(exported):
@@ -440,12 +466,14 @@ def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
     else:
         assert "custom_ops_library" not in options
     assert genai["search"]["past_present_share_buffer"] is (graph.dtype == "fp32")
-    torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
+    ref = reference(model, cfg)
+    torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
     sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
                                 runtime_ops.session_options(), providers=["CPUExecutionProvider"])
     run = run_ort_lm(sess, PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
-    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == greedy_without_eos(ref, PROMPT, STEPS,
+                                                                          tmp_path / "out")
 
 
 @pytest.mark.parametrize(("family", "embedding_bits", "col_scale"), [
@@ -477,7 +505,8 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
     run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
-    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == fed
+    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == greedy_without_eos(ref, PROMPT, STEPS,
+                                                                          tmp_path / "out")
 
 
 def test_overrides_and_float_layers(tmp_path):
@@ -525,7 +554,7 @@ def test_tied_o_proj_folds_into_value_rows(tmp_path, family, shared):
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     assert run_ort_lm(_session(tmp_path / "out"), PROMPT, STEPS).fed == fed
     got = _og_tokens(tmp_path / "out", PROMPT, STEPS)  # genai's shared-buffer loop
-    assert got == fed[:len(got)] and (len(got) == len(fed) or got[-1] == 2)  # 2: eos, it stops
+    assert got == greedy_without_eos(ref, PROMPT, STEPS, tmp_path / "out")
     from sinq_export.validate import validate
 
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
