@@ -60,6 +60,14 @@ def tiny_llama(tmp_path_factory) -> Path:  # noqa: ANN001
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")
 
 
+@pytest.fixture
+def workspace(tmp_path) -> Path:  # noqa: ANN001
+    """A parent folder holding the user's other data, which must survive every case."""
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("the user's notes\n")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:  # noqa: ANN001
     return write_tiny_qwen2(tmp_path_factory.mktemp("src") / "tiny-qwen2")
@@ -88,3 +96,17 @@ def test_nan_read_only_by_the_writer_names_the_tensor(family, tensor, value, tin
     assert_one_error_line(err, str(src), tensor, "NaN or Inf")
     assert "internal error" not in err and "SerdeError" not in err
     assert tree_digest(tmp_path) == before and partials(tmp_path) == []
+
+
+# --------------------------------------------------------------- flag values argparse accepts
+
+@pytest.mark.parametrize("command", ["model", "quantize"])
+@pytest.mark.parametrize("value", ["inf", "1e308", "nan", "0", "-5"])
+def test_max_size_must_be_a_finite_positive_size(command, value, tiny_llama, workspace, capsys):
+    out = workspace / "out"
+    before = tree_digest(workspace)
+    rc, err = run_main([command, str(tiny_llama), "-o", str(out), "--max-size", value,
+                        *QUANT_FLAGS], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, "max_size_mb", "positive, finite")
+    assert tree_digest(workspace) == before and partials(workspace) == []
