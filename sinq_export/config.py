@@ -6,6 +6,7 @@ never re-parse flags, so a bad value is reported once, at construction, with its
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -220,8 +221,11 @@ class SinqConfig:
                               f"{CALIBRATION_DTYPES}")
         if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:
             raise ConfigError(f"avg_bits={self.avg_bits!r} must be between 2 and 8")
-        if self.max_size_mb is not None and not self.max_size_mb > 0:
-            raise ConfigError(f"max_size_mb={self.max_size_mb!r} must be positive")
+        # a byte count is an int: inf (or a float so large that x1e6 overflows) has none
+        if self.max_size_mb is not None and not (self.max_size_mb > 0
+                                                 and math.isfinite(self.max_size_mb * 1e6)):
+            raise ConfigError(f"max_size_mb={self.max_size_mb!r} must be a positive, finite "
+                              "number of megabytes")
         if self.o_proj_tie is not None:
             tie = tuple(self.o_proj_tie)
             if len(tie) != 2 or not all(isinstance(v, int) and v >= 1 for v in tie):

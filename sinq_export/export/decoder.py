@@ -400,8 +400,22 @@ def _save(model: ir.Model, path: Path, stages: Stages) -> None:
     data file and lets it go (measured: peak RSS stays flat, see docs/export-format.md)."""
     inits = [v.const_value for v in model.graph.initializers.values()]
     with stages.tensors(sum(t.nbytes for t in inits), len(inits), desc="write") as bar:
-        ir.save(model, path, external_data=DATA_FILE, alignment=64,
-                callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
+        try:
+            ir.save(model, path, external_data=DATA_FILE, alignment=64,
+                    callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
+        except ir.serde.SerdeError as exc:
+            cause = _raised_by_a_tensor(exc)
+            raise cause from cause.__cause__
+
+
+def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
+    """The error a lazy initializer raised (a damaged checkpoint tensor, an OS error while
+    reading it): the serializer wraps it in one SerdeError per level of the model, which
+    would turn a bad input into an internal error."""
+    cause: BaseException = exc
+    while isinstance(cause, ir.serde.SerdeError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return exc if isinstance(cause, ir.serde.SerdeError) else cause
 
 
 def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
