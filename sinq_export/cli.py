@@ -15,7 +15,7 @@ import json
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from . import __version__, verbosity
@@ -27,15 +27,17 @@ from .config import (
     QUANT_BITS,
     SHARED_COL_SCALES,
     ConfigError,
-    GraphConfig,
     SinqConfig,
 )
 from .gguf import resolve_model_input
+from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143, as shells do
 MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
               "the cache); default: the bundled SmolLM2-135M-Instruct")
+PRESETS_HELP = "presets (--preset NAME; every other flag overrides one of its settings):\n" + "\n".join(
+    f"  {name:<11} {p.summary}" for name, p in PRESETS.items())
 VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bars (default: only ours)"
 
 EXIT_CODES_HELP = """\
@@ -58,10 +60,12 @@ class UsageError(ValueError):
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, choices=QUANT_BITS, help="code width (default 4)")
-    p.add_argument("--group-size", type=int, default=64, help="block size along K (16-256, power of 2)")
-    p.add_argument("--method", choices=METHODS, default="sinq", help="sinq (default) or rtn baseline")
-    p.add_argument("--symmetric", action="store_true", help="fixed mid-range zero point")
+    p.add_argument("--bits", type=int, choices=QUANT_BITS, help="code width (default 4)")
+    p.add_argument("--group-size", type=int,
+                   help="block size along K (16-256, power of 2; default 64)")
+    p.add_argument("--method", choices=METHODS, help="sinq (default) or rtn baseline")
+    p.add_argument("--symmetric", action="store_true", default=None,
+                   help="fixed mid-range zero point")
     p.add_argument("--kurtosis-gate", type=float, default=None,
                    help="fall back to RTN for layers whose kurtosis exceeds this (off by default)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
@@ -104,55 +108,42 @@ def _parse_overrides(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def config_from_args(args: argparse.Namespace) -> SinqConfig:
-    """Build the one config object from parsed flags (validated once, by SinqConfig)."""
-    fields = dict(
-        bits=args.bits,
-        group_size=args.group_size,
-        method=args.method,
-        symmetric=args.symmetric,
-        kurtosis_gate=args.kurtosis_gate,
-        overrides=_parse_overrides(args.override),
-    )
-    if args.exclude is not None:
-        fields["exclude"] = tuple(args.exclude)
+# flags that set a SinqConfig / GraphConfig field of the same name when given
+_SINQ_FLAGS = ("bits", "group_size", "method", "symmetric", "kurtosis_gate", "exclude",
+               "lm_head_group_size", "calibration_windows", "calibration_dtype", "avg_bits",
+               "energy_refit", "probe_tokens", "calibrate_head", "shared_col_scale")
+_GRAPH_FLAGS = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
+
+
+def _sinq_fields(args: argparse.Namespace) -> dict:
+    """The `SinqConfig` fields the command line sets (flags left out are not in it)."""
+    fields = {n: getattr(args, n) for n in _SINQ_FLAGS if getattr(args, n, None) is not None}
+    if "exclude" in fields:
+        fields["exclude"] = tuple(fields["exclude"])
+    if args.override:
+        fields["overrides"] = _parse_overrides(args.override)
     if getattr(args, "lm_head_bits", None) is not None:
         fields["lm_head_bits"] = _or_float(args.lm_head_bits)
-    head_bits = fields.get("lm_head_bits")
-    narrow_head = head_bits is not None and head_bits < 8
-    if hasattr(args, "embedding_bits"):  # `model`: a narrow head is calibrated, in finer groups
-        if args.lm_head_group_size is None and narrow_head:
-            fields["lm_head_group_size"] = MODEL_DEFAULTS["narrow_lm_head_group_size"]
-        if args.calibrate_head is None:
-            fields["calibrate_head"] = narrow_head
-    if hasattr(args, "shared_col_scale"):  # `model` only: its default follows --calibrate
-        fields["shared_col_scale"] = args.shared_col_scale or (
-            "none" if getattr(args, "calibrate", False) else MODEL_DEFAULTS["shared_col_scale"])
-    for name in ("lm_head_group_size", "calibration_windows", "calibration_dtype", "avg_bits",
-                 "energy_refit", "probe_tokens"):
-        if getattr(args, name, None) is not None:
-            fields[name] = getattr(args, name)
     if getattr(args, "calibrate", False):
         fields["calibrate"] = True
-    if getattr(args, "calibrate_head", None) is not None:
-        fields["calibrate_head"] = args.calibrate_head
     if getattr(args, "max_size", None) is not None:
         fields["max_size_mb"] = args.max_size
-    return SinqConfig(**fields)
+    return fields
 
 
-# `sinq-export model` defaults, chosen by bench/e2e.py, bench/decode_step.py and the perplexity
-# table on SmolLM2 and Qwen2.5 (docs/export-format.md, "Defaults"): int8 activations, a 4-bit
-# g32 lm_head calibrated alone (8-bit MatMulNBits is the slowest node of the graph; a 4-bit
-# head costs +2.6 perplexity calibration-free, +0.4 calibrated), an 8-bit embedding table
-# (only gathered: its width costs no time; a 4-bit one +0.1), gate/up sharing one t (lower
-# perplexity on both models calibration-free, and that t folds into their norm; with
-# --calibrate a t per linear measures better: 25.76 vs 26.19), t folded where exact
-# (down_proj's into up_proj's rows, q_proj's into the input norm with k/v multiplying by a
-# ratio, the head's into the final norm). The library's own defaults (SinqConfig,
-# GraphConfig) stay exact and plain: float head, acc 0, t as Mul, a t per linear.
-MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 4, "narrow_lm_head_group_size": 32,
-                  "embedding_bits": 8, "col_scale": "fold", "shared_col_scale": "mlp"}
+def config_from_args(args: argparse.Namespace) -> SinqConfig:
+    """`quantize`: the one config object from parsed flags (validated once, by SinqConfig)."""
+    return SinqConfig(**_sinq_fields(args))
+
+
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    """`model`: the preset ``--preset`` names, with each flag given setting its field."""
+    graph = {n: _or_float(getattr(args, n)) for n in _GRAPH_FLAGS
+             if getattr(args, n, None) is not None}
+    return get_preset(args.preset).override(sinq=_sinq_fields(args), graph=graph,
+                                            tie_o_proj=args.tie_o_proj or None)
+
+
 FLOAT = "float"
 
 
@@ -170,13 +161,6 @@ def _width(choices: Sequence[int]):  # noqa: ANN202
         raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(map(str, choices))} "
                                          "or 'float'")
     return parse
-
-
-def graph_config_from_args(args: argparse.Namespace) -> GraphConfig:
-    """The graph settings (runtime, accuracy level, dtype, t placement, embedding)."""
-    names = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
-    return GraphConfig(**{n: _or_float(getattr(args, n)) for n in names
-                          if getattr(args, n, None) is not None})
 
 
 # --- quantize: PyTorch-only quantization, saved as safetensors + JSON ---------------------
@@ -228,8 +212,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
 def _add_model(sub: argparse._SubParsersAction) -> None:
     from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
 
-    p = sub.add_parser("model", help="quantize a model and export it to ONNX")
+    p = sub.add_parser("model", help="quantize a model and export it to ONNX",
+                       description=PRESETS_HELP)
     p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
+                   help="the settings every other flag overrides (default: default; see above)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--target", choices=["onnx"], default="onnx")
     p.add_argument("--overwrite", action="store_true")
@@ -238,11 +225,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
                         "custom: sinq.ops::SinqMatMulNBits where stock cannot run the width")
     p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS,
-                   default=MODEL_DEFAULTS["accuracy_level"],
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
                         "activations, the default: ~2x faster decode)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
-    p.add_argument("--col-scale", choices=COL_SCALE_MODES, default=MODEL_DEFAULTS["col_scale"],
+    p.add_argument("--col-scale", choices=COL_SCALE_MODES,
                    help="column scale t: explicit Mul, fold into norms / up_proj rows where "
                         "exact (default), or fused into the custom op")
     p.add_argument("--shared-col-scale", nargs="?", const="all", choices=SHARED_COL_SCALES,
@@ -253,7 +239,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tie-o-proj", action="store_true",
                    help="tie o_proj's t across the query heads of each kv head, so it folds into "
                         "v_proj's rows: one Mul less per layer (+0.16 perplexity on SmolLM2)")
-    p.add_argument("--lm-head-bits", type=_width(QUANT_BITS), default=MODEL_DEFAULTS["lm_head_bits"],
+    p.add_argument("--lm-head-bits", type=_width(QUANT_BITS),
                    help="quantize lm_head at this width, or 'float' (default 4, calibrated)")
     p.add_argument("--lm-head-group-size", type=int, default=None,
                    help="block size for lm_head (default 32 below 8 bits, else --group-size)")
@@ -262,7 +248,6 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "of the calibration-free decoder; a 4-bit head then costs +0.4 "
                         "perplexity instead of +2.6; default: on below 8 bits)")
     p.add_argument("--embedding-bits", type=_width(EMBEDDING_BITS),
-                   default=MODEL_DEFAULTS["embedding_bits"],
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "
                         "one table with a tied lm_head of the same width), or 'float' (default 8)")
     p.add_argument("--with-reference", action="store_true",
@@ -302,10 +287,10 @@ def _print_model_summary(s: dict) -> None:
         print(f"  {k:<{width}}  {v}")
 
 
-def _require_custom_ops(args: argparse.Namespace) -> None:
-    """Fail before any work when the flags need the optional sinq.ops library and it is not built."""
-    wants = [flag for flag, on in (("--runtime custom", getattr(args, "runtime", None) == "custom"),
-                                   ("--col-scale fused", getattr(args, "col_scale", None) == "fused"))
+def _require_custom_ops(graph: Mapping[str, object]) -> None:
+    """Fail before any work when the graph needs the optional sinq.ops library and it is not built."""
+    wants = [flag for flag, on in (("--runtime custom", graph.get("runtime") == "custom"),
+                                   ("--col-scale fused", graph.get("col_scale") == "fused"))
              if on]
     if wants:
         from . import runtime_ops
@@ -315,34 +300,19 @@ def _require_custom_ops(args: argparse.Namespace) -> None:
 
 def _run_model(args: argparse.Namespace) -> int:
     from .export import ExportError, export_causal_lm
-    from .export.decoder import missing_tokenizer
-    from .models import default_model_dir
 
-    config = config_from_args(args)
-    _require_custom_ops(args)
+    preset = preset_from_args(args)
+    preset.configs()  # a bad combination of flags is refused before the model is looked at
+    _require_custom_ops(preset.graph)
     source = resolve_model_input(args.model_dir)
-    if args.tie_o_proj:
-        from .models import read_config
-
-        config = config.tie_o_proj_for(read_config(Path(source or default_model_dir())))
-    warnings = []
-    if config.calibrate_head and args.calibrate_head is None \
-            and missing_tokenizer(source or default_model_dir()):
-        # the default calibrates the head on tokenized text; without a tokenizer it keeps the
-        # head at 8 bits rather than ship a calibration-free 4-bit head (+2.6 perplexity)
-        config = config.replace(calibrate_head=False, lm_head_bits=8, lm_head_group_size=None)
-        warnings.append("the lm_head stays 8-bit: calibrating the default 4-bit head needs the "
-                        "tokenizer")
     try:
         result = export_causal_lm(
-            source, args.output, config, graph_config_from_args(args),
-            overwrite=args.overwrite, progress=not args.json, with_reference=args.with_reference,
-            allow_unquantized=args.allow_unquantized,
+            source, args.output, preset=preset, overwrite=args.overwrite, progress=not args.json,
+            with_reference=args.with_reference, allow_unquantized=args.allow_unquantized,
         )
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
     summary = result.summary()
-    summary["warnings"] = warnings + summary["warnings"]
     for warning in summary["warnings"]:
         print(f"sinq-export model: warning: {warning}", file=sys.stderr)
     if args.json:

@@ -59,18 +59,23 @@ def test_bad_flag_values(tmp_path, flag):
     assert exc.value.code == EXIT_USAGE
 
 
+def _model_configs(argv: list[str]):  # noqa: ANN202
+    """(SinqConfig, GraphConfig) that `sinq-export model -o x ARGV` exports with."""
+    from sinq_export.cli import build_parser, preset_from_args
+
+    config, graph, _ = preset_from_args(build_parser().parse_args(["model", "-o", "x", *argv])
+                                        ).configs()
+    return config, graph
+
+
 def test_model_defaults_and_float_opt_out():
     """The measured defaults (acc4, a calibrated 4-bit g32 head, 8-bit embedding) and 'float'
     to keep a tensor float."""
-    from sinq_export.cli import build_parser, config_from_args, graph_config_from_args
-
-    args = build_parser().parse_args(["model", "-o", "x"])
-    cfg, graph = config_from_args(args), graph_config_from_args(args)
+    cfg, graph = _model_configs([])
     assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == (4, 32, True)
     assert (cfg.calibrate, graph.embedding_bits, graph.accuracy_level) == (False, 8, 4)
-    args = build_parser().parse_args(["model", "-o", "x", "--lm-head-bits", "float",
-                                      "--embedding-bits", "float", "--accuracy-level", "0"])
-    cfg, graph = config_from_args(args), graph_config_from_args(args)
+    cfg, graph = _model_configs(["--lm-head-bits", "float", "--embedding-bits", "float",
+                                 "--accuracy-level", "0"])
     assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (None, None, 0)
 
 
@@ -83,9 +88,7 @@ def test_model_defaults_and_float_opt_out():
     (["--lm-head-bits", "float"], (None, None, False)),
 ])
 def test_model_head_defaults_follow_its_width(argv, head):
-    from sinq_export.cli import build_parser, config_from_args
-
-    cfg = config_from_args(build_parser().parse_args(["model", "-o", "x", *argv]))
+    cfg, _ = _model_configs(argv)
     assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == head
 
 
@@ -103,7 +106,4 @@ def test_calibrating_a_float_head_is_refused(capsys):
     (["--shared-col-scale"], "all"),
 ])
 def test_model_shared_col_scale_default_follows_calibration(argv, shared):
-    from sinq_export.cli import build_parser, config_from_args
-
-    args = build_parser().parse_args(["model", "-o", "x", *argv])
-    assert config_from_args(args).shared_col_scale == shared
+    assert _model_configs(argv)[0].shared_col_scale == shared

@@ -21,10 +21,11 @@ import onnx
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
-from ..config import GraphConfig, SinqConfig
+from ..config import ConfigError, GraphConfig, SinqConfig
 from ..io import atomic_output_dir, check_output, write_json
 from ..models import hub_offline
 from ..nn import SHARED_INPUT_GROUPS, _joint_groups
+from ..presets import DEFAULT_PRESET, Preset, get_preset
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
@@ -440,13 +441,17 @@ def export_causal_lm(
     allow_unquantized: bool = False,
     records: Mapping[str, QuantizedWeight] | None = None,
     manifest_extra: Mapping[str, object] | None = None,
+    preset: str | Preset | None = None,
 ) -> ExportResult:
     """Quantize a HF causal LM with SINQ and write OUT_DIR (docs/export-format.md).
 
-    ``model_dir=None`` uses the bundled SmolLM2-135M-Instruct. ``with_reference`` also writes
-    ``OUT_DIR/reference`` (the PyTorch model, for validating away from the source folder; it
-    loads the float model, unlike the export itself). An export that quantizes nothing is an
-    error unless ``allow_unquantized``.
+    ``model_dir=None`` uses the bundled SmolLM2-135M-Instruct. The configs come from
+    ``preset`` (a name of `presets.PRESETS` or a `presets.Preset`), or, with no configs and no
+    preset, from the ``default`` preset: what ``sinq-export model`` writes (docs/presets.md).
+    A config passed without the other keeps the other's plain dataclass defaults.
+    ``with_reference`` also writes ``OUT_DIR/reference`` (the PyTorch model, for validating
+    away from the source folder; it loads the float model, unlike the export itself). An
+    export that quantizes nothing is an error unless ``allow_unquantized``.
 
     The energy refit (the default, ``config.energy_refit``) first measures every linear's
     input energies on the random-id probe, one float block at a time (`nn.probe_energies`,
@@ -459,10 +464,9 @@ def export_causal_lm(
     """
     from ..models import default_model_dir
 
-    config = config or SinqConfig()
-    graph_config = graph_config or GraphConfig()
     out_dir = Path(out_dir)
     folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
+    config, graph_config, preset_warnings = _configs(folder, config, graph_config, preset)
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
     run_model = records is None and (config.needs_calibration or config.budgeted)
     probe = records is None and not run_model and config.energy_refit > 0
@@ -550,7 +554,20 @@ def export_causal_lm(
     warning = missing_tokenizer(folder)
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
                         peak_rss=stages.report()["peak_rss_mb"],
-                        warnings=[warning] if warning else [])
+                        warnings=preset_warnings + ([warning] if warning else []))
+
+
+def _configs(folder: Path, config: SinqConfig | None, graph_config: GraphConfig | None,
+             preset: str | Preset | None) -> tuple[SinqConfig, GraphConfig, list[str]]:
+    """(config, graph config, warnings) of an export: the preset's, or the ones given."""
+    if preset is not None and (config is not None or graph_config is not None):
+        raise ConfigError("pass a preset or configs, not both (Preset.override sets fields "
+                          "of a preset)")
+    if preset is None and config is None and graph_config is None:
+        preset = DEFAULT_PRESET
+    if preset is not None:
+        return get_preset(preset).configs(folder)
+    return config or SinqConfig(), graph_config or GraphConfig(), []
 
 
 def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,

@@ -1,0 +1,112 @@
+"""Presets: the product's settings live in the library, and the CLI only maps flags onto them.
+
+`export_causal_lm(src, out)` with no configs and `sinq-export model src -o out` must write the
+very same folder (every file's bytes), so a benchmark or a Python user that calls the library
+gets what users of the command get.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_cli import tiny_tokenizer
+from test_export_decoder import FAMILIES, make_model_dir
+
+from sinq_export.cli import build_parser, main, preset_from_args
+from sinq_export.config import ConfigError, GraphConfig, SinqConfig
+from sinq_export.export import export_causal_lm
+from sinq_export.presets import DEFAULT_PRESET, PRESETS, get_preset
+
+
+@pytest.fixture
+def llama128(monkeypatch):  # noqa: ANN201
+    """The tiny Llama family (tied head; its tokenizer loads) at widths the preset's 64-wide
+    groups divide."""
+    monkeypatch.setitem(FAMILIES, "llama128", {**FAMILIES["llama"], "hidden_size": 128,
+                                               "num_attention_heads": 4})
+    return "llama128"
+
+
+def _files(folder) -> dict[str, bytes]:  # noqa: ANN001
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("tokenizer", [True, False])
+def test_library_default_writes_what_the_cli_writes(tmp_path, capsys, llama128, tokenizer):
+    """Byte for byte, manifest included; with a tokenizer the head is calibrated on text,
+    without one the preset's fallback (an 8-bit head, one warning) is the library's too."""
+    make_model_dir(tmp_path / "hf", llama128)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    result = export_causal_lm(tmp_path / "hf", tmp_path / "lib", progress=False)
+    assert main(["model", str(tmp_path / "hf"), "-o", str(tmp_path / "cli"), "--json"]) == 0
+    lib, cli = _files(tmp_path / "lib"), _files(tmp_path / "cli")
+    assert sorted(lib) == sorted(cli)
+    assert [name for name in lib if lib[name] != cli[name]] == []
+    head = result.manifest["layers"]["lm_head"]
+    assert (head["bits"], head["group_size"]) == ((4, 32) if tokenizer else (8, 64))
+    assert result.manifest["graph"]["accuracy_level"] == 4
+    stays_8bit = [w for w in result.warnings if "lm_head stays 8-bit" in w]
+    assert len(stays_8bit) == (0 if tokenizer else 1)
+    assert ("lm_head stays 8-bit" in capsys.readouterr().err) is not tokenizer
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_builds_what_it_says(name):
+    config, graph, warnings = get_preset(name).configs()
+    assert warnings == []
+    assert isinstance(config, SinqConfig) and isinstance(graph, GraphConfig)
+    assert (config.bits, config.group_size, config.lm_head_bits) == (4, 64, 4)
+    assert graph.embedding_bits == (4 if name == "small" else 8)
+    assert graph.accuracy_level == (0 if name == "exact" else 4)
+    assert config.calibrate is (name == "calibrated")
+    # a calibrated decoder gives each linear its own t; calibration-free, gate/up share one
+    assert config.shared_col_scale == ("none" if name == "calibrated" else "mlp")
+    assert (config.lm_head_group_size, config.calibrate_head) == (32, True)
+
+
+def _configs(argv: list[str]):  # noqa: ANN202
+    return preset_from_args(build_parser().parse_args(["model", "-o", "x", *argv])).configs()
+
+
+def _fields(config: SinqConfig, graph: GraphConfig) -> dict:
+    return {**config.to_dict(), **graph.to_dict()}
+
+
+@pytest.mark.parametrize(("argv", "changes"), [
+    (["--preset", "small", "--embedding-bits", "8"], {"embedding_bits": 8}),
+    (["--preset", "exact", "--accuracy-level", "4"], {"accuracy_level": 4}),
+    (["--preset", "calibrated", "--shared-col-scale", "mlp"], {"shared_col_scale": "mlp"}),
+    (["--preset", "calibrated", "--bits", "3"], {"bits": 3}),
+    # an 8-bit head is neither calibrated nor in finer groups (the preset's rule)
+    (["--preset", "small", "--lm-head-bits", "8"],
+     {"lm_head_bits": 8, "lm_head_group_size": None, "calibrate_head": False}),
+    (["--group-size", "128"], {"group_size": 128}),
+])
+def test_a_flag_overrides_the_preset_field_it_names(argv, changes):
+    """The flag's field changes (and what the preset derives from it); nothing else does."""
+    config, graph, _ = _configs(argv)
+    name = argv[1] if argv[0] == "--preset" else DEFAULT_PRESET
+    base_config, base_graph, _ = get_preset(name).configs()
+    got, base = _fields(config, graph), _fields(base_config, base_graph)
+    assert {k: v for k, v in got.items() if base[k] != v} == changes
+
+
+def test_no_flag_is_the_preset_itself():
+    for name, preset in PRESETS.items():
+        assert _configs(["--preset", name])[:2] == preset.configs()[:2]
+
+
+def test_help_gives_each_preset_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["model", "--help"])
+    out = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        assert f"  {name} " in out and preset.summary in out
+
+
+def test_a_preset_and_configs_together_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="preset or configs"):
+        export_causal_lm(tmp_path / "hf", tmp_path / "out", SinqConfig(), preset="small")
+    with pytest.raises(ConfigError, match="not one of"):
+        get_preset("tiny")
