@@ -1,0 +1,123 @@
+"""The int8-activation emulation (`quant.int8`) against a real onnxruntime MatMulNBits session.
+
+onnxruntime at accuracy_level 4 must agree with ``int8_activations(x) @ W_hat^T`` to float
+summation rounding, far closer than with the float product (which differs by the int8 error
+itself): that proves the emulation models the kernel (block size, scale, rounding), not merely
+something of the same size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from sinq_export.quant import packing
+from sinq_export.quant.int8 import int8_activations, int8_error, relative_error
+
+
+def _matmulnbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int,
+                 block: int, level: int) -> ort.InferenceSession:
+    n, k = codes.shape
+    packed = packing.pack_codes(torch.from_numpy(codes), bits, block).numpy()
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")]
+    inputs = ["A", "B", "scales"]
+    if zeros is not None:
+        zp = packing.pack_zero_points(torch.from_numpy(zeros), bits).numpy()
+        inits.append(numpy_helper.from_array(zp, "zp"))
+        inputs.append("zp")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=block, accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT,
+                                                                          ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _dequantized(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int,
+                 block: int) -> torch.Tensor:
+    n, k = codes.shape
+    z = np.full(scales.shape, 1 << (bits - 1), np.float32) if zeros is None else zeros.astype(np.float32)
+    col = np.arange(k) // block
+    return torch.from_numpy((codes.astype(np.float32) - z[:, col]) * scales[:, col])
+
+
+@settings(deadline=None, max_examples=24)
+@given(bits=st.sampled_from([4, 8]), block=st.sampled_from([16, 32, 64, 128]),
+       k_blocks=st.integers(1, 6), tail=st.sampled_from([0, 0, 8]), n=st.integers(2, 24),
+       m=st.integers(1, 5), zero_points=st.booleans(), outliers=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_emulation_matches_onnxruntime_acc4(bits, block, k_blocks, tail, n, m, zero_points,
+                                            outliers, seed):
+    rng = np.random.default_rng(seed)
+    k = block * k_blocks + tail
+    nb = packing.n_blocks(k, block)
+    codes = rng.integers(0, 1 << bits, size=(n, k), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(n, nb)).astype(np.float32)
+    zeros = rng.integers(0, 1 << bits, size=(n, nb), dtype=np.uint8) if zero_points else None
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if outliers:  # a few massive channels: most of each block's entries lose their bits
+        x[:, rng.choice(k, size=max(1, k // 40), replace=False)] *= 300.0
+    if k >= 3:
+        x[0, :3] = 0.0  # an all-zero prefix, and a whole zero row when M > 1
+    if m > 1:
+        x[-1] = 0.0
+    w = _dequantized(codes, scales, zeros, bits, block)
+    got = torch.from_numpy(_matmulnbits(codes, scales, zeros, bits, block, 4).run(
+        None, {"A": x})[0])
+    emulated = int8_activations(torch.from_numpy(x), block).double() @ w.double().T
+    exact = torch.from_numpy(x).double() @ w.double().T
+    assert relative_error(emulated, got.double()) <= 2e-5
+    if outliers:  # the test can fail: the kernel really quantizes, and by this much
+        assert relative_error(exact, got.double()) > 50 * relative_error(emulated, got.double())
+        assert int8_error(torch.from_numpy(x), w, block) == pytest.approx(
+            relative_error(exact, got.double()), rel=1e-2)
+
+
+def test_acc0_is_not_quantized():
+    """The control: at accuracy level 0 onnxruntime computes in float (the emulation's error
+    would show)."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(8, 64), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(8, 2)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[:, 5] *= 500
+    w = _dequantized(codes, scales, None, 4, 32)
+    got = torch.from_numpy(_matmulnbits(codes, scales, None, 4, 32, 0).run(None, {"A": x})[0])
+    exact = torch.from_numpy(x) @ w.T
+    assert relative_error(exact, got) < 1e-5 < int8_error(torch.from_numpy(x), w, 32)
+
+
+@settings(deadline=None, max_examples=30)
+@given(block=st.sampled_from([16, 32, 64]), k=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+def test_int8_activations_are_an_int8_grid_per_block(block, k, seed):
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((3, k)).astype(np.float32))
+    y = int8_activations(x, block)
+    assert y.shape == x.shape
+    for start in range(0, k, block):
+        xb, yb = x[:, start:start + block], y[:, start:start + block]
+        amax = xb.abs().amax(-1, keepdim=True)
+        steps = yb / (amax / 127)
+        assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the block's int8 grid
+        assert (steps.abs() <= 127 + 1e-3).all()
+        assert ((yb - xb).abs() <= amax / 254 * (1 + 1e-5) + 1e-7).all()  # round to nearest
+
+
+def test_t_is_applied_before_quantization():
+    x = torch.ones(2, 64)
+    x[:, 0] = 100.0
+    w = torch.randn(4, 64)
+    t = torch.ones(64)
+    t[0] = 1e-2  # the scale that shrinks the outlier makes int8 exact on this input
+    assert int8_error(x, w, 64, t) < 1e-6 < int8_error(x, w, 64)
+
