@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from test_export_decoder import (  # the route's own test helpers
@@ -26,6 +27,7 @@ from sinq_export.export import export_causal_lm
 from sinq_export.nn import quantize_model
 from sinq_export.validate.core import reference_model, validate
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
+from sinq_export.validate.tensors import OnnxTensors
 
 STEPS = 16
 PROMPT = [5, 17, 99, 3, 42, 250, 7, 18, 64, 11, 12, 77]  # 12 + 16 tokens: past any window below
@@ -154,6 +156,53 @@ def test_folded_column_scales_match_transformers(tmp_path, model_type, folded_in
     assert rel_error(got.logits, want.logits) <= TOL
 
 
+# every rope type the export accepts; the scaled ones extend a 64-token original context to
+# max_position_embeddings (256), so rows 64..255 are the extended positions
+LONGROPE_FACTORS = {"short_factor": [1.0 + i / 10 for i in range(8)],
+                    "long_factor": [2.0 + i for i in range(8)]}
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn-attention-factor": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.7,
+                              "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False,
+                              "original_max_position_embeddings": 64},
+    # longrope is static only while the original context is the whole context
+    "longrope": {"rope_type": "longrope", **LONGROPE_FACTORS,
+                 "original_max_position_embeddings": 256},
+}
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_rotary_tables_are_transformers_own(tmp_path, rope):
+    """The cos/sin tables every GroupQueryAttention node reads equal what transformers' rotary
+    module computes at every position of the export's context (GQA refuses a longer sequence),
+    for sequences of every length the graph sees; scaled types differ from the default there."""
+    model = make_model_dir(tmp_path / "hf", "llama", rope_scaling=ROPES[rope])
+    export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    tensors = OnnxTensors(graph, tmp_path / "out")
+    context = model.config.max_position_embeddings
+    assert json.loads((tmp_path / "out" / "genai_config.json").read_text()
+                      )["model"]["context_length"] == context
+    rotary = model.model.rotary_emb
+    x = torch.zeros(1)
+    for node in (n for n in graph.graph.node if n.op_type == "GroupQueryAttention"):
+        cos, sin = tensors[node.input[7]], tensors[node.input[8]]
+        assert cos.shape == (context, rotary.inv_freq.numel())
+        for n in (1, 17, 64, 65, 200, context):  # prefill lengths, shorter and longer than 64
+            want_cos, want_sin = (t[0, :, :cos.shape[1]].numpy() for t in
+                                  rotary(x, torch.arange(n)[None]))
+            np.testing.assert_allclose(cos[:n], want_cos, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(sin[:n], want_sin, rtol=0, atol=1e-6)
+    if rope in ("linear", "llama3", "yarn"):  # the test would see a scaling left out
+        default = 1.0 / 1e5 ** (np.arange(0, 2 * cos.shape[1], 2) / (2 * cos.shape[1]))
+        assert np.abs(cos[64:] - np.cos(np.outer(np.arange(64, context), default))).max() > 0.1
+
+
 def test_supported_model_types_and_architectures_agree():
     """The export builder's model types and the loader's architecture names are one set."""
     from sinq_export.checkpoint import architecture_model_types
@@ -181,15 +230,25 @@ def tiny_dirs(tmp_path_factory):  # noqa: ANN001, ANN201
     ("llama", {"model_type": "qwen2"}, [], "model_type 'qwen2' disagrees with architectures"),
     ("llama", {"rope_scaling": {"rope_type": "su-rope", "factor": 2.0}}, [],
      "rope_scaling.rope_type='su-rope' is not supported"),
+    # its factors switch for the whole sequence at 64 tokens: no static table holds that
+    ("llama", {"rope_scaling": {"rope_type": "longrope", **LONGROPE_FACTORS,
+                                "original_max_position_embeddings": 64}}, [],
+     "rope_type='longrope': a position's angles differ between a sequence of 64 tokens and "
+     "one of 256 (max_position_embeddings); they depend on the sequence length"),
     ("llama", {"head_dim": 24}, [], "head_dim=24 is not supported"),
     ("gemma3_text", {"rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}}, [],
      "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
     ("gemma3_text", {"rope_parameters": {
-        "full_attention": {"rope_type": "longrope", "rope_theta": 1e6},
+        "full_attention": {"rope_type": "longrope", "rope_theta": 1e6, "short_factor": [1.0] * 128,
+                           "long_factor": [4.0] * 128, "original_max_position_embeddings": 64},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, [],
-     "rope_parameters.full_attention.rope_type='longrope' is not supported"),
+     "rope_type='longrope' (full_attention): a position's angles differ between a sequence of 64"),
+    # a rope dict transformers itself rejects
+    ("llama", {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, [],
+     "transformers rejects config.json (Missing required keys in `rope_parameters` for "
+     "'rope_type'='longrope'"),
     ("gemma3_text", {"final_logit_softcapping": 30.0}, [],
      "final_logit_softcapping=30.0 is not supported"),
     # windows the graph would not apply: mobius has none for mixed layers, none in fp16

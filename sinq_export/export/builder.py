@@ -35,14 +35,16 @@ from onnxscript import OpBuilder, nn
 from ..quant import packing
 from .graph import ExportError
 from .layout import EMBEDDING_OP, STOCK_OP, NodeChoice
+from .rope import rope_sections, rope_type, transformers_tables, use_transformers_tables
 
 # model_types with tiny-model parity tests (tests/test_architectures.py); `families` holds the
 # per-family fixes around mobius (Gemma3's attention, Phi3's fused qkv_proj).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # Their RMSNorm weights enter the graph as ``1 + w``: no column scale folds into them.
 OFFSET_NORM_MODEL_TYPES = ("gemma3_text",)
-# rope_scaling / rope_parameters "rope_type" values mobius implements and we test.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
+# rope_scaling / rope_parameters "rope_type" values whose transformers tables we ship and test
+# (`rope`: dynamic and longrope only where their angles do not depend on the sequence length).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -146,26 +148,16 @@ def check_supported(config: Mapping, folder: object) -> str:
         field = "head_dim" if config.get("head_dim") else "hidden_size / num_attention_heads"
         raise ExportError(f"{folder}: config.json {field}={head_dim} is not supported "
                           "(GroupQueryAttention's rotary needs a multiple of 16)")
-    for field, rope in _rope_sections(config):
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
+    for field, rope in rope_sections(config):
+        kind = rope_type(rope)
+        if kind not in SUPPORTED_ROPE_TYPES:
             raise ExportError(
-                f"{folder}: config.json {field}.rope_type={rope_type!r} is not supported; "
+                f"{folder}: config.json {field}.rope_type={kind!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     from .families import check_family_config
 
     check_family_config(config, folder)
     return model_type
-
-
-def _rope_sections(config: Mapping) -> list[tuple[str, Mapping]]:
-    """(field path, rope dict) for each rope setting; Gemma3 nests one per layer type."""
-    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
-    rope = config.get(key) or {}
-    if not isinstance(rope, Mapping):
-        return []
-    nested = [(f"{key}.{k}", v) for k, v in rope.items() if isinstance(v, Mapping)]
-    return nested or [(key, rope)]
 
 
 def mobius_model(hf_config: object, dtype: ir.DataType = ir.DataType.FLOAT):
@@ -176,11 +168,14 @@ def mobius_model(hf_config: object, dtype: ir.DataType = ir.DataType.FLOAT):
     from . import families
 
     families.check_window(hf_config, dtype)
+    tables = transformers_tables(hf_config)  # refuses a rope a static table cannot hold
     module_class = registry.get(hf_config.model_type)
     cfg = _config_from_hf(hf_config, parent_config=hf_config, module_class=module_class)
     if dtype != cfg.dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    return families.adapt(module_class(cfg), cfg, hf_config), cfg
+    module = families.adapt(module_class(cfg), cfg, hf_config)
+    use_transformers_tables(module, tables)
+    return module, cfg
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[tuple[int, int], bool]]:

@@ -419,6 +419,19 @@ def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
     return exc if isinstance(cause, ir.serde.SerdeError) else cause
 
 
+def _transformers_config(folder: Path):  # noqa: ANN202
+    """transformers' config object; a config.json it rejects (a rope dict missing required
+    keys, a bad field) is bad input, named in one line."""
+    from transformers import AutoConfig
+
+    try:
+        with hub_offline():
+            return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (KeyError, ValueError, TypeError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ExportError(f"{folder}: transformers rejects config.json ({reason})") from exc
+
+
 def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
                 out_dir: Path) -> None:
     """Refuse up front (ENOSPC, one line) when OUT_DIR's file system cannot hold the export."""
@@ -477,10 +490,7 @@ def export_causal_lm(
         with stages.stage("plan"):  # everything that can refuse, before the model runs
             ckpt = Checkpoint.open(folder)
             builder.check_supported(ckpt.config, folder)
-            from transformers import AutoConfig
-
-            with hub_offline():
-                hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            hf_config = _transformers_config(folder)
             dtype = ir.DataType.FLOAT16 if graph_config.dtype == "fp16" else ir.DataType.FLOAT
             module, cfg = builder.mobius_model(hf_config, dtype)
         if run_model:
