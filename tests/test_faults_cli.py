@@ -110,3 +110,27 @@ def test_max_size_must_be_a_finite_positive_size(command, value, tiny_llama, wor
     assert rc == EXIT_USAGE
     assert_one_error_line(err, "max_size_mb", "positive, finite")
     assert tree_digest(workspace) == before and partials(workspace) == []
+
+
+# --------------------------------------------------------------------- eval past the context
+
+@pytest.mark.parametrize("length", ["129", "100000"])
+def test_eval_length_past_the_context_is_refused_before_loading(length, tiny_llama, monkeypatch,
+                                                                  capsys):
+    """The tiny model's max_position_embeddings is 128: refused from config.json alone."""
+    from sinq_export import models
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before --length was checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_load)
+    rc, err = run_main(["eval", str(tiny_llama), "--length", length, "--windows", "1",
+                        "--compare", "float"], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, f"--length {length}", "context of 128 tokens")
+
+
+def test_eval_length_at_the_context_runs(tiny_llama, capsys):
+    rc, err = run_main(["eval", str(tiny_llama), "--length", "128", "--windows", "1",
+                        "--compare", "float", "--json"], capsys)
+    assert rc == 0, err
