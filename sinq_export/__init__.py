@@ -7,12 +7,10 @@ Python API (the CLI is a thin shell over these):
     export_causal_lm(None, "out/smollm2-sinq4", SinqConfig(bits=4))   # -> onnxruntime folder
     validate("out/smollm2-sinq4")                                      # parity report
 
-The ONNX-side names are imported lazily so `import sinq_export` stays light.
+Every name is imported on first use, so `import sinq_export` loads neither torch nor
+onnxruntime: the console entry point (`sinq_export.console`) starts in milliseconds and can
+answer a Ctrl-C during the seconds those take to import with one line.
 """
-
-from .config import ConfigError, GraphConfig, SinqConfig
-from .nn import SinqLinear, load_quantized, quantize_model, save_quantized
-from .quant import QuantizationError, QuantizedWeight, quantize_weight
 
 __version__ = "0.1.0"
 
@@ -20,6 +18,16 @@ _LAZY = {
     "export_causal_lm": "sinq_export.export",
     "export_module": "sinq_export.export",
     "validate": "sinq_export.validate",
+    "ConfigError": "sinq_export.config",
+    "GraphConfig": "sinq_export.config",
+    "SinqConfig": "sinq_export.config",
+    "SinqLinear": "sinq_export.nn",
+    "load_quantized": "sinq_export.nn",
+    "quantize_model": "sinq_export.nn",
+    "save_quantized": "sinq_export.nn",
+    "QuantizationError": "sinq_export.quant",
+    "QuantizedWeight": "sinq_export.quant",
+    "quantize_weight": "sinq_export.quant",
 }
 
 

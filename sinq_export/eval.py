@@ -230,6 +230,23 @@ def parse_bits(spec: str | Sequence[int]) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def model_context(config: dict[str, Any]) -> int | None:
+    """``max_position_embeddings`` of a HF config (or of its ``text_config``), None if absent."""
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings") if isinstance(section, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_length(config: dict[str, Any], length: int) -> None:
+    """Refuse windows longer than the model's context (ValueError, one line)."""
+    context = model_context(config)
+    if context is not None and length > context:
+        raise ValueError(f"--length {length} exceeds the model's context of {context} tokens "
+                         "(max_position_embeddings)")
+
+
 def compare(
     model_dir: str | Path | None = None,
     methods: Sequence[str] = ("float", "rtn", "sinq"),
@@ -253,9 +270,14 @@ def compare(
     from .nn import quantize_model
 
     if model is None:
-        from .models import load_causal_lm
+        from .models import default_model_dir, load_causal_lm, read_config
 
+        # before the model is loaded: a window past the context fails in a second, not after
+        # minutes of loading and tens of GB of attention
+        check_length(read_config(Path(model_dir or default_model_dir())), length)
         model, tokenizer = load_causal_lm(model_dir)
+    else:
+        check_length(model.config.to_dict(), length)
     windows = text_windows(tokenizer, text, n_windows, length)
     table = PplTable(protocol=protocol(text, n_windows, length))
     source = str(model_dir or "default")

@@ -10,19 +10,25 @@ pre-existing data byte-identical.
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from test_faults import (
     QUANT_FLAGS,
+    REPO,
     assert_one_error_line,
+    cli_env,
     partials,
     run_main,
     tree_digest,
     write_tiny_llama,
 )
 
-from sinq_export.cli import EXIT_USAGE
+from sinq_export.cli import EXIT_SIGINT, EXIT_USAGE
 
 WEIGHT_ONLY = ["--energy-refit", "0", "--lm-head-bits", "8"]  # no forward pass reads a tensor
 
@@ -110,3 +116,73 @@ def test_max_size_must_be_a_finite_positive_size(command, value, tiny_llama, wor
     assert rc == EXIT_USAGE
     assert_one_error_line(err, "max_size_mb", "positive, finite")
     assert tree_digest(workspace) == before and partials(workspace) == []
+
+
+# --------------------------------------------------------------------- eval past the context
+
+@pytest.mark.parametrize("length", ["129", "100000"])
+def test_eval_length_past_the_context_is_refused_before_loading(length, tiny_llama, monkeypatch,
+                                                                  capsys):
+    """The tiny model's max_position_embeddings is 128: refused from config.json alone."""
+    from sinq_export import models
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before --length was checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_load)
+    rc, err = run_main(["eval", str(tiny_llama), "--length", length, "--windows", "1",
+                        "--compare", "float"], capsys)
+    assert rc == EXIT_USAGE
+    assert_one_error_line(err, f"--length {length}", "context of 128 tokens")
+
+
+def test_eval_length_at_the_context_runs(tiny_llama, capsys):
+    rc, err = run_main(["eval", str(tiny_llama), "--length", "128", "--windows", "1",
+                        "--compare", "float", "--json"], capsys)
+    assert rc == 0, err
+
+
+# ------------------------------------------------------------------ Ctrl-C while importing
+
+def _loading_torch(pid: int) -> bool:
+    """Whether the process has mapped libtorch: it is inside ``import torch``, seconds long."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_llama, workspace):
+    """SIGINT while torch is being imported, before `cli.main` runs: the console entry point
+    (what the installed `sinq-export` script calls) answers with one line, exit 130."""
+    out = workspace / "new" / "out"
+    before = tree_digest(workspace)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from sinq_export.console import main; sys.exit(main())",
+         "model", str(tiny_llama), "-o", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not _loading_torch(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_SIGINT, stderr
+    assert_one_error_line(stderr, "interrupted by SIGINT while starting")
+    assert tree_digest(workspace) == before and partials(workspace) == []
+
+
+def test_console_script_is_the_light_entry_point():
+    """pyproject's `sinq-export` script runs `sinq_export.console:main`, and importing that
+    module loads neither torch nor the CLI (so the window before it is milliseconds)."""
+    assert 'sinq-export = "sinq_export.console:main"' in (REPO / "pyproject.toml").read_text()
+    code = ("import sys, sinq_export.console; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'sinq_export.cli') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
