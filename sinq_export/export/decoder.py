@@ -432,6 +432,15 @@ def _transformers_config(folder: Path):  # noqa: ANN202
         raise ExportError(f"{folder}: transformers rejects config.json ({reason})") from exc
 
 
+def _tensor_digests(out: Path) -> dict[str, str]:
+    """sha256 of every initializer as written (read back from disk, one tensor at a time):
+    `validate` checks each against it, so a byte changed after the export fails there, named,
+    in any tensor (those of a layer whose t is folded away included)."""
+    from ..validate.tensors import OnnxTensors, load_graph
+
+    return OnnxTensors(load_graph(out / ONNX_FILE), out).digests()
+
+
 def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
                 out_dir: Path) -> None:
     """Refuse up front (ENOSPC, one line) when OUT_DIR's file system cannot hold the export."""
@@ -552,7 +561,8 @@ def export_causal_lm(
                 if with_reference:
                     _write_reference(folder, tmp_out, config, cache.made or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
-                                        tmp_out), **(manifest_extra or {})}
+                                        tmp_out), **(manifest_extra or {}),
+                            "tensor_sha256": _tensor_digests(tmp_out)}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / ONNX_FILE), full_check=False)

@@ -118,6 +118,7 @@ def validate(
             f"{why}: ONNX-only checks - every quantized node is compared with a NumPy "
             "dequantisation of its own initializers on captured inputs; this proves the kernels, "
             "not that the weights match the PyTorch model")
+    changed = _changed_tensors(info, tensors, report)
     level = info.accuracy_level if accuracy_level is None else int(accuracy_level)
     if accuracy_level is not None:
         report.notes.append(f"accuracy_level overridden to {level} on every quantized node")
@@ -206,9 +207,45 @@ def validate(
             pr.end_to_end = e
         pr.layers = _check_layers(sites, probe_run.captures, tensors, ref_layers,
                                   ref_run.captures if ref_run else {}, pr.tolerance, weight_check)
+        _flag_changed(pr, changed, info.layers)
         _verdict(pr, report.mode)
         pr.seconds = time.perf_counter() - start
     return report
+
+
+def _changed_tensors(info: ExportInfo, tensors: OnnxTensors, report: ValidationReport
+                     ) -> dict[str, str]:
+    """Initializers whose bytes differ from the sha256 the export recorded (see
+    `OnnxTensors.changed`). Every tensor is covered, also those the source check cannot read
+    back (a layer whose t is folded into another layer's rows)."""
+    recorded = info.meta.get("tensor_sha256")
+    if recorded is None:
+        report.notes.append(f"{EXPORT_META_FILE} has no tensor_sha256 (an older export): "
+                            "tensor bytes are checked only where the source weights can be")
+        return {}
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise ValidationError(f"{info.out_dir / EXPORT_META_FILE}: tensor_sha256 is not an "
+                              "object of hex digests")
+    return tensors.changed(recorded)
+
+
+def _flag_changed(pr: ProviderResult, changed: dict[str, str], layers: dict[str, dict]) -> None:
+    """Fail each layer whose tensor changed (named with the tensor); a changed tensor of no
+    checked layer (a norm, a quantized embedding table) fails the provider, named."""
+    owners: dict[str, list[str]] = {}
+    for name, meta in layers.items():
+        for tensor in (meta.get("initializers") or {}).values():
+            if tensor:
+                owners.setdefault(tensor, []).append(name)
+    sites = {part: la for la in pr.layers for part in la.name.split("+")}  # packed: a+b
+    for tensor, what in changed.items():
+        hit = [sites[n] for n in owners.get(tensor, []) if n in sites]
+        for la in hit:
+            la.passed = False
+            la.note = f"tensor {tensor} {what}"
+        if not hit:
+            where = "".join(f"layer {n}: " for n in owners.get(tensor, [])[:1])
+            pr.failures.append(f"{where}tensor {tensor} {what}")
 
 
 def _load_reference(src: ReferenceSource, info: ExportInfo, model, tensors):  # noqa: ANN001

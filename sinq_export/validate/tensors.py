@@ -43,6 +43,15 @@ def _graph_tensors(model) -> Iterator:
     yield from model.graph.initializer
 
 
+_CHUNK = 1 << 24  # bytes read at a time when hashing external data
+
+
+def _inline_bytes(proto) -> bytes:  # noqa: ANN001
+    from onnx import numpy_helper
+
+    return proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
+
+
 class OnnxTensors(Mapping):
     """Initializer name -> NumPy array, read one at a time from the external data file(s).
 
@@ -112,6 +121,44 @@ class OnnxTensors(Mapping):
         if array.size != count:
             raise ValidationError(f"{path}: external data is truncated at tensor {proto.name!r}")
         return array.reshape(shape)
+
+    def sha256(self, name: str) -> str:
+        """sha256 of initializer ``name``'s bytes as stored (external data read in chunks, so a
+        tensor of any size costs constant memory)."""
+        import hashlib
+
+        proto = self._protos[name]
+        info = _external_info(proto)
+        digest = hashlib.sha256()
+        if info is None:
+            digest.update(_inline_bytes(proto))
+            return digest.hexdigest()
+        offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        with open(self.folder / info["location"], "rb") as fh:
+            fh.seek(offset)
+            while length > 0:
+                chunk = fh.read(min(length, _CHUNK))
+                if not chunk:
+                    raise ValidationError(f"{self.folder / info['location']}: external data is "
+                                          f"truncated at tensor {name!r}")
+                digest.update(chunk)
+                length -= len(chunk)
+        return digest.hexdigest()
+
+    def digests(self) -> dict[str, str]:
+        """Initializer name -> `sha256`, every initializer of the graph (sorted by name)."""
+        return {name: self.sha256(name) for name in sorted(self._protos)}
+
+    def changed(self, recorded: Mapping[str, str]) -> dict[str, str]:
+        """Initializer name -> what is wrong with it, against ``recorded`` digests: bytes that
+        differ, a recorded tensor the graph lacks, a tensor the record does not list."""
+        out = {name: "is not in the graph" for name in recorded if name not in self._protos}
+        for name in sorted(self._protos):
+            if name not in recorded:
+                out[name] = "is not in the export's record"
+            elif self.sha256(name) != recorded[name]:
+                out[name] = "differs from the bytes the export wrote (sha256)"
+        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self._protos or name in self._constants

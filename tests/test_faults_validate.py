@@ -1,0 +1,134 @@
+"""Fault cases owned by `validate`: a damaged or incomplete export folder must never pass.
+
+One tiny export (CLI defaults: t folded into norms and into up_proj's rows, a quantized
+embedding table) is made once; each case damages a copy of it in place, runs `validate`
+in-process and restores the bytes, so every case sees the same export.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from test_faults import QUANT_FLAGS, error_lines, tree_digest, write_tiny_llama
+
+from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
+from sinq_export.io import read_json
+
+VALIDATE = ["--tokens", "24", "--decode-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:  # noqa: ANN001
+    root = tmp_path_factory.mktemp("faults-validate")
+    src = write_tiny_llama(root / "tiny-llama")
+    out = root / "out"
+    assert main(["model", str(src), "-o", str(out), "--embedding-bits", "4", *QUANT_FLAGS]) == 0
+    return out
+
+
+@pytest.fixture
+def damaged(export, tmp_path) -> Path:  # noqa: ANN001
+    """A private copy of the export (its source folder stays where the manifest says)."""
+    out = tmp_path / "out"
+    shutil.copytree(export, out)
+    return out
+
+
+def _patch(out: Path, tensor: str, damage) -> None:  # noqa: ANN001
+    """Rewrite the middle element of ``tensor`` with ``damage(element)``, in place: in the
+    data file for an external initializer, in model.onnx for an inline one."""
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    proto = next(t for t in model.graph.initializer if t.name == tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
+    size = np.dtype(dtype).itemsize
+    info = {e.key: e.value for e in proto.external_data}
+    if "location" not in info:
+        array = onnx.numpy_helper.to_array(proto).copy()
+        flat = array.reshape(-1)
+        flat[flat.size // 2] = damage(flat[flat.size // 2:flat.size // 2 + 1])[0]
+        proto.CopyFrom(onnx.numpy_helper.from_array(array, tensor))
+        (out / "model.onnx").write_bytes(model.SerializeToString())
+        return
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    at = offset + (length // size // 2) * size
+    with open(out / info["location"], "r+b") as fh:
+        fh.seek(at)
+        value = np.frombuffer(fh.read(size), dtype=dtype).copy()
+        fh.seek(at)
+        fh.write(damage(value).tobytes())
+
+
+def _times_64(value: np.ndarray) -> np.ndarray:
+    return (value * 64).astype(value.dtype)
+
+
+def _flip_byte(value: np.ndarray) -> np.ndarray:
+    return value ^ np.uint8(0xFF)
+
+
+def _validate(out: Path, capsys) -> tuple[int, str, str]:  # noqa: ANN001
+    rc = main(["validate", str(out), *VALIDATE])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _layers(export: Path) -> dict[str, dict]:
+    return read_json(export / "sinq_export.json")["layers"]
+
+
+def test_the_undamaged_export_passes(export, capsys):
+    rc, out, err = _validate(export, capsys)
+    assert rc == EXIT_OK, out + err
+    folded = {n for n, m in _layers(export).items()
+              if m["folded_into"] or m["output_scaled_by"]}
+    assert {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"} <= folded
+
+
+@pytest.mark.parametrize("damage", ["scale x64", "flipped weight byte"])
+def test_any_damaged_layer_fails_and_is_named(export, damaged, damage, capsys):
+    """Every quantized layer, folded ones and the embedding table included: one group scale
+    times 64, or one packed weight byte flipped, and `validate` exits 1 naming that layer."""
+    layers = _layers(export)
+    assert "model.embed_tokens" in layers
+    before = tree_digest(damaged)
+    role, change = ("scales", _times_64) if damage == "scale x64" else ("packed", _flip_byte)
+    for name, meta in layers.items():
+        if meta.get("shared_with"):
+            continue  # a tied head reads the table's tensors: damaged through the table
+        tensor = meta["initializers"][role]
+        original = (damaged / "model.onnx.data").read_bytes()
+        _patch(damaged, tensor, change)
+        try:
+            rc, out, err = _validate(damaged, capsys)
+        finally:
+            (damaged / "model.onnx.data").write_bytes(original)
+        assert rc == EXIT_FAILED, (name, out)
+        verdict = [ln for ln in out.splitlines() if "first diverging layer:" in ln
+                   or ln.strip().startswith("FAIL: layer")]
+        assert any(f" {name} " in f"{ln} " or f"layer {name}:" in ln for ln in verdict), (name, out)
+        assert f"tensor {tensor} differs" in out, (name, out)
+        assert err == "", err
+    assert tree_digest(damaged) == before
+
+
+def test_a_damaged_norm_weight_fails_and_is_named(damaged, capsys):
+    _patch(damaged, "model.layers.1.input_layernorm.weight", _times_64)
+    rc, out, err = _validate(damaged, capsys)
+    assert rc == EXIT_FAILED and err == ""
+    assert "FAIL: tensor model.layers.1.input_layernorm.weight differs" in out, out
+
+
+def test_a_manifest_with_damaged_digests_is_bad_input(damaged, capsys):
+    import json
+
+    manifest = read_json(damaged / "sinq_export.json")
+    manifest["tensor_sha256"] = ["not", "digests"]
+    (damaged / "sinq_export.json").write_text(json.dumps(manifest))
+    rc, out, err = _validate(damaged, capsys)
+    assert rc == 2
+    [line] = error_lines(err)
+    assert "tensor_sha256 is not an object of hex digests" in line
