@@ -103,7 +103,7 @@ def validate(
         raise ValidationError(f"--tokens {n_prefill} + --decode-steps {decode_steps} exceed the "
                               f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
-    tensors = OnnxTensors(model, info.out_dir)
+    tensors = OnnxTensors(model, info.data_dir)
     src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
     has_ref = reference is not None or src is not None
     report = ValidationReport(out_dir=str(out_dir), mode="reference" if has_ref else "onnx-only",
@@ -386,7 +386,7 @@ def reference_model(out_dir: str | Path, source: str | Path | None = None):
     """The torch reference of a causal-LM export (what ``eval --backend torch`` scores)."""
     info = read_export(out_dir)
     model = load_graph(info.onnx_path)
-    tensors = OnnxTensors(model, info.out_dir)
+    tensors = OnnxTensors(model, info.data_dir)
     src = resolve_source(info.out_dir, info.meta, source)
     if src is None:
         raise ValidationError(f"{out_dir}: no source folder or {REFERENCE_DIR}/ to build the "
@@ -416,7 +416,7 @@ def context_length(info: ExportInfo) -> int | None:
 
 def check_export_runs(info: ExportInfo) -> None:
     """The graph parses and its external data is all there (cheap; before any session)."""
-    OnnxTensors(load_graph(info.onnx_path), info.out_dir)
+    OnnxTensors(load_graph(info.onnx_path), info.data_dir)
 
 
 def _gptq_layers(info) -> set[str]:  # noqa: ANN001
