@@ -169,7 +169,7 @@ def chat_prompt(folder: Path, user: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir", help="export folder (model.onnx + tokenizer.json)")
+    ap.add_argument("model_dir", help="export folder (onnx/model.onnx + tokenizer.json)")
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")

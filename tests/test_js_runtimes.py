@@ -185,3 +185,33 @@ def test_unknown_provider_lists_the_js_names(capsys, exported):
     err = capsys.readouterr().err
     assert code == 2 and "node, wasm, web-webgpu" in err
 
+
+def test_browser_sample_streams_the_python_greedy_text(exported):
+    """samples/web/ driven headless (WASM) writes the text samples/ort_generate.py writes."""
+    import sys
+    import urllib.parse
+    from pathlib import Path
+
+    _need("wasm")
+    prompt, new = "The capital of France is", 12
+    sample = Path(__file__).resolve().parents[1] / "samples" / "ort_generate.py"
+    proc = subprocess.run([sys.executable, str(sample), str(exported[1]), "--prompt", prompt,
+                           "--max-new-tokens", str(new), "--json"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    python = json.loads(proc.stdout.strip().splitlines()[-1])
+    server, url = js.load_server().start({"default": exported[1]})
+    try:
+        query = urllib.parse.urlencode({"autorun": 1, "backend": "wasm", "prompt": prompt,
+                                        "tokens": new})
+        page = subprocess.run(["node", str(js.js_dir() / "browser_run.mjs"),
+                               f"{url}/samples/web/?{query}", "wasm"], capture_output=True,
+                              text=True, timeout=600, cwd=js.js_dir())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page.returncode == 0, page.stderr[-2000:]
+    web = json.loads(page.stdout.strip().splitlines()[-1])
+    assert web["prompt_ids"] == python["prompt_ids"]
+    assert web["ids"] == python["tokens"] and web["text"] == python["text"]
+    assert web["backend"] == "wasm" and web["decode_tokens_per_s"] > 0
