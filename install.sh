@@ -39,4 +39,42 @@ if ! .venv/bin/python -c "from sinq_export import runtime_ops as r; raise System
        "exports, validate and eval work; for --runtime custom / --col-scale fused build it with" \
        "'.venv/bin/python -m sinq_export.runtime_ops build' (see its error for what is missing)" >&2
 fi
+# The JavaScript runtimes (`validate --providers node,wasm,web-webgpu`, samples/web/): the
+# pinned npm packages in js/ (`npm ci --ignore-scripts`: onnxruntime-node's postinstall only
+# fetches optional CUDA libraries) and the system's Chromium (apt's `chromium` when root, or
+# SINQ_CHROMIUM). Without Node or Chromium everything Python-only still works, with one
+# warning; with SINQ_JS_REQUIRED=1 (.ci/run sets it) or CI=true a missing piece fails.
+JS_REQUIRED="${SINQ_JS_REQUIRED:-}"
+case "${CI:-}" in 1|true|TRUE|yes) JS_REQUIRED=1 ;; esac
+apt_install() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+  apt-get install -y -q "$@" >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 &&
+    apt-get install -y -q "$@" >/dev/null 2>&1; }
+}
+if [ -n "$JS_REQUIRED" ] && ! command -v npm >/dev/null; then
+  apt_install nodejs npm || true
+fi
+CHROMIUM="${SINQ_CHROMIUM:-}"
+if [ -z "$CHROMIUM" ]; then
+  for c in /usr/bin/chromium /usr/bin/chromium-browser /usr/bin/google-chrome; do
+    [ -x "$c" ] && CHROMIUM="$c" && break
+  done
+fi
+if [ -z "$CHROMIUM" ] && apt_install chromium; then CHROMIUM=/usr/bin/chromium; fi
+JS_MISSING=""
+if ! command -v npm >/dev/null; then
+  JS_MISSING="Node/npm (apt-get install -y nodejs npm, then rerun install.sh)"
+elif ! (cd js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null); then
+  JS_MISSING="the npm packages in js/ ('cd js && npm ci --ignore-scripts' failed)"
+elif [ -z "$CHROMIUM" ] || [ ! -x "$CHROMIUM" ]; then
+  JS_MISSING="Chromium (apt-get install -y chromium, or set SINQ_CHROMIUM)"
+fi
+if [ -n "$JS_MISSING" ]; then
+  if [ -n "$JS_REQUIRED" ]; then
+    echo "install.sh: error: the JavaScript runtimes need $JS_MISSING" >&2
+    exit 1
+  fi
+  echo "install.sh: warning: JavaScript runtimes not set up (missing $JS_MISSING); everything" \
+       "Python-only works; validate reports node/wasm/web-webgpu as skipped" >&2
+fi
 .venv/bin/sinq-export --version

@@ -228,7 +228,7 @@ def main() -> int:
         except (ValueError, IndexError):
             pass
         if run["rc"] == 0:
-            onnx_bytes = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+            onnx_bytes = sum(p.stat().st_size for p in (out / "onnx").iterdir())
             row["out_dir_bytes"], row["onnx_bytes"] = _folder_bytes(out), onnx_bytes
         if size == "1.5B" and run["rc"] == 0 and not args.no_validate:
             row["validate"] = timed([sys.executable, "-m", "sinq_export.cli", "validate", str(out),

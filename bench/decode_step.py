@@ -34,7 +34,7 @@ def session(folder: Path, threads: int, so: ort.SessionOptions | None = None
     lib = folder / "libsinq_ops.so"
     if lib.is_file():
         so.register_custom_ops_library(str(lib))
-    model = next(iter(sorted(folder.glob("*.onnx"))))
+    model = next(iter(sorted(folder.glob("*.onnx")) + sorted(folder.glob("onnx/*.onnx"))))
     return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
 
 

@@ -157,12 +157,14 @@ def build(name: str, hf_dir: Path, cache: Path, rebuild: bool) -> tuple[Path, fl
 
 
 def onnx_file(folder: Path) -> Path:
-    return next(p for p in sorted(folder.glob("*.onnx")))
+    """The graph: at the top (the genai builder's folders) or under onnx/ (ours)."""
+    return next(p for p in sorted(folder.glob("*.onnx")) + sorted(folder.glob("onnx/*.onnx")))
 
 
 def size_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data")
-               or p.name.endswith(".onnx.data"))
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and (
+        p.suffix in (".onnx", ".data") or p.name.endswith((".onnx.data", ".onnx_data"))
+        or ".onnx_data_" in p.name))
 
 
 def bytes_per_token(folder: Path) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Greedy text generation with onnxruntime alone: numpy + tokenizers, no torch, no transformers.
 
-Runs the ``model.onnx`` of a ``sinq-export model`` folder (GroupQueryAttention decoder: inputs
+Runs the ONNX graph of a ``sinq-export model`` folder (``onnx/model.onnx``, the file
+``genai_config.json`` names; GroupQueryAttention decoder: inputs
 ``input_ids``, ``attention_mask`` [1, past + new], ``past_key_values.N.key/value`` [1, kv_heads,
 past, head_dim]; outputs ``logits``, ``present.N.key/value`` [1, kv_heads, past + new,
 head_dim]) with its KV cache kept in numpy arrays. A graph that also takes ``position_ids``
@@ -66,6 +67,15 @@ def uses_custom_ops(folder: Path) -> bool:
     return CUSTOM_DOMAIN in meta.get("onnx", {}).get("custom_domains", [])
 
 
+def model_file(folder: Path) -> Path:
+    """The graph ``genai_config.json`` names (``onnx/model.onnx`` in our folders), else the
+    top-level ``model.onnx`` of other exporters' folders."""
+    config = folder / "genai_config.json"
+    if config.is_file():
+        return folder / json.loads(config.read_text())["model"]["decoder"]["filename"]
+    return folder / "model.onnx"
+
+
 class OrtCausalLM:
     """A decoder graph (input_ids, attention_mask[, position_ids], past_key_values.* -> logits,
     present.*) driven step by step with a numpy KV cache that grows by the new tokens."""
@@ -73,7 +83,7 @@ class OrtCausalLM:
     def __init__(self, folder: str | Path, threads: int | None = None, ops_library: str | None = None,
                  provider: str = "CPUExecutionProvider"):
         self.folder = Path(folder)
-        onnx_path = self.folder / "model.onnx"
+        onnx_path = model_file(self.folder)
         if not onnx_path.is_file():
             raise SystemExit(f"{onnx_path} not found: pass a `sinq-export model` output folder")
         so = ort.SessionOptions()
@@ -159,7 +169,7 @@ def chat_prompt(folder: Path, user: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_dir", help="export folder (model.onnx + tokenizer.json)")
+    ap.add_argument("model_dir", help="export folder (onnx/model.onnx + tokenizer.json)")
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -169,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     folder = Path(args.model_dir)
-    for name in ("model.onnx", "tokenizer.json"):
-        if not (folder / name).is_file():
-            ap.error(f"{folder / name} not found: pass a `sinq-export model` output folder")
+    for path in (model_file(folder), folder / "tokenizer.json"):
+        if not path.is_file():
+            ap.error(f"{path} not found: pass a `sinq-export model` output folder")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     text = chat_prompt(folder, args.prompt) if args.chat else args.prompt
     prompt_ids = tokenizer.encode(text, add_special_tokens=False).ids

@@ -336,7 +336,9 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
                     "ONNX-only per-op NumPy checks and says so.")
     p.add_argument("out_dir", help="a folder written by `sinq-export model`")
     p.add_argument("--providers", default="cpu",
-                   help="comma list of cpu, cuda, tensorrt, rocm, dml, ... or 'all' (default cpu)")
+                   help="comma list of cpu, cuda, tensorrt, rocm, dml, ... or 'all' (default cpu); "
+                        "JavaScript runtimes: node (onnxruntime-node), wasm and web-webgpu "
+                        "(onnxruntime-web in headless Chromium; docs/runtimes.md)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                    help="override MatMulNBits accuracy_level (default: as exported)")
     p.add_argument("--tokens", type=int, default=256, help="prefill tokens of real text (default 256)")

@@ -19,6 +19,7 @@ import torch
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import ExportError, export_causal_lm
+from sinq_export.export.files import MODEL_FILE
 from sinq_export.models import ModelLoadError
 from sinq_export.nn import quantize_model
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
@@ -74,7 +75,7 @@ def reference(model, config: SinqConfig):  # noqa: ANN001, ANN201
 
 
 def _session(out) -> ort.InferenceSession:  # noqa: ANN001
-    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
 
 
 def _eos_ids(out) -> list[int]:  # noqa: ANN001
@@ -151,7 +152,7 @@ def test_genai_greedy_matches_torch(exported):
 
 def test_graph_is_fused_and_manifest_names_real_tensors(exported):
     root, _, _ = exported
-    model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(root / "out" / MODEL_FILE), load_external_data=False)
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     assert ("com.microsoft", "GroupQueryAttention") in ops
     assert ("com.microsoft", "SkipSimplifiedLayerNormalization") in ops
@@ -174,7 +175,7 @@ def test_graph_is_fused_and_manifest_names_real_tensors(exported):
 def _check_qkv_packing(manifest: dict, out, packed: bool) -> None:
     """Packed: q/k/v of a layer are rows [0, q) [q, q+k) [q+k, N) of one MatMulNBits feeding
     GQA's packed-QKV form (key/value inputs empty). Else three nodes, GQA reads three inputs."""
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
     nodes = {n.name: n for n in graph.node}
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     for i, node in enumerate(gqa):
@@ -265,7 +266,7 @@ def test_symmetric_export_omits_default_zero_points(tmp_path, family):
                       overrides=((r"layers\.1\.mlp\.down_proj", 3),))
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                            progress=False)
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False).graph
     nodes = {n.name: n for n in graph.node}
     for name, layer in res.manifest["layers"].items():
         node = nodes[layer["node"]]
@@ -306,7 +307,7 @@ def test_precomputed_calibrated_records_are_what_ships(tmp_path):
     free = export_causal_lm(tmp_path / "hf", tmp_path / "free", CFG.replace(lm_head_bits=None),
                             progress=False)
     name = "model.layers.0.mlp.down_proj.qweight"
-    got = {d: onnx.load(str(tmp_path / d / "model.onnx")) for d in ("out", "free")}
+    got = {d: onnx.load(str(tmp_path / d / MODEL_FILE)) for d in ("out", "free")}
     arrays = {d: next(onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name == name)
               for d, m in got.items()}
     assert not np.array_equal(arrays["out"], arrays["free"]) and free.manifest.get("calibration") is None
@@ -330,7 +331,7 @@ def test_calibrated_tied_head_is_the_shared_table(tmp_path):
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(embedding_bits=4),
                            progress=False, records=records)
     assert res.manifest["layers"]["lm_head"]["shared_with"] == "model.embed_tokens"
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    graph = onnx.load(str(tmp_path / "out" / MODEL_FILE))
     table = next(onnx.numpy_helper.to_array(t) for t in graph.graph.initializer
                  if t.name == "model.embed_tokens.qweight")
     head = records["lm_head"]
@@ -351,7 +352,7 @@ def test_lm_head_group_size_reaches_the_graph(tmp_path):
     head = res.manifest["layers"]["lm_head"]
     assert head["group_size"] == 16 and head["shared_with"] == "model.embed_tokens"
     assert res.manifest["layers"]["model.embed_tokens"]["group_size"] == 16
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False).graph
     node = next(n for n in graph.node if n.name == head["node"])
     assert {a.name: a.i for a in node.attribute}["block_size"] == 16
     from sinq_export.validate import validate
@@ -380,8 +381,10 @@ def test_two_exports_are_byte_identical(tmp_path):
     make_model_dir(tmp_path / "hf", "llama")
     for name in ("a", "b"):
         export_causal_lm(tmp_path / "hf", tmp_path / name, CFG, progress=False)
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*")
+                   if p.is_file())
+    assert files == sorted(str(p.relative_to(tmp_path / "b")) for p in (tmp_path / "b").rglob("*")
+                           if p.is_file())
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
@@ -468,7 +471,7 @@ def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
     assert genai["search"]["past_present_share_buffer"] is (graph.dtype == "fp32")
     ref = reference(model, cfg)
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
-    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+    sess = ort.InferenceSession(str(tmp_path / "out" / MODEL_FILE),
                                 runtime_ops.session_options(), providers=["CPUExecutionProvider"])
     run = run_ort_lm(sess, PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
@@ -492,7 +495,7 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
     assert layers["model.embed_tokens"]["op"] == "GatherBlockQuantized"
     tied = FAMILIES[family]["tie_word_embeddings"]
     assert layers["lm_head"]["shared_with"] == ("model.embed_tokens" if tied else None)
-    inits = {t.name for t in onnx.load(str(tmp_path / "out" / "model.onnx"),
+    inits = {t.name for t in onnx.load(str(tmp_path / "out" / MODEL_FILE),
                                        load_external_data=False).graph.initializer}
     assert "model.embed_tokens.weight" not in inits and ("lm_head.qweight" in inits) != tied
     ref = reference(model, CFG)
@@ -519,7 +522,7 @@ def test_overrides_and_float_layers(tmp_path):
     layers = res.manifest["layers"]
     assert layers["model.layers.1.mlp.down_proj"]["bits"] == 8
     assert "model.layers.0.self_attn.o_proj" not in layers and "lm_head" not in layers
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False).graph
     assert sum(n.op_type == "MatMul" for n in graph.node) == 2  # o_proj of layer 0, the head
     assert not any(n.op_type == "Transpose" for n in graph.node)
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
@@ -587,12 +590,12 @@ def test_allocated_widths_and_group_sizes_export(tmp_path, runtime):
     assert layers["model.layers.0.mlp.up_proj"]["bits"] == 5
     assert layers["model.layers.0.mlp.gate_proj"]["container_bits"] == (8 if runtime == "stock" else 5)
     assert layers["model.layers.0.self_attn.q_proj"]["group_size"] == 32
-    nodes = {n.name: n for n in onnx.load(str(tmp_path / "out" / "model.onnx"),
+    nodes = {n.name: n for n in onnx.load(str(tmp_path / "out" / MODEL_FILE),
                                           load_external_data=False).graph.node}
     node = nodes[layers["model.layers.1.self_attn.q_proj"]["node"]]
     assert {a.name: a.i for a in node.attribute}["block_size"] == 64
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
-    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"),
+    sess = ort.InferenceSession(str(tmp_path / "out" / MODEL_FILE),
                                 runtime_ops.session_options(), providers=["CPUExecutionProvider"])
     run = run_ort_lm(sess, PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from sinq_export.cli import EXIT_OK, EXIT_USAGE, main
+from sinq_export.export.files import MODEL_FILE
 from sinq_export.models import default_model_dir
 from sinq_export.validate.runners import run_ort_lm
 
@@ -31,7 +32,7 @@ LONG_PROMPT = "Aristotle was a Greek philosopher and polymath during the Classic
 def _session(path) -> ort.InferenceSession:  # noqa: ANN001
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path / MODEL_FILE), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def export4(work):  # noqa: ANN001, ANN201
 
 def test_export_folder(export4):
     out, summary = export4
-    for name in ("model.onnx", "model.onnx.data", "config.json", "generation_config.json",
+    for name in (MODEL_FILE, MODEL_FILE + "_data", "config.json", "generation_config.json",
                  "tokenizer.json", "genai_config.json", "sinq_export.json"):
         assert (out / name).exists(), name
     assert not (out / "reference").exists()
@@ -76,7 +77,7 @@ def test_export_folder(export4):
     sizes = man["sizes"]
     print(f"onnx bytes {sizes['onnx_bytes']}, summary timings {summary['timings_s']}")
     assert sizes["onnx_bytes"] < 140e6  # fp32 SmolLM2 is 540 MB
-    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits") == 211 and ops.count("GroupQueryAttention") == 30
     assert ops.count("GatherBlockQuantized") == 1 and "MatMul" not in ops

@@ -16,6 +16,7 @@ import pytest
 from test_faults import QUANT_FLAGS, error_lines, tree_digest, write_tiny_llama
 
 from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
+from sinq_export.export.files import MODEL_FILE
 from sinq_export.io import read_json
 
 VALIDATE = ["--tokens", "24", "--decode-steps", "2"]
@@ -40,8 +41,9 @@ def damaged(export, tmp_path) -> Path:  # noqa: ANN001
 
 def _patch(out: Path, tensor: str, damage) -> None:  # noqa: ANN001
     """Rewrite the middle element of ``tensor`` with ``damage(element)``, in place: in the
-    data file for an external initializer, in model.onnx for an inline one."""
-    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    data file for an external initializer, in the graph file for an inline one."""
+    graph = out / MODEL_FILE
+    model = onnx.load(str(graph), load_external_data=False)
     proto = next(t for t in model.graph.initializer if t.name == tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
     size = np.dtype(dtype).itemsize
@@ -51,11 +53,11 @@ def _patch(out: Path, tensor: str, damage) -> None:  # noqa: ANN001
         flat = array.reshape(-1)
         flat[flat.size // 2] = damage(flat[flat.size // 2:flat.size // 2 + 1])[0]
         proto.CopyFrom(onnx.numpy_helper.from_array(array, tensor))
-        (out / "model.onnx").write_bytes(model.SerializeToString())
+        graph.write_bytes(model.SerializeToString())
         return
     offset, length = int(info.get("offset", 0)), int(info["length"])
     at = offset + (length // size // 2) * size
-    with open(out / info["location"], "r+b") as fh:
+    with open(graph.parent / info["location"], "r+b") as fh:
         fh.seek(at)
         value = np.frombuffer(fh.read(size), dtype=dtype).copy()
         fh.seek(at)

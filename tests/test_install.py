@@ -35,7 +35,7 @@ def _source_copy(dest: Path) -> Path:
     """This checkout minus build outputs (setuptools writes build/ and egg-info into the tree)."""
     ignore = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "out", "__pycache__",
                                     "*.so", "*.o", "*.egg-info", ".pytest_cache", ".hypothesis",
-                                    ".ruff_cache", "_native")
+                                    ".ruff_cache", "_native", "node_modules")
     shutil.copytree(ROOT, dest, ignore=ignore)
     return dest
 

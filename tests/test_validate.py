@@ -17,6 +17,7 @@ from test_validate_fixtures import (
 
 from sinq_export import validate as V
 from sinq_export.cli import main
+from sinq_export.export.files import MODEL_FILE
 
 # ------------------------------------------------------------------ pure logic (no model)
 
@@ -245,8 +246,8 @@ def test_numpy_dequantization_matches_the_record(tiny):
     from sinq_export.validate.rebuild import layer_col_scale, layer_rows, record_from_node
     from sinq_export.validate.tensors import OnnxTensors, load_graph
 
-    model = load_graph(tiny / "model.onnx")
-    tensors = OnnxTensors(model, tiny)
+    model = load_graph(tiny / MODEL_FILE)
+    tensors = OnnxTensors(model, (tiny / MODEL_FILE).parent)
     meta = json.loads((tiny / "sinq_export.json").read_text())["layers"]
     name = "model.layers.1.self_attn.q_proj"
     node = next(n for n in model.graph.node if n.name == meta[name]["node"])

@@ -15,6 +15,7 @@ import torch
 from sinq_export import validate as V
 from sinq_export.cli import main
 from sinq_export.config import SinqConfig
+from sinq_export.export.files import MODEL_FILE
 
 LAYERS = 2 * 7  # q k v o gate up down per layer
 
@@ -79,14 +80,14 @@ def test_reference_rebuilt_from_the_source_passes(exported):
 
 
 def _flip_packed_byte(folder, layer):
-    """Flip one byte of ``layer``'s packed codes inside model.onnx.data (in place)."""
+    """Flip one byte of ``layer``'s packed codes inside its data file (in place)."""
     meta = json.loads((folder / "sinq_export.json").read_text())
     name = meta["layers"][layer]["initializers"]["packed"]
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
     tensor = next(t for t in model.graph.initializer if t.name == name)
     info = {e.key: e.value for e in tensor.external_data}
     offset = int(info["offset"]) + int(info["length"]) // 3
-    with open(folder / info["location"], "r+b") as fh:
+    with open((folder / MODEL_FILE).parent / info["location"], "r+b") as fh:
         fh.seek(offset)
         byte = fh.read(1)[0]
         fh.seek(offset)
@@ -103,9 +104,9 @@ def test_corrupted_weight_is_exit_1_naming_the_layer(exported, tmp_path, fixed_t
 
 
 def _damage(folder, how):
-    data = folder / "model.onnx.data"
+    data = folder / (MODEL_FILE + "_data")
     if how == "truncated-onnx":
-        (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:200])
+        (folder / MODEL_FILE).write_bytes((folder / MODEL_FILE).read_bytes()[:200])
     elif how == "truncated-data":
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     elif how == "deleted-data":

@@ -71,7 +71,8 @@ def corrupt_copy(src: Path, dst: Path, layer: str, what: str = "byte") -> Path:
 
     shutil.copytree(src, dst)
     meta = json.loads((dst / "sinq_export.json").read_text())
-    model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
+    graph_file = dst / (meta.get("onnx") or {}).get("file", "model.onnx")
+    model = onnx.load(str(graph_file), load_external_data=False)
     node = next(n for n in model.graph.node if n.name == layer_node_name(meta["layers"][layer]))
     target = node.input[1] if what == "byte" else node.input[2]
     index, tensor = next((i, t) for i, t in enumerate(model.graph.initializer) if t.name == target)
@@ -80,11 +81,11 @@ def corrupt_copy(src: Path, dst: Path, layer: str, what: str = "byte") -> Path:
         arr = numpy_helper.to_array(tensor).copy()
         _corrupt(arr.reshape(-1), what)
         model.graph.initializer[index].CopyFrom(numpy_helper.from_array(arr, target))
-        onnx.save(model, str(dst / "model.onnx"))
+        onnx.save(model, str(graph_file))
         return dst
     itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     offset = int(info.get("offset", 0)) + (int(info["length"]) // 3) // itemsize * itemsize
-    with open(dst / info["location"], "r+b") as fh:
+    with open(graph_file.parent / info["location"], "r+b") as fh:
         fh.seek(offset)
         value = np.frombuffer(fh.read(itemsize), dtype=helper.tensor_dtype_to_np_dtype(
             tensor.data_type)).copy()

@@ -30,6 +30,7 @@ from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
+from .files import DATA_FILE_LIMIT, DIM_NAMES, MODEL_FILE, add_transformers_js_config, data_file_names
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
 from .graph import ExportError
@@ -38,7 +39,6 @@ from .manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     MANIFEST_MARKER,
-    ONNX_FILE,
     ExportResult,
     source_section,
     versions,
@@ -49,7 +49,8 @@ from .weights import PARTS, LinearBinding, RecordCache, bind_weights
 # onnx_ir writes the IR version of the opsets it saw (11 for mobius' opset 24); onnxruntime
 # 1.32 reads <= 13. Pinned so the bytes do not move with onnx_ir releases.
 IR_VERSION = 11
-DATA_FILE = ONNX_FILE + ".data"
+# initializers larger than this go to the data files (onnx_ir's default threshold)
+EXTERNAL_THRESHOLD = 256
 _HF_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 _NOT_COPIED = ("model.safetensors.index.json",)
 
@@ -384,10 +385,11 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
     return out
 
 
-def _onnx_section(model: ir.Model) -> dict:
+def _onnx_section(model: ir.Model, data_files: Sequence[str]) -> dict:
     return {
-        "file": ONNX_FILE,
-        "data_file": DATA_FILE,
+        "file": MODEL_FILE,
+        "data_file": data_files[0] if data_files else None,
+        "data_files": list(data_files),
         "ir_version": model.ir_version,
         "opset": model.opset_imports.get("", None),
         "inputs": [v.name for v in model.graph.inputs],
@@ -396,17 +398,67 @@ def _onnx_section(model: ir.Model) -> dict:
     }
 
 
-def _save(model: ir.Model, path: Path, stages: Stages) -> None:
-    """onnx_ir's writer: it evaluates each lazy initializer in graph order, writes it to the
-    data file and lets it go (measured: peak RSS stays flat, see docs/export-format.md)."""
-    inits = [v.const_value for v in model.graph.initializers.values()]
-    with stages.tensors(sum(t.nbytes for t in inits), len(inits), desc="write") as bar:
-        try:
-            ir.save(model, path, external_data=DATA_FILE, alignment=64,
+def rename_dims(model: ir.Model, names: Mapping[str, str] = DIM_NAMES) -> None:
+    """Give every symbolic dim of the graph's values the name other runtimes resolve
+    (`files.DIM_NAMES`); dims not in ``names`` keep theirs."""
+    values = [*model.graph.inputs, *model.graph.outputs,
+              *(v for node in model.graph for v in node.outputs)]
+    for value in values:
+        shape = value.shape
+        if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in names
+                                    for d in shape):
+            continue
+        value.shape = ir.Shape([ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim)
+                                and d.value in names else d for d in shape])
+
+
+def shard_tensors(sizes: Sequence[int], limit: int, pad: int) -> list[int]:
+    """How many of the tensors (in order) each data file takes so that no file passes
+    ``limit`` bytes (each tensor counted with ``pad`` bytes of alignment). A tensor larger
+    than ``limit`` alone gets a file of its own: no runtime can split one tensor."""
+    counts: list[int] = []
+    used = 0
+    for size in sizes:
+        if counts and counts[-1] and used + pad + size <= limit:
+            counts[-1] += 1
+            used += pad + size
+        else:
+            counts.append(1)
+            used = pad + size
+    return counts
+
+
+def _save(model: ir.Model, path: Path, stages: Stages, limit: int = DATA_FILE_LIMIT) -> list[str]:
+    """Write the graph and its data files (``model.onnx_data``, ``_1``, ... below ``limit``
+    bytes each); returns the data files' names relative to the export folder.
+
+    onnx_ir evaluates each lazy initializer in graph order, writes it and lets it go (measured:
+    peak RSS stays flat, see docs/export-format.md); the in-memory values are swapped for
+    references to the written files before the graph itself is serialised.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = [v for v in model.graph.initializers.values()
+              if v.const_value is not None and v.const_value.nbytes > EXTERNAL_THRESHOLD]
+    counts = shard_tensors([v.const_value.nbytes for v in values], limit, pad=4096)
+    names = data_file_names(path.name, len(counts))
+    total = sum(v.const_value.nbytes for v in values)
+    with stages.tensors(total, len(values), desc="write") as bar:
+        start = 0
+        for name, count in zip(names, counts):
+            group = values[start:start + count]
+            try:
+                written = ir.external_data.convert_tensors_to_external(
+                    [v.const_value for v in group], path.parent, name, alignment=64,
                     callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
-        except ir.serde.SerdeError as exc:
-            cause = _raised_by_a_tensor(exc)
-            raise cause from cause.__cause__
+            except ir.serde.SerdeError as exc:
+                cause = _raised_by_a_tensor(exc)
+                raise cause from cause.__cause__
+            for value, tensor in zip(group, written):
+                value.const_value = tensor
+            start += count
+    ir.save(model, path)
+    prefix = path.parent.name
+    return [f"{prefix}/{name}" for name in names]
 
 
 def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
@@ -438,7 +490,8 @@ def _tensor_digests(out: Path) -> dict[str, str]:
     in any tensor (those of a layer whose t is folded away included)."""
     from ..validate.tensors import OnnxTensors, load_graph
 
-    return OnnxTensors(load_graph(out / ONNX_FILE), out).digests()
+    graph = out / MODEL_FILE
+    return OnnxTensors(load_graph(graph), graph.parent).digests()
 
 
 def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
@@ -529,6 +582,7 @@ def export_causal_lm(
             builder.replace_linears(module, plan.linears)
             model = builder.build_graph(module, cfg)
             packed = pack_qkv(model)
+            rename_dims(model)
             model.ir_version = IR_VERSION
             model.producer_name = "sinq-export"
             model.producer_version = versions()["sinq_export"] or ""
@@ -550,22 +604,25 @@ def export_causal_lm(
         with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
                                protect=[folder]) as tmp_out:
             with stages.stage("write"):
-                _save(model, tmp_out / ONNX_FILE, stages)
+                data_files = _save(model, tmp_out / MODEL_FILE, stages)
                 _copy_hf_files(folder, tmp_out)
+                if (tmp_out / "config.json").is_file():
+                    add_transformers_js_config(tmp_out / "config.json", len(data_files))
                 custom = any(p.choice.domain == CUSTOM_DOMAIN for p in plan.linears.values())
                 if custom:
                     _copy_ops_library(tmp_out)
                 write_json(tmp_out / "genai_config.json",
-                           genai_config(hf_config, folder, custom_ops=custom, in_place_kv=any(
-                               n.op_type == "GroupQueryAttention" for n in model.graph)))
+                           genai_config(hf_config, folder, custom_ops=custom, filename=MODEL_FILE,
+                                        in_place_kv=any(n.op_type == "GroupQueryAttention"
+                                                        for n in model.graph)))
                 if with_reference:
                     _write_reference(folder, tmp_out, config, cache.made or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
-                                        tmp_out), **(manifest_extra or {}),
+                                        tmp_out, data_files), **(manifest_extra or {}),
                             "tensor_sha256": _tensor_digests(tmp_out)}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
-                onnx.checker.check_model(str(tmp_out / ONNX_FILE), full_check=False)
+                onnx.checker.check_model(str(tmp_out / MODEL_FILE), full_check=False)
         # quantization runs inside the writer's pulls: report it apart from the I/O
         stages.timings["quantize"] = cache.stats.seconds
         stages.timings["write"] -= cache.stats.seconds
@@ -591,12 +648,12 @@ def _configs(folder: Path, config: SinqConfig | None, graph_config: GraphConfig 
 
 
 def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,
-              folder: Path, out: Path) -> dict:
+              folder: Path, out: Path, data_files: Sequence[str]) -> dict:
     lin_bytes = sum(
         int(model.graph.initializers[init].const_value.nbytes)
         for rec in layers.values() for init in rec["initializers"].values() if init
     )
-    onnx_bytes = (out / ONNX_FILE).stat().st_size + (out / DATA_FILE).stat().st_size
+    onnx_bytes = sum((out / f).stat().st_size for f in (MODEL_FILE, *data_files))
     return {
         "format_version": FORMAT_VERSION,
         "kind": "causal-lm",
@@ -605,7 +662,7 @@ def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, gra
         "source_model": folder.name,
         "source": source_section(folder),
         "versions": versions(),
-        "onnx": _onnx_section(model),
+        "onnx": _onnx_section(model, data_files),
         "layers": layers,
         "mul_nodes": sum(1 for n in model.graph if n.op_type == "Mul" and any(
             v is not None and v.name.endswith(".col_scale") for v in n.inputs)),

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .files import MODEL_FILE
+
 DECODER_INPUTS = {
     "input_ids": "input_ids",
     "attention_mask": "attention_mask",
@@ -41,7 +43,7 @@ def _generation_ids(folder: Path, hf_config: Any) -> dict[str, Any]:
 
 
 def genai_config(hf_config: Any, folder: Path, *, custom_ops: bool = False,
-                 in_place_kv: bool = True, filename: str = "model.onnx") -> dict:
+                 in_place_kv: bool = True, filename: str = MODEL_FILE) -> dict:
     """The genai configuration dict for a decoder built by `builder`.
 
     ``in_place_kv``: the graph attends with GroupQueryAttention (mobius' CPU fp32 build); an

@@ -21,9 +21,11 @@ from .graph import (
     locate_layers,
     read_export,
 )
+from .js import js_provider_result, refuse_custom_ops
 from .metrics import EndToEnd, compare_logits, compare_outputs, layer_error, perplexity_from_logits
 from .providers import (
     EXPORT_META_FILE,
+    JS_PROVIDERS,
     PROVIDERS,
     QUANT_OPS,
     REFERENCE_DIR,
@@ -52,7 +54,7 @@ from .runners import (
     run_torch_module,
     validation_tokens,
 )
-from .tensors import OnnxTensors, load_graph
+from .tensors import OnnxTensors, graph_bytes, load_graph
 
 # ------------------------------------------------------------------------------ validate
 
@@ -92,6 +94,7 @@ def validate(
     """
     info = read_export(out_dir)
     names = parse_providers(providers)
+    refuse_custom_ops(names, info.custom_domains)
     if tokens < 2 or decode_steps < 0:
         raise ValidationError(f"tokens must be >= 2 and decode_steps >= 0 (got {tokens}, {decode_steps})")
     if info.kind not in ("causal-lm", "module"):
@@ -103,7 +106,7 @@ def validate(
         raise ValidationError(f"--tokens {n_prefill} + --decode-steps {decode_steps} exceed the "
                               f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
-    tensors = OnnxTensors(model, info.out_dir)
+    tensors = OnnxTensors(model, info.data_dir)
     src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
     has_ref = reference is not None or src is not None
     report = ValidationReport(out_dir=str(out_dir), mode="reference" if has_ref else "onnx-only",
@@ -166,10 +169,19 @@ def validate(
     expose = list(dict.fromkeys(t for s in sites for t in (s.output, s.local_input)))
     plain = instrumented_copy(model, [], level) if accuracy_level is not None else info.onnx_path
     probe = instrumented_copy(model, expose, level if accuracy_level is not None else None)
+    model_for_js = model if any(n in JS_PROVIDERS for n in names) else None
     del model
 
     available = set(available_providers())
     for name in names:
+        if name in JS_PROVIDERS:  # end to end only: the layers are checked in Python onnxruntime
+            pr = js_provider_result(name, info, model_for_js, prefill, decode_tokens, ref_run,
+                                    level, None if isinstance(plain, Path) else graph_bytes(plain),
+                                    weight_check)
+            if pr.end_to_end is not None:
+                _verdict(pr, report.mode)
+            report.providers.append(pr)
+            continue
         pr = ProviderResult(provider=name, ort_provider=PROVIDERS[name], status="skipped",
                             accuracy_level=level, dtype=info.dtype)
         report.providers.append(pr)
@@ -423,7 +435,7 @@ def reference_model(out_dir: str | Path, source: str | Path | None = None):
     """The torch reference of a causal-LM export (what ``eval --backend torch`` scores)."""
     info = read_export(out_dir)
     model = load_graph(info.onnx_path)
-    tensors = OnnxTensors(model, info.out_dir)
+    tensors = OnnxTensors(model, info.data_dir)
     src = resolve_source(info.out_dir, info.meta, source)
     if src is None:
         raise ValidationError(f"{out_dir}: no source folder or {REFERENCE_DIR}/ to build the "
@@ -453,7 +465,7 @@ def context_length(info: ExportInfo) -> int | None:
 
 def check_export_runs(info: ExportInfo) -> None:
     """The graph parses and its external data is all there (cheap; before any session)."""
-    OnnxTensors(load_graph(info.onnx_path), info.out_dir)
+    OnnxTensors(load_graph(info.onnx_path), info.data_dir)
 
 
 def _gptq_layers(info) -> set[str]:  # noqa: ANN001

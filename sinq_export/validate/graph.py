@@ -28,6 +28,11 @@ class ExportInfo:
     custom_domains: list[str]
     layers: dict[str, dict]
 
+    @property
+    def data_dir(self) -> Path:
+        """The folder the graph's external-data locations are relative to (the graph's own)."""
+        return self.onnx_path.parent
+
 
 def read_export(out_dir: str | Path) -> ExportInfo:
     """Parse OUT_DIR's manifest; a missing or damaged one is a `ValidationError` (exit 2)."""
@@ -166,7 +171,7 @@ def _session(model_or_path, info: ExportInfo, provider: str):  # noqa: ANN001
     if isinstance(model_or_path, (str, Path)):
         sess = ort.InferenceSession(str(model_or_path), opts, providers=providers)
     else:
-        opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(info.out_dir.absolute()))
+        opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(info.data_dir.absolute()))
         sess = ort.InferenceSession(graph_bytes(model_or_path), opts, providers=providers)
     if full not in sess.get_providers():
         raise RuntimeError(f"onnxruntime fell back to {sess.get_providers()} instead of {full}")

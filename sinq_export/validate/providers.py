@@ -24,6 +24,15 @@ PROVIDERS: dict[str, str] = {
     "qnn": "QNNExecutionProvider",
 }
 
+# The JavaScript runtimes (`validate.js`): short name -> what runs it. The browser's WebGPU is
+# ``web-webgpu`` (``webgpu`` is the Python build's WebGpuExecutionProvider).
+JS_PROVIDERS: dict[str, str] = {
+    "node": "onnxruntime-node (CPU)",
+    "wasm": "onnxruntime-web WASM (headless Chromium)",
+    "web-webgpu": "onnxruntime-web WebGPU (headless Chromium)",
+}
+JS_ALIASES = {"web-wasm": "wasm", "onnxruntime-node": "node"}
+
 
 class ValidationError(ValueError):
     """Bad input to the validator (unknown provider, not an export folder, tokenizer mismatch)."""
@@ -58,14 +67,17 @@ def parse_providers(spec: str | Sequence[str]) -> list[str]:
             continue
         if name.endswith("executionprovider"):  # accept onnxruntime's own spelling
             name = next((s for s, f in PROVIDERS.items() if f.lower() == name), name)
-        if name not in PROVIDERS:
+        name = JS_ALIASES.get(name, name)
+        if name not in PROVIDERS and name not in JS_PROVIDERS:
             raise ValidationError(
-                f"unknown provider {raw.strip()!r}; valid names: {', '.join(PROVIDERS)}, all"
+                f"unknown provider {raw.strip()!r}; valid names: "
+                f"{', '.join([*PROVIDERS, *JS_PROVIDERS])}, all"
             )
         names.append(name)
     out = list(dict.fromkeys(names))
     if not out:
-        raise ValidationError(f"no provider given; valid names: {', '.join(PROVIDERS)}, all")
+        raise ValidationError(f"no provider given; valid names: "
+                              f"{', '.join([*PROVIDERS, *JS_PROVIDERS])}, all")
     return out
 
 

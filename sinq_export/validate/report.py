@@ -42,6 +42,7 @@ class ProviderResult:
     first_diverging_layer: str | None = None
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    runtime: str = ""  # what ran, for the JavaScript runtimes (version, backend, adapter)
 
 
 @dataclass
@@ -107,6 +108,8 @@ def format_report(report: ValidationReport, max_layers: int = 12) -> str:
             continue
         lines.append(f"{head}  accuracy_level={p.accuracy_level} dtype={p.dtype} "
                      f"({p.seconds:.1f} s)")
+        if p.runtime:
+            lines.append(f"  runtime: {p.runtime}")
         tol, e = p.tolerance, p.end_to_end
         if e is not None:
             what = "output" if report.kind == "module" else "logits"

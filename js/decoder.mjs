@@ -1,0 +1,77 @@
+// The greedy decode loop of a sinq-export decoder, shared by onnxruntime-node and
+// onnxruntime-web (the caller passes its `ort` module). The graph's inputs: input_ids,
+// attention_mask [1, past + new], past_key_values.N.key/value [1, kv_heads, past, head_dim];
+// outputs: logits [1, new, vocab], present.N.key/value (fed back as the next step's past).
+
+// The past inputs with an empty (length 0) sequence axis, read from the session's metadata
+// where the runtime exposes shapes, else given by the caller.
+export function pastSpecs(session, given) {
+  if (given && given.length) return given;
+  const specs = [];
+  for (const meta of session.inputMetadata ?? []) {
+    if (!meta.name.startsWith('past_key_values')) continue;
+    const [, heads, , headDim] = meta.shape;
+    specs.push({ name: meta.name, dims: [1, heads, 0, headDim] });
+  }
+  return specs;
+}
+
+function argmaxRow(data, row, vocab) {
+  let best = 0;
+  let value = -Infinity;
+  const start = row * vocab;
+  for (let j = 0; j < vocab; j += 1) {
+    if (data[start + j] > value) {
+      value = data[start + j];
+      best = j;
+    }
+  }
+  return best;
+}
+
+function int64(ort, ids) {
+  return new ort.Tensor('int64', BigInt64Array.from(ids.map((x) => BigInt(x))), [1, ids.length]);
+}
+
+// Prefill `prefill`, then `decode` steps: a number runs that many greedy steps on this
+// runtime's own argmax, an array feeds those tokens. `onStep({step, token, logits, rows})`
+// sees every step's logits (Float32Array of rows x vocab) as they come; `stopAt` ends early.
+export async function runDecoder(ort, session, { prefill, decode, pasts, onStep, stopAt }) {
+  const specs = pastSpecs(session, pasts);
+  const presentOf = (name) => name.replace('past_key_values', 'present');
+  let feedsPast = {};
+  for (const spec of specs) {
+    feedsPast[spec.name] = new ort.Tensor('float32', new Float32Array(0), spec.dims);
+  }
+  const greedy = typeof decode === 'number';
+  const steps = greedy ? decode : decode.length;
+  const fed = [];
+  let ids = prefill.slice();
+  let done = 0;
+  let vocab = 0;
+  for (let step = 0; step <= steps; step += 1) {
+    const feeds = {
+      input_ids: int64(ort, ids),
+      attention_mask: int64(ort, new Array(done + ids.length).fill(1)),
+      ...feedsPast,
+    };
+    const out = await session.run(feeds);
+    const logits = out.logits;
+    vocab = logits.dims[logits.dims.length - 1];
+    const rows = ids.length;
+    const data = logits.data;
+    const token = argmaxRow(data, rows - 1, vocab);
+    for (const old of Object.values(feedsPast)) old.dispose?.();
+    feedsPast = {};
+    for (const spec of specs) feedsPast[spec.name] = out[presentOf(spec.name)];
+    done += rows;
+    if (onStep) await onStep({ step, token, logits: data, rows, vocab });
+    logits.dispose?.();
+    if (step === steps || (stopAt && stopAt.includes(token))) break;
+    const next = greedy ? token : decode[step];
+    fed.push(next);
+    ids = [next];
+  }
+  for (const old of Object.values(feedsPast)) old.dispose?.();
+  return { fed, vocab };
+}

@@ -1,0 +1,217 @@
+"""The JavaScript runtimes on a tiny random-weight export (accuracy level 0): onnxruntime-node
+and onnxruntime-web (WASM, WebGPU on Chromium's software adapter) run the folder as it is and
+agree with Python onnxruntime; transformers.js loads it unchanged and generates what
+onnxruntime-genai generates; `validate --providers node,wasm,web-webgpu` reports them.
+
+Real runtimes only: the pinned npm packages in js/ and the system's Chromium (install.sh sets
+them up). Where they are missing the tests skip, which fails a CI run (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_validate_export import _flip_packed_byte, _tiny_source
+
+from sinq_export.cli import main
+from sinq_export.config import GraphConfig, SinqConfig
+from sinq_export.export.files import MODEL_FILE
+from sinq_export.validate import js
+from sinq_export.validate.metrics import compare_logits
+from sinq_export.validate.providers import tolerance_for
+from sinq_export.validate.runners import run_ort_lm
+
+PREFILL = np.array([5, 17, 99, 4000, 12, 873, 2044, 31, 7, 650, 11, 90], dtype=np.int64)
+STEPS = 8
+
+
+def _need(runtime: str) -> None:
+    why = js.missing(runtime)
+    if why is not None:
+        pytest.skip(f"{runtime}: {why}")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(source, export) of the tiny Qwen2 at accuracy level 0, 4-bit SINQ g16."""
+    from sinq_export.export import export_causal_lm
+    from sinq_export.models import default_model_dir
+
+    root = tmp_path_factory.mktemp("js")
+    src = _tiny_source(root / "src", default_model_dir())
+    out = root / "out"
+    export_causal_lm(src, out, SinqConfig(bits=4, group_size=16), GraphConfig(accuracy_level=0),
+                     progress=False)
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def python_run(exported):
+    """Python onnxruntime's greedy run: the tokens and logits the JS runtimes must give."""
+    session = ort.InferenceSession(str(exported[1] / MODEL_FILE),
+                                   providers=["CPUExecutionProvider"])
+    return run_ort_lm(session, PREFILL, STEPS)
+
+
+def _graph(exported):  # noqa: ANN001, ANN202
+    return onnx.load(str(exported[1] / MODEL_FILE), load_external_data=False)
+
+
+@pytest.mark.parametrize("runtime", ["node", "wasm"])
+def test_greedy_tokens_equal_python_onnxruntime(exported, python_run, runtime):
+    _need(runtime)
+    run = js.run_js(runtime, _graph(exported), exported[1] / MODEL_FILE, PREFILL, STEPS)
+    assert run.fed == python_run.fed
+    assert run.logits.shape == python_run.logits.shape
+    # same graph, same acc-0 math: only summation order may differ (node: the same kernels)
+    e = compare_logits(python_run.logits, run.logits, PREFILL, len(PREFILL))
+    assert e.rel <= tolerance_for(js.TOLERANCE_AS[runtime], 0).logits_rel, e.rel
+    if runtime == "node":
+        assert run.info["runtime"] == "onnxruntime-node"
+    else:
+        assert run.info["backend"] == "wasm" and run.info["isolated"] is True
+
+
+def test_webgpu_software_adapter_logits_within_tolerance(exported, python_run):
+    _need("web-webgpu")
+    steps = 2  # SwiftShader runs the WGSL kernels on the CPU: slow
+    run = js.run_js("web-webgpu", _graph(exported), exported[1] / MODEL_FILE, PREFILL,
+                    python_run.fed[:steps])
+    rows = len(PREFILL) + steps
+    e = compare_logits(python_run.logits[:rows], run.logits, PREFILL, len(PREFILL))
+    tol = tolerance_for(js.TOLERANCE_AS["web-webgpu"], 0)
+    assert e.rel <= tol.logits_rel and e.top1 >= tol.top1, (e.rel, e.top1)
+    adapter = run.info["adapter"]
+    assert adapter["available"], adapter
+    print("WebGPU adapter:", adapter, "logits rel", e.rel)
+    assert "WebGPU on a" in js.describe(run.info)
+
+
+def _genai_greedy(folder, prompt: list[int], new: int) -> list[int]:  # noqa: ANN001
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new,
+                              do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens([prompt])
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)]
+
+
+def test_transformers_js_loads_the_folder_unchanged(exported):
+    _need("node")
+    if not (js.js_dir() / "node_modules" / "@huggingface" / "transformers").is_dir():
+        pytest.skip(f"transformers.js not installed; fix: {js.NPM_FIX}")
+    prompt, new = [int(t) for t in PREFILL[:6]], 10
+    proc = subprocess.run(["node", str(js.js_dir() / "tjs_generate.mjs"), str(exported[1]),
+                           json.dumps(prompt), str(new)], capture_output=True, text=True,
+                          timeout=600, cwd=js.js_dir())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])["ids"]
+    assert got == _genai_greedy(exported[1], prompt, new)
+
+
+def test_validate_reports_the_js_runtimes(exported, capsys, monkeypatch):
+    _need("node")
+    _need("wasm")
+    ids = np.arange(5, 45, dtype=np.int64) * 97 % 4000
+    monkeypatch.setattr("sinq_export.validate.core.validation_tokens",
+                        lambda tok, n, text="wikipedia": ids[:n])
+    code = main(["validate", str(exported[1]), "--providers", "cpu,node,wasm", "--tokens", "24",
+                 "--decode-steps", "3", "--json", "-"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    by = {p["provider"]: p for p in report["providers"]}
+    assert [by[n]["status"] for n in ("cpu", "node", "wasm")] == ["passed"] * 3
+    assert by["node"]["runtime"].startswith("onnxruntime-node 1.30")
+    assert "WASM, 1 thread" in by["wasm"]["runtime"]
+    assert by["wasm"]["end_to_end"]["rel"] <= by["wasm"]["tolerance"]["logits_rel"]
+
+
+def test_a_corrupted_weight_fails_the_js_runtime_too(exported, tmp_path, capsys, monkeypatch):
+    """The reference is rebuilt from the ONNX tensors, so the damage is in both runs: the
+    weights-vs-source check fails it, naming the layer."""
+    _need("node")
+    folder = tmp_path / "copy"
+    shutil.copytree(exported[1], folder)
+    layer = "model.layers.1.mlp.up_proj"
+    _flip_packed_byte(folder, layer)
+    ids = np.arange(5, 45, dtype=np.int64) * 97 % 4000
+    monkeypatch.setattr("sinq_export.validate.core.validation_tokens",
+                        lambda tok, n, text="wikipedia": ids[:n])
+    code = main(["validate", str(folder), "--providers", "node", "--tokens", "16",
+                 "--decode-steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 1 and f"first diverging layer: {layer}" in out and "result: FAILED" in out
+
+
+def test_a_runtime_not_installed_is_skipped_with_its_fix(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SINQ_JS_DIR", str(tmp_path / "no-js"))
+    ids = np.arange(5, 45, dtype=np.int64) * 97 % 4000
+    monkeypatch.setattr("sinq_export.validate.core.validation_tokens",
+                        lambda tok, n, text="wikipedia": ids[:n])
+    code = main(["validate", str(exported[1]), "--providers", "cpu,node,web-webgpu", "--tokens",
+                 "16", "--decode-steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0  # cpu passed; the others are skipped, never passed
+    for name in ("node", "web-webgpu"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"== {name} "))
+        assert ": SKIPPED - " in line and "npm ci --ignore-scripts" in line, line
+
+
+def test_custom_op_exports_are_refused_up_front(exported, tmp_path, capsys):
+    folder = tmp_path / "custom"
+    shutil.copytree(exported[1], folder)
+    manifest = json.loads((folder / "sinq_export.json").read_text())
+    manifest["onnx"]["custom_domains"] = ["com.microsoft", "sinq.ops"]
+    (folder / "sinq_export.json").write_text(json.dumps(manifest))
+    code = main(["validate", str(folder), "--providers", "cpu,wasm", "--tokens", "16"])
+    _, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1
+    assert "wasm cannot run this export" in lines[0] and "sinq.ops" in lines[0]
+
+
+def test_unknown_provider_lists_the_js_names(capsys, exported):
+    code = main(["validate", str(exported[1]), "--providers", "browser"])
+    err = capsys.readouterr().err
+    assert code == 2 and "node, wasm, web-webgpu" in err
+
+
+def test_browser_sample_streams_the_python_greedy_text(exported):
+    """samples/web/ driven headless (WASM) writes the text samples/ort_generate.py writes."""
+    import sys
+    import urllib.parse
+    from pathlib import Path
+
+    _need("wasm")
+    prompt, new = "The capital of France is", 12
+    sample = Path(__file__).resolve().parents[1] / "samples" / "ort_generate.py"
+    proc = subprocess.run([sys.executable, str(sample), str(exported[1]), "--prompt", prompt,
+                           "--max-new-tokens", str(new), "--json"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    python = json.loads(proc.stdout.strip().splitlines()[-1])
+    server, url = js.load_server().start({"default": exported[1]})
+    try:
+        query = urllib.parse.urlencode({"autorun": 1, "backend": "wasm", "prompt": prompt,
+                                        "tokens": new})
+        page = subprocess.run(["node", str(js.js_dir() / "browser_run.mjs"),
+                               f"{url}/samples/web/?{query}", "wasm"], capture_output=True,
+                              text=True, timeout=600, cwd=js.js_dir())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page.returncode == 0, page.stderr[-2000:]
+    web = json.loads(page.stdout.strip().splitlines()[-1])
+    assert web["prompt_ids"] == python["prompt_ids"]
+    assert web["ids"] == python["tokens"] and web["text"] == python["text"]
+    assert web["backend"] == "wasm" and web["decode_tokens_per_s"] > 0
