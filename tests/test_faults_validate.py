@@ -16,8 +16,10 @@ import pytest
 from test_faults import QUANT_FLAGS, error_lines, tree_digest, write_tiny_llama
 
 from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
-from sinq_export.export.files import MODEL_FILE
+from sinq_export.export.files import MODEL_FILE, data_file_names
 from sinq_export.io import read_json
+
+DATA_FILE = str(Path(MODEL_FILE).parent / data_file_names(Path(MODEL_FILE).name, 1)[0])
 
 VALIDATE = ["--tokens", "24", "--decode-steps", "2"]
 
@@ -102,12 +104,12 @@ def test_any_damaged_layer_fails_and_is_named(export, damaged, damage, capsys):
         if meta.get("shared_with"):
             continue  # a tied head reads the table's tensors: damaged through the table
         tensor = meta["initializers"][role]
-        original = (damaged / "model.onnx.data").read_bytes()
+        original = (damaged / DATA_FILE).read_bytes()
         _patch(damaged, tensor, change)
         try:
             rc, out, err = _validate(damaged, capsys)
         finally:
-            (damaged / "model.onnx.data").write_bytes(original)
+            (damaged / DATA_FILE).write_bytes(original)
         assert rc == EXIT_FAILED, (name, out)
         verdict = [ln for ln in out.splitlines() if "first diverging layer:" in ln
                    or ln.strip().startswith("FAIL: layer")]
