@@ -24,6 +24,7 @@ from test_export_decoder import (  # the route's own test helpers
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
+from sinq_export.export.files import MODEL_FILE
 from sinq_export.nn import quantize_model
 from sinq_export.validate.core import reference_model, validate
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
@@ -183,8 +184,9 @@ def test_rotary_tables_are_transformers_own(tmp_path, rope):
     for sequences of every length the graph sees; scaled types differ from the default there."""
     model = make_model_dir(tmp_path / "hf", "llama", rope_scaling=ROPES[rope])
     export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
-    tensors = OnnxTensors(graph, tmp_path / "out")
+    graph_file = tmp_path / "out" / MODEL_FILE
+    graph = onnx.load(str(graph_file), load_external_data=False)
+    tensors = OnnxTensors(graph, graph_file.parent)
     context = model.config.max_position_embeddings
     assert json.loads((tmp_path / "out" / "genai_config.json").read_text()
                       )["model"]["context_length"] == context
