@@ -151,7 +151,7 @@ def test_genai_greedy_matches_torch(exported):
 
 
 def test_graph_is_fused_and_manifest_names_real_tensors(exported):
-    root, _, _ = exported
+    root, _, _, _ = exported
     model = onnx.load(str(root / "out" / MODEL_FILE), load_external_data=False)
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     assert ("com.microsoft", "GroupQueryAttention") in ops
