@@ -132,3 +132,92 @@ def test_a_manifest_with_damaged_digests_is_bad_input(damaged, capsys):
     assert rc == 2
     [line] = error_lines(err)
     assert "tensor_sha256 is not an object of hex digests" in line
+
+
+# ------------------------------------------------------- the folder as the runtimes load it
+
+def _genai_config(out: Path) -> dict:
+    return read_json(out / "genai_config.json")
+
+
+def _set_library(out: Path, name: str) -> None:
+    import json
+
+    config = _genai_config(out)
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = name
+    (out / "genai_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def custom_export(export, tmp_path_factory) -> Path:  # noqa: ANN001
+    """The same tiny model on the sinq.ops runtime: genai loads the folder's library copy."""
+    from sinq_export import runtime_ops
+
+    runtime_ops.require("the custom-runtime fault cases")
+    src = Path(read_json(export / "sinq_export.json")["source"]["path"])
+    out = tmp_path_factory.mktemp("faults-validate-custom") / "out"
+    assert main(["model", str(src), "-o", str(out), "--runtime", "custom", "--bits", "3",
+                 *QUANT_FLAGS]) == 0  # 3-bit: stock MatMulNBits cannot run it
+    assert _genai_config(out)["model"]["decoder"]["session_options"]["custom_ops_library"]
+    return out
+
+
+def _cases(export: Path, custom_export: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
+    """(a damaged copy, what the error line must name)."""
+    base = custom_export if case.startswith("custom") else export
+    out = tmp_path / "out"
+    shutil.copytree(base, out)
+    library = out / "libsinq_ops.so"
+    if case == "custom: library deleted":
+        library.unlink()
+        return out, f"{library}: missing (custom_ops_library of genai_config.json)"
+    if case == "custom: library damaged":
+        library.write_bytes(library.read_bytes()[:4096])
+        return out, f"{library}: onnxruntime cannot load this custom-op library"
+    if case == "custom: library outside the folder":
+        _set_library(out, str(tmp_path / "libsinq_ops.so"))
+        return out, "is outside the export folder"
+    if case == "stock: library named but missing":
+        _set_library(out, "libsinq_ops.so")
+        return out, f"{library}: missing (custom_ops_library of genai_config.json)"
+    if case == "stock: decoder file renamed":
+        config = _genai_config(out)
+        config["model"]["decoder"]["filename"] = "decoder.onnx"
+        import json
+
+        (out / "genai_config.json").write_text(json.dumps(config))
+        return out, f"{out / 'decoder.onnx'}: missing (model.decoder.filename of genai_config.json)"
+    if case == "stock: genai_config.json deleted":
+        (out / "genai_config.json").unlink()
+        return out, "genai_config.json is missing: onnxruntime-genai cannot load the export"
+    raise AssertionError(case)
+
+
+LOAD_CASES = ["custom: library deleted", "custom: library damaged",
+              "custom: library outside the folder", "stock: library named but missing",
+              "stock: decoder file renamed", "stock: genai_config.json deleted"]
+
+
+@pytest.mark.parametrize("command", ["validate", "eval"])
+@pytest.mark.parametrize("case", LOAD_CASES)
+def test_a_folder_the_runtimes_cannot_load_is_refused(export, custom_export, tmp_path, capsys,
+                                                      case, command):
+    """genai_config.json and every file it names are checked the way onnxruntime-genai loads
+    them (`og.Model` fails on each of these folders): exit 2, one line, nothing written."""
+    out, needle = _cases(export, custom_export, tmp_path, case)
+    before = tree_digest(tmp_path)
+    args = VALIDATE if command == "validate" else ["--windows", "1", "--length", "16"]
+    rc = main([command, str(out), *args])
+    captured = capsys.readouterr()
+    assert rc == 2, captured.out + captured.err
+    [line] = error_lines(captured.err)
+    assert needle in line and "Traceback" not in captured.err, line
+    assert tree_digest(tmp_path) == before
+
+
+def test_the_custom_runtime_export_passes(custom_export, capsys):
+    import onnxruntime_genai as og
+
+    og.Model(str(custom_export))  # what the cases above break
+    rc, out, err = _validate(custom_export, capsys)
+    assert rc == EXIT_OK, out + err

@@ -21,6 +21,7 @@ from .graph import (
     locate_layers,
     read_export,
 )
+from .loadable import check_loadable
 from .metrics import EndToEnd, compare_logits, compare_outputs, layer_error, perplexity_from_logits
 from .providers import (
     EXPORT_META_FILE,
@@ -104,6 +105,7 @@ def validate(
                               f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
     tensors = OnnxTensors(model, info.out_dir)
+    check_loadable(info)
     src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
     has_ref = reference is not None or src is not None
     report = ValidationReport(out_dir=str(out_dir), mode="reference" if has_ref else "onnx-only",
@@ -452,8 +454,10 @@ def context_length(info: ExportInfo) -> int | None:
 
 
 def check_export_runs(info: ExportInfo) -> None:
-    """The graph parses and its external data is all there (cheap; before any session)."""
+    """The graph parses, its external data is all there and the runtimes can load the folder
+    (`check_loadable`); before any session."""
     OnnxTensors(load_graph(info.onnx_path), info.out_dir)
+    check_loadable(info)
 
 
 def _gptq_layers(info) -> set[str]:  # noqa: ANN001
