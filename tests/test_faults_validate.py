@@ -221,3 +221,39 @@ def test_the_custom_runtime_export_passes(custom_export, capsys):
     og.Model(str(custom_export))  # what the cases above break
     rc, out, err = _validate(custom_export, capsys)
     assert rc == EXIT_OK, out + err
+
+
+# ------------------------------------------------------- a folder replaced while it is read
+
+@pytest.mark.parametrize("command", ["validate", "eval"])
+def test_a_folder_replaced_while_validating_is_reported(export, tmp_path, monkeypatch, capsys,
+                                                        command):
+    """Another run's --overwrite swaps OUT between two reads (the swap is made at a fixed
+    point, right after the runtime check, by the real overwrite code): exit 2, one line
+    saying the folder changed, the new export left intact."""
+    import sinq_export.validate.core as core
+    from sinq_export import SinqConfig
+    from sinq_export.export import export_causal_lm
+
+    out = tmp_path / "out"
+    shutil.copytree(export, out)
+    src = Path(read_json(export / "sinq_export.json")["source"]["path"])
+    real_check = core.check_loadable
+    swapped = []
+
+    def check_then_swap(info):  # noqa: ANN001, ANN202
+        real_check(info)
+        if not swapped:  # a different layout: the first read's offsets do not fit the new data
+            export_causal_lm(src, out, SinqConfig(group_size=32, bits=3), overwrite=True,
+                             progress=False)
+            swapped.append(tree_digest(out))
+
+    monkeypatch.setattr(core, "check_loadable", check_then_swap)
+    args = VALIDATE if command == "validate" else ["--windows", "1", "--length", "16"]
+    rc = main([command, str(out), *args])
+    captured = capsys.readouterr()
+    assert swapped and rc == 2, captured.out + captured.err
+    [line] = error_lines(captured.err)
+    assert f"{out} changed while it was being read" in line and "run again" in line, line
+    assert tree_digest(out) == swapped[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

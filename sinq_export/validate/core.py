@@ -53,11 +53,13 @@ from .runners import (
     run_torch_module,
     validation_tokens,
 )
+from .snapshot import while_unchanged
 from .tensors import OnnxTensors, load_graph
 
 # ------------------------------------------------------------------------------ validate
 
 
+@while_unchanged
 def validate(
     out_dir: str | Path,
     providers: str | Sequence[str] = ("cpu",),
@@ -89,7 +91,8 @@ def validate(
         seed: seed of the random float inputs of ``kind: module`` exports.
 
     Every problem with the folder or the arguments raises `ValidationError` (exit 2) before
-    any verdict exists; a report is returned only once every provider has run.
+    any verdict exists; a report is returned only once every provider has run, and only if
+    ``out_dir`` did not change meanwhile (`snapshot.FolderChanged` otherwise).
     """
     info = read_export(out_dir)
     names = parse_providers(providers)
