@@ -89,9 +89,14 @@ def test_the_undamaged_export_passes(export, capsys):
 
 
 @pytest.mark.parametrize("damage", ["scale x64", "flipped weight byte"])
-def test_any_damaged_layer_fails_and_is_named(export, damaged, damage, capsys):
+def test_any_damaged_layer_fails_and_is_named(export, damaged, damage, capsys, monkeypatch):
     """Every quantized layer, folded ones and the embedding table included: one group scale
     times 64, or one packed weight byte flipped, and `validate` exits 1 naming that layer."""
+    import sinq_export.validate.core as core
+
+    # the runtime-load check (a child process opening og.Model) is not what these damages
+    # exercise and costs a second per run; the cases below cover it
+    monkeypatch.setattr(core, "check_loadable", lambda info: None)
     layers = _layers(export)
     assert "model.embed_tokens" in layers
     before = tree_digest(damaged)
