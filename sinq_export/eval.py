@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .validate.snapshot import while_unchanged
+
 PROTOCOL_DOC = ("first {n_windows} non-overlapping {length}-token windows (stride {length}) of the "
                 "cleaned '{text}' text, add_special_tokens=False, each window scored from an "
                 "empty context ({length}-1 predictions), ppl = exp(mean NLL)")
@@ -298,6 +300,7 @@ def compare(
     return table
 
 
+@while_unchanged
 def evaluate_export(out_dir: str | Path, backend: str = "onnxruntime", text: str = "wikipedia",
                     n_windows: int = 4, length: int = 512, provider: str = "cpu") -> PplTable:
     """Perplexity of an export folder: its ONNX model, or (``torch``) the reference `validate`

@@ -93,9 +93,14 @@ def test_the_undamaged_export_passes(export, capsys):
 
 
 @pytest.mark.parametrize("damage", ["scale x64", "flipped weight byte"])
-def test_any_damaged_layer_fails_and_is_named(export, damaged, damage, capsys):
+def test_any_damaged_layer_fails_and_is_named(export, damaged, damage, capsys, monkeypatch):
     """Every quantized layer, folded ones and the embedding table included: one group scale
     times 64, or one packed weight byte flipped, and `validate` exits 1 naming that layer."""
+    import sinq_export.validate.core as core
+
+    # the runtime-load check (a child process opening og.Model) is not what these damages
+    # exercise and costs a second per run; the cases below cover it
+    monkeypatch.setattr(core, "check_loadable", lambda info: None)
     layers = _layers(export)
     assert "model.embed_tokens" in layers
     before = tree_digest(damaged)
@@ -136,3 +141,128 @@ def test_a_manifest_with_damaged_digests_is_bad_input(damaged, capsys):
     assert rc == 2
     [line] = error_lines(err)
     assert "tensor_sha256 is not an object of hex digests" in line
+
+
+# ------------------------------------------------------- the folder as the runtimes load it
+
+def _genai_config(out: Path) -> dict:
+    return read_json(out / "genai_config.json")
+
+
+def _set_library(out: Path, name: str) -> None:
+    import json
+
+    config = _genai_config(out)
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = name
+    (out / "genai_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def custom_export(export, tmp_path_factory) -> Path:  # noqa: ANN001
+    """The same tiny model on the sinq.ops runtime: genai loads the folder's library copy."""
+    from sinq_export import runtime_ops
+
+    runtime_ops.require("the custom-runtime fault cases")
+    src = Path(read_json(export / "sinq_export.json")["source"]["path"])
+    out = tmp_path_factory.mktemp("faults-validate-custom") / "out"
+    assert main(["model", str(src), "-o", str(out), "--runtime", "custom", "--bits", "3",
+                 *QUANT_FLAGS]) == 0  # 3-bit: stock MatMulNBits cannot run it
+    assert _genai_config(out)["model"]["decoder"]["session_options"]["custom_ops_library"]
+    return out
+
+
+def _cases(export: Path, custom_export: Path, tmp_path: Path, case: str) -> tuple[Path, str]:
+    """(a damaged copy, what the error line must name)."""
+    base = custom_export if case.startswith("custom") else export
+    out = tmp_path / "out"
+    shutil.copytree(base, out)
+    library = out / "libsinq_ops.so"
+    if case == "custom: library deleted":
+        library.unlink()
+        return out, f"{library}: missing (custom_ops_library of genai_config.json)"
+    if case == "custom: library damaged":
+        library.write_bytes(library.read_bytes()[:4096])
+        return out, f"{library}: onnxruntime cannot load this custom-op library"
+    if case == "custom: library outside the folder":
+        _set_library(out, str(tmp_path / "libsinq_ops.so"))
+        return out, "is outside the export folder"
+    if case == "stock: library named but missing":
+        _set_library(out, "libsinq_ops.so")
+        return out, f"{library}: missing (custom_ops_library of genai_config.json)"
+    if case == "stock: decoder file renamed":
+        config = _genai_config(out)
+        config["model"]["decoder"]["filename"] = "decoder.onnx"
+        import json
+
+        (out / "genai_config.json").write_text(json.dumps(config))
+        return out, f"{out / 'decoder.onnx'}: missing (model.decoder.filename of genai_config.json)"
+    if case == "stock: genai_config.json deleted":
+        (out / "genai_config.json").unlink()
+        return out, "genai_config.json is missing: onnxruntime-genai cannot load the export"
+    raise AssertionError(case)
+
+
+LOAD_CASES = ["custom: library deleted", "custom: library damaged",
+              "custom: library outside the folder", "stock: library named but missing",
+              "stock: decoder file renamed", "stock: genai_config.json deleted"]
+
+
+@pytest.mark.parametrize("command", ["validate", "eval"])
+@pytest.mark.parametrize("case", LOAD_CASES)
+def test_a_folder_the_runtimes_cannot_load_is_refused(export, custom_export, tmp_path, capsys,
+                                                      case, command):
+    """genai_config.json and every file it names are checked the way onnxruntime-genai loads
+    them (`og.Model` fails on each of these folders): exit 2, one line, nothing written."""
+    out, needle = _cases(export, custom_export, tmp_path, case)
+    before = tree_digest(tmp_path)
+    args = VALIDATE if command == "validate" else ["--windows", "1", "--length", "16"]
+    rc = main([command, str(out), *args])
+    captured = capsys.readouterr()
+    assert rc == 2, captured.out + captured.err
+    [line] = error_lines(captured.err)
+    assert needle in line and "Traceback" not in captured.err, line
+    assert tree_digest(tmp_path) == before
+
+
+def test_the_custom_runtime_export_passes(custom_export, capsys):
+    import onnxruntime_genai as og
+
+    og.Model(str(custom_export))  # what the cases above break
+    rc, out, err = _validate(custom_export, capsys)
+    assert rc == EXIT_OK, out + err
+
+
+# ------------------------------------------------------- a folder replaced while it is read
+
+@pytest.mark.parametrize("command", ["validate", "eval"])
+def test_a_folder_replaced_while_validating_is_reported(export, tmp_path, monkeypatch, capsys,
+                                                        command):
+    """Another run's --overwrite swaps OUT between two reads (the swap is made at a fixed
+    point, right after the runtime check, by the real overwrite code): exit 2, one line
+    saying the folder changed, the new export left intact."""
+    import sinq_export.validate.core as core
+    from sinq_export import SinqConfig
+    from sinq_export.export import export_causal_lm
+
+    out = tmp_path / "out"
+    shutil.copytree(export, out)
+    src = Path(read_json(export / "sinq_export.json")["source"]["path"])
+    real_check = core.check_loadable
+    swapped = []
+
+    def check_then_swap(info):  # noqa: ANN001, ANN202
+        real_check(info)
+        if not swapped:  # a different layout: the first read's offsets do not fit the new data
+            export_causal_lm(src, out, SinqConfig(group_size=32, bits=3), overwrite=True,
+                             progress=False)
+            swapped.append(tree_digest(out))
+
+    monkeypatch.setattr(core, "check_loadable", check_then_swap)
+    args = VALIDATE if command == "validate" else ["--windows", "1", "--length", "16"]
+    rc = main([command, str(out), *args])
+    captured = capsys.readouterr()
+    assert swapped and rc == 2, captured.out + captured.err
+    [line] = error_lines(captured.err)
+    assert f"{out} changed while it was being read" in line and "run again" in line, line
+    assert tree_digest(out) == swapped[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -22,6 +22,7 @@ from .graph import (
     read_export,
 )
 from .js import js_provider_result, refuse_custom_ops
+from .loadable import check_loadable
 from .metrics import EndToEnd, compare_logits, compare_outputs, layer_error, perplexity_from_logits
 from .providers import (
     EXPORT_META_FILE,
@@ -54,11 +55,13 @@ from .runners import (
     run_torch_module,
     validation_tokens,
 )
+from .snapshot import while_unchanged
 from .tensors import OnnxTensors, graph_bytes, load_graph
 
 # ------------------------------------------------------------------------------ validate
 
 
+@while_unchanged
 def validate(
     out_dir: str | Path,
     providers: str | Sequence[str] = ("cpu",),
@@ -90,7 +93,8 @@ def validate(
         seed: seed of the random float inputs of ``kind: module`` exports.
 
     Every problem with the folder or the arguments raises `ValidationError` (exit 2) before
-    any verdict exists; a report is returned only once every provider has run.
+    any verdict exists; a report is returned only once every provider has run, and only if
+    ``out_dir`` did not change meanwhile (`snapshot.FolderChanged` otherwise).
     """
     info = read_export(out_dir)
     names = parse_providers(providers)
@@ -107,6 +111,7 @@ def validate(
                               f"model's context of {context} tokens")
     model = load_graph(info.onnx_path)
     tensors = OnnxTensors(model, info.data_dir)
+    check_loadable(info)
     src = resolve_source(info.out_dir, info.meta, source) if reference is None and is_lm else None
     has_ref = reference is not None or src is not None
     report = ValidationReport(out_dir=str(out_dir), mode="reference" if has_ref else "onnx-only",
@@ -464,8 +469,10 @@ def context_length(info: ExportInfo) -> int | None:
 
 
 def check_export_runs(info: ExportInfo) -> None:
-    """The graph parses and its external data is all there (cheap; before any session)."""
+    """The graph parses, its external data is all there and the runtimes can load the folder
+    (`check_loadable`); before any session."""
     OnnxTensors(load_graph(info.onnx_path), info.data_dir)
+    check_loadable(info)
 
 
 def _gptq_layers(info) -> set[str]:  # noqa: ANN001
