@@ -19,10 +19,9 @@ export const WEBGPU_FLAGS = ['--enable-unsafe-webgpu', '--enable-unsafe-swiftsha
 
 export async function launch({ webgpu = false } = {}) {
   const args = ['--disable-background-networking', '--disable-component-update',
-    '--disable-default-apps', '--disable-sync', '--no-first-run', '--disable-extensions',
-    '--js-flags=--max-old-space-size=8192'];
+    '--disable-default-apps', '--disable-sync', '--no-first-run', '--disable-extensions'];
   if (typeof process.getuid === 'function' && process.getuid() === 0) args.push('--no-sandbox');
-  if (webgpu) args.push(...(process.env.SINQ_WEBGPU_FLAGS?.split(' ') ?? WEBGPU_FLAGS));
+  if (webgpu) args.push(...WEBGPU_FLAGS);
   return chromium.launch({ executablePath: chromiumPath(), headless: true, args });
 }
 

@@ -78,6 +78,26 @@ def test_greedy_tokens_equal_python_onnxruntime(exported, python_run, runtime):
         assert run.info["backend"] == "wasm" and run.info["isolated"] is True
 
 
+def test_wasm_loads_a_split_export(exported, python_run, tmp_path, monkeypatch):
+    """A folder whose data is split into model.onnx_data, _1, ... (what exports past 2 GB get)
+    runs in the browser: every data file is fetched and the logits are the whole folder's."""
+    from sinq_export.export import decoder
+
+    _need("wasm")
+    save = decoder._save
+    monkeypatch.setattr(decoder, "_save",
+                        lambda model, path, stages: save(model, path, stages, 4_000_000))
+    out = tmp_path / "split"
+    decoder.export_causal_lm(exported[0], out, SinqConfig(bits=4, group_size=16),
+                             GraphConfig(accuracy_level=0), progress=False)
+    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    assert len(js.data_locations(model)) > 1
+    run = js.run_js("wasm", model, out / MODEL_FILE, PREFILL, python_run.fed[:2])
+    rows = len(PREFILL) + 2
+    e = compare_logits(python_run.logits[:rows], run.logits, PREFILL, len(PREFILL))
+    assert e.rel <= tolerance_for("cpu", 0).logits_rel and e.top1 == 1.0, (e.rel, e.top1)
+
+
 def test_webgpu_software_adapter_logits_within_tolerance(exported, python_run):
     _need("web-webgpu")
     steps = 2  # SwiftShader runs the WGSL kernels on the CPU: slow

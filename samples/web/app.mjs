@@ -16,7 +16,20 @@ async function getJson(url, fallback) {
   throw new Error(`${url}: HTTP ${response.status}`);
 }
 
-// The graph and its external data files, relative to the model folder.
+// The empty KV cache from genai_config.json (the genai builder's graphs leave head_dim
+// symbolic, so the graph's input metadata cannot size it).
+function pastSpecs(decoder) {
+  const specs = [];
+  for (let i = 0; i < decoder.num_hidden_layers; i += 1) {
+    for (const names of [decoder.inputs.past_key_names, decoder.inputs.past_value_names]) {
+      specs.push({ name: names.replace('%d', i),
+        dims: [1, decoder.num_key_value_heads, 0, decoder.head_size] });
+    }
+  }
+  return specs;
+}
+
+// The graph, its external data files (relative to the model folder) and the past inputs.
 async function modelFiles(base) {
   const genai = await getJson(`${base}genai_config.json`);
   const graph = genai.model.decoder.filename;
@@ -30,7 +43,8 @@ async function modelFiles(base) {
     data = chunks ? Array.from({ length: chunks }, (_, i) => `${name}_data${i ? `_${i}` : ''}`)
       : [`${name}.data`];
   }
-  return { graph: `${base}${graph}`, data: data.map((f) => ({ path: f, data: `${base}${dir}${f}` })) };
+  return { graph: `${base}${graph}`, data: data.map((f) => ({ path: f, data: `${base}${dir}${f}` })),
+    pasts: pastSpecs(genai.model.decoder) };
 }
 
 async function generate({ model, backend, threads, prompt, tokens, ignoreEos }) {
@@ -54,6 +68,7 @@ async function generate({ model, backend, threads, prompt, tokens, ignoreEos }) 
   await runDecoder(ort, session, {
     prefill: promptIds,
     decode: tokens - 1,
+    pasts: files.pasts,
     stopAt: eos,
     onStep: ({ step, token }) => {
       if (step === 0) firstAt = performance.now();

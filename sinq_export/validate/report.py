@@ -133,7 +133,13 @@ def format_report(report: ValidationReport, max_layers: int = 12) -> str:
             rows = [r for r in rows if any(tok not in ("-", "/") for tok in r[1].split())]
             w = max((len(r[0]) for r in rows), default=0)
             lines += [f"  {a:<{w}}  {b:<24} {c}" for a, b, c in rows]
-        if p.layers:
+        if p.layers and all(la.local_rel is None for la in p.layers):  # weights check only
+            bad = [la for la in p.layers if not la.passed]
+            lines.append(f"  {len(p.layers)} layers' weights checked against the source "
+                         f"(quantization steps): {len(bad)} past the limit"
+                         + "".join(f"\n    {la.name}  {_fmt(la.weight_steps, '.3f')}  FAIL"
+                                   for la in bad[:max_layers]))
+        elif p.layers:
             worst = sorted(p.layers, key=lambda la: -(la.local_rel if la.local_rel is not None
                                                        else la.propagated_rel or 0.0))
             shown = [la for la in p.layers if not la.passed][:max_layers] or worst[:3]
