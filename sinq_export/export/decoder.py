@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..config import GraphConfig, SinqConfig
 from ..io import atomic_output_dir, check_output, write_json
 from ..models import hub_offline
 from ..nn import SHARED_INPUT_GROUPS, _joint_groups
+from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
@@ -399,6 +401,8 @@ def _save(model: ir.Model, path: Path, stages: Stages) -> None:
     """onnx_ir's writer: it evaluates each lazy initializer in graph order, writes it to the
     data file and lets it go (measured: peak RSS stays flat, see docs/export-format.md)."""
     inits = [v.const_value for v in model.graph.initializers.values()]
+    for value in model.graph.initializers.values():
+        value.const_value = _WrittenByFile(value.const_value)
     with stages.tensors(sum(t.nbytes for t in inits), len(inits), desc="write") as bar:
         try:
             ir.save(model, path, external_data=DATA_FILE, alignment=64,
@@ -406,6 +410,28 @@ def _save(model: ir.Model, path: Path, stages: Stages) -> None:
         except ir.serde.SerdeError as exc:
             cause = _raised_by_a_tensor(exc)
             raise cause from cause.__cause__
+
+
+class _WrittenByFile(ir.LazyTensor):
+    """A tensor whose bytes go through the data file's own ``write``.
+
+    onnx_ir's default is numpy's ``tofile`` (C ``fwrite``), which reports a full disk or a
+    quota as "N requested and M written" / "Not enough free space", without the errno; the
+    file's ``write`` raises the OSError with it (ENOSPC, EDQUOT, EFBIG, EIO), so a failed
+    write says what happened. A memoryview of the array: the tensor is not copied.
+    """
+
+    def __init__(self, tensor: ir.TensorProtocol) -> None:
+        super().__init__(lambda: tensor, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+        self.source = tensor
+
+    def tofile(self, file) -> None:  # noqa: ANN001
+        array = self.source.numpy()  # evaluated once: a quantized part is computed when pulled
+        if (array.dtype.kind in "biuf" and array.dtype.isnative and sys.byteorder == "little"
+                and array.flags.c_contiguous):
+            file.write(memoryview(array).cast("B"))
+        else:  # bytes onnx_ir reorders or repacks: its own writer
+            ir.Tensor(array, dtype=self.dtype).tofile(file)
 
 
 def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
@@ -418,14 +444,32 @@ def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
     return exc if isinstance(cause, ir.serde.SerdeError) else cause
 
 
-def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
-                out_dir: Path) -> None:
-    """Refuse up front (ENOSPC, one line) when OUT_DIR's file system cannot hold the export."""
-    bits = {src: plan.linears[n].bits for n, src in plan.sources.items() if src == f"{n}.weight"}
+def _check_disk(ckpt: Checkpoint, bits: Mapping[str, int], config: SinqConfig,
+                graph: GraphConfig, out_dir: Path) -> None:
+    """Refuse (ENOSPC, one line) when OUT_DIR's file system cannot hold the export, its
+    checkpoint tensors stored at ``bits`` (tensor -> width; any other tensor in float)."""
     needed = estimate_output_bytes(ckpt, lambda name, shape: bits.get(name), config.group_size,
                                    runtime=graph.runtime,
                                    float_bytes=2 if graph.dtype == "fp16" else 4)
     check_free_space(out_dir, needed)
+
+
+def _planned_widths(plan: Plan) -> dict[str, int]:
+    """Checkpoint tensor -> width of every linear the plan quantizes from its own weight."""
+    return {src: plan.linears[n].bits for n, src in plan.sources.items() if src == f"{n}.weight"}
+
+
+def _config_widths(module: object, config: SinqConfig, graph: GraphConfig) -> dict[str, int]:
+    """Checkpoint tensor -> width from the config alone, before any statistic is measured. A
+    width allocation is not known yet: its linears count at the narrowest width it can pick,
+    so this never refuses an export that fits (the plan's exact check follows)."""
+    if config.budgeted:
+        config = config.replace(bits=min(ALLOCATION_WIDTHS))
+    widths = {f"{n}.weight": b for n in builder.linear_shapes(module)
+              if (b := config.bits_for(n)) is not None}
+    if graph.embedding_bits is not None:
+        widths[f"{EMBEDDING}.weight"] = graph.embedding_bits
+    return widths
 
 
 def export_causal_lm(
@@ -479,6 +523,9 @@ def export_causal_lm(
                 hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
             dtype = ir.DataType.FLOAT16 if graph_config.dtype == "fp16" else ir.DataType.FLOAT
             module, cfg = builder.mobius_model(hf_config, dtype)
+            # before the minutes of probing or calibration, not after them
+            _check_disk(ckpt, _config_widths(module, config, graph_config), config, graph_config,
+                        out_dir)
         if run_model:
             from ..nn import quantize_planned
 
@@ -501,7 +548,7 @@ def export_causal_lm(
                                   "--include); pass allow_unquantized (--allow-unquantized) "
                                   "to export a float model")
             _check_records(records or {}, plan)
-            _check_disk(ckpt, plan, config, graph_config, out_dir)
+            _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir)
         with stages.stage("build"):
             builder.replace_linears(module, plan.linears)
             model = builder.build_graph(module, cfg)
