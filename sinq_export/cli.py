@@ -343,9 +343,9 @@ def _run_model(args: argparse.Namespace) -> int:
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
     summary = result.summary()
-    summary["warnings"] = warnings + summary["warnings"]
-    for warning in summary["warnings"]:
-        print(f"sinq-export model: warning: {warning}", file=sys.stderr)
+    summary["warnings"] = summary["warnings"] + warnings
+    if summary["warnings"]:  # one line, like an error
+        print(f"sinq-export model: warning: {'; '.join(summary['warnings'])}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:

@@ -10,6 +10,7 @@ pre-existing data byte-identical.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from test_faults import (
 )
 
 from sinq_export.cli import EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, main
+from sinq_export.export.manifest import MANIFEST_FILE
 
 WEIGHT_ONLY = ["--energy-refit", "0", "--lm-head-bits", "8"]  # no forward pass reads a tensor
 
@@ -388,3 +390,35 @@ def test_argparse_errors_are_one_line_exit_2(argv, named, workspace, capsys):
     assert line.startswith("sinq-export") and ": error: " in line and "usage:" not in line
     assert captured.out == ""
     assert tree_digest(workspace) == before and partials(workspace) == []
+
+
+# ---------------------------------------------------------- a model folder without tokenizer
+
+def test_model_without_tokenizer_warns_in_one_line_and_records_it(tiny_llama, workspace, capsys):
+    """It still exports (a session fed token ids runs it), says in one warning line that
+    onnxruntime-genai cannot tokenize for it (true: genai's tokenizer fails on the folder), and
+    the manifest keeps the sentence."""
+    import onnxruntime_genai as og
+
+    src = workspace / "no-tokenizer"
+    shutil.copytree(tiny_llama, src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    out = workspace / "out"
+    rc, err = run_main(["model", str(src), "-o", str(out), *QUANT_FLAGS], capsys)
+    assert rc == 0, err
+    line = assert_one_error_line(err, "sinq-export model: warning:", str(src), "no tokenizer file",
+                                 "onnxruntime-genai", "lm_head stays 8-bit")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert len(manifest["warnings"]) == 1 and manifest["warnings"][0] in line
+    model = og.Model(str(out))
+    with pytest.raises(Exception, match="(?i)tokenizer"):
+        og.Tokenizer(model)
+
+
+def test_model_with_tokenizer_records_no_warning(tiny_llama, workspace, capsys):
+    out = workspace / "out"
+    rc, err = run_main(["model", str(tiny_llama), "-o", str(out), *QUANT_FLAGS], capsys)
+    assert rc == 0, err
+    assert json.loads((out / MANIFEST_FILE).read_text())["warnings"] == []
+    assert "warning" not in err

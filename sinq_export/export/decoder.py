@@ -323,8 +323,10 @@ def missing_tokenizer(folder: Path) -> str | None:
     session fed token ids, but onnxruntime-genai, `eval` and `validate` need one in OUT_DIR."""
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
         return None
-    return (f"{folder} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai, "
-            "`sinq-export eval` and `validate` need one; copy the model's tokenizer into OUT_DIR")
+    return (f"{folder} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai "
+            "cannot tokenize for this export, and `sinq-export eval` and `validate` need one; a "
+            "plain onnxruntime session fed token ids works; copy the model's tokenizer into "
+            "OUT_DIR")
 
 
 def _copy_hf_files(src: Path, dest: Path) -> None:
@@ -508,6 +510,8 @@ def export_causal_lm(
     out_dir = Path(out_dir)
     folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
+    # what the folder will lack, recorded in the manifest as well as returned
+    warnings = [w for w in (missing_tokenizer(folder),) if w]
     run_model = records is None and (config.needs_calibration or config.budgeted)
     probe = records is None and not run_model and config.energy_refit > 0
     stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
@@ -585,7 +589,8 @@ def export_causal_lm(
                 if with_reference:
                     _write_reference(folder, tmp_out, config, cache.made or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
-                                        tmp_out), **(manifest_extra or {})}
+                                        tmp_out), **(manifest_extra or {}),
+                            "warnings": warnings}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / ONNX_FILE), full_check=False)
@@ -594,10 +599,8 @@ def export_causal_lm(
         stages.timings["write"] -= cache.stats.seconds
     finally:
         stages.close()
-    warning = missing_tokenizer(folder)
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
-                        peak_rss=stages.report()["peak_rss_mb"],
-                        warnings=[warning] if warning else [])
+                        peak_rss=stages.report()["peak_rss_mb"], warnings=warnings)
 
 
 def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,
