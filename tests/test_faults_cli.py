@@ -422,3 +422,21 @@ def test_model_with_tokenizer_records_no_warning(tiny_llama, workspace, capsys):
     assert rc == 0, err
     assert json.loads((out / MANIFEST_FILE).read_text())["warnings"] == []
     assert "warning" not in err
+
+
+# ------------------------------------------------------- hypothesis: no deadline, suite-wide
+
+def test_property_tests_have_no_deadline():
+    """An example slower than hypothesis' default 200 ms deadline passes: the conftest profile
+    turns deadlines off for every test, including those with their own @settings."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    assert settings.default.deadline is None
+
+    @settings(max_examples=2, database=None)
+    @given(st.integers(0, 1))
+    def slow_example(i: int) -> None:
+        time.sleep(0.3)
+
+    slow_example()
