@@ -17,6 +17,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__, verbosity
 from .config import (
@@ -313,8 +314,8 @@ def _run_model(args: argparse.Namespace) -> int:
     except ExportError as exc:
         raise UsageError(str(exc)) from exc
     summary = result.summary()
-    for warning in summary["warnings"]:
-        print(f"sinq-export model: warning: {warning}", file=sys.stderr)
+    if summary["warnings"]:  # one line, like an error
+        print(f"sinq-export model: warning: {'; '.join(summary['warnings'])}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
@@ -459,8 +460,16 @@ COMMANDS = {
 }
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's own errors (a bad --bits, --dtype, ...) as the one line every other error
+    is, exit 2; the usage block is what --help is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="sinq-export",
         description="SINQ-quantize a PyTorch / Hugging Face model and export it to onnxruntime.",
         epilog=EXIT_CODES_HELP,

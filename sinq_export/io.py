@@ -74,6 +74,8 @@ def output_error(exc: BaseException, fallback_path: str | os.PathLike | None) ->
         if isinstance(e, OSError) and e.errno:
             return OutputError(e.filename or fallback_path, e.errno, e.strerror or str(e))
     text = str(exc)
+    if isinstance(exc, OSError) and _NO_ROOM.search(text):
+        return OutputError(fallback_path, errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({text})")
     if isinstance(exc, OSError) and _SHORT_WRITE.search(text):
         code = _short_write_errno(fallback_path)
         return OutputError(fallback_path, code, f"{os.strerror(code)} (short write: {text})")
@@ -83,9 +85,10 @@ def output_error(exc: BaseException, fallback_path: str | os.PathLike | None) ->
     return None
 
 
-# numpy's ``tofile`` (used by onnx_ir for external data) reports a refused write this way,
-# without the errno.
+# numpy's ``tofile`` reports a refused write this way, without the errno; its "not enough
+# free space" is raised only when fallocate(2) failed with ENOSPC.
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+_NO_ROOM = re.compile(r"Not enough free space to write \d+ bytes")
 
 
 def _short_write_errno(path: str | os.PathLike | None) -> int:
@@ -276,17 +279,44 @@ def scratch_dir(near: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def _new_partial(parent: Path, name: str, tag: str) -> Iterator[Path]:
     """Create ``parent`` if needed, delete partial folders of dead runs, yield a new one.
+    On an error or a signal the parents created here are removed again (when still empty).
 
     The stale scan and the new folder's creation + lock happen under the parent's lock, so
     a scan never takes a folder that was created but not yet locked.
     """
-    with contextlib.ExitStack() as stack:
-        with _as_output_error(parent, anywhere=True):
-            parent.mkdir(parents=True, exist_ok=True)
-            with _locked(parent):
-                remove_stale_partials(parent, name)
-                path = stack.enter_context(_partial_dir(parent, name, tag))
-        yield path
+    created = _missing_folders(parent)
+    finished = False
+    try:
+        with contextlib.ExitStack() as stack:
+            with _as_output_error(parent, anywhere=True):
+                parent.mkdir(parents=True, exist_ok=True)
+                with _locked(parent):
+                    remove_stale_partials(parent, name)
+                    path = stack.enter_context(_partial_dir(parent, name, tag))
+            yield path
+        finished = True
+    finally:
+        if not finished:
+            _remove_empty(created)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the parents a failed run created for its output, deepest first; rmdir(2) only
+    removes an empty folder, so whatever someone else put there meanwhile stays."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def remove_stale_partials(parent: Path, name: str) -> list[Path]:

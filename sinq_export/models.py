@@ -224,9 +224,20 @@ def load_causal_lm(
             raise ModelLoadError(f"{folder}: checkpoint lacks tensor {missing[0]!r}{more}, "
                                  "which the config promises")
         tokenizer = _load_tokenizer(folder)
+    _check_finite(model, folder)
     model.to(dtype)
     model.eval()
     return model, tokenizer
+
+
+def _check_finite(model: torch.nn.Module, folder: Path) -> None:
+    """transformers loads NaN / Inf weights as they are; quantizing them writes a model that
+    outputs NaN, so they are refused here, by name, as the streamed route refuses them."""
+    from .checkpoint import _all_finite
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise ModelLoadError(f"{folder}: tensor {name!r} contains NaN or Inf values")
 
 
 _LOAD_KWARGS = {"local_files_only": True, "trust_remote_code": False}

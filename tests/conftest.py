@@ -1,4 +1,5 @@
-"""Session-wide fixtures for the real SmolLM2 model and the Wikipedia windows; the skip policy.
+"""Session-wide fixtures for the real SmolLM2 model and the Wikipedia windows; the skip policy;
+hypothesis without deadlines.
 
 The model is converted once into the user cache (see `sinq_export.models.default_model_dir`)
 and loaded once per session; tests using these fixtures are marked ``slow``.
@@ -16,8 +17,15 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 ALLOWED_SKIP_MARK = "cuda"
+
+# Property tests check numbers, not speed: on a loaded 2-core machine one example of a 200 ms
+# deadline (hypothesis' default) can take seconds, and a test would fail for that alone.
+# Speed targets live in bench/. A test's own @settings inherits this (deadline stays off).
+settings.register_profile("sinq-export", deadline=None)
+settings.load_profile("sinq-export")
 
 
 def _strict_skips() -> bool:

@@ -9,6 +9,9 @@ pre-existing data byte-identical.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +24,7 @@ from test_faults import (
     QUANT_FLAGS,
     REPO,
     assert_one_error_line,
+    cli_cmd,
     cli_env,
     partials,
     run_main,
@@ -28,7 +32,8 @@ from test_faults import (
     write_tiny_llama,
 )
 
-from sinq_export.cli import EXIT_SIGINT, EXIT_USAGE
+from sinq_export.cli import EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, main
+from sinq_export.export.manifest import MANIFEST_FILE
 
 WEIGHT_ONLY = ["--energy-refit", "0", "--lm-head-bits", "8"]  # no forward pass reads a tensor
 
@@ -64,6 +69,12 @@ def poison(src: Path, dest: Path, tensor: str, value: float) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:  # noqa: ANN001
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def slow_llama(tmp_path_factory) -> Path:  # noqa: ANN001
+    """Big enough that quantizing (inside the write) takes seconds."""
+    return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama-8", layers=8, hidden=128)
 
 
 @pytest.fixture
@@ -186,3 +197,246 @@ def test_console_script_is_the_light_entry_point():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=cli_env(), timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------- a disk that fills
+
+def mount_tmpfs(folder: Path, size: str) -> bool:
+    """Mount a real ``size`` tmpfs at ``folder`` (root); False where mounting is not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and os.geteuid() == 0:
+        pytest.fail(f"root cannot mount a tmpfs here: {proc.stderr.strip()}")
+    return proc.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):  # noqa: ANN001, ANN201
+    """``make(size)`` -> a folder on a real tmpfs of that size (None where mount is not
+    permitted: not root); unmounted after the test."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path | None:
+        folder = tmp_path / f"disk-{size}"
+        if not mount_tmpfs(folder, size):
+            return None
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("flags", [
+    [],  # the default: the random-id probe runs first (seconds to minutes on a real model)
+    ["--calibrate", "--calibration-windows", "1"],
+    ["--avg-bits", "3.5"],
+])
+def test_free_space_is_checked_before_the_probe_or_calibration(flags, tiny_llama, small_disk,
+                                                               tmp_path, monkeypatch, capsys):
+    """A file system that cannot hold the estimate is refused before any statistic is
+    measured (exit 3, ENOSPC, the path): the probe / calibration must not even start."""
+    from sinq_export import nn
+
+    disk = small_disk("1m") or pytest.skip("mount not permitted (not root): see the simulated "
+                                           "write-time case below")
+    (disk / "keep.txt").write_text("the user's file\n")
+
+    def too_late(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model ran before the free-space check")
+
+    monkeypatch.setattr(nn, "probe_energies", too_late)
+    monkeypatch.setattr(nn, "quantize_planned", too_late)
+    before = tree_digest(disk)
+    rc, err = run_main(["model", str(tiny_llama), "-o", str(disk / "out"), *flags, *QUANT_FLAGS],
+                       capsys)
+    assert rc == EXIT_OUTPUT, err
+    assert_one_error_line(err, f"cannot write {disk / 'out'}", "[ENOSPC]", "free disk space")
+    assert tree_digest(disk) == before and partials(disk) == []
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Another program fills the file system, leaving about ``leave`` bytes."""
+    filler = folder / "other-program.bin"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.mark.parametrize("leave", [0, 32 << 10])  # the export needs more than that
+def test_disk_filling_during_the_write_is_exit_3_enospc(leave, slow_llama, small_disk, tmp_path,
+                                                        monkeypatch, capsys):
+    """The free-space check passes, then another program fills the disk (while the probe
+    runs, so the whole write meets it; with 32 KiB left the first tensors still fit): the
+    output side is blamed (exit 3, ENOSPC, the output named), nothing is left but the other
+    program's file, byte-identical."""
+    disk = small_disk("24m")
+    if disk is None:  # no mount permitted: the write call itself reports the full disk
+        from sinq_export.export import decoder
+
+        def full(self, file):  # noqa: ANN001, ANN202
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(decoder._WrittenByFile, "tofile", full)
+        out = tmp_path / "out"
+        rc, stderr = run_main(["model", str(slow_llama), "-o", str(out), *QUANT_FLAGS], capsys)
+        assert rc == EXIT_OUTPUT, stderr
+        assert_one_error_line(stderr, f"cannot write {out}", "[ENOSPC]")
+        assert not out.exists() and partials(tmp_path) == []
+        return
+    out = disk / "out"
+    log = tmp_path / "stderr.txt"
+    # progress on stderr (no --json): the stage bar says "calibrate" once the plan stage, and
+    # the free-space check in it, passed
+    cmd = cli_cmd("model", str(slow_llama), "-o", str(out), "--group-size", "16")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=cli_env(),
+                                cwd=REPO)
+        try:
+            deadline = time.monotonic() + 300
+            while "calibrate" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.01)
+            filler = _fill(disk, leave)
+            digest = tree_digest(disk)[filler.name]
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = log.read_text()
+    assert rc == EXIT_OUTPUT, stderr
+    assert_one_error_line(stderr, f"cannot write {disk}", "[ENOSPC]")
+    assert sorted(p.name for p in disk.iterdir()) == [filler.name]
+    assert tree_digest(disk)[filler.name] == digest
+
+
+def test_numpy_full_disk_message_is_enospc():
+    """numpy's ``tofile`` raises "Not enough free space" (no errno) only when fallocate(2)
+    failed with ENOSPC: still the output side's full disk."""
+    from sinq_export.io import output_error
+
+    err = output_error(OSError("Not enough free space to write 28311552 bytes"), "/data/out")
+    assert err is not None and err.errno == errno.ENOSPC and "/data/out" in str(err)
+
+
+# ------------------------------------------------------------------ parents of -o we created
+
+@pytest.mark.parametrize("command", ["model", "quantize"])
+def test_failed_run_removes_the_parents_it_created(command, tiny_llama, workspace, capsys):
+    """-o keep/new1/new2/out with a model that fails mid-run (NaN in the final norm, read by
+    the writer / the quantizer): new1 and new2 go, keep/ and its files stay."""
+    src = poison(tiny_llama, workspace.parent / f"{workspace.name}-nan", "model.norm.weight",
+                 float("nan"))
+    before = tree_digest(workspace)
+    out = workspace / "keep" / "new1" / "new2" / "out"
+    flags = WEIGHT_ONLY if command == "model" else []
+    rc, err = run_main([command, str(src), "-o", str(out), *flags, *QUANT_FLAGS], capsys)
+    assert rc == EXIT_USAGE, err
+    assert_one_error_line(err, "model.norm.weight")
+    assert tree_digest(workspace) == before and partials(workspace / "keep") == []
+
+
+def test_a_successful_run_keeps_the_parents_it_created(tiny_llama, workspace, capsys):
+    out = workspace / "new1" / "new2" / "q"
+    rc, err = run_main(["quantize", str(tiny_llama), "-o", str(out), *QUANT_FLAGS], capsys)
+    assert rc == 0, err
+    assert (out / "sinq_quantized.json").is_file()
+
+
+def test_parents_someone_else_filled_meanwhile_stay(tmp_path):
+    """Only empty folders are removed: a file another program put in a created parent keeps
+    that parent (and its parents)."""
+    from sinq_export import io
+
+    out = tmp_path / "new1" / "new2" / "out"
+    with pytest.raises(RuntimeError), io.atomic_output_dir(out) as tmp:
+        (tmp / "part").write_text("partial")
+        (tmp_path / "new1" / "theirs.txt").write_text("someone else's")
+        raise RuntimeError("the run fails")
+    assert sorted(p.name for p in (tmp_path / "new1").iterdir()) == ["theirs.txt"]
+
+
+# ------------------------------------------------------------------- argparse's own errors
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["model", "--bits", "9", "-o", "{out}"], "--bits"),
+    (["model", "--dtype", "fp64", "-o", "{out}"], "--dtype"),
+    (["model", "--target", "tflite", "-o", "{out}"], "--target"),
+    (["model", "--lm-head-bits", "3.5", "-o", "{out}"], "--lm-head-bits"),
+    (["quantize", "--group-size", "sixty", "-o", "{out}"], "--group-size"),
+    (["quantize", "--method", "gptq", "-o", "{out}"], "--method"),
+    (["quantize"], "-o/--output"),
+    (["eval", "--windows", "many"], "--windows"),
+    (["validate"], "out_dir"),
+    (["frobnicate"], "frobnicate"),
+    ([], "COMMAND"),
+])
+def test_argparse_errors_are_one_line_exit_2(argv, named, workspace, capsys):
+    argv = [a.format(out=workspace / "out") for a in argv]
+    before = tree_digest(workspace)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_USAGE
+    captured = capsys.readouterr()
+    line = assert_one_error_line(captured.err, named, "--help")
+    assert line.startswith("sinq-export") and ": error: " in line and "usage:" not in line
+    assert captured.out == ""
+    assert tree_digest(workspace) == before and partials(workspace) == []
+
+
+# ---------------------------------------------------------- a model folder without tokenizer
+
+def test_model_without_tokenizer_warns_in_one_line_and_records_it(tiny_llama, workspace, capsys):
+    """It still exports (a session fed token ids runs it), says in one warning line that
+    onnxruntime-genai cannot tokenize for it (true: genai's tokenizer fails on the folder), and
+    the manifest keeps the sentence."""
+    import onnxruntime_genai as og
+
+    src = workspace / "no-tokenizer"
+    shutil.copytree(tiny_llama, src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    out = workspace / "out"
+    rc, err = run_main(["model", str(src), "-o", str(out), *QUANT_FLAGS], capsys)
+    assert rc == 0, err
+    line = assert_one_error_line(err, "sinq-export model: warning:", str(src), "no tokenizer file",
+                                 "onnxruntime-genai", "lm_head stays 8-bit")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert len(manifest["warnings"]) == 1 and manifest["warnings"][0] in line
+    model = og.Model(str(out))
+    with pytest.raises(Exception, match="(?i)tokenizer"):
+        og.Tokenizer(model)
+
+
+def test_model_with_tokenizer_records_no_warning(tiny_llama, workspace, capsys):
+    out = workspace / "out"
+    rc, err = run_main(["model", str(tiny_llama), "-o", str(out), *QUANT_FLAGS], capsys)
+    assert rc == 0, err
+    assert json.loads((out / MANIFEST_FILE).read_text())["warnings"] == []
+    assert "warning" not in err
+
+
+# ------------------------------------------------------- hypothesis: no deadline, suite-wide
+
+def test_property_tests_have_no_deadline():
+    """An example slower than hypothesis' default 200 ms deadline passes: the conftest profile
+    turns deadlines off for every test, including those with their own @settings."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    assert settings.default.deadline is None
+
+    @settings(max_examples=2, database=None)
+    @given(st.integers(0, 1))
+    def slow_example(i: int) -> None:
+        time.sleep(0.3)
+
+    slow_example()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ..io import atomic_output_dir, check_output, write_json
 from ..models import hub_offline
 from ..nn import SHARED_INPUT_GROUPS, _joint_groups
 from ..presets import DEFAULT_PRESET, Preset, get_preset
+from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
@@ -323,8 +325,10 @@ def missing_tokenizer(folder: Path) -> str | None:
     session fed token ids, but onnxruntime-genai, `eval` and `validate` need one in OUT_DIR."""
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
         return None
-    return (f"{folder} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai, "
-            "`sinq-export eval` and `validate` need one; copy the model's tokenizer into OUT_DIR")
+    return (f"{folder} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai "
+            "cannot tokenize for this export, and `sinq-export eval` and `validate` need one; a "
+            "plain onnxruntime session fed token ids works; copy the model's tokenizer into "
+            "OUT_DIR")
 
 
 def _copy_hf_files(src: Path, dest: Path) -> None:
@@ -448,7 +452,8 @@ def _save(model: ir.Model, path: Path, stages: Stages, limit: int = DATA_FILE_LI
             group = values[start:start + count]
             try:
                 written = ir.external_data.convert_tensors_to_external(
-                    [v.const_value for v in group], path.parent, name, alignment=64,
+                    [_WrittenByFile(v.const_value) for v in group], path.parent, name,
+                    alignment=64,
                     callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
             except ir.serde.SerdeError as exc:
                 cause = _raised_by_a_tensor(exc)
@@ -459,6 +464,28 @@ def _save(model: ir.Model, path: Path, stages: Stages, limit: int = DATA_FILE_LI
     ir.save(model, path)
     prefix = path.parent.name
     return [f"{prefix}/{name}" for name in names]
+
+
+class _WrittenByFile(ir.LazyTensor):
+    """A tensor whose bytes go through the data file's own ``write``.
+
+    onnx_ir's default is numpy's ``tofile`` (C ``fwrite``), which reports a full disk or a
+    quota as "N requested and M written" / "Not enough free space", without the errno; the
+    file's ``write`` raises the OSError with it (ENOSPC, EDQUOT, EFBIG, EIO), so a failed
+    write says what happened. A memoryview of the array: the tensor is not copied.
+    """
+
+    def __init__(self, tensor: ir.TensorProtocol) -> None:
+        super().__init__(lambda: tensor, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+        self.source = tensor
+
+    def tofile(self, file) -> None:  # noqa: ANN001
+        array = self.source.numpy()  # evaluated once: a quantized part is computed when pulled
+        if (array.dtype.kind in "biuf" and array.dtype.isnative and sys.byteorder == "little"
+                and array.flags.c_contiguous):
+            file.write(memoryview(array).cast("B"))
+        else:  # bytes onnx_ir reorders or repacks: its own writer
+            ir.Tensor(array, dtype=self.dtype).tofile(file)
 
 
 def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
@@ -494,14 +521,32 @@ def _tensor_digests(out: Path) -> dict[str, str]:
     return OnnxTensors(load_graph(graph), graph.parent).digests()
 
 
-def _check_disk(ckpt: Checkpoint, plan: Plan, config: SinqConfig, graph: GraphConfig,
-                out_dir: Path) -> None:
-    """Refuse up front (ENOSPC, one line) when OUT_DIR's file system cannot hold the export."""
-    bits = {src: plan.linears[n].bits for n, src in plan.sources.items() if src == f"{n}.weight"}
+def _check_disk(ckpt: Checkpoint, bits: Mapping[str, int], config: SinqConfig,
+                graph: GraphConfig, out_dir: Path) -> None:
+    """Refuse (ENOSPC, one line) when OUT_DIR's file system cannot hold the export, its
+    checkpoint tensors stored at ``bits`` (tensor -> width; any other tensor in float)."""
     needed = estimate_output_bytes(ckpt, lambda name, shape: bits.get(name), config.group_size,
                                    runtime=graph.runtime,
                                    float_bytes=2 if graph.dtype == "fp16" else 4)
     check_free_space(out_dir, needed)
+
+
+def _planned_widths(plan: Plan) -> dict[str, int]:
+    """Checkpoint tensor -> width of every linear the plan quantizes from its own weight."""
+    return {src: plan.linears[n].bits for n, src in plan.sources.items() if src == f"{n}.weight"}
+
+
+def _config_widths(module: object, config: SinqConfig, graph: GraphConfig) -> dict[str, int]:
+    """Checkpoint tensor -> width from the config alone, before any statistic is measured. A
+    width allocation is not known yet: its linears count at the narrowest width it can pick,
+    so this never refuses an export that fits (the plan's exact check follows)."""
+    if config.budgeted:
+        config = config.replace(bits=min(ALLOCATION_WIDTHS))
+    widths = {f"{n}.weight": b for n in builder.linear_shapes(module)
+              if (b := config.bits_for(n)) is not None}
+    if graph.embedding_bits is not None:
+        widths[f"{EMBEDDING}.weight"] = graph.embedding_bits
+    return widths
 
 
 def export_causal_lm(
@@ -543,6 +588,8 @@ def export_causal_lm(
     folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
     config, graph_config, preset_warnings = _configs(folder, config, graph_config, preset)
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
+    # what the folder will lack, recorded in the manifest as well as returned
+    warnings = preset_warnings + [w for w in (missing_tokenizer(folder),) if w]
     run_model = records is None and (config.needs_calibration or config.budgeted)
     probe = records is None and not run_model and config.energy_refit > 0
     stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
@@ -555,6 +602,9 @@ def export_causal_lm(
             hf_config = _transformers_config(folder)
             dtype = ir.DataType.FLOAT16 if graph_config.dtype == "fp16" else ir.DataType.FLOAT
             module, cfg = builder.mobius_model(hf_config, dtype)
+            # before the minutes of probing or calibration, not after them
+            _check_disk(ckpt, _config_widths(module, config, graph_config), config, graph_config,
+                        out_dir)
         if run_model:
             from ..nn import quantize_planned
 
@@ -577,7 +627,7 @@ def export_causal_lm(
                                   "--include); pass allow_unquantized (--allow-unquantized) "
                                   "to export a float model")
             _check_records(records or {}, plan)
-            _check_disk(ckpt, plan, config, graph_config, out_dir)
+            _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir)
         with stages.stage("build"):
             builder.replace_linears(module, plan.linears)
             model = builder.build_graph(module, cfg)
@@ -619,7 +669,7 @@ def export_causal_lm(
                     _write_reference(folder, tmp_out, config, cache.made or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
                                         tmp_out, data_files), **(manifest_extra or {}),
-                            "tensor_sha256": _tensor_digests(tmp_out)}
+                            "tensor_sha256": _tensor_digests(tmp_out), "warnings": warnings}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / MODEL_FILE), full_check=False)
@@ -628,10 +678,8 @@ def export_causal_lm(
         stages.timings["write"] -= cache.stats.seconds
     finally:
         stages.close()
-    warning = missing_tokenizer(folder)
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
-                        peak_rss=stages.report()["peak_rss_mb"],
-                        warnings=preset_warnings + ([warning] if warning else []))
+                        peak_rss=stages.report()["peak_rss_mb"], warnings=warnings)
 
 
 def _configs(folder: Path, config: SinqConfig | None, graph_config: GraphConfig | None,
