@@ -446,22 +446,22 @@ def _save(model: ir.Model, path: Path, stages: Stages, limit: int = DATA_FILE_LI
     counts = shard_tensors([v.const_value.nbytes for v in values], limit, pad=4096)
     names = data_file_names(path.name, len(counts))
     total = sum(v.const_value.nbytes for v in values)
-    with stages.tensors(total, len(values), desc="write") as bar:
-        start = 0
-        for name, count in zip(names, counts):
-            group = values[start:start + count]
-            try:
+    try:
+        with stages.tensors(total, len(values), desc="write") as bar:
+            start = 0
+            for name, count in zip(names, counts):
+                group = values[start:start + count]
                 written = ir.external_data.convert_tensors_to_external(
                     [_WrittenByFile(v.const_value) for v in group], path.parent, name,
                     alignment=64,
                     callback=lambda tensor, info: bar.advance(tensor.name or "", tensor.nbytes))
-            except ir.serde.SerdeError as exc:
-                cause = _raised_by_a_tensor(exc)
-                raise cause from cause.__cause__
-            for value, tensor in zip(group, written):
-                value.const_value = tensor
-            start += count
-    ir.save(model, path)
+                for value, tensor in zip(group, written):
+                    value.const_value = tensor
+                start += count
+        ir.save(model, path)  # the small tensors stay inline: evaluated here
+    except ir.serde.SerdeError as exc:
+        cause = _raised_by_a_tensor(exc)
+        raise cause from cause.__cause__
     prefix = path.parent.name
     return [f"{prefix}/{name}" for name in names]
 
