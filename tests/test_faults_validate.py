@@ -18,6 +18,7 @@ from test_faults import QUANT_FLAGS, error_lines, tree_digest, write_tiny_llama
 from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
 from sinq_export.export.files import MODEL_FILE, data_file_names
 from sinq_export.io import read_json
+from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
 
 DATA_FILE = str(Path(MODEL_FILE).parent / data_file_names(Path(MODEL_FILE).name, 1)[0])
 
@@ -266,3 +267,73 @@ def test_a_folder_replaced_while_validating_is_reported(export, tmp_path, monkey
     assert f"{out} changed while it was being read" in line and "run again" in line, line
     assert tree_digest(out) == swapped[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------- an exporter that writes a wrong folded layer
+
+def _times_64_in_one_group(target: str):  # noqa: ANN202
+    """A `weights._part_func` that writes ``target``'s scales with one group times 64 (an
+    exporter bug: the sha256 recorded matches the wrong bytes, so only the source check can
+    see it)."""
+    from sinq_export.export import weights
+
+    original = weights._part_func
+
+    def part_func(cache, linear, part, binding, *args):  # noqa: ANN001, ANN202
+        func = original(cache, linear, part, binding, *args)
+        if linear != target or part != "scales":
+            return func
+
+        def wrong() -> np.ndarray:
+            scales = func().copy()
+            scales[scales.shape[0] // 2, 0] *= 64
+            return scales
+        return wrong
+    return part_func
+
+
+@pytest.mark.parametrize("layer", ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"])
+def test_an_exporter_writing_a_wrong_folded_layer_fails_validate(export, layer, tmp_path,
+                                                                  capsys, monkeypatch):
+    """up_proj's rows carry down_proj's t and down_proj's carry none: `validate` undoes the
+    fold with the export's folded t and checks both against the source weights."""
+    from sinq_export.export import weights
+
+    meta = _layers(export)[layer]
+    assert meta["output_scaled_by"] or meta["folded_into"] in _layers(export), meta
+    src = read_json(export / "sinq_export.json")["source"]["path"]
+    monkeypatch.setattr(weights, "_part_func", _times_64_in_one_group(layer))
+    out = tmp_path / "out"
+    assert main(["model", src, "-o", str(out), "--embedding-bits", "4", *QUANT_FLAGS]) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    rc, text, err = _validate(out, capsys)
+    assert rc == EXIT_FAILED, text
+    assert "differs" not in text, text  # the recorded digests match: the source check caught it
+    assert any(ln.strip().startswith("FAIL") and layer in ln or f"layer: {layer}" in ln
+               for ln in text.splitlines()), text
+    assert err == "", err
+
+
+def test_the_source_check_covers_every_folded_layer(export, capsys, monkeypatch):
+    """Every linear of the default export has a source distance: none is skipped for a fold
+    (the quantized embedding table is no linear of the reference: its bytes are covered by
+    the recorded digests)."""
+    import sinq_export.validate.core as core
+
+    seen = {}
+    original = core.weight_steps
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.update(original(*args, **kwargs))
+        return seen
+    monkeypatch.setattr(core, "weight_steps", recording)
+    rc, text, _ = _validate(export, capsys)
+    assert rc == EXIT_OK, text
+    layers = _layers(export)
+    checked = {n for n, m in layers.items()
+               if not m.get("shared_with") and m["op"] != "GatherBlockQuantized"}
+    assert any(layers[n]["output_scaled_by"] for n in checked)
+    assert any(layers[n]["folded_into"] in layers for n in checked)
+    assert {n for n in checked if seen.get(n) is None} == set(), seen
+    assert all(seen[n] <= WEIGHT_STEP_LIMIT for n in checked), seen

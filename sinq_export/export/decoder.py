@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -32,7 +33,14 @@ from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
-from .files import DATA_FILE_LIMIT, DIM_NAMES, MODEL_FILE, add_transformers_js_config, data_file_names
+from .files import (
+    DATA_FILE_LIMIT,
+    DIM_NAMES,
+    FOLDED_T_FILE,
+    MODEL_FILE,
+    add_transformers_js_config,
+    data_file_names,
+)
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
 from .graph import ExportError
@@ -511,6 +519,19 @@ def _transformers_config(folder: Path):  # noqa: ANN202
         raise ExportError(f"{folder}: transformers rejects config.json ({reason})") from exc
 
 
+def _save_folded_t(row_folded_t: Mapping[str, np.ndarray], out: Path) -> str | None:
+    """``FOLDED_T_FILE`` (None when no t is folded into rows): the t `validate` divides out
+    of the rows that absorbed it. It is a witness, not trusted: a t that lets both linears
+    match the source weights proves the shipped pair computes what the source does."""
+    if not row_folded_t:
+        return None
+    from safetensors.numpy import save_file
+
+    save_file({n: np.ascontiguousarray(t, dtype=np.float32) for n, t in row_folded_t.items()},
+              str(out / FOLDED_T_FILE))
+    return FOLDED_T_FILE
+
+
 def _tensor_digests(out: Path) -> dict[str, str]:
     """sha256 of every initializer as written (read back from disk, one tensor at a time):
     `validate` checks each against it, so a byte changed after the export fails there, named,
@@ -648,13 +669,16 @@ def export_causal_lm(
                                          row_scale_heads=plan.row_scale_heads.get(n, 1))
                         for n, p in plan.linears.items() if p.shared_with is None}
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
-            bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)
+            row_folded_t: dict[str, np.ndarray] = {}
+            bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases,
+                         row_folded_t=row_folded_t)
             builder.fold_constant_transposes(model)
             layers = _layer_records(model, plan, packed)
         with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
                                protect=[folder]) as tmp_out:
             with stages.stage("write"):
                 data_files = _save(model, tmp_out / MODEL_FILE, stages)
+                folded_t_file = _save_folded_t(row_folded_t, tmp_out)
                 _copy_hf_files(folder, tmp_out)
                 if (tmp_out / "config.json").is_file():
                     add_transformers_js_config(tmp_out / "config.json", len(data_files))
@@ -669,7 +693,8 @@ def export_causal_lm(
                     _write_reference(folder, tmp_out, config, cache.made or {})
                 manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
                                         tmp_out, data_files), **(manifest_extra or {}),
-                            "tensor_sha256": _tensor_digests(tmp_out), "warnings": warnings}
+                            "tensor_sha256": _tensor_digests(tmp_out),
+                            "folded_t_file": folded_t_file, "warnings": warnings}
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / MODEL_FILE), full_check=False)

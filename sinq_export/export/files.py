@@ -31,6 +31,10 @@ DATA_FILE_LIMIT = 2_000_000_000
 # What transformers.js calls the export's weights: "fp32" picks model.onnx (no suffix); the
 # MatMulNBits weights inside are whatever the export's bits say.
 TRANSFORMERS_JS_DTYPE = "fp32"
+# The t of each linear folded into another linear's rows (float32 [K] per linear, named by the
+# linear): no ONNX tensor keeps it, and `validate` needs it to check both linears against the
+# source weights. Runtimes never read it.
+FOLDED_T_FILE = "sinq_folded_t.safetensors"
 TRANSFORMERS_JS_KEY = "transformers.js_config"
 
 # The builder's names for the decoder's dynamic dims -> the names the runtimes share.

@@ -140,11 +140,14 @@ def bind_weights(
     *,
     norm_folds: Mapping[str, str] | None = None,
     aliases: Mapping[str, str] | None = None,
+    row_folded_t: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Give every initializer without a value a lazy one; missing / misshapen -> ModelLoadError.
 
     ``norm_folds``: norm weight initializer -> linear whose t is multiplied into it.
     ``aliases``: initializer -> checkpoint tensor when the names differ (a tied head).
+    ``row_folded_t``: filled, as the scales are written, with the t of every linear folded
+    into another linear's rows (`validate` needs it to undo the fold: no tensor keeps it).
     """
     norm_folds = norm_folds or {}
     aliases = aliases or {}
@@ -155,7 +158,8 @@ def bind_weights(
             continue
         if name in parts:
             lin, part = parts[name]
-            value.const_value = _lazy(_part_func(cache, lin, part, linears[lin]), value)
+            value.const_value = _lazy(_part_func(cache, lin, part, linears[lin], row_folded_t),
+                                      value)
             continue
         source = aliases.get(name, name)
         checkpoint.require(source, tuple(int(d) for d in value.shape))
@@ -190,8 +194,8 @@ def _scaled_func(checkpoint: Checkpoint, source: str, cache: RecordCache,
     return func
 
 
-def _part_func(cache: RecordCache, linear: str, part: str,
-               binding: LinearBinding) -> Callable[[], np.ndarray]:
+def _part_func(cache: RecordCache, linear: str, part: str, binding: LinearBinding,
+               row_folded_t: dict[str, np.ndarray] | None = None) -> Callable[[], np.ndarray]:
     def func() -> np.ndarray:
         record = cache.get(linear)
         try:
@@ -215,8 +219,10 @@ def _part_func(cache: RecordCache, linear: str, part: str,
             if binding.row_scale_from is not None:
                 src = cache.get(binding.row_scale_from)
                 try:
-                    t = tied_rows(_t(src, src.in_features), binding.row_scale_heads,
-                                  scales.shape[0])
+                    folded = _t(src, src.in_features)
+                    if row_folded_t is not None:
+                        row_folded_t[binding.row_scale_from] = folded.numpy().copy()
+                    t = tied_rows(folded, binding.row_scale_heads, scales.shape[0])
                     scales = scales * t.numpy()[:, None]
                 finally:
                     cache.release(binding.row_scale_from)

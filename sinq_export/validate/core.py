@@ -42,6 +42,7 @@ from .rebuild import (
     build_reference,
     layer_node_name,
     norm_folds,
+    read_folded_t,
     resolve_source,
     weight_steps,
 )
@@ -156,7 +157,8 @@ def validate(
         ref_layers = quantized_layers(reference)
         if src is not None and src.kind == "source":  # ONNX weights vs the source weights
             weight_check = weight_steps(Checkpoint.open(src.path), info.layers, ref_layers,
-                                        compensated=_gptq_layers(info), tensors=tensors)
+                                        compensated=_gptq_layers(info), tensors=tensors,
+                                        folded_t=read_folded_t(info.out_dir, info.meta))
         missing = sorted(n for n, m in info.layers.items()
                          if m.get("op", QUANT_OPS[0]) in QUANT_OPS and n not in ref_layers)
         if missing:

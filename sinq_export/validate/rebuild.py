@@ -21,7 +21,7 @@ embedding / lm_head) are float32.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from ..checkpoint import Checkpoint
 from ..models import ModelLoadError, hub_offline
 from ..nn import SinqLinear
 from ..quant import packing
+from ..quant.core import tied_rows
 from ..quant.record import QuantizedWeight
 from .providers import REFERENCE_DIR, ValidationError
 
@@ -329,19 +330,30 @@ def _folded_norm_t(ckpt: Checkpoint, tensors, norm: str) -> torch.Tensor:  # noq
 
 
 def _checkable_record(ckpt: Checkpoint, layers: dict[str, dict], name: str, tensors,  # noqa: ANN001
-                      record: QuantizedWeight) -> QuantizedWeight | None:
-    """``record`` with the t it is quantized against, or None when the ONNX tensors hide it
-    for good (a fold into another layer's rows). A t folded into a norm is read back from the
-    norm; a ``ratio`` layer's t is its Mul's ratio times its lead's, read back the same way."""
+                      record: QuantizedWeight, folded_t: Mapping[str, torch.Tensor]
+                      ) -> QuantizedWeight | None:
+    """``record`` with the t it is quantized against and its own scales, or None when the
+    export does not let the folds be undone. A t folded into a norm is read back from the
+    norm; a ``ratio`` layer's t is its Mul's ratio times its lead's, read back the same way;
+    a t folded into another linear's rows comes from ``folded_t`` (the export's
+    ``folded_t_file``), divided out of those rows here and given back to its own linear."""
     meta = layers[name]
+    scaled_by = meta.get("output_scaled_by")
+    if scaled_by:
+        if scaled_by not in folded_t:
+            return None
+        rows = tied_rows(folded_t[scaled_by], int(meta.get("output_scale_heads") or 1),
+                         record.shape[0])
+        record = replace(record, scales=record.scales.float() / rows[:, None])
     mode = str(meta.get("col_scale_mode", ""))
-    if meta.get("output_scaled_by"):
-        return None
     if mode != "ratio" and not mode.startswith("fold"):
         return record
     owner = (layers.get(meta.get("ratio_of") or "") or {}) if mode == "ratio" else meta
     target = owner.get("folded_into")
-    if tensors is None or not target or target in layers:
+    if target in layers:  # this t is folded into another linear's rows
+        t = folded_t.get(name) if mode != "ratio" else None
+        return None if t is None else replace(record, col_scale=t)
+    if tensors is None or not target:
         return None
     t = _folded_norm_t(ckpt, tensors, target)
     if mode == "ratio":
@@ -351,13 +363,29 @@ def _checkable_record(ckpt: Checkpoint, layers: dict[str, dict], name: str, tens
     return replace(record, col_scale=t)
 
 
-def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
-                 compensated: Collection[str] = (), tensors=None) -> dict[str, float | None]:  # noqa: ANN001
+def read_folded_t(out_dir: Path, meta: Mapping) -> dict[str, torch.Tensor]:
+    """The export's ``folded_t_file`` (empty for an export without one: those folds stay
+    unchecked by the source check). Named but missing or unreadable: ValidationError."""
+    name = meta.get("folded_t_file")
+    if not name:
+        return {}
+    path = out_dir / str(name)
+    try:
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValidationError(f"{path}: cannot read the folded column scales ({exc})") from None
+
+
+def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,  # noqa: ANN001
+                 compensated: Collection[str] = (), tensors=None,
+                 folded_t: Mapping[str, torch.Tensor] | None = None) -> dict[str, float | None]:
     """`quantization_steps` of every layer against the source weight (one at a time).
 
     A t folded into a norm weight is read back from it (``tensors``: the ONNX initializers);
-    None where that is not possible (t folded into another layer's rows: the ONNX tensors of
-    such a layer are not the quantized source weight alone). ``compensated``: the layers GPTQ
+    a t folded into another layer's rows is divided out of them with ``folded_t`` (see
+    `_checkable_record`); None where neither is possible. ``compensated``: the layers GPTQ
     calibrated, whose codes it moves away from round-to-nearest by design (up to ~8 steps
     measured on SmolLM2), so they report the RMS distance instead of the largest: it still
     flags a wrong or mis-scaled tensor, not a single flipped byte.
@@ -366,7 +394,8 @@ def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
     for name, meta in layers.items():
         record = None
         if name in modules and name + ".weight" in ckpt:
-            record = _checkable_record(ckpt, layers, name, tensors, modules[name].record)
+            record = _checkable_record(ckpt, layers, name, tensors, modules[name].record,
+                                       folded_t or {})
         out[name] = None if record is None else quantization_steps(
             _load(ckpt, name + ".weight"), record,
             rms=name in compensated and meta.get("shared_with") is None)
