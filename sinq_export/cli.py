@@ -536,11 +536,12 @@ def _signals_as_exceptions() -> Iterator[None]:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .io import OutputExistsError, UnsafeOutputError
     from .models import ModelLoadError
+    from .quant.calibrate import NonFiniteActivations
     from .quant.core import QuantizationError
     from .runtime_ops import RuntimeOpsUnavailable
 
     return (UsageError, ConfigError, QuantizationError, OutputExistsError, UnsafeOutputError,
-            ModelLoadError, FileNotFoundError, RuntimeOpsUnavailable)
+            ModelLoadError, FileNotFoundError, RuntimeOpsUnavailable, NonFiniteActivations)
 
 
 def _output_paths(args: argparse.Namespace) -> list[Path]:

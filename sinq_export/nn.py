@@ -191,6 +191,7 @@ def quantize_model(
     progress: bool = True,
     measure_error: bool = False,
     calibration: torch.Tensor | None = None,
+    drop_table: bool = False,
 ) -> QuantizationReport:
     """Replace every eligible ``nn.Linear`` of ``model`` in place by a `SinqLinear`.
 
@@ -210,7 +211,9 @@ def quantize_model(
     (`quant.calibrate.calibrate_block`; with ``calibrate_head`` alone the blocks are quantized
     calibration-free and only run to give the head its input). A model from
     `models.load_causal_lm_streamed` loads each block when it first runs and drops its float
-    weights once quantized.
+    weights once quantized. ``drop_table``: the model is not run again (only its records are
+    wanted), so an embedding table that is not also the head goes to the meta device once the
+    calibration windows are embedded (a 151,936 x 1536 table is 0.9 GB of float32).
     """
     config = config or SinqConfig()
     start = time.perf_counter()
@@ -222,7 +225,7 @@ def quantize_model(
             raise ValueError("config.calibrate / calibrate_head is set but no calibration "
                              "windows were given")
         _quantize_calibrated(model, linears, units, config, report, measure_error,
-                             calibration, progress)
+                             calibration, progress, drop_table)
     else:
         energies = model_energies(model, config, list(linears), calibration)
         for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
@@ -302,7 +305,7 @@ def probe_tokens(model: nn.Module, config: SinqConfig) -> tuple[torch.Tensor, di
 
 
 def _quantize_calibrated(model, linears, units, config, report, measure_error,  # noqa: ANN001
-                         windows, progress) -> None:  # noqa: ANN001
+                         windows, progress, drop_table=False) -> None:  # noqa: ANN001
     """Block by block: statistics of each block's inputs, quantize its units, propagate.
 
     With ``calibrate`` every linear gets full statistics (``H``, for A-SINQ and GPTQ). With
@@ -323,6 +326,8 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     energies = {} if config.calibrate else (model_energies(
         model, config, [n for n in linears if not config.is_calibrated(n)], release=True) or {})
     hidden, kwargs = capture_block_inputs(model, windows)
+    if drop_table:
+        _drop_untied_table(model)
     done: set[str] = set()
     for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
         ensure_loaded(block)
@@ -337,7 +342,7 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
                 _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
-                                 with_stats=config.calibrate, dtype=dtype)
+                                 with_stats=config.calibrate, dtype=dtype, where=prefix[:-1])
         for name in (n for u in mine for n in u):  # a streamed model frees the float weights
             done.add(name)
             linears.pop(name)
@@ -355,6 +360,14 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
         elif names[0] in energies:
             stats = energies
         _quantize_unit(model, "", names, linears, config, report, measure_error, stats)
+
+
+def _drop_untied_table(model: nn.Module) -> None:
+    """Move the input embedding table to the meta device unless the head shares its weight."""
+    table = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if table is not None and (head is None or head.weight is not table.weight):
+        table.to("meta")
 
 
 @dataclass(frozen=True)
@@ -402,6 +415,7 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
         calibrated = [lin.in_features for name, (lin, _) in eligible_linears(model, config).items()
                       if config.is_calibrated(name)]
         n_windows = default_window_count(max(calibrated, default=0), config.calibration_length)
+    _check_calibration_fits(model, n_windows, config.calibration_length)
     windows, info = calibration_windows(tokenizer, n_windows, config.calibration_length)
     manifest = {}
     if config.needs_calibration:
@@ -445,6 +459,21 @@ def plan_quantization(model: nn.Module, tokenizer, config: SinqConfig,  # noqa: 
     return _probe_plan(model, config, manifest)
 
 
+def _check_calibration_fits(model: nn.Module, n_windows: int, length: int) -> None:
+    """Refuse, before any forward, a calibration whose hidden states exceed the free memory."""
+    from .quant.calibrate import available_bytes, calibration_bytes
+
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    free = available_bytes()
+    if not isinstance(hidden, int) or free is None:
+        return
+    need = calibration_bytes(n_windows, length, hidden)
+    if need > free:
+        raise ConfigError(f"calibration: {n_windows} windows x {length} tokens need "
+                          f"{need / 1e9:.1f} GB of hidden states (hidden size {hidden}) and "
+                          f"{free / 1e9:.1f} GB is available; lower --calibration-windows")
+
+
 def _probe_plan(model: nn.Module, config: SinqConfig, manifest: dict) -> QuantizationPlan:
     """The plan of a run without calibration windows: the energy probe's ids, if any."""
     probe = probe_tokens(model, config) if config.energy_refit else None
@@ -473,7 +502,8 @@ def quantize_planned(source, config: SinqConfig, progress: bool = True  # noqa: 
     else:
         model, tokenizer = load_causal_lm_streamed(source, with_tokenizer=config.needs_calibration)
     plan = plan_quantization(model, tokenizer, config)
-    quantize_model(model, plan.config, progress=progress, calibration=plan.calibration)
+    quantize_model(model, plan.config, progress=progress, calibration=plan.calibration,
+                   drop_table=True)
     records = {name: m.record for name, m in quantized_layers(model).items()}
     return plan.config, records, plan.manifest
 

@@ -140,6 +140,29 @@ def default_window_count(max_k: int, length: int = 512) -> int:
     return min(MAX_WINDOWS, max(MIN_WINDOWS, 1 << max(0, (need - 1).bit_length())))
 
 
+# Copies of the [windows, length, hidden] float32 hidden states a calibration holds at once:
+# a block's input and output, their concatenation from chunks, and the head's normed input.
+HIDDEN_COPIES = 4
+
+
+def calibration_bytes(n_windows: int, length: int, hidden: int) -> int:
+    """Bytes of hidden states a calibration on ``n_windows`` x ``length`` tokens holds
+    (everything else it holds is bounded by one block or one chunk)."""
+    return HIDDEN_COPIES * n_windows * length * hidden * 4
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def calibration_windows(tokenizer, n_windows: int = 16, length: int = 512,  # noqa: ANN001
                         text: str = "wikipedia", offset: int = CALIBRATION_OFFSET
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -233,12 +256,59 @@ def forward_precision(dtype: torch.dtype) -> Iterator[None]:
         yield
 
 
+# Windows run through a block together: at most this many bytes of its widest activation
+# ([tokens, intermediate] for an MLP), so a block's temporaries are bounded by a chunk, not by
+# the calibration set (a 7B block over 4096 tokens would hold ~1 GB of MLP activations).
+CHUNK_BYTES = 64 << 20
+
+
+def windows_per_chunk(block: nn.Module, n_windows: int, length: int) -> int:
+    """How many of ``n_windows`` windows of ``length`` tokens one forward of ``block`` takes
+    (`CHUNK_BYTES` of its widest activation)."""
+    widest = max((max(m.in_features, m.out_features) for m in block.modules()
+                  if hasattr(m, "in_features") and hasattr(m, "out_features")), default=1)
+    return max(1, min(n_windows, CHUNK_BYTES // (length * widest * 4)))
+
+
+def _rows(value: Any, rows: slice, batch: int) -> Any:
+    """``value`` (a block keyword argument) cut to the windows ``rows`` where it has one entry
+    per window; tensors that broadcast over the windows (batch 1) are passed as they are."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, batch) for v in value)
+    return value
+
+
+class NonFiniteActivations(ValueError):
+    """A forward produced NaN/Inf activations (the message names the block)."""
+
+
+def check_finite(out: torch.Tensor, where: str) -> None:
+    """Refuse NaN/Inf activations at once: the statistics and every later block would be
+    poisoned, and the export would be written from them."""
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise NonFiniteActivations(f"{where}: {bad} NaN/Inf activation(s) in its calibration "
+                                   "forward (overflow in the model's float range?)")
+
+
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    with forward_precision(dtype):
-        out = block(hidden, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.float()  # the residual stream between blocks stays float32
+                  dtype: torch.dtype = torch.float32, where: str = "decoder block"
+                  ) -> torch.Tensor:
+    """The block's output for every window, computed a chunk of windows at a time."""
+    batch = hidden.shape[0]
+    step = windows_per_chunk(block, batch, hidden.shape[1]) if hidden.dim() == 3 else batch
+    outs = []
+    for start in range(0, batch, step):
+        rows = slice(start, start + step)
+        part = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+        with forward_precision(dtype):
+            out = block(hidden[rows], **part)
+        out = (out[0] if isinstance(out, tuple) else out).float()  # float32 between blocks
+        check_finite(out, where)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @torch.no_grad()
@@ -251,19 +321,25 @@ def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any
     ``K x K`` product is accumulated once per input instead of once per linear.
     """
     stats: dict[str, LayerStats] = {}
-    # (data_ptr, shape) -> (the input, its stats); holding the input keeps its memory from
-    # being reused by a later tensor during ``run()``, so a key never aliases two inputs.
-    by_input: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, LayerStats]] = {}
+    # (data_ptr, shape) -> (the input, the linear whose stats it feeds) within one forward of
+    # ``module``; holding the input keeps its memory from being reused by a later tensor of
+    # that forward, so a key never aliases two inputs. A forward run in chunks calls
+    # ``module`` once per chunk: the map is cleared then, so only one chunk's inputs are held.
+    by_input: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, str]] = {}
 
     def hook(name: str, x: torch.Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape))
-        if key not in by_input:
-            by_input[key] = (x, LayerStats(x.shape[-1], full))
-            by_input[key][1].add(x)
-        stats[name] = by_input[key][1]
+        if key in by_input:
+            stats[name] = stats[by_input[key][1]]
+            return
+        by_input[key] = (x, name)
+        if name not in stats:
+            stats[name] = LayerStats(x.shape[-1], full)
+        stats[name].add(x)
 
     handles = [module.get_submodule(n).register_forward_hook(
         lambda _m, inp, _o, n=n: hook(n, inp[0])) for n in names]
+    handles.append(module.register_forward_pre_hook(lambda *_: by_input.clear()))
     try:
         result = run()
     finally:
@@ -276,21 +352,22 @@ def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any
 def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
                     quantize_unit: Callable[[nn.Module, dict[str, LayerStats] | None], None],
                     names: Sequence[str], with_stats: bool = True,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, where: str = "decoder block"
+                    ) -> torch.Tensor:
     """Calibrate and quantize one block in place; return the next block's input.
 
     ``quantize_unit(block, stats)`` replaces ``block``'s linears ``names`` by quantized ones
     using their input statistics (what `nn.quantize_model` and a streaming export provide).
     ``with_stats=False`` (only the head is calibrated): the block is quantized without
     statistics and only run to produce the next block's input. ``dtype``: the forwards'
-    matmul precision (`forward_dtype`).
+    matmul precision (`forward_dtype`); ``where``: the block's name, for errors.
     """
     stats = None
     if with_stats:
         stats, _ = collect_stats(block, names,
-                                 lambda: _block_output(block, hidden, kwargs, dtype))
+                                 lambda: _block_output(block, hidden, kwargs, dtype, where))
     quantize_unit(block, stats)
-    return _block_output(block, hidden, kwargs, dtype)
+    return _block_output(block, hidden, kwargs, dtype, f"{where} (quantized)")
 
 
 @torch.no_grad()
@@ -322,7 +399,8 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
         start = prefix[id(block)] + "."
         mine = [n[len(start):] for n in names if n.startswith(start)]
         stats, hidden = collect_stats(
-            block, mine, lambda h=hidden, b=block: _block_output(b, h, kwargs, dtype), full=False)
+            block, mine, lambda h=hidden, b=block, w=start[:-1]: _block_output(b, h, kwargs, dtype, w),
+            full=False)
         energies.update({start + n: st for n, st in stats.items()})
         if release:
             release_block(block)

@@ -246,9 +246,24 @@ def quantize_with_scale(w: torch.Tensor, t: torch.Tensor | None, config: MethodC
     if calibration is not None and getattr(config, "gptq", False):
         codes, s, z = gptq_codes(w, tt, calibration.hessian(), config, damp=config.gptq_damp)
     else:
-        s, z, _ = grid_for(w, tt, h, config)
-        codes = round_codes(w / tt, s, z, bits, g)
+        codes, s, z = rounded_codes(w, tt, h, config)
     return record(codes, s, z, t, bits, g)
+
+
+def rounded_codes(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 codes, scales, zeros) of ``W / t`` rounded to nearest on `grid_for`'s grid.
+
+    Rows are independent, so they go `REFIT_ROWS` at a time: every ``[N, K]`` float
+    temporary (``W / t``, the expanded scales and zero points) is then a chunk's, not a 150k-row
+    head's or table's (~1 GB each at 151,936 x 1536).
+    """
+    parts = []
+    for rows in w.split(REFIT_ROWS):
+        s, z, _ = grid_for(rows, t, h, config)
+        parts.append((round_codes(rows / t, s, z, config.bits, config.group_size
+                                  ).to(torch.uint8), s, z))
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 @register("rtn", RTNConfig)

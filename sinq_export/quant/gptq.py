@@ -49,7 +49,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float = GPTQ_DAMP) -> torch.Tensor:
 def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: MethodConfig,
                damp: float = GPTQ_DAMP, chunk_bytes: int = CHUNK_BYTES
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [N, K], scales [N, n_blocks], zeros [N, n_blocks]) of ``w / t`` by GPTQ.
+    """(uint8 codes [N, K], scales [N, n_blocks], zeros [N, n_blocks]) of ``w / t`` by GPTQ.
 
     ``hessian`` is ``E[x x^T]`` ``[K, K]`` of the layer's (unscaled) inputs. Rows are
     independent given the Hessian, so they are swept in chunks of at most ``chunk_bytes`` of
@@ -89,7 +89,7 @@ def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.
         err = _round_group(group, codes[i1:i2], s, z, u[i1:i2, i1:i2], bits)
         if i2 < k:  # the group's errors reach every later column in one product
             wt[i2:].sub_(u[i1:i2, i2:].T @ err)
-    return codes.T.contiguous(), scales, zeros
+    return codes.T.to(torch.uint8), scales, zeros  # a quarter of float codes' bytes
 
 
 def _round_group(group: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
