@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sinq_export.export.files import MODEL_FILE  # noqa: E402  (the repo, not an install)
 RESULTS = ROOT / "bench" / "results"
 
 # Qwen2.5 shapes (config.json of the released models), lm_head untied for all three.
@@ -219,7 +221,7 @@ def export_row(name: str, src: Path, out: Path, env: dict, contention: bool,
     except (ValueError, KeyError):
         pass
     if run["rc"] == 0:
-        row["onnx_bytes"] = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+        row["onnx_bytes"] = _folder_bytes((out / MODEL_FILE).parent)
         row["out_dir_bytes"] = _folder_bytes(out)
         if validate:
             row["validate"] = timed([sys.executable, "-m", "sinq_export.cli", "validate", str(out),
