@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from sinq_export.export.files import MODEL_FILE  # noqa: E402  (the repo, not an install)
+
 RESULTS = ROOT / "bench" / "results"
 
 # Qwen2.5 shapes (config.json of the released models), lm_head untied for all three.
