@@ -20,6 +20,8 @@ from pathlib import Path
 
 from . import __version__, verbosity
 from .config import (
+    ACCURACY_AUTO,
+    ACCURACY_LEVELS,
     CALIBRATION_DTYPES,
     ENERGY_REFIT,
     METHODS,
@@ -151,9 +153,26 @@ def config_from_args(args: argparse.Namespace) -> SinqConfig:
 # (down_proj's into up_proj's rows, q_proj's into the input norm with k/v multiplying by a
 # ratio, the head's into the final norm). The library's own defaults (SinqConfig,
 # GraphConfig) stay exact and plain: float head, acc 0, t as Mul, a t per linear.
-MODEL_DEFAULTS = {"accuracy_level": 4, "lm_head_bits": 4, "narrow_lm_head_group_size": 32,
+MODEL_DEFAULTS = {"accuracy_level": ACCURACY_AUTO, "lm_head_bits": 4, "narrow_lm_head_group_size": 32,
                   "embedding_bits": 8, "col_scale": "fold", "shared_col_scale": "mlp"}
 FLOAT = "float"
+
+
+def _accuracy_level(text: str) -> int | str:
+    """argparse type: ``auto`` or one of the MatMulNBits accuracy levels."""
+    if text == ACCURACY_AUTO or (text.isdigit() and int(text) in ACCURACY_LEVELS):
+        return text if text == ACCURACY_AUTO else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: choose auto or one of "
+                                     f"{', '.join(map(str, ACCURACY_LEVELS))}")
+
+
+def _levels_text(graph: dict, summary: dict) -> str:
+    """``auto (4: 200 layers, 0: 11)`` for per-layer levels, else the one level."""
+    per_level = summary.get("layers_per_accuracy_level")
+    if graph["accuracy_level"] != ACCURACY_AUTO or not per_level:
+        return str(graph["accuracy_level"])
+    counts = ", ".join(f"{lv}: {n}" for lv, n in sorted(per_level.items(), reverse=True))
+    return f"auto ({counts} layers)"
 
 
 def _or_float(value: int | str) -> int | None:
@@ -226,7 +245,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 # --- model: quantize + export to ONNX (issue: exporter) ------------------------------------
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
-    from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
+    from .config import COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
 
     p = sub.add_parser("model", help="quantize a model and export it to ONNX")
     p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
@@ -237,10 +256,11 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
                         "custom: sinq.ops::SinqMatMulNBits where stock cannot run the width")
-    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS,
+    p.add_argument("--accuracy-level", type=_accuracy_level, metavar="{auto,0,1,2,3,4}",
                    default=MODEL_DEFAULTS["accuracy_level"],
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
-                        "activations, the default: ~2x faster decode)")
+                        "activations: ~2x faster decode; auto, the default: 4 on each linear "
+                        "whose measured int8 error is within tolerance, 0 on the others)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
     p.add_argument("--col-scale", choices=COL_SCALE_MODES, default=MODEL_DEFAULTS["col_scale"],
                    help="column scale t: explicit Mul, fold into norms / up_proj rows where "
@@ -285,7 +305,7 @@ def _print_model_summary(s: dict) -> None:
         ("output", s["output"]),
         ("model", f"{s['source_model']} ({s['kind']})"),
         ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {g['runtime']}, "
-                   f"accuracy_level {g['accuracy_level']}, {g['dtype']}, col_scale {g['col_scale']}"),
+                   f"accuracy_level {_levels_text(g, s)}, {g['dtype']}, col_scale {g['col_scale']}"),
         ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
         ("col-scale Mul nodes", str(s["mul_nodes"])),
         ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, SinqConfig
 from .io import Marker, atomic_output_dir, read_json, write_json
-from .quant.calibrate import LayerStats
+from .quant.calibrate import InputMeter, LayerStats
 from .quant.core import quantize_jointly, relative_error
 from .quant.methods import quantize
 from .quant.record import QuantizedWeight
@@ -191,6 +191,7 @@ def quantize_model(
     progress: bool = True,
     measure_error: bool = False,
     calibration: torch.Tensor | None = None,
+    meter: InputMeter | None = None,
 ) -> QuantizationReport:
     """Replace every eligible ``nn.Linear`` of ``model`` in place by a `SinqLinear`.
 
@@ -211,20 +212,25 @@ def quantize_model(
     calibration-free and only run to give the head its input). A model from
     `models.load_causal_lm_streamed` loads each block when it first runs and drops its float
     weights once quantized.
+
+    ``meter`` (`quant.calibrate.InputMeter`) is shown each linear's float input on the
+    energy pass, when there is one (every linear but calibrated ones).
     """
     config = config or SinqConfig()
     start = time.perf_counter()
     linears = eligible_linears(model, config)
     units = _units(linears, config)
+    if meter is not None:
+        meter.prepare(config, units, {n: b for n, (_, b) in linears.items()})
     report = QuantizationReport(config=config)
     if config.needs_calibration:
         if calibration is None:
             raise ValueError("config.calibrate / calibrate_head is set but no calibration "
                              "windows were given")
         _quantize_calibrated(model, linears, units, config, report, measure_error,
-                             calibration, progress)
+                             calibration, progress, meter)
     else:
-        energies = model_energies(model, config, list(linears), calibration)
+        energies = model_energies(model, config, list(linears), calibration, meter=meter)
         for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
             _quantize_unit(model, "", names, linears, config, report, measure_error, energies)
     report.seconds = time.perf_counter() - start
@@ -233,39 +239,48 @@ def quantize_model(
 
 def model_energies(model: nn.Module, config: SinqConfig, names: list[str],
                    windows: torch.Tensor | None = None, release: bool = False,
-                   drop_table: bool = False) -> dict[str, LayerStats] | None:
+                   drop_table: bool = False, meter: InputMeter | None = None
+                   ) -> dict[str, LayerStats] | None:
     """Input energies of ``names`` for the energy refit (`quant.calibrate.input_energies`) on
     ``windows`` or the random-id probe; None without ``energy_refit`` or for a module that is
-    not a causal LM with decoder blocks (quantized weight-only then)."""
+    not a causal LM with decoder blocks (quantized weight-only then). ``meter`` also sees
+    the inputs of the linears it names (`quant.calibrate.InputMeter`)."""
     from .quant.calibrate import forward_dtype, input_energies
 
-    if not config.energy_refit:
+    if not config.energy_refit and meter is None:
         return None
     if windows is None:
         probe = probe_tokens(model, config)
         if probe is None:
             return None
         windows = probe[0]
-    return input_energies(model, windows, names, forward_dtype(config.calibration_dtype),
-                          release=release, drop_table=drop_table)
+    energies = input_energies(model, windows, names if config.energy_refit else [],
+                              forward_dtype(config.calibration_dtype), release=release,
+                              drop_table=drop_table, meter=meter)
+    return energies if config.energy_refit else None
 
 
-def probe_energies(source, config: SinqConfig  # noqa: ANN001
-                   ) -> tuple[dict[str, LayerStats], dict] | None:
+def probe_energies(source, config: SinqConfig, meter: InputMeter | None = None  # noqa: ANN001
+                   ) -> tuple[dict[str, LayerStats] | None, dict] | None:
     """(input energies, the manifest's ``probe`` record) of ``source``'s linears, measured on a
     streamed model (one float block at a time, each dropped once measured) so that a model
     bigger than memory is still quantized tensor by tensor afterwards; None without
-    ``energy_refit``."""
+    ``energy_refit`` or ``meter`` (which sees every linear's input on the same pass; the
+    energies are then None without ``energy_refit``)."""
     from .models import load_causal_lm_streamed
 
-    if not config.energy_refit:
+    if not config.energy_refit and meter is None:
         return None
     model, _ = load_causal_lm_streamed(source, with_tokenizer=False, with_head=False)
     probe = probe_tokens(model, config)
     if probe is None:
         return None
-    names = list(eligible_linears(model, config))
-    energies = model_energies(model, config, names, probe[0], release=True, drop_table=True)
+    linears = eligible_linears(model, config)
+    names = list(linears)
+    if meter is not None:
+        meter.prepare(config, _units(linears, config), {n: b for n, (_, b) in linears.items()})
+    energies = model_energies(model, config, names, probe[0], release=True, drop_table=True,
+                              meter=meter)
     del model
     gc.collect()  # the export that follows should not find the probe's tensors still held
     _return_freed_memory()
@@ -302,7 +317,7 @@ def probe_tokens(model: nn.Module, config: SinqConfig) -> tuple[torch.Tensor, di
 
 
 def _quantize_calibrated(model, linears, units, config, report, measure_error,  # noqa: ANN001
-                         windows, progress) -> None:  # noqa: ANN001
+                         windows, progress, meter: InputMeter | None = None) -> None:  # noqa: ANN001
     """Block by block: statistics of each block's inputs, quantize its units, propagate.
 
     With ``calibrate`` every linear gets full statistics (``H``, for A-SINQ and GPTQ). With
@@ -321,7 +336,8 @@ def _quantize_calibrated(model, linears, units, config, report, measure_error,  
     # the linears calibration leaves out (all but the head of a head-only run) get their
     # energies from the random-id probe's float pass first, as without calibration text
     energies = {} if config.calibrate else (model_energies(
-        model, config, [n for n in linears if not config.is_calibrated(n)], release=True) or {})
+        model, config, [n for n in linears if not config.is_calibrated(n)], release=True,
+        meter=meter) or {})
     hidden, kwargs = capture_block_inputs(model, windows)
     done: set[str] = set()
     for block in tqdm(blocks, desc="SINQ calibrate", unit="block", disable=not progress):
@@ -454,7 +470,8 @@ def _probe_plan(model: nn.Module, config: SinqConfig, manifest: dict) -> Quantiz
     return QuantizationPlan(config, ids, {**manifest, "probe": info})
 
 
-def quantize_planned(source, config: SinqConfig, progress: bool = True  # noqa: ANN001
+def quantize_planned(source, config: SinqConfig, progress: bool = True,  # noqa: ANN001
+                     meter: InputMeter | None = None
                      ) -> tuple[SinqConfig, dict[str, QuantizedWeight], dict]:
     """(config, records, manifest sections) of a quantization that holds the model's records
     before the export writes them: ``calibrate`` / ``calibrate_head``, ``avg_bits`` /
@@ -464,7 +481,7 @@ def quantize_planned(source, config: SinqConfig, progress: bool = True  # noqa: 
     on it). Everything else runs the model block by block (`models.load_causal_lm_streamed`:
     one float block at a time) to collect each linear's input statistics and quantizes there,
     so the records are handed to the export, which streams everything else (tables, norms,
-    float tensors) from the checkpoint.
+    float tensors) from the checkpoint. ``meter``: see `quantize_model`.
     """
     from .models import load_causal_lm, load_causal_lm_streamed
 
@@ -473,7 +490,8 @@ def quantize_planned(source, config: SinqConfig, progress: bool = True  # noqa: 
     else:
         model, tokenizer = load_causal_lm_streamed(source, with_tokenizer=config.needs_calibration)
     plan = plan_quantization(model, tokenizer, config)
-    quantize_model(model, plan.config, progress=progress, calibration=plan.calibration)
+    quantize_model(model, plan.config, progress=progress, calibration=plan.calibration,
+                   meter=meter)
     records = {name: m.record for name, m in quantized_layers(model).items()}
     return plan.config, records, plan.manifest
 

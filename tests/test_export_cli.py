@@ -60,18 +60,21 @@ def test_bad_flag_values(tmp_path, flag):
 
 
 def test_model_defaults_and_float_opt_out():
-    """The measured defaults (acc4, a calibrated 4-bit g32 head, 8-bit embedding) and 'float'
-    to keep a tensor float."""
+    """The measured defaults (accuracy level per layer, a calibrated 4-bit g32 head, 8-bit
+    embedding) and 'float' to keep a tensor float."""
     from sinq_export.cli import build_parser, config_from_args, graph_config_from_args
 
     args = build_parser().parse_args(["model", "-o", "x"])
     cfg, graph = config_from_args(args), graph_config_from_args(args)
     assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == (4, 32, True)
-    assert (cfg.calibrate, graph.embedding_bits, graph.accuracy_level) == (False, 8, 4)
+    assert (cfg.calibrate, graph.embedding_bits, graph.accuracy_level) == (False, 8, "auto")
     args = build_parser().parse_args(["model", "-o", "x", "--lm-head-bits", "float",
                                       "--embedding-bits", "float", "--accuracy-level", "0"])
     cfg, graph = config_from_args(args), graph_config_from_args(args)
     assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (None, None, 0)
+    for text, level in (("auto", "auto"), ("4", 4)):
+        args = build_parser().parse_args(["model", "-o", "x", "--accuracy-level", text])
+        assert graph_config_from_args(args).accuracy_level == level
 
 
 @pytest.mark.parametrize(("argv", "head"), [

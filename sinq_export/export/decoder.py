@@ -21,13 +21,14 @@ import onnx
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
-from ..config import GraphConfig, SinqConfig
+from ..config import ACCURACY_AUTO, GraphConfig, SinqConfig
 from ..io import atomic_output_dir, check_output, write_json
 from ..models import hub_offline
 from ..nn import SHARED_INPUT_GROUPS, _joint_groups
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
+from .accuracy import EXACT_LEVEL, Int8Meter, accuracy_section, choose_levels
 from .diskspace import check_free_space, estimate_output_bytes
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
@@ -176,8 +177,10 @@ def _default_zero_points(config: SinqConfig, bits: int, choice: NodeChoice,
 
 
 def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: GraphConfig,
-                tied: bool) -> Plan:
-    """Decide every quantized linear's node, container and t placement from the config."""
+                tied: bool, levels: Mapping[str, int] | None = None) -> Plan:
+    """Decide every quantized linear's node, container and t placement from the config;
+    ``levels``: each linear's accuracy level when ``graph.accuracy_level`` is ``"auto"``
+    (`export.accuracy`), else every node gets the graph's."""
     shapes = builder.linear_shapes(module)
     bits = {n: b for n in shapes if (b := config.bits_for(n)) is not None}
     sources = {n: _weight_source(n, ckpt, tied) for n in bits}
@@ -258,7 +261,7 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         n: builder.LinearPlan(
             name=n, shape=shapes[n][0], bits=bits[n], group_size=group_sizes[n],
             choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
-            accuracy_level=graph.accuracy_level, shared_with=shared[n],
+            accuracy_level=_level_of(n, graph, levels), shared_with=shared[n],
             zero_points=not _default_zero_points(config, bits[n], choices[n], shared[n]))
         for n in bits
     }
@@ -266,6 +269,14 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         del units["lm_head"], sources["lm_head"]
     quantize_as = {EMBEDDING: "lm_head"} if shared_head else {}
     return Plan(linears, sources, units, row_scale_from, norm_folds, quantize_as, row_scale_heads)
+
+
+def _level_of(name: str, graph: GraphConfig, levels: Mapping[str, int] | None) -> int:
+    if graph.accuracy_level != ACCURACY_AUTO:
+        return int(graph.accuracy_level)
+    if levels is None or (name not in levels and name != EMBEDDING):
+        raise ExportError(f"accuracy_level 'auto': no int8 measurement for {name}")
+    return levels.get(name, EXACT_LEVEL)  # the table is gathered: no level applies
 
 
 def _check_o_proj_tie(config: SinqConfig, ckpt: Checkpoint) -> bool:
@@ -281,6 +292,22 @@ def _check_o_proj_tie(config: SinqConfig, ckpt: Checkpoint) -> bool:
         raise ExportError(f"o_proj_tie={list(config.o_proj_tie)} does not match the model's "
                           f"attention (kv heads, heads per kv head) = {list(expected)}")
     return True
+
+
+def _measured_levels(meter: Int8Meter, folder: Path, config: SinqConfig, ckpt: Checkpoint,
+                     tied: bool) -> dict[str, int]:
+    """Each quantized linear's accuracy level from its measured int8 error (`export.accuracy`).
+
+    The energy pass already showed the meter every linear it ran; linears it did not (a fully
+    calibrated run has no energy pass) get one probe pass of their own."""
+    from ..nn import probe_energies
+
+    if set(meter.missing()) - set(meter.head_inputs):
+        probe_energies(folder, config.replace(energy_refit=0), meter)
+    meter.measure_heads(ckpt, {n: _weight_source(n, ckpt, tied) for n in meter.head_inputs})
+    if missing := meter.missing():
+        raise ExportError(f"accuracy_level 'auto': no int8 measurement for {missing[0]}")
+    return choose_levels(meter.errors, meter.divergence)
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
@@ -343,7 +370,8 @@ def _copy_ops_library(out: Path) -> None:
         raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
 
 
-def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]) -> dict[str, dict]:
+def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows],
+                   int8_errors: Mapping[str, float]) -> dict[str, dict]:
     """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md); a linear packed with
     others (q/k/v) names the packed node and its ``rows`` of it."""
     out = {}
@@ -379,7 +407,10 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             "ratio_of": p.ratio_of,
             "output_scaled_by": plan.row_scale_from.get(name),
             "output_scale_heads": plan.row_scale_heads.get(name, 1),
+            "accuracy_level": p.accuracy_level if p.choice.op != EMBEDDING_OP else None,
         }
+        if name in int8_errors:
+            out[name]["int8_error"] = int8_errors[name]
     return out
 
 
@@ -451,7 +482,8 @@ def export_causal_lm(
     folder = default_model_dir() if model_dir is None else Path(model_dir).expanduser()
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER, protect=[folder])
     run_model = records is None and (config.needs_calibration or config.budgeted)
-    probe = records is None and not run_model and config.energy_refit > 0
+    meter = Int8Meter() if graph_config.accuracy_level == ACCURACY_AUTO else None
+    probe = not run_model and (records is None and config.energy_refit > 0 or meter is not None)
     stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
                     + ["build", "write", "check"], progress=progress)
     energies = None
@@ -469,19 +501,28 @@ def export_causal_lm(
             from ..nn import quantize_planned
 
             with stages.stage("calibrate"):  # statistics from the probe or the calibration text
-                config, records, planned = quantize_planned(folder, config, progress=progress)
+                config, records, planned = quantize_planned(folder, config, progress=progress,
+                                                            meter=meter)
             manifest_extra = {**planned, **(manifest_extra or {})}
         elif probe:
             from ..nn import probe_energies
 
             with stages.stage("calibrate"):  # the input energies, one float block at a time
-                measured = probe_energies(folder, config)
+                measured = probe_energies(folder, config if records is None
+                                          else config.replace(energy_refit=0), meter)
             if measured is not None:
-                energies, info = measured
+                measured_energies, info = measured
+                energies = None if records is not None else measured_energies
                 manifest_extra = {"probe": info, **(manifest_extra or {})}
         with stages.stage("plan"):
             tied = bool(getattr(cfg, "tie_word_embeddings", False))
-            plan = plan_export(module, ckpt, config, graph_config, tied)
+            levels = None
+            if meter is not None:
+                levels = _measured_levels(meter, folder, config, ckpt, tied)
+                manifest_extra = {"accuracy": accuracy_section(levels, meter.errors,
+                                                               meter.divergence),
+                                  **(manifest_extra or {})}
+            plan = plan_export(module, ckpt, config, graph_config, tied, levels)
             if not plan.linears and not allow_unquantized:
                 raise ExportError("the config quantizes no linear layer (check --exclude / "
                                   "--include); pass allow_unquantized (--allow-unquantized) "
@@ -509,7 +550,7 @@ def export_causal_lm(
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases)
             builder.fold_constant_transposes(model)
-            layers = _layer_records(model, plan, packed)
+            layers = _layer_records(model, plan, packed, meter.errors if meter else {})
         with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
                                protect=[folder]) as tmp_out:
             with stages.stage("write"):

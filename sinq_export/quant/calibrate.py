@@ -34,7 +34,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -243,9 +243,11 @@ def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
 
 @torch.no_grad()
 def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any],
-                  full: bool = True) -> tuple[dict[str, LayerStats], Any]:
+                  full: bool = True, inputs: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[dict[str, LayerStats], Any]:
     """Input statistics of ``module``'s linears ``names`` while ``run()`` executes
-    (``full=False``: the input energies only, see `LayerStats`).
+    (``full=False``: the input energies only, see `LayerStats`); ``inputs``, when given, also
+    receives each linear's input tensor itself.
 
     Linears that read the very same tensor (q/k/v, gate/up) share one `LayerStats`, so its
     ``K x K`` product is accumulated once per input instead of once per linear.
@@ -261,6 +263,8 @@ def collect_stats(module: nn.Module, names: Iterable[str], run: Callable[[], Any
             by_input[key] = (x, LayerStats(x.shape[-1], full))
             by_input[key][1].add(x)
         stats[name] = by_input[key][1]
+        if inputs is not None:
+            inputs[name] = x
 
     handles = [module.get_submodule(n).register_forward_hook(
         lambda _m, inp, _o, n=n: hook(n, inp[0])) for n in names]
@@ -293,10 +297,31 @@ def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
     return _block_output(block, hidden, kwargs, dtype)
 
 
+class InputMeter(Protocol):
+    """Something measured on each linear's input during the energy probe (`input_energies`):
+    the error int8 activations add (`export.accuracy.Int8Meter`)."""
+
+    names: set[str]  # the linears it wants to see
+
+    def block(self, prefix: str, block: nn.Module, inputs: dict[str, torch.Tensor],
+              energies: dict[str, LayerStats], hidden: torch.Tensor,
+              run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One decoder block ran on ``hidden``: ``inputs`` and ``energies`` of its linears
+        (names relative to ``prefix``), while its float weights are loaded; ``run(h)`` runs
+        the block again on another input."""
+
+    def head(self, name: str, x: torch.Tensor) -> None:
+        """The output projection's input (the final norm's output)."""
+
+    def final(self, norm: nn.Module, hidden: torch.Tensor) -> None:
+        """The last block's output ``hidden`` and the final norm, after every block ran."""
+
+
 @torch.no_grad()
 def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str],
                    dtype: torch.dtype = torch.float32, release: bool = False,
-                   drop_table: bool = False) -> dict[str, LayerStats]:
+                   drop_table: bool = False, meter: InputMeter | None = None
+                   ) -> dict[str, LayerStats]:
     """``E[x^2]`` of the input of each linear ``names`` over ``windows``, block by block
     through the *float* model (`LayerStats(full=False)`), the output projection's from the
     final norm of the last block's output.
@@ -308,6 +333,7 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
     streamed block's tensors once measured (`models.release_block`: one float block at a
     time; it reloads when it runs again). ``drop_table``: the model is not run again, so its
     embedding table goes to the meta device once the blocks' first input is taken.
+    ``meter``: also shown every linear it names, block by block (`InputMeter`).
     """
     from ..models import decoder_blocks, ensure_loaded, release_block
 
@@ -321,15 +347,32 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
         ensure_loaded(block)
         start = prefix[id(block)] + "."
         mine = [n[len(start):] for n in names if n.startswith(start)]
+        metered = [n[len(start):] for n in sorted(meter.names) if n.startswith(start)] \
+            if meter is not None else []
+        seen: dict[str, torch.Tensor] = {}
+        block_input = hidden
         stats, hidden = collect_stats(
-            block, mine, lambda h=hidden, b=block: _block_output(b, h, kwargs, dtype), full=False)
-        energies.update({start + n: st for n, st in stats.items()})
+            block, list(dict.fromkeys(mine + metered)),
+            lambda h=hidden, b=block: _block_output(b, h, kwargs, dtype), full=False, inputs=seen)
+        energies.update({start + n: st for n, st in stats.items() if n in mine})
+        if metered:
+            meter.block(start, block, {n: seen[n] for n in metered},
+                        {n: stats[n] for n in metered}, block_input,
+                        lambda h, b=block: _block_output(b, h, kwargs, dtype))
+        del seen
         if release:
             release_block(block)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
+    if meter is not None and norm is not None:
+        meter.final(norm, hidden)
+    if norm is None or head is None:
+        return energies
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
     for name in names:
-        if norm is not None and head is not None and model.get_submodule(name) is head:
+        if name == head_name:
             energies[name] = LayerStats(head.in_features, full=False)
             energies[name].add(norm(hidden))
+    if meter is not None and head_name in meter.names:
+        meter.head(head_name, norm(hidden))
     return energies

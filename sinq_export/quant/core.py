@@ -26,7 +26,15 @@ import torch
 from . import packing
 from .calibrate import activation_aware_scale
 from .gptq import gptq_codes
-from .methods import MethodConfig, RTNConfig, SINQConfig, make_config, quantize, register
+from .methods import (
+    MethodConfig,
+    RTNConfig,
+    SINQConfig,
+    make_config,
+    method_name,
+    quantize,
+    register,
+)
 from .record import QuantizedWeight
 from .rtn import minmax_params, refit_params, search_params
 from .sinkhorn import sinkhorn_scales
@@ -269,9 +277,23 @@ def quantize_sinq(weight: torch.Tensor, config: SINQConfig, *, calibration=None,
     t = sinq_col_scale(w, config, h)
     if calibration is not None and config.awq:
         t = activation_aware_scale(w, t, calibration, config)
-    if t is not None and config.col_scale_tie is not None:
-        t = tie_col_scale(t, *config.col_scale_tie)
-    return quantize_with_scale(w, t, config, calibration)
+    return quantize_with_scale(w, tied_col_scale(t, config), config, calibration)
+
+
+def tied_col_scale(t: torch.Tensor | None, config: MethodConfig) -> torch.Tensor | None:
+    """``t`` tied across GQA groups when the config asks (`tie_col_scale`), else as is."""
+    tie = getattr(config, "col_scale_tie", None)
+    return t if t is None or tie is None else tie_col_scale(t, *tie)
+
+
+def weight_only_col_scale(w: torch.Tensor, config: MethodConfig,
+                          energies: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The ``t`` the quantizer gives ``w`` [N, K] (a joint unit's row-concatenation) without
+    full calibration statistics: SINQ's Sinkhorn t (gated, tied as configured), None for RTN.
+    What the accuracy-level probe scales each linear's input by before emulating int8."""
+    if method_name(config) != "sinq":
+        return None
+    return tied_col_scale(sinq_col_scale(w.float(), config, energies), config)
 
 
 def quantize_weight(
