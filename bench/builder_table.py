@@ -143,10 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         tokens_file = root / f"{model}-tokens.json"
         tokens_file.write_text(json.dumps(windows[0][: 128 + args.decode_steps + 8].tolist()))
         folders, rows = {}, {}
-        for variant in variants:
+        for variant in list(variants):
             folders[variant] = root / f"{model}-{variant}"
             log(f"{model} {variant}: build")
-            seconds = build(variant, hf_dir, folders[variant], args.rebuild)
+            try:
+                seconds = build(variant, hf_dir, folders[variant], args.rebuild)
+            except subprocess.CalledProcessError as exc:  # the builder refuses some models
+                last = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
+                results.append({"model": model, "variant": variant, "label": VARIANTS[variant],
+                                "error": last[0] if last else f"exit {exc.returncode}"})
+                continue
             size = size_bytes(folders[variant])
             rows[variant] = {"model": model, "variant": variant, "label": VARIANTS[variant],
                              "build_s": seconds, "size_mb": size / 1e6,
@@ -155,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
                 manifest = json.loads((folders[variant] / "sinq_export.json").read_text())
                 rows[variant]["layers_per_accuracy_level"] = (
                     manifest.get("accuracy") or {}).get("layers_per_level")
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        built = [v for v in variants if v in rows]
+        runs: dict[str, list[dict]] = {v: [] for v in built}
         for r in range(args.rounds):
-            for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            for variant in built[r % len(built):] + built[:r % len(built)]:
                 log(f"{model} {variant}: decode round {r + 1}")
                 runs[variant].append(decode_rates(folders[variant], tokens_file,
                                                   args.decode_steps))
-        for variant in variants:
+        for variant in built:
             row = rows[variant]
             row["decode_tok_s"] = max(x["decode_tok_s"] for x in runs[variant])
             row["prefill_tok_s"] = max(x["prefill_tok_s"] for x in runs[variant])
@@ -195,6 +202,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['label']} | cannot build: {r['error']} |"
+                         " | | | | |")
+            continue
         ratio = f" ({r['x_int4']:.2f}x)" if "x_int4" in r else ""
         levels = r.get("layers_per_accuracy_level")
         levels = ", ".join(f"acc{k}: {v}" for k, v in sorted(levels.items(), reverse=True)) \
