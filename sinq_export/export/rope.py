@@ -119,6 +119,8 @@ def use_transformers_tables(module: Any, tables: dict[str | None, tuple[np.ndarr
         if not isinstance(rope, BaseRope):
             continue
         key = None if None in tables else _MOBIUS_LAYER_TYPES.get(name.rpartition(".")[2])
+        if key not in tables and None not in tables and key in _MOBIUS_LAYER_TYPES.values():
+            continue  # no layer of this type (mobius builds both tables): no node reads it
         if key not in tables:
             raise ExportError(f"no transformers rotary table for mobius' {name} "
                               f"(layer types: {sorted(map(str, tables))})")
