@@ -412,3 +412,18 @@ def _attach_loader(block: torch.nn.Module, ckpt, prefix: str) -> None:  # noqa: 
     setattr(block, _BLOCK_LOADER, load)
     setattr(block, _BLOCK_SOURCE, (ckpt, prefix))
     hook = block.register_forward_pre_hook(lambda _block, _args: load())
+
+
+# Any one of these makes the folder loadable by onnxruntime-genai's and transformers' tokenizers.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.tiktoken", "vocab.json")
+
+
+def missing_tokenizer(folder: Path) -> str | None:
+    """A warning when the source has no tokenizer: the export is fine for a plain onnxruntime
+    session fed token ids, but onnxruntime-genai, `eval` and `validate` need one in OUT_DIR."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return (f"{folder} has no tokenizer file ({', '.join(TOKENIZER_FILES)}): onnxruntime-genai "
+            "cannot tokenize for this export, and `sinq-export eval` and `validate` need one; a "
+            "plain onnxruntime session fed token ids works; copy the model's tokenizer into "
+            "OUT_DIR")

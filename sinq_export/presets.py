@@ -92,7 +92,7 @@ class Preset:
 
 
 def _missing_tokenizer(model_dir: str | Path) -> bool:
-    from .export.decoder import missing_tokenizer
+    from .models import missing_tokenizer  # lazy for start-up time: models imports torch
 
     return missing_tokenizer(Path(model_dir)) is not None
 

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from ..checkpoint import Checkpoint
 from ..config import ConfigError, GraphConfig, SinqConfig
 from ..io import atomic_output_dir, check_output, write_json
-from ..models import hub_offline
+from ..models import hub_offline, missing_tokenizer
 from ..nn import SHARED_INPUT_GROUPS, _joint_groups
 from ..presets import DEFAULT_PRESET, Preset, get_preset
 from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
@@ -324,21 +324,6 @@ def _uses(plan: Plan) -> dict[str, int]:
     return uses
 
 
-# Any one of these makes the folder loadable by onnxruntime-genai's and transformers' tokenizers.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.tiktoken", "vocab.json")
-
-
-def missing_tokenizer(folder: Path) -> str | None:
-    """A warning when the source has no tokenizer: the export is fine for a plain onnxruntime
-    session fed token ids, but onnxruntime-genai, `eval` and `validate` need one in OUT_DIR."""
-    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    return (f"{folder} has no tokenizer file ({', '.join(_TOKENIZER_FILES)}): onnxruntime-genai "
-            "cannot tokenize for this export, and `sinq-export eval` and `validate` need one; a "
-            "plain onnxruntime session fed token ids works; copy the model's tokenizer into "
-            "OUT_DIR")
-
-
 def _copy_hf_files(src: Path, dest: Path) -> None:
     """config, generation config, tokenizer, chat template: every small non-weight file."""
     for path in sorted(src.iterdir()):
@@ -358,7 +343,7 @@ def _copy_ops_library(out: Path) -> None:
 
 
 def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]) -> dict[str, dict]:
-    """Manifest ``layers`` (BRIEF interface 2; docs/export-format.md); a linear packed with
+    """Manifest ``layers`` (docs/export-format.md); a linear packed with
     others (q/k/v) names the packed node and its ``rows`` of it."""
     out = {}
     for name, p in plan.linears.items():
