@@ -61,7 +61,7 @@ def architecture_model_types(arch: str) -> frozenset[str]:
 
 def _check_model_type(path: Path, config: dict) -> None:
     """transformers builds the model from ``model_type``, so a mismatch silently builds the
-    wrong network (issue 11.2: a Llama checkpoint exported as a random GPT-2)."""
+    wrong network (e.g. a Llama checkpoint exported as a random GPT-2)."""
     archs = config.get("architectures")
     model_type = config.get("model_type")
     if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):

@@ -1,4 +1,4 @@
-"""Fault cases of issue 11 that the CLI and `sinq_export.io` own, on tiny models made here.
+"""Fault cases that the CLI and `sinq_export.io` own, on tiny models made here.
 
 Each case asserts the exit code, one error line on stderr naming the problem, no partial
 output, no temp folder left next to it, and pre-existing data byte-identical (sha256).

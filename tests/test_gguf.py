@@ -46,11 +46,7 @@ def write_gguf(path: Path, arch: str = "llama", tokenizer: bool = True) -> Path:
     w.add_tensor("token_embd.weight", rng.standard_normal((4, 32), dtype=np.float32))
     q8 = quantize(rng.standard_normal((8, 64), dtype=np.float32), GGMLQuantizationType.Q8_0)
     w.add_tensor("blk.0.ffn_down.weight", q8, raw_dtype=GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 def write_tiny_llama_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 128, heads: int = 4,
@@ -95,11 +91,7 @@ def write_tiny_llama_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 12
             w.add_tensor(name, a)
         else:
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 
@@ -155,6 +147,11 @@ def write_tiny_gemma3_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 1
         else:
             a = (rng.standard_normal(shape) * 0.1).astype(np.float32)
             w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+    return _finish(w, path)
+
+
+def _finish(w, path):  # noqa: ANN001, ANN202
+    """Write the GGUF's header, metadata and tensors, in gguf's required order."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
