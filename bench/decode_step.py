@@ -4,7 +4,8 @@ in one process, interleaved in short blocks (so drift of the shared machine hits
 `bench/e2e.py` times whole generation loops (genai's and a plain one) but on a 2-core VM its
 rounds scatter by +-25 %; this isolates what our graph controls - the cost of one decode step -
 with hundreds of samples per variant. Variants are folders `bench/e2e.py` built (under
-``~/.cache/sinq-export/bench-built``). Prints and writes ``bench/results/decode_step.{md,json}``.
+``~/.cache/sinq-export/bench-built``). Prints and writes ``bench/results/decode_step.{md,json}``
+(``decode_step_threads1`` with ``--threads 1``).
 
     python bench/decode_step.py [--only a,b,...] [--past 128] [--blocks 40] [--steps 10]
 """
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="intra-op threads; 1 also times each step's CPU time on the calling "
                          "thread (where onnxruntime then runs every kernel), which the other "
                          "guests of a shared VM cannot inflate")
-    ap.add_argument("--out", default=str(HERE / "results" / "decode_step"))
+    ap.add_argument("--out", default=None,
+                    help="output path stem (default: bench/results/decode_step, "
+                         "decode_step_threads1 with --threads 1: another clock, another table)")
     args = ap.parse_args(argv)
     built, names = built_variants(args.only)
     runs = {}
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['x_genai_int4_speed']:.2f}x" if "x_genai_int4_speed" in r else "-"
         lines.append(f"| {r['label']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {ratio} |")
     text = "\n".join(lines) + "\n"
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / (
+        "decode_step_threads1" if args.threads == 1 else "decode_step"))
     out.with_suffix(".json").write_text(json.dumps(
         {"past": args.past, "threads": args.threads, "clock": what, "results": rows}, indent=2))
     out.with_suffix(".md").write_text(text)

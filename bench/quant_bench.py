@@ -14,7 +14,7 @@ Timing: whole-model ``quantize_model`` wall time with ``--threads`` torch thread
 shared with other jobs, so each number is the median of ``--repeats`` runs, configurations
 interleaved round by round so that load changes hit all of them alike.
 
-Usage: ``/work/venv/bin/python bench/quant_bench.py [--repeats 3] [--threads 2]``
+Usage: ``.venv/bin/python bench/quant_bench.py [--repeats 3] [--threads 2]``
 Writes ``bench/results/quant_bench.{md,json}``.
 """
 

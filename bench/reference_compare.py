@@ -9,7 +9,7 @@ says directly whether our implementation reproduces the reference algorithm (exp
 Why two interpreters: the reference needs transformers >= 5.2, our venv pins 4.57.6 (optimum-onnx).
 So this one file has two roles:
 
-* driver (``/work/venv/bin/python bench/reference_compare.py``): creates/reuses the reference
+* driver (``.venv/bin/python bench/reference_compare.py``): creates/reuses the reference
   venv, runs ours, starts the worker, compares, writes ``bench/results/reference_compare.{md,json}``;
 * worker (``<ref-venv>/bin/python bench/reference_compare.py --worker JOB_DIR``): runs only the
   reference's ``Quantizer.quantize`` on single matrices and writes its codes, scales, zeros and
