@@ -228,7 +228,7 @@ class _ConcretePast:
     """A session whose past inputs report concrete kv-head / head dims (the genai builder
     leaves them symbolic; `ort_nll` sizes the empty prefill cache from them)."""
 
-    def __init__(self, sess, folder: Path) -> None:  # noqa: ANN001
+    def __init__(self, sess, folder: Path) -> None:
         from types import SimpleNamespace
 
         dec = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
@@ -240,10 +240,10 @@ class _ConcretePast:
                             if i.name.startswith("past_key_values") else i.shape)
             for i in sess.get_inputs()]
 
-    def get_inputs(self):  # noqa: ANN201
+    def get_inputs(self):
         return self._inputs
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._sess, name)
 
 

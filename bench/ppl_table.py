@@ -85,7 +85,7 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _replace_linears(model: nn.Module, make) -> float:  # noqa: ANN001
+def _replace_linears(model: nn.Module, make) -> float:
     """Replace every decoder linear by ``make(name, linear)``; returns the seconds it took."""
     from sinq_export.nn import _set_module
 
@@ -96,7 +96,7 @@ def _replace_linears(model: nn.Module, make) -> float:  # noqa: ANN001
     return time.perf_counter() - t0
 
 
-def ort_rtn_linear(bits: int, g: int):  # noqa: ANN201
+def ort_rtn_linear(bits: int, g: int):
     """onnxruntime's C++ block quantizer (what MatMulNBitsQuantizer's default RTN writes)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -109,7 +109,7 @@ def ort_rtn_linear(bits: int, g: int):  # noqa: ANN201
     quantizer = DefaultWeightOnlyQuantizer(
         DefaultWeightOnlyQuantConfig(block_size=g, is_symmetric=False, bits=bits))
 
-    def make(_name, lin):  # noqa: ANN001, ANN202
+    def make(_name, lin):
         w = lin.weight.detach().float()
         packed, scales, zp = quantizer.qbits_block_quant(w.T.contiguous().numpy())
         rec = QuantizedWeight(packed=torch.from_numpy(packed), scales=torch.from_numpy(scales),
@@ -120,7 +120,7 @@ def ort_rtn_linear(bits: int, g: int):  # noqa: ANN201
     return make
 
 
-def ort_hqq_linear(bits: int, g: int):  # noqa: ANN201
+def ort_hqq_linear(bits: int, g: int):
     """onnxruntime's HQQ (float zero points: scored as the dense weight it dequantizes to)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         HQQWeightOnlyQuantConfig,
@@ -129,7 +129,7 @@ def ort_hqq_linear(bits: int, g: int):  # noqa: ANN201
 
     quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=g, bits=bits))
 
-    def make(_name, lin):  # noqa: ANN001, ANN202
+    def make(_name, lin):
         w = lin.weight.detach().float()
         q, s, z = quantizer.quantize_internal(w, bits=bits, group_size=g)
         n, k = w.shape
@@ -143,7 +143,7 @@ def ort_hqq_linear(bits: int, g: int):  # noqa: ANN201
     return make
 
 
-def ort_gptq_export(model_dir, tmp: Path, calibration: torch.Tensor, group_size: int,  # noqa: ANN001
+def ort_gptq_export(model_dir, tmp: Path, calibration: torch.Tensor, group_size: int,
                     symmetric: bool = True) -> Path:
     """Our float export of ``model_dir`` quantized by onnxruntime's GPTQ into ``tmp/gptq``.
 
@@ -173,10 +173,10 @@ def ort_gptq_export(model_dir, tmp: Path, calibration: torch.Tensor, group_size:
         def __init__(self) -> None:
             self.it = iter(feeds)
 
-        def get_next(self):  # noqa: ANN202
+        def get_next(self):
             return next(self.it, None)
 
-        def __iter__(self):  # noqa: ANN204
+        def __iter__(self):
             return iter(feeds)
 
     # the ModelProto with its weights inline (< 2 GB): given a path, the quantizer builds its
@@ -199,7 +199,7 @@ def ort_gptq_export(model_dir, tmp: Path, calibration: torch.Tensor, group_size:
 class Bench:
     """Model, tokenizer, evaluation and calibration windows; one method per kind of row."""
 
-    def __init__(self, model_dir, group_size: int, n_windows: int, length: int,  # noqa: ANN001
+    def __init__(self, model_dir, group_size: int, n_windows: int, length: int,
                  cal_windows: int) -> None:
         from sinq_export import eval as ev
         from sinq_export.models import load_causal_lm
@@ -214,7 +214,7 @@ class Bench:
         self.rows: list[dict] = []
         self.alloc_calibrated = False
 
-    def score(self, model: nn.Module, key: str, label: str, bits, seconds=None,  # noqa: ANN001
+    def score(self, model: nn.Module, key: str, label: str, bits, seconds=None,
               **extra) -> dict:
         from sinq_export import eval as ev
 
@@ -227,12 +227,12 @@ class Bench:
         self.rows.append(row)
         return row
 
-    def config(self, bits: int, **kw):  # noqa: ANN003, ANN201
+    def config(self, bits: int, **kw):
         from sinq_export.config import SinqConfig
 
         return SinqConfig(bits=bits, group_size=self.g, **kw)
 
-    def quantized(self, cfg, calibration=None):  # noqa: ANN001, ANN201
+    def quantized(self, cfg, calibration=None):
         from sinq_export.nn import quantize_model
 
         q = copy.deepcopy(self.model)
@@ -245,15 +245,15 @@ class Bench:
         self.kind = kind
         getattr(self, f"row_{kind}")(bits)
 
-    def row_float(self, _bits) -> None:  # noqa: ANN001
+    def row_float(self, _bits) -> None:
         self.score(self.model, "float", "float", None)
 
-    def row_rtn(self, bits) -> None:  # noqa: ANN001
+    def row_rtn(self, bits) -> None:
         for b in bits:
             q, rep = self.quantized(self.config(b, method="rtn", energy_refit=0))
             self.score(q, f"rtn/{b}", "rtn (min/max)", b, rep.seconds)
 
-    def row_ort(self, bits) -> None:  # noqa: ANN001
+    def row_ort(self, bits) -> None:
         for b in bits:
             if b in (2, 4, 8):
                 q = copy.deepcopy(self.model)
@@ -263,7 +263,7 @@ class Bench:
             dt = _replace_linears(q, ort_hqq_linear(b, self.g))
             self.score(q, f"ort-hqq/{b}", "onnxruntime HQQ (float zero points)", b, dt)
 
-    def row_ort_gptq(self, bits) -> None:  # noqa: ANN001
+    def row_ort_gptq(self, bits) -> None:
         """onnxruntime's GPTQ on a float export, scored in onnxruntime (4-bit only: its
         MatMulNBits path; other widths become fake-quantized float weights)."""
         import tempfile
@@ -284,7 +284,7 @@ class Bench:
         print(f"{row['label']:55s}    4  ppl {r.ppl:8.3f}  quantize {seconds:.1f} s", flush=True)
         self.rows.append(row)
 
-    def row_sinq(self, bits) -> None:  # noqa: ANN001
+    def row_sinq(self, bits) -> None:
         for b in bits:
             q, rep = self.quantized(self.config(b, energy_refit=0))
             self.score(q, f"sinq-wo/{b}", "SINQ weight-only (the paper's; energy_refit=0)", b,
@@ -296,13 +296,13 @@ class Bench:
             self.score(q, f"sinq-mlp/{b}", "SINQ calibration-free, gate/up one t (model default)",
                        b, rep.seconds)
 
-    def row_calibrated(self, bits) -> None:  # noqa: ANN001
+    def row_calibrated(self, bits) -> None:
         for b in bits:
             q, rep = self.quantized(self.config(b, calibrate=True))
             self.score(q, f"cal/{b}", "SINQ calibrated (A-SINQ + GPTQ)", b, rep.seconds,
                        calibration=self.cal_info)
 
-    def row_head(self, _bits) -> None:  # noqa: ANN001
+    def row_head(self, _bits) -> None:
         from sinq_export.nn import quantized_layers
 
         for head_bits, head_g in ((8, None), (4, None), (4, 32)):
@@ -317,7 +317,7 @@ class Bench:
                 self.score(q, f"head+emb/{head_bits}/{head_g or self.g}",
                            label + " + tied embedding", 4, rep.seconds)
 
-    def row_head_calibrated(self, _bits) -> None:  # noqa: ANN001
+    def row_head_calibrated(self, _bits) -> None:
         """The calibrated 4-bit decoder with the head calibrated too (GPTQ on the final norm's
         output): the decoder's records are the ``calibrated`` row's (same windows, the head is
         quantized last), so the difference to that row is the head's alone."""
@@ -335,7 +335,7 @@ class Bench:
                 self.score(q, f"head-cal+emb/4/{head_g or self.g}", label + " + tied embedding",
                            4, rep.seconds, calibration=self.cal_info)
 
-    def row_alloc(self, _bits) -> None:  # noqa: ANN001
+    def row_alloc(self, _bits) -> None:
         from sinq_export.quant.allocate import (
             allocatable_shapes,
             allocation_options,
@@ -365,7 +365,7 @@ class Bench:
                            budget_bytes=budget, used_bytes=used, sensitivity_seconds=measure,
                            widths={str(b): widths.count(b) for b in sorted(set(widths))})
 
-    def row_cal_spread(self, bits) -> None:  # noqa: ANN001
+    def row_cal_spread(self, bits) -> None:
         from sinq_export import eval as ev
         from sinq_export.quant.calibrate import calibration_windows
 
@@ -381,7 +381,7 @@ class Bench:
                            calibration=info, ppl_16_windows=ppl16)
 
 
-def _layers(model):  # noqa: ANN001, ANN202
+def _layers(model):
     from sinq_export.nn import quantized_layers
 
     return {n: m for n, m in quantized_layers(model).items() if not n.endswith("lm_head")}

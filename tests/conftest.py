@@ -32,7 +32,7 @@ def _strict_skips() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _fail_skip(report, where: str) -> None:  # noqa: ANN001
+def _fail_skip(report, where: str) -> None:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     report.outcome = "failed"
     report.longrepr = (f"{where} skipped outside the '{ALLOWED_SKIP_MARK}' tests while CI is set "
@@ -40,7 +40,7 @@ def _fail_skip(report, where: str) -> None:  # noqa: ANN001
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
+def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if (report.skipped and not hasattr(report, "wasxfail") and _strict_skips()
@@ -49,7 +49,7 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):  # noqa: ANN001, ANN201
+def pytest_make_collect_report(collector):
     outcome = yield
     report = outcome.get_result()
     if report.skipped and _strict_skips():

@@ -16,11 +16,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_export_decoder import (  # the route's own test helpers
-    _og_tokens,
-    _session,
-    greedy_without_eos,
-)
+from _helpers import cpu_session, genai_greedy, greedy_without_eos
+from _models import ARCHS, make_model_dir
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
@@ -35,64 +32,11 @@ PROMPT = [5, 17, 99, 3, 42, 250, 7, 18, 64, 11, 12, 77]  # 12 + 16 tokens: past 
 CFG = SinqConfig(group_size=32, lm_head_bits=4)
 TOL = 1e-4
 
-# model_type -> (real model the shape is taken from, config overrides at toy size)
-ARCHS = {
-    "llama": ("SmolLM2-135M: GQA 3:1, tied head", dict(
-        hidden_size=96, intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
-        tie_word_embeddings=True, rope_theta=100000.0)),
-    "qwen2": ("Qwen2.5-0.5B: q/k/v biases, untied head, GQA 7:1", dict(
-        hidden_size=112, intermediate_size=320, num_attention_heads=7, num_key_value_heads=1,
-        tie_word_embeddings=False, rope_theta=1000000.0)),
-    "qwen3": ("Qwen3-0.6B: per-head q/k RMSNorm, head_dim 128 != hidden/heads, GQA 2:1, tied", dict(
-        hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=128, tie_word_embeddings=True, rope_theta=1000000.0)),
-    "mistral": ("Mistral-7B-v0.1: GQA 4:1, sliding window on every layer, untied", dict(
-        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1,
-        head_dim=32, sliding_window=8, tie_word_embeddings=False, rope_theta=10000.0)),
-    "gemma3_text": ("Gemma3-1B: head_dim 256, sliding layers with rope_local_base_freq, "
-                    "sqrt(hidden) embedding scale, 4 norms a layer, q/k norms, BOS, tied", dict(
-        hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=256, query_pre_attn_scalar=256, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"], rope_theta=1000000.0,
-        rope_local_base_freq=10000.0, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
-        pad_token_id=0)),
-    "phi3": ("Phi-3-mini-4k: fused qkv_proj and gate_up_proj, MHA, head_dim 96, untied", dict(
-        hidden_size=192, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2,
-        tie_word_embeddings=False, rope_theta=10000.0, sliding_window=2047)),
-}
-
 # seeds whose greedy continuation neither settles on one token nor ends early
 SEEDS = {"gemma3_text": 2, "phi3": 1}
 
 
-def make_model_dir(path, model_type: str, seed: int = 0, **overrides):  # noqa: ANN001, ANN201
-    """Save a random-weight ``model_type`` model to ``path``; return the transformers model.
-
-    Norm weights and biases are randomised too (they are ones/zeros at init, which would hide
-    a norm or bias the graph drops), and weights are spread wide enough that greedy decoding
-    does not collapse to one token.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": 320,
-            "num_hidden_layers": 2, "max_position_embeddings": 256, "initializer_range": 0.2,
-            **ARCHS[model_type][1], **overrides}
-    cfg = AutoConfig.for_model(model_type, **spec)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".post_" in name and name.endswith("norm.weight"):  # Gemma's branch-output norms
-                p.uniform_(4.0, 8.0)  # so the layers, not the scaled embedding, pick the token
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
-    return model
-
-
-def prompt_for(model) -> np.ndarray:  # noqa: ANN001
+def prompt_for(model) -> np.ndarray:
     """The prompt, after the BOS token for families that need it (Gemma)."""
     bos = [model.config.bos_token_id] if model.config.model_type.startswith("gemma") else []
     return np.array(bos + PROMPT, dtype=np.int64)
@@ -117,7 +61,7 @@ def test_export_matches_transformers(tmp_path, model_type, overrides):
     quantize_model(model, CFG, progress=False)
     prompt = prompt_for(model)
     want, fed = run_torch_lm(model, prompt, STEPS)
-    sess = _session(tmp_path / "out")
+    sess = cpu_session(tmp_path / "out")
     forced = run_ort_lm(sess, prompt, fed)
     rel = rel_error(forced.logits, want.logits)
     print(f"{model_type}: logits rel error {rel:.2e}")
@@ -125,7 +69,7 @@ def test_export_matches_transformers(tmp_path, model_type, overrides):
     assert run_ort_lm(sess, prompt, STEPS).fed == fed
     assert len(set(fed)) > 2  # the test model does not collapse to one repeated token
     # genai's loop (shared KV buffer), EOS suppressed on both sides: all STEPS tokens compared
-    assert _og_tokens(tmp_path / "out", prompt, STEPS) == greedy_without_eos(model, prompt, STEPS,
+    assert genai_greedy(tmp_path / "out", prompt, STEPS) == greedy_without_eos(model, prompt, STEPS,
                                                                           tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
@@ -153,7 +97,7 @@ def test_folded_column_scales_match_transformers(tmp_path, model_type, folded_in
     quantize_model(model, cfg, progress=False)
     prompt = prompt_for(model)
     want, fed = run_torch_lm(model, prompt, STEPS)
-    got = run_ort_lm(_session(tmp_path / "out"), prompt, fed)
+    got = run_ort_lm(cpu_session(tmp_path / "out"), prompt, fed)
     assert rel_error(got.logits, want.logits) <= TOL
 
 
@@ -218,7 +162,7 @@ def test_supported_model_types_and_architectures_agree():
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):  # noqa: ANN001, ANN201
+def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     for model_type in ("llama", "qwen2", "mistral", "gemma3_text"):
         make_model_dir(root / model_type, model_type)
@@ -290,5 +234,5 @@ def test_quantized_embedding_keeps_gemma_scale(tmp_path):
         model.model.embed_tokens.weight.copy_(model.lm_head.record.dequantize())
     prompt = prompt_for(model)
     want, fed = run_torch_lm(model, prompt, STEPS)
-    got = run_ort_lm(_session(tmp_path / "out"), prompt, fed)
+    got = run_ort_lm(cpu_session(tmp_path / "out"), prompt, fed)
     assert rel_error(got.logits, want.logits) <= TOL

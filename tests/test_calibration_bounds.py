@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import ARCHS, make_model_dir, tiny_tokenizer
 from safetensors.torch import load_file, save_file
-from test_architectures import ARCHS, make_model_dir
-from test_cli import tiny_tokenizer
 
 from sinq_export.cli import main
 from sinq_export.models import decoder_blocks, load_causal_lm_streamed
@@ -29,7 +28,7 @@ from sinq_export.quant.methods import make_config
 WINDOWS = torch.randint(0, 320, (5, 24), generator=torch.Generator().manual_seed(4))
 
 
-def _block_stats(block, hidden, kwargs, chunk_bytes, monkeypatch):  # noqa: ANN001, ANN202
+def _block_stats(block, hidden, kwargs, chunk_bytes, monkeypatch):
     monkeypatch.setattr(calibrate, "CHUNK_BYTES", chunk_bytes)
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     return collect_stats(block, names, lambda: calibrate._block_output(block, hidden, kwargs))

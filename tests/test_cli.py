@@ -3,32 +3,9 @@
 import json
 
 import pytest
-import torch
+from _models import tiny_llama_dir
 
 from sinq_export.cli import build_parser, config_from_args, main
-
-
-def tiny_llama_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      architectures=["LlamaForCausalLM"])
-    folder = tmp_path / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
 def test_help_lists_subcommands(capsys):

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from test_validate_fixtures import cached_tiny_export, needs_tokenizer, tiny_float_model, tiny_tokens
+from _models import cached_tiny_export, needs_tokenizer, tiny_float_model, tiny_tokens, tokenizer_dir
 
 from sinq_export import eval as ev
 from sinq_export.cli import main
@@ -77,7 +77,6 @@ def test_torch_and_onnxruntime_perplexity_agree(tiny):
 
 @needs_tokenizer
 def test_compare_float_rtn_sinq_on_the_fly(fixed_windows):
-    from test_validate_fixtures import tokenizer_dir
     from transformers import AutoTokenizer
 
     model = tiny_float_model()

@@ -9,7 +9,7 @@ import pytest
 from sinq_export.cli import EXIT_USAGE, main
 
 
-def _run(args, capsys):  # noqa: ANN001, ANN202
+def _run(args, capsys):
     rc = main(["model", *args])
     return rc, capsys.readouterr().err
 
@@ -59,7 +59,7 @@ def test_bad_flag_values(tmp_path, flag):
     assert exc.value.code == EXIT_USAGE
 
 
-def _model_configs(argv: list[str]):  # noqa: ANN202
+def _model_configs(argv: list[str]):
     """(SinqConfig, GraphConfig) that `sinq-export model -o x ARGV` exports with."""
     from sinq_export.cli import build_parser, preset_from_args
 

@@ -16,6 +16,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _helpers import PROMPT, STEPS, cpu_session, genai_greedy, greedy_without_eos
+from _models import FAMILIES, make_family_dir
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.export import ExportError, export_causal_lm
@@ -24,108 +26,19 @@ from sinq_export.models import ModelLoadError
 from sinq_export.nn import quantize_model
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
 
-STEPS = 16
-PROMPT = np.array([5, 17, 99, 3, 42, 250, 7, 18, 64, 1, 2, 77], dtype=np.int64)
 
-FAMILIES = {
-    # SmolLM2's shape features: Llama, GQA 3:1, tied embeddings
-    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=96,
-                  intermediate_size=256, num_attention_heads=6, num_key_value_heads=2,
-                  tie_word_embeddings=True, rope_theta=100000.0),
-    # Qwen2.5's: q/k/v biases, untied lm_head, rope theta 1e6
-    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128,
-                  intermediate_size=320, num_attention_heads=4, num_key_value_heads=2,
-                  tie_word_embeddings=False, rope_theta=1000000.0),
-    # Qwen3's: per-head q/k RMSNorm, explicit head_dim != hidden / heads
-    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=96,
-                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0),
-    # Mistral's: GQA 4:1, untied head
-    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=128,
-                    intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
-                    tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
-}
-
-
-def make_model_dir(path, family: str, seed: int = 0):  # noqa: ANN001, ANN201
-    """Save a random-weight model of ``family`` to ``path`` (the weights are spread wide
-    enough that greedy decoding does not collapse to one token)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(FAMILIES[family])
-    model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, vocab_size=320, num_hidden_layers=2,
-                               max_position_embeddings=256, initializer_range=0.1,
-                               bos_token_id=1, eos_token_id=2, **spec)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
-    return model
-
-
-def reference(model, config: SinqConfig):  # noqa: ANN001, ANN201
+def reference(model, config: SinqConfig):
     quantize_model(model, config, progress=False)
     return model
-
-
-def _session(out) -> ort.InferenceSession:  # noqa: ANN001
-    return ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
-
-
-def _eos_ids(out) -> list[int]:  # noqa: ANN001
-    """The token ids genai's loop stops at (``model.eos_token_id`` of genai_config.json)."""
-    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-
-
-def _og_tokens(out, prompt: np.ndarray, steps: int) -> list[int]:  # noqa: ANN001
-    """genai's greedy loop for ``steps`` tokens. genai stops at EOS: a random test model may
-    well pick it, so EOS is suppressed (``min_length`` = ``max_length``) and the loop always
-    runs every step; compare it with `greedy_without_eos`, which suppresses it the same way."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    length = len(prompt) + steps
-    params.set_search_options(max_length=length, min_length=length, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt.tolist())
-    tokens = []
-    while not gen.is_done() and len(tokens) < steps:
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
-
-
-def greedy_without_eos(model, prompt: np.ndarray, steps: int, out) -> list[int]:  # noqa: ANN001
-    """Torch's greedy continuation with the export's EOS ids never picked (what `_og_tokens`
-    computes): the full sequence is recomputed each step, no cache, so it shares no code
-    with the runners under test."""
-    banned = _eos_ids(out)
-    ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None, :]
-    tokens = []
-    with torch.inference_mode():
-        for _ in range(steps):
-            logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-            logits[banned] = -torch.inf
-            tokens.append(int(logits.argmax()))
-            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
-    return tokens
 
 
 CFG = SinqConfig(group_size=32, lm_head_bits=4)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def exported(request, tmp_path_factory):  # noqa: ANN001, ANN201
+def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    model = make_model_dir(root / "hf", request.param)
+    model = make_family_dir(root / "hf", request.param)
     export_causal_lm(root / "hf", root / "out", CFG, progress=False)
     ref = reference(model, CFG)
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
@@ -134,7 +47,7 @@ def exported(request, tmp_path_factory):  # noqa: ANN001, ANN201
 
 def test_logits_and_greedy_tokens_match_torch(exported):
     root, torch_run, fed, _ = exported
-    sess = _session(root / "out")
+    sess = cpu_session(root / "out")
     run = run_ort_lm(sess, PROMPT, fed)  # teacher-forced on torch's tokens
     rel = np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max()
     assert rel <= 1e-4
@@ -147,7 +60,7 @@ def test_genai_greedy_matches_torch(exported):
     root, _, _, want = exported
     genai = json.loads((root / "out" / "genai_config.json").read_text())
     assert genai["search"]["past_present_share_buffer"] is True
-    assert _og_tokens(root / "out", PROMPT, STEPS) == want
+    assert genai_greedy(root / "out", PROMPT, STEPS) == want
 
 
 def test_graph_is_fused_and_manifest_names_real_tensors(exported):
@@ -199,7 +112,7 @@ def test_folded_column_scales_match_torch(tmp_path, family, shared):
     """col_scale=fold with shared t: gate/up's t in the post-attention norm, down's t in up's
     rows, the head's t in the final norm; with ``all`` also q/k/v's in the input norm, and
     q/k/v packed into one node (not Qwen3: its q/k norms sit between). Same numbers."""
-    model = make_model_dir(tmp_path / "hf", family, seed=1)
+    model = make_family_dir(tmp_path / "hf", family, seed=1)
     cfg = CFG.replace(shared_col_scale=shared)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                            progress=False)
@@ -209,7 +122,7 @@ def test_folded_column_scales_match_torch(tmp_path, family, shared):
     assert modes == ({"fold", "mul"} if shared == "all" else {"fold", "mul", "ratio"})
     _check_qkv_packing(res.manifest, tmp_path / "out", shared == "all" and family != "qwen3")
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     if shared == "all" and family == "qwen2":  # packed rows with biases: validate slices them
         from sinq_export.validate import validate
@@ -222,7 +135,7 @@ def test_lead_column_scale_folds_into_each_norm(tmp_path, family):
     """col_scale=fold with a t per linear: the first reader of each norm (q_proj, gate_proj)
     folds its t into the norm weight, the others multiply by their t over the lead's
     (``ratio``); o_proj keeps its Mul. Same numbers as torch, and validate passes."""
-    model = make_model_dir(tmp_path / "hf", family, seed=4)
+    model = make_family_dir(tmp_path / "hf", family, seed=4)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, GraphConfig(col_scale="fold"),
                            progress=False)
     layers = res.manifest["layers"]
@@ -236,7 +149,7 @@ def test_lead_column_scale_folds_into_each_norm(tmp_path, family):
             assert layers[name]["col_scale_mode"] == "ratio" and layers[name]["ratio_of"] == lead
         assert layers[f"{attn}.o_proj"]["col_scale_mode"] == "mul"
     torch_run, fed = run_torch_lm(reference(model, CFG), PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     from sinq_export.validate import validate
 
@@ -245,7 +158,7 @@ def test_lead_column_scale_folds_into_each_norm(tmp_path, family):
 
 def test_no_lead_fold_when_a_norm_reader_stays_float(tmp_path):
     """A float reader of the input norm (k_proj excluded) would see q's t: nothing folds there."""
-    make_model_dir(tmp_path / "hf", "llama", seed=4)
+    make_family_dir(tmp_path / "hf", "llama", seed=4)
     cfg = CFG.replace(exclude=(r"k_proj",))
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                            progress=False)
@@ -261,7 +174,7 @@ def test_symmetric_export_omits_default_zero_points(tmp_path, family):
     """Symmetric codes at their own width: MatMulNBits without a zero-point input (its
     default 2^(bits-1) is exact), packed q/k/v included; a 3-bit layer in a 4-bit container
     keeps its zero points (4 is not the container's 8). Same numbers as torch."""
-    model = make_model_dir(tmp_path / "hf", family, seed=2)
+    model = make_family_dir(tmp_path / "hf", family, seed=2)
     cfg = CFG.replace(symmetric=True, shared_col_scale="all",
                       overrides=((r"layers\.1\.mlp\.down_proj", 3),))
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
@@ -275,7 +188,7 @@ def test_symmetric_export_omits_default_zero_points(tmp_path, family):
         assert (layer["initializers"]["zero_points"] is None) == (not three_bit), name
     _check_qkv_packing(res.manifest, tmp_path / "out", True)
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     from sinq_export.validate import validate
 
@@ -286,7 +199,7 @@ def test_precomputed_calibrated_records_are_what_ships(tmp_path):
     """A calibrated pass (`quantize_model` with calibration windows, A-SINQ + GPTQ) hands its
     records to the streamed export: the ONNX model computes the calibrated torch model, and
     the records differ from a calibration-free export's (so they were used, not re-made)."""
-    model = make_model_dir(tmp_path / "hf", "qwen2", seed=3)
+    model = make_family_dir(tmp_path / "hf", "qwen2", seed=3)
     cfg = CFG.replace(calibrate=True, lm_head_bits=None)
     windows = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(0))
     quantize_model(model, cfg, progress=False, calibration=windows)
@@ -297,7 +210,7 @@ def test_precomputed_calibrated_records_are_what_ships(tmp_path):
                            records=records, manifest_extra={"calibration": {"tokens": 128}})
     assert res.manifest["calibration"] == {"tokens": 128} and res.manifest["config"]["calibrate"]
     torch_run, fed = run_torch_lm(model, PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
     from sinq_export.validate import validate
 
@@ -321,7 +234,7 @@ def test_calibrated_tied_head_is_the_shared_table(tmp_path):
     """``--calibrate`` with a tied head and table at one width: the table on disk is the
     calibrated head's record (not a calibration-free quantization of the table), so the ONNX
     model computes the calibrated torch model with its embedding = that record."""
-    model = make_model_dir(tmp_path / "hf", "llama", seed=3)
+    model = make_family_dir(tmp_path / "hf", "llama", seed=3)
     cfg = CFG.replace(calibrate=True, lm_head_group_size=16)
     windows = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(0))
     quantize_model(model, cfg, progress=False, calibration=windows)
@@ -338,14 +251,14 @@ def test_calibrated_tied_head_is_the_shared_table(tmp_path):
     assert np.array_equal(table, head.packed.numpy().reshape(table.shape))
     model.get_input_embeddings().weight = torch.nn.Parameter(head.dequantize(), requires_grad=False)
     torch_run, fed = run_torch_lm(model, PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
 
 
 def test_lm_head_group_size_reaches_the_graph(tmp_path):
     """A finer head group (``lm_head_group_size``) is the head node's block size; a tied head
     at the table's width still shares one table, quantized at the head's group size."""
-    make_model_dir(tmp_path / "hf", "llama", seed=4)
+    make_family_dir(tmp_path / "hf", "llama", seed=4)
     cfg = CFG.replace(lm_head_group_size=16)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(embedding_bits=4),
                            progress=False)
@@ -365,7 +278,7 @@ def test_missing_tokenizer_is_a_warning_not_a_failure(tmp_path, capsys):
     the summary and stderr say what genai / eval / validate will miss; with one, no warning."""
     from sinq_export.cli import main
 
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
     (warning,) = res.summary()["warnings"]
     assert "no tokenizer file" in warning and str(tmp_path / "hf") in warning
@@ -378,7 +291,7 @@ def test_missing_tokenizer_is_a_warning_not_a_failure(tmp_path, capsys):
 
 
 def test_two_exports_are_byte_identical(tmp_path):
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     for name in ("a", "b"):
         export_causal_lm(tmp_path / "hf", tmp_path / name, CFG, progress=False)
     files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*")
@@ -389,7 +302,7 @@ def test_two_exports_are_byte_identical(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def _edit_config(folder, **changes) -> None:  # noqa: ANN001
+def _edit_config(folder, **changes) -> None:
     path = folder / "config.json"
     cfg = json.loads(path.read_text())
     cfg.update(changes)
@@ -402,7 +315,7 @@ def _edit_config(folder, **changes) -> None:  # noqa: ANN001
     ({"rope_scaling": {"rope_type": "longrope2", "factor": 2.0}}, "rope_type='longrope2'.*supported"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, changes, message):
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     _edit_config(tmp_path / "hf", **changes)
     with pytest.raises((ExportError, ModelLoadError), match=message):
         export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG, progress=False)
@@ -412,7 +325,7 @@ def test_unsupported_configs_are_refused(tmp_path, changes, message):
 def test_missing_or_misshapen_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     path = tmp_path / "hf" / "model.safetensors"
     tensors = load_file(path)
     del tensors["model.layers.1.post_attention_layernorm.weight"]
@@ -427,19 +340,19 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path):
 
 
 def test_quantizing_nothing_is_an_error_unless_asked(tmp_path):
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     cfg = SinqConfig(group_size=32, include=("nothing-matches",))
     with pytest.raises(ExportError, match="quantizes no linear"):
         export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False,
                            allow_unquantized=True)
     assert res.manifest["layers"] == {}
-    logits = _session(tmp_path / "out").run(["logits"], _empty_feed(tmp_path / "out"))[0]
+    logits = cpu_session(tmp_path / "out").run(["logits"], _empty_feed(tmp_path / "out"))[0]
     assert np.isfinite(logits).all()
 
 
-def _empty_feed(out) -> dict:  # noqa: ANN001
-    sess = _session(out)
+def _empty_feed(out) -> dict:
+    sess = cpu_session(out)
     feed = {"input_ids": PROMPT[None, :], "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values"):
@@ -457,7 +370,7 @@ def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
     it); fp16 (standard Attention on CPU) runs with an unshared cache."""
     from sinq_export import runtime_ops
 
-    model = make_model_dir(tmp_path / "hf", "qwen2", seed=2)
+    model = make_family_dir(tmp_path / "hf", "qwen2", seed=2)
     cfg = SinqConfig(bits=bits, group_size=32, lm_head_bits=bits)
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, graph, progress=False)
     genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
@@ -475,7 +388,7 @@ def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
                                 runtime_ops.session_options(), providers=["CPUExecutionProvider"])
     run = run_ort_lm(sess, PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= tol
-    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == greedy_without_eos(ref, PROMPT, STEPS,
+    assert genai_greedy(tmp_path / "out", PROMPT, STEPS) == greedy_without_eos(ref, PROMPT, STEPS,
                                                                           tmp_path / "out")
 
 
@@ -486,7 +399,7 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
     reads the same record: one table on disk."""
     from sinq_export.quant.core import quantize_weight
 
-    model = make_model_dir(tmp_path / "hf", family, seed=3)
+    model = make_family_dir(tmp_path / "hf", family, seed=3)
     table = model.model.embed_tokens.weight.detach().clone()
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG,
                            GraphConfig(embedding_bits=embedding_bits, col_scale=col_scale),
@@ -506,16 +419,16 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
     with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this
         ref.model.embed_tokens.weight.copy_(record.dequantize())
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
-    assert _og_tokens(tmp_path / "out", PROMPT, STEPS) == greedy_without_eos(ref, PROMPT, STEPS,
+    assert genai_greedy(tmp_path / "out", PROMPT, STEPS) == greedy_without_eos(ref, PROMPT, STEPS,
                                                                           tmp_path / "out")
 
 
 def test_overrides_and_float_layers(tmp_path):
     """Per-layer widths (--override) and float layers (--exclude; a float tied head): the
     float weights reach the graph as lazily transposed copies of the checkpoint's."""
-    model = make_model_dir(tmp_path / "hf", "llama", seed=4)
+    model = make_family_dir(tmp_path / "hf", "llama", seed=4)
     cfg = SinqConfig(group_size=32, overrides={r"down_proj$": 8},
                      exclude=(r"(^|\.)lm_head$", r"layers\.0\.self_attn\.o_proj$"))
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, progress=False)
@@ -526,7 +439,7 @@ def test_overrides_and_float_layers(tmp_path):
     assert sum(n.op_type == "MatMul" for n in graph.node) == 2  # o_proj of layer 0, the head
     assert not any(n.op_type == "Transpose" for n in graph.node)
     torch_run, fed = run_torch_lm(reference(model, cfg), PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
 
 
@@ -536,7 +449,7 @@ def test_tied_o_proj_folds_into_value_rows(tmp_path, family, shared):
     """With o_proj's t tied per GQA group, it multiplies v_proj's rows (and bias) instead of a
     Mul: ``all`` leaves no column-scale Mul at all (genai's graph), ``none`` only the k/v/up
     ratios. Same numbers as torch; validate passes (packed rows with biases included)."""
-    model = make_model_dir(tmp_path / "hf", family, seed=2)
+    model = make_family_dir(tmp_path / "hf", family, seed=2)
     cfg = CFG.replace(shared_col_scale=shared).tie_o_proj_for(FAMILIES[family])
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
                            progress=False)
@@ -553,10 +466,10 @@ def test_tied_o_proj_folds_into_value_rows(tmp_path, family, shared):
     t = ref.model.layers[0].self_attn.o_proj.record.col_scale.reshape(kv, rep, -1)
     assert torch.equal(t, t[:, :1].expand_as(t))
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)
-    run = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    run = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert np.abs(run.logits - torch_run.logits).max() / np.abs(torch_run.logits).max() <= 1e-4
-    assert run_ort_lm(_session(tmp_path / "out"), PROMPT, STEPS).fed == fed
-    got = _og_tokens(tmp_path / "out", PROMPT, STEPS)  # genai's shared-buffer loop
+    assert run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, STEPS).fed == fed
+    got = genai_greedy(tmp_path / "out", PROMPT, STEPS)  # genai's shared-buffer loop
     assert got == greedy_without_eos(ref, PROMPT, STEPS, tmp_path / "out")
     from sinq_export.validate import validate
 
@@ -564,7 +477,7 @@ def test_tied_o_proj_folds_into_value_rows(tmp_path, family, shared):
 
 
 def test_o_proj_tie_of_another_model_is_refused(tmp_path):
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     cfg = CFG.replace(o_proj_tie=(3, 2))  # the model has 2 kv heads of 3 query heads each
     with pytest.raises(ExportError, match=r"o_proj_tie=\[3, 2\].*\[2, 3\]"):
         export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(col_scale="fold"),
@@ -579,7 +492,7 @@ def test_allocated_widths_and_group_sizes_export(tmp_path, runtime):
     custom op (custom); logits match torch and validate passes."""
     from sinq_export import runtime_ops
 
-    model = make_model_dir(tmp_path / "hf", "llama", seed=5)
+    model = make_family_dir(tmp_path / "hf", "llama", seed=5)
     cfg = CFG.replace(overrides=((r"\.0\.mlp\.", 5),),
                       group_overrides=((r"\.1\.self_attn\.", 64), (r"up_proj", 16)))
     res = export_causal_lm(tmp_path / "hf", tmp_path / "out", cfg, GraphConfig(runtime=runtime),
@@ -606,7 +519,7 @@ def test_allocated_widths_and_group_sizes_export(tmp_path, runtime):
 
 def test_o_proj_tie_that_cannot_fold_is_refused(tmp_path):
     """A tied t kept as a Mul (v_proj float, or --col-scale mul) is quality lost for nothing."""
-    make_model_dir(tmp_path / "hf", "llama")
+    make_family_dir(tmp_path / "hf", "llama")
     cfg = CFG.tie_o_proj_for(FAMILIES["llama"])
     for c, graph in ((cfg.replace(exclude=(r"v_proj", r"lm_head")), GraphConfig(col_scale="fold")),
                      (cfg, GraphConfig(col_scale="mul"))):

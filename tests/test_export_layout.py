@@ -9,9 +9,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from _models import qwen2_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_validate_export import _tiny_source
 
 from sinq_export.config import GraphConfig, SinqConfig
 from sinq_export.export import decoder
@@ -52,7 +52,7 @@ def exports(tmp_path_factory):
     from sinq_export.models import default_model_dir
 
     root = tmp_path_factory.mktemp("layout")
-    src = _tiny_source(root / "src", default_model_dir())
+    src = qwen2_source(root / "src", default_model_dir())
     cfg, graph = SinqConfig(bits=4, group_size=16), GraphConfig(accuracy_level=0)
     decoder.export_causal_lm(src, root / "whole", cfg, graph, progress=False)
     limit = 4_000_000
@@ -115,7 +115,7 @@ def test_genai_runs_the_split_folder(exports):
     og = pytest.importorskip("onnxruntime_genai")
     whole, split, _ = exports
 
-    def greedy(folder):  # noqa: ANN001, ANN202
+    def greedy(folder):
         model = og.Model(str(folder))
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=16, do_sample=False)

@@ -29,19 +29,19 @@ PROMPT = "The capital of France is"
 LONG_PROMPT = "Aristotle was a Greek philosopher and polymath during the Classical period in"
 
 
-def _session(path) -> ort.InferenceSession:  # noqa: ANN001
+def _session(path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     return ort.InferenceSession(str(path / MODEL_FILE), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):  # noqa: ANN201
+def work(tmp_path_factory):
     return tmp_path_factory.mktemp("llm")
 
 
 @pytest.fixture(scope="module")
-def export4(work):  # noqa: ANN001, ANN201
+def export4(work):
     out = work / "out4"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -56,7 +56,7 @@ class Block(nn.Module):
         return (x + self.mlp(normed)).reshape(normed.shape)
 
 
-def _session(path) -> ort.InferenceSession:  # noqa: ANN001
+def _session(path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     return ort.InferenceSession(str(path / "model.onnx"), so, providers=["CPUExecutionProvider"])
@@ -67,7 +67,7 @@ def _rel_err(onnx_out: np.ndarray, torch_out: torch.Tensor) -> float:
     return float(np.abs(onnx_out.astype(np.float32) - ref).max() / np.ptp(ref))
 
 
-def _export(module, x, path, config, graph=None, **kw):  # noqa: ANN001, ANN202
+def _export(module, x, path, config, graph=None, **kw):
     kw.setdefault("input_names", ["x"])
     kw.setdefault("output_names", ["y"])
     kw.setdefault("dynamic_axes", {"x": {0: "batch"}})
@@ -224,7 +224,7 @@ def test_output_exists_refused(mlp, tmp_path):
 def test_disk_full_leaves_nothing(mlp, tmp_path, monkeypatch):
     import sinq_export.export.pipeline as mod
 
-    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mod, "write_model", full)
@@ -238,7 +238,7 @@ def test_fused_needs_custom_runtime():
         GraphConfig(col_scale="fused", runtime="stock")
 
 
-def _custom_session_options():  # noqa: ANN202
+def _custom_session_options():
     try:
         from sinq_export import runtime_ops  # noqa: PLC0415
     except ImportError:

@@ -22,10 +22,8 @@ Without root, ``unshare -r`` (a user namespace) provides the same private mounts
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -37,84 +35,26 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import (
+    QUANT_FLAGS,
+    REPO,
+    assert_one_error_line,
+    cli_cmd,
+    cli_env,
+    partials,
+    run_main,
+    tree_digest,
+)
+from _models import write_tiny_llama
 
 from sinq_export import io
 from sinq_export.cli import EXIT_OUTPUT, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, main
 from sinq_export.export.manifest import MANIFEST_FILE
 from sinq_export.nn import QUANTIZED_MARKER, QUANTIZED_META_FILE
 
-REPO = Path(__file__).resolve().parents[1]
-QUANT_FLAGS = ["--group-size", "16", "--json"]  # --json: no progress bars on stderr
-PARTIAL = re.compile(r"^\.(.+)\.(tmp|old|scratch)-")
-
-
 # ------------------------------------------------------------------------------------ helpers
 
-def write_tiny_llama(folder: Path, layers: int = 2, hidden: int = 64) -> Path:
-    """A random-weight Llama with a word-level tokenizer, saved as a normal HF folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(255)} | {"<unk>": 255}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>")
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every entry under ``root`` -> sha256 of its bytes (``dir`` for folders)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def partials(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if PARTIAL.match(p.name))
-
-
-def error_lines(stderr: str) -> list[str]:
-    """stderr lines without progress bars (tqdm redraws with \\r and ANSI moves) and blanks."""
-    stderr = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
-    lines = [seg.strip() for line in stderr.splitlines() for seg in line.split("\r")]
-    return [ln for ln in lines if ln and not re.search(r"\d+%\|", ln)]
-
-
-def assert_one_error_line(stderr: str, *needles: str) -> str:
-    lines = error_lines(stderr)
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:  # noqa: ANN001
-    rc = main(argv)
-    return rc, capsys.readouterr().err
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
-def cli_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sinq_export.cli", *args]
-
-
-def run_cli(cmd: list[str], preexec=None, timeout: int = 600) -> subprocess.CompletedProcess:  # noqa: ANN001
+def run_cli(cmd: list[str], preexec=None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout,
                           preexec_fn=preexec, cwd=REPO)
 
@@ -128,7 +68,7 @@ def _drop_dac_capabilities() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def _limit_file_size(limit: int):  # noqa: ANN202
+def _limit_file_size(limit: int):
     def preexec() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return preexec
@@ -160,12 +100,12 @@ def _sh_quote(s: str) -> str:
 # ----------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:  # noqa: ANN001
+def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
-def earlier_output(tiny_model, tmp_path_factory) -> Path:  # noqa: ANN001
+def earlier_output(tiny_model, tmp_path_factory) -> Path:
     """A finished `quantize` output (3-bit) that later runs overwrite."""
     out = tmp_path_factory.mktemp("earlier") / "q"
     assert main(["quantize", str(tiny_model), "-o", str(out), "--bits", "3", *QUANT_FLAGS]) == 0
@@ -173,7 +113,7 @@ def earlier_output(tiny_model, tmp_path_factory) -> Path:  # noqa: ANN001
 
 
 @pytest.fixture
-def workspace(tmp_path) -> Path:  # noqa: ANN001
+def workspace(tmp_path) -> Path:
     """A parent folder holding the user's other data, which must survive every case."""
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("the user's notes\n")
@@ -181,7 +121,7 @@ def workspace(tmp_path) -> Path:  # noqa: ANN001
 
 
 @pytest.fixture(autouse=True)
-def _restore_modes(tmp_path):  # noqa: ANN001
+def _restore_modes(tmp_path):
     yield
     for p in [tmp_path, *tmp_path.rglob("*")]:
         if p.is_dir() and not p.is_symlink():
@@ -319,7 +259,7 @@ def test_partials_of_dead_runs_are_removed_live_ones_kept(tmp_path):
 
 # ------------------------------------------------------------- 5: OS errors on the output side
 
-def _os_error_case(kind: str, workspace: Path, cmd: list[str]):  # noqa: ANN202
+def _os_error_case(kind: str, workspace: Path, cmd: list[str]):
     """(command, preexec_fn, folder the error must name, errno name) for one fault kind."""
     target_parent = workspace / "dest"
     target_parent.mkdir()
@@ -361,7 +301,7 @@ def test_output_os_errors_are_one_line_and_exit_3(command, kind, tiny_model, wor
 # --------------------------------------------------------------------- 8: SIGTERM and SIGINT
 
 @pytest.fixture(scope="session")
-def slow_tiny_model(tmp_path_factory) -> Path:  # noqa: ANN001
+def slow_tiny_model(tmp_path_factory) -> Path:
     """Big enough that quantizing takes seconds, so a signal lands mid-run."""
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama-8", layers=8, hidden=128)
 
@@ -531,7 +471,7 @@ def test_a_signal_whose_exception_an_extension_replaced_is_still_the_signal(monk
 
     from sinq_export import cli
 
-    def run(args):  # noqa: ANN001, ANN202
+    def run(args):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import (
+from _helpers import (
     QUANT_FLAGS,
     REPO,
     assert_one_error_line,
@@ -29,29 +29,13 @@ from test_faults import (
     partials,
     run_main,
     tree_digest,
-    write_tiny_llama,
 )
+from _models import write_tiny_llama, write_tiny_qwen2
 
 from sinq_export.cli import EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, main
 from sinq_export.export.manifest import MANIFEST_FILE
 
 WEIGHT_ONLY = ["--energy-refit", "0", "--lm-head-bits", "8"]  # no forward pass reads a tensor
-
-
-def write_tiny_qwen2(folder: Path) -> Path:
-    """A random-weight Qwen2 (q/k/v biases, untied head) with the tiny Llama's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    llama = write_tiny_llama(folder.parent / f"{folder.name}-tokenizer", layers=1)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(llama).save_pretrained(folder)
-    shutil.rmtree(llama)
-    return folder
 
 
 def poison(src: Path, dest: Path, tensor: str, value: float) -> Path:
@@ -67,18 +51,18 @@ def poison(src: Path, dest: Path, tensor: str, value: float) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:  # noqa: ANN001
+def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
-def slow_llama(tmp_path_factory) -> Path:  # noqa: ANN001
+def slow_llama(tmp_path_factory) -> Path:
     """Big enough that quantizing (inside the write) takes seconds."""
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama-8", layers=8, hidden=128)
 
 
 @pytest.fixture
-def workspace(tmp_path) -> Path:  # noqa: ANN001
+def workspace(tmp_path) -> Path:
     """A parent folder holding the user's other data, which must survive every case."""
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("the user's notes\n")
@@ -86,7 +70,7 @@ def workspace(tmp_path) -> Path:  # noqa: ANN001
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory) -> Path:  # noqa: ANN001
+def tiny_qwen2(tmp_path_factory) -> Path:
     return write_tiny_qwen2(tmp_path_factory.mktemp("src") / "tiny-qwen2")
 
 
@@ -137,7 +121,7 @@ def test_eval_length_past_the_context_is_refused_before_loading(length, tiny_lla
     """The tiny model's max_position_embeddings is 128: refused from config.json alone."""
     from sinq_export import models
 
-    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before --length was checked")
 
     monkeypatch.setattr(models, "load_causal_lm", no_load)
@@ -212,7 +196,7 @@ def mount_tmpfs(folder: Path, size: str) -> bool:
 
 
 @pytest.fixture
-def small_disk(tmp_path):  # noqa: ANN001, ANN201
+def small_disk(tmp_path):
     """``make(size)`` -> a folder on a real tmpfs of that size (None where mount is not
     permitted: not root); unmounted after the test."""
     mounted: list[Path] = []
@@ -244,7 +228,7 @@ def test_free_space_is_checked_before_the_probe_or_calibration(flags, tiny_llama
                                            "write-time case below")
     (disk / "keep.txt").write_text("the user's file\n")
 
-    def too_late(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def too_late(*args, **kwargs):
         raise AssertionError("the model ran before the free-space check")
 
     monkeypatch.setattr(nn, "probe_energies", too_late)
@@ -282,7 +266,7 @@ def test_disk_filling_during_the_write_is_exit_3_enospc(leave, slow_llama, small
     if disk is None:  # no mount permitted: the write call itself reports the full disk
         from sinq_export.export import decoder
 
-        def full(self, file):  # noqa: ANN001, ANN202
+        def full(self, file):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(decoder._WrittenByFile, "tofile", full)

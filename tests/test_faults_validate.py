@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_faults import QUANT_FLAGS, error_lines, tree_digest, write_tiny_llama
+from _helpers import QUANT_FLAGS, error_lines, tree_digest
+from _models import write_tiny_llama
 
 from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
 from sinq_export.export.files import MODEL_FILE, data_file_names
@@ -26,7 +27,7 @@ VALIDATE = ["--tokens", "24", "--decode-steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:  # noqa: ANN001
+def export(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults-validate")
     src = write_tiny_llama(root / "tiny-llama")
     out = root / "out"
@@ -35,14 +36,14 @@ def export(tmp_path_factory) -> Path:  # noqa: ANN001
 
 
 @pytest.fixture
-def damaged(export, tmp_path) -> Path:  # noqa: ANN001
+def damaged(export, tmp_path) -> Path:
     """A private copy of the export (its source folder stays where the manifest says)."""
     out = tmp_path / "out"
     shutil.copytree(export, out)
     return out
 
 
-def _patch(out: Path, tensor: str, damage) -> None:  # noqa: ANN001
+def _patch(out: Path, tensor: str, damage) -> None:
     """Rewrite the middle element of ``tensor`` with ``damage(element)``, in place: in the
     data file for an external initializer, in the graph file for an inline one."""
     graph = out / MODEL_FILE
@@ -75,7 +76,7 @@ def _flip_byte(value: np.ndarray) -> np.ndarray:
     return value ^ np.uint8(0xFF)
 
 
-def _validate(out: Path, capsys) -> tuple[int, str, str]:  # noqa: ANN001
+def _validate(out: Path, capsys) -> tuple[int, str, str]:
     rc = main(["validate", str(out), *VALIDATE])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
@@ -159,7 +160,7 @@ def _set_library(out: Path, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def custom_export(export, tmp_path_factory) -> Path:  # noqa: ANN001
+def custom_export(export, tmp_path_factory) -> Path:
     """The same tiny model on the sinq.ops runtime: genai loads the folder's library copy."""
     from sinq_export import runtime_ops
 
@@ -251,7 +252,7 @@ def test_a_folder_replaced_while_validating_is_reported(export, tmp_path, monkey
     real_check = core.check_loadable
     swapped = []
 
-    def check_then_swap(info):  # noqa: ANN001, ANN202
+    def check_then_swap(info):
         real_check(info)
         if not swapped:  # a different layout: the first read's offsets do not fit the new data
             export_causal_lm(src, out, SinqConfig(group_size=32, bits=3), overwrite=True,
@@ -271,7 +272,7 @@ def test_a_folder_replaced_while_validating_is_reported(export, tmp_path, monkey
 
 # ------------------------------------------- an exporter that writes a wrong folded layer
 
-def _times_64_in_one_group(target: str):  # noqa: ANN202
+def _times_64_in_one_group(target: str):
     """A `weights._part_func` that writes ``target``'s scales with one group times 64 (an
     exporter bug: the sha256 recorded matches the wrong bytes, so only the source check can
     see it)."""
@@ -279,7 +280,7 @@ def _times_64_in_one_group(target: str):  # noqa: ANN202
 
     original = weights._part_func
 
-    def part_func(cache, linear, part, binding, *args):  # noqa: ANN001, ANN202
+    def part_func(cache, linear, part, binding, *args):
         func = original(cache, linear, part, binding, *args)
         if linear != target or part != "scales":
             return func
@@ -324,7 +325,7 @@ def test_the_source_check_covers_every_folded_layer(export, capsys, monkeypatch)
     seen = {}
     original = core.weight_steps
 
-    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def recording(*args, **kwargs):
         seen.update(original(*args, **kwargs))
         return seen
     monkeypatch.setattr(core, "weight_steps", recording)

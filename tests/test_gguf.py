@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
-from gguf.quants import dequantize, quantize
+from _models import write_gguf, write_tiny_gemma3_gguf, write_tiny_llama_gguf
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 from sinq_export import gguf as sg
 from sinq_export import models
@@ -31,132 +32,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("SINQ_EXPORT_CACHE", str(root))
     return root
-
-
-def write_gguf(path: Path, arch: str = "llama", tokenizer: bool = True) -> Path:
-    """A small GGUF: one F32 and one Q8_0 tensor, tokenizer metadata unless told otherwise."""
-    w = GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_context_length(64)
-    if tokenizer:
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(["a", "b", "c", "d"])
-        w.add_chat_template("{{ messages[0]['content'] }}")
-    rng = np.random.default_rng(0)
-    w.add_tensor("token_embd.weight", rng.standard_normal((4, 32), dtype=np.float32))
-    q8 = quantize(rng.standard_normal((8, 64), dtype=np.float32), GGMLQuantizationType.Q8_0)
-    w.add_tensor("blk.0.ffn_down.weight", q8, raw_dtype=GGMLQuantizationType.Q8_0)
-    return _finish(w, path)
-
-
-def write_tiny_llama_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 128, heads: int = 4,
-                          kv: int = 2) -> Path:
-    """A complete one-layer llama GGUF (hyper-parameters, a GPT-2 style BPE tokenizer, a chat
-    template, Q4_0/Q4_1/Q8_0/F32 tensors, tied head) that transformers' loader converts."""
-    w = GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_embedding_length(d)
-    w.add_block_count(1)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(d // heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(vocab)
-    letters = [chr(ord("a") + i) for i in range(26)]
-    tokens = ["<s>", "</s>", *letters, *(f"\u0120{c}" for c in letters), "ab", "\u0120"]
-    tokens += [f"x{i}" for i in range(vocab - len(tokens))]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3] + [1] * (vocab - 2))
-    w.add_token_merges(["a b", "\u0120 a"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
-    rng = np.random.default_rng(0)
-    q = GGMLQuantizationType
-    hd = d // heads
-    for name, shape, qtype in [
-        ("token_embd.weight", (vocab, d), q.Q8_0), ("output_norm.weight", (d,), None),
-        ("blk.0.attn_norm.weight", (d,), None), ("blk.0.ffn_norm.weight", (d,), None),
-        ("blk.0.attn_q.weight", (d, d), q.Q4_0), ("blk.0.attn_k.weight", (kv * hd, d), q.Q4_0),
-        ("blk.0.attn_v.weight", (kv * hd, d), q.Q4_0), ("blk.0.attn_output.weight", (d, d), q.Q4_0),
-        ("blk.0.ffn_gate.weight", (ff, d), q.Q4_1), ("blk.0.ffn_up.weight", (ff, d), q.Q4_1),
-        ("blk.0.ffn_down.weight", (d, ff), q.Q8_0),
-    ]:
-        a = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        if qtype is None:
-            w.add_tensor(name, a)
-        else:
-            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
-    return _finish(w, path)
-
-
-
-def write_tiny_gemma3_gguf(path: Path, vocab: int = 64, d: int = 64, ff: int = 128, heads: int = 2,
-                           kv: int = 1, head_dim: int = 32, layers: int = 2) -> Path:
-    """A complete gemma3 GGUF as llama.cpp writes one: head_dim from ``key_length``, a sliding
-    window, q/k norms and the branch-output norms (norm weights stored as ``1 + w``), a
-    sentencepiece vocabulary with scores, Q5_0/Q8_0/Q4_K/F32 tensors, tied head."""
-    w = GGUFWriter(str(path), "gemma3")
-    w.add_context_length(1024)
-    w.add_embedding_length(d)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(1e6)
-    w.add_sliding_window(8)
-    letters = [chr(ord("a") + i) for i in range(26)]
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *letters, *(f"\u2581{c}" for c in letters)]
-    tokens += [f"<unused{i}>" for i in range(vocab - len(tokens))]
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * 4 + [-float(i) for i in range(vocab - 4)])
-    w.add_token_types([3, 3, 3, 2] + [1] * (vocab - 4))
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
-    rng = np.random.default_rng(0)
-    q = GGMLQuantizationType
-    tensors = [("token_embd.weight", (vocab, d), q.Q8_0), ("output_norm.weight", (d,), None)]
-    for i in range(layers):
-        b = f"blk.{i}."
-        tensors += [
-            (b + "attn_norm.weight", (d,), None), (b + "ffn_norm.weight", (d,), None),
-            (b + "post_attention_norm.weight", (d,), None), (b + "post_ffw_norm.weight", (d,), None),
-            (b + "attn_q_norm.weight", (head_dim,), None), (b + "attn_k_norm.weight", (head_dim,), None),
-            (b + "attn_q.weight", (heads * head_dim, d), q.Q5_0),
-            (b + "attn_k.weight", (kv * head_dim, d), q.Q5_0),
-            (b + "attn_v.weight", (kv * head_dim, d), q.Q8_0),
-            (b + "attn_output.weight", (d, heads * head_dim), q.Q8_0),
-            (b + "ffn_gate.weight", (ff, d), q.Q5_0), (b + "ffn_up.weight", (ff, d), q.Q5_0),
-            (b + "ffn_down.weight", (d, ff), q.Q8_0),
-        ]
-    for name, shape, qtype in tensors:
-        if qtype is None:  # llama.cpp stores Gemma's x * (1 + w) norm weights as 1 + w
-            w.add_tensor(name, (1.0 + rng.uniform(-0.5, 0.5, shape)).astype(np.float32))
-        else:
-            a = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
-    return _finish(w, path)
-
-
-def _finish(w, path):  # noqa: ANN001, ANN202
-    """Write the GGUF's header, metadata and tensors, in gguf's required order."""
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def assert_one_line_error(exc: pytest.ExceptionInfo, *fragments: str) -> None:

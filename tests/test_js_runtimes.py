@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_validate_export import _flip_packed_byte, _tiny_source
+from _helpers import flip_packed_byte
+from _models import qwen2_source
 
 from sinq_export.cli import main
 from sinq_export.config import GraphConfig, SinqConfig
@@ -44,7 +45,7 @@ def exported(tmp_path_factory):
     from sinq_export.models import default_model_dir
 
     root = tmp_path_factory.mktemp("js")
-    src = _tiny_source(root / "src", default_model_dir())
+    src = qwen2_source(root / "src", default_model_dir())
     out = root / "out"
     export_causal_lm(src, out, SinqConfig(bits=4, group_size=16), GraphConfig(accuracy_level=0),
                      progress=False)
@@ -59,7 +60,7 @@ def python_run(exported):
     return run_ort_lm(session, PREFILL, STEPS)
 
 
-def _graph(exported):  # noqa: ANN001, ANN202
+def _graph(exported):
     return onnx.load(str(exported[1] / MODEL_FILE), load_external_data=False)
 
 
@@ -113,7 +114,7 @@ def test_webgpu_software_adapter_logits_within_tolerance(exported, python_run):
     assert "WebGPU on a" in js.describe(run.info)
 
 
-def _genai_greedy(folder, prompt: list[int], new: int) -> list[int]:  # noqa: ANN001
+def _genai_greedy(folder, prompt: list[int], new: int) -> list[int]:
     og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
@@ -163,7 +164,7 @@ def test_a_corrupted_weight_fails_the_js_runtime_too(exported, tmp_path, capsys,
     folder = tmp_path / "copy"
     shutil.copytree(exported[1], folder)
     layer = "model.layers.1.mlp.up_proj"
-    _flip_packed_byte(folder, layer)
+    flip_packed_byte(folder, layer)
     ids = np.arange(5, 45, dtype=np.int64) * 97 % 4000
     monkeypatch.setattr("sinq_export.validate.core.validation_tokens",
                         lambda tok, n, text="wikipedia": ids[:n])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from _models import random_causal_lm, word_level_tokenizer
 
 from sinq_export import models
 from sinq_export.gguf import read_marker
@@ -107,27 +109,17 @@ def test_corrupt_safetensors(tmp_path):
     assert "model.safetensors" in str(info.value)
 
 
-def tiny_tokenizer(folder):
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
+def tiny_tokenizer(folder: Path) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(folder)
+    word_level_tokenizer(vocab, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
 
 
-def tiny_model(folder, config_cls):
-    from transformers import AutoModelForCausalLM
-
-    config = config_cls(
-        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+def tiny_model(folder: Path, config_cls: type) -> torch.nn.Module:
+    model = random_causal_lm(
+        config_cls.model_type, vocab_size=16, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=32,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder, safe_serialization=True)
     tiny_tokenizer(folder)
     return model

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
+from _models import tiny_llama
 from torch import nn
 
 from sinq_export import SinqConfig, SinqLinear, load_quantized, quantize_model, save_quantized
 from sinq_export.io import OutputExistsError
 from sinq_export.nn import quantized_layers
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def mlp():

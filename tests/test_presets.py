@@ -8,8 +8,7 @@ gets what users of the command get.
 from __future__ import annotations
 
 import pytest
-from test_cli import tiny_tokenizer
-from test_export_decoder import FAMILIES, make_model_dir
+from _models import FAMILIES, make_family_dir, tiny_tokenizer
 
 from sinq_export.cli import build_parser, main, preset_from_args
 from sinq_export.config import ConfigError, GraphConfig, SinqConfig
@@ -18,7 +17,7 @@ from sinq_export.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
 @pytest.fixture
-def llama128(monkeypatch):  # noqa: ANN201
+def llama128(monkeypatch):
     """The tiny Llama family (tied head; its tokenizer loads) at widths the preset's 64-wide
     groups divide."""
     monkeypatch.setitem(FAMILIES, "llama128", {**FAMILIES["llama"], "hidden_size": 128,
@@ -26,7 +25,7 @@ def llama128(monkeypatch):  # noqa: ANN201
     return "llama128"
 
 
-def _files(folder) -> dict[str, bytes]:  # noqa: ANN001
+def _files(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
 
@@ -35,7 +34,7 @@ def _files(folder) -> dict[str, bytes]:  # noqa: ANN001
 def test_library_default_writes_what_the_cli_writes(tmp_path, capsys, llama128, tokenizer):
     """Byte for byte, manifest included; with a tokenizer the head is calibrated on text,
     without one the preset's fallback (an 8-bit head, one warning) is the library's too."""
-    make_model_dir(tmp_path / "hf", llama128)
+    make_family_dir(tmp_path / "hf", llama128)
     if tokenizer:
         tiny_tokenizer().save_pretrained(tmp_path / "hf")
     result = export_causal_lm(tmp_path / "hf", tmp_path / "lib", progress=False)
@@ -65,7 +64,7 @@ def test_each_preset_builds_what_it_says(name):
     assert (config.lm_head_group_size, config.calibrate_head) == (32, True)
 
 
-def _configs(argv: list[str]):  # noqa: ANN202
+def _configs(argv: list[str]):
     return preset_from_args(build_parser().parse_args(["model", "-o", "x", *argv])).configs()
 
 

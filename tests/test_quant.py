@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import outlier_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,15 +13,6 @@ from sinq_export.quant import QuantizationError, quantize_weight, relative_error
 from sinq_export.quant.core import kurtosis, quantize_jointly
 from sinq_export.quant.rtn import dequantize_groups, quantize_groups
 from sinq_export.quant.sinkhorn import sinkhorn_scales
-
-
-def outlier_matrix(n=256, k=512, seed=0):
-    """A weight with heavy rows and columns, like real LLM layers."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.02
-    w *= torch.exp(torch.randn(n, 1, generator=g) * 0.6)
-    w *= torch.exp(torch.randn(1, k, generator=g) * 0.6)
-    return w
 
 
 def naive_sinkhorn(tile: torch.Tensor, iters: int = 16):

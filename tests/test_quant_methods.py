@@ -5,9 +5,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _helpers import outlier_matrix  # the suite's heavy-row/column weight
+from _models import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_quant import outlier_matrix  # the suite's heavy-row/column weight
 
 import sinq_export.quant.calibrate as calibration
 from sinq_export.quant import METHODS, QuantizedWeight, SINQConfig, make_config, quantize
@@ -262,15 +263,6 @@ def test_layer_bytes_matches_a_record():
 # ------------------------------------------------------------------------------ calibrated model
 
 
-def tiny_llama(tied=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @torch.no_grad()
 def test_calibrated_quantize_model_runs_block_by_block_and_beats_calibration_free():
     import copy
@@ -481,7 +473,7 @@ def test_bfloat16_calibration_forwards_keep_float32_statistics_and_calibrate_as_
     block = model.model.layers[0]
     seen = {}
 
-    def quantize_unit(_blk, stats):  # noqa: ANN001, ANN202
+    def quantize_unit(_blk, stats):
         seen.update(stats)
 
     out = calibration.calibrate_block(block, hidden, kwargs, quantize_unit,

@@ -513,7 +513,7 @@ def problems(draw):
     return bits, bs, k, n, m, seed, flags
 
 
-def problem_tensors(p):  # noqa: ANN001, ANN201
+def problem_tensors(p):
     """Weights, activations and the optional col_scale / bias of one `problems()` draw."""
     bits, bs, k, n, m, seed, (use_zp, use_col, use_bias) = p
     packed, scales, zps = make_weights(bits, bs, k, n, seed=seed, zp=use_zp)

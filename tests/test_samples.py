@@ -38,7 +38,7 @@ def _json(proc: subprocess.CompletedProcess) -> dict:
 
 
 @pytest.fixture(scope="module")
-def export4(tmp_path_factory):  # noqa: ANN201
+def export4(tmp_path_factory):
     from sinq_export import SinqConfig
     from sinq_export.export import export_causal_lm
 

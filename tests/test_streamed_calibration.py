@@ -13,9 +13,9 @@ import json
 
 import pytest
 import torch
+from _helpers import PROMPT, STEPS, cpu_session
+from _models import ARCHS, make_model_dir, tiny_tokenizer
 from safetensors.torch import load_file, save_file
-from test_architectures import ARCHS, make_model_dir
-from test_cli import tiny_tokenizer
 
 from sinq_export.config import SinqConfig
 from sinq_export.models import ModelLoadError, decoder_blocks, load_causal_lm, load_causal_lm_streamed
@@ -25,7 +25,7 @@ from sinq_export.quant.calibrate import LayerStats, output_error
 WINDOWS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(3))
 
 
-def _with_tokenizer(folder):  # noqa: ANN001, ANN202
+def _with_tokenizer(folder):
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
@@ -45,11 +45,11 @@ def test_streamed_model_computes_what_the_loaded_one_does(tmp_path, model_type):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def _records(model):  # noqa: ANN001, ANN202
+def _records(model):
     return {n: m.record for n, m in quantized_layers(model).items()}
 
 
-def _same_record(a, b) -> bool:  # noqa: ANN001
+def _same_record(a, b) -> bool:
     return all(torch.equal(getattr(a, f), getattr(b, f))
                for f in ("packed", "scales", "zero_points", "col_scale"))
 
@@ -105,7 +105,7 @@ def test_head_calibrated_alone_keeps_the_decoder_calibration_free(tmp_path):
     stats.add(captured[0])
     h = stats.hessian()
 
-    def err(rec) -> float:  # noqa: ANN001
+    def err(rec) -> float:
         return output_error(float_head, rec.dequantize(), h)
 
     assert err(got["lm_head"]) < err(want["lm_head"])
@@ -187,8 +187,6 @@ def test_probe_energies_are_the_float_inputs_and_hold_one_block(tmp_path, model_
 def test_default_export_streams_the_probe_and_records_it(tmp_path):
     """The default export measures the energies first (manifest ``probe``), its records differ
     from weight-only SINQ's, and its ONNX model computes quantize_model's torch model."""
-    from test_export_decoder import PROMPT, STEPS, _session
-
     from sinq_export.export import export_causal_lm
     from sinq_export.validate.runners import run_ort_lm, run_torch_lm
 
@@ -201,7 +199,7 @@ def test_default_export_streams_the_probe_and_records_it(tmp_path):
     assert "calibrate" in res.timings and "calibrate" not in plain.timings
     quantize_model(model, cfg, progress=False)
     want, fed = run_torch_lm(model, PROMPT, STEPS)
-    got = run_ort_lm(_session(tmp_path / "out"), PROMPT, fed)
+    got = run_ort_lm(cpu_session(tmp_path / "out"), PROMPT, fed)
     assert float(abs(got.logits - want.logits).max() / abs(want.logits).max()) <= 1e-4
-    other = run_ort_lm(_session(tmp_path / "plain"), PROMPT, fed)
+    other = run_ort_lm(cpu_session(tmp_path / "plain"), PROMPT, fed)
     assert float(abs(other.logits - got.logits).max()) > 0

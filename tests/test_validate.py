@@ -1,4 +1,4 @@
-"""Validator unit tests on tiny export folders written by the exporter (test_validate_fixtures)."""
+"""Validator unit tests on tiny export folders written by the exporter (`_models.build_tiny_export`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-from test_validate_fixtures import (
-    cached_tiny_export,
-    corrupt_copy,
-    needs_tokenizer,
-    tiny_tokens,
-)
+from _helpers import corrupt_copy
+from _models import cached_tiny_export, needs_tokenizer, tiny_tokens
 
 from sinq_export import validate as V
 from sinq_export.cli import main

@@ -8,9 +8,9 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
-import torch
+from _helpers import flip_packed_byte
+from _models import qwen2_source
 
 from sinq_export import validate as V
 from sinq_export.cli import main
@@ -20,22 +20,6 @@ from sinq_export.export.files import MODEL_FILE
 LAYERS = 2 * 7  # q k v o gate up down per layer
 
 
-def _tiny_source(folder, tokenizer_dir):
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init: non-trivial logits
-        for p in model.parameters():
-            p.mul_(3.0)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(source folder, export folder) of a tiny bf16 Qwen2 (q/k/v bias), 4-bit SINQ g16."""
@@ -43,7 +27,7 @@ def exported(tmp_path_factory):
     from sinq_export.models import default_model_dir
 
     root = tmp_path_factory.mktemp("validate-export")
-    src = _tiny_source(root / "src", default_model_dir())
+    src = qwen2_source(root / "src", default_model_dir())
     out = root / "out"
     export_causal_lm(src, out, SinqConfig(bits=4, group_size=16), progress=False)
     return src, out
@@ -79,25 +63,10 @@ def test_reference_rebuilt_from_the_source_passes(exported):
     assert p.end_to_end.rel < 1e-4 and p.end_to_end.top1 == 1.0
 
 
-def _flip_packed_byte(folder, layer):
-    """Flip one byte of ``layer``'s packed codes inside its data file (in place)."""
-    meta = json.loads((folder / "sinq_export.json").read_text())
-    name = meta["layers"][layer]["initializers"]["packed"]
-    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
-    tensor = next(t for t in model.graph.initializer if t.name == name)
-    info = {e.key: e.value for e in tensor.external_data}
-    offset = int(info["offset"]) + int(info["length"]) // 3
-    with open((folder / MODEL_FILE).parent / info["location"], "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes([byte ^ 0xFF]))
-
-
 def test_corrupted_weight_is_exit_1_naming_the_layer(exported, tmp_path, fixed_tokens, capsys):
     folder = _copy(exported, tmp_path)
     layer = "model.layers.1.mlp.up_proj"
-    _flip_packed_byte(folder, layer)
+    flip_packed_byte(folder, layer)
     code, out, _ = _run(capsys, "validate", folder, "--tokens", 32, "--decode-steps", 2)
     assert code == 1
     assert f"first diverging layer: {layer}" in out and "result: FAILED" in out

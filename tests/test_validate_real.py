@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_validate_fixtures import corrupt_copy
+from _helpers import corrupt_copy
 
 from sinq_export.cli import main
 

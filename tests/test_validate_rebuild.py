@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _models import random_causal_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -23,15 +25,14 @@ from sinq_export.validate.rebuild import build_reference, config_sha256, resolve
 from sinq_export.validate.tensors import EXTERNAL_FOLDER_KEY, OnnxTensors, graph_bytes, load_graph
 
 
-def tiny_llama(tmp_path, dtype=torch.bfloat16, tie=True, bias=False):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    model = (Qwen2ForCausalLM(Qwen2Config(**common)) if bias else
-             LlamaForCausalLM(LlamaConfig(**common))).eval()
+def tiny_llama(tmp_path: Path, dtype: torch.dtype = torch.bfloat16, tie: bool = True,
+               bias: bool = False) -> tuple[Path, torch.nn.Module]:
+    """A 2-layer random Llama (Qwen2 with ``bias``: q/k/v biases) saved in ``dtype``, and the
+    float32 model holding exactly the saved values."""
+    model = random_causal_lm("qwen2" if bias else "llama", vocab_size=96, hidden_size=64,
+                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128,
+                             tie_word_embeddings=tie)
     with torch.no_grad():
         for p in model.parameters():  # larger weights, rounded to the stored dtype
             p.copy_((p * 3.0).to(dtype).float())
@@ -41,7 +42,7 @@ def tiny_llama(tmp_path, dtype=torch.bfloat16, tie=True, bias=False):
 
 
 def onnx_container(qmodel, pack_qkv: bool):
-    """Nodes + initializers as the graph route writes them (interface 2 layer records)."""
+    """Nodes + initializers as the graph route writes them (its per-layer records)."""
     nodes, tensors, layers = {}, {}, {}
     records = {n: m.record for n, m in quantized_layers(qmodel).items()}
     groups = []

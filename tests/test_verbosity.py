@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_cli import tiny_llama_dir
-from test_gguf import write_tiny_llama_gguf
+from _models import tiny_llama_dir, write_tiny_llama_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_BARS = re.compile(r"^SINQ quantize: +\d+%")
