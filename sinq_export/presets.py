@@ -115,6 +115,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     replace(_DEFAULT, name="calibrated",
             summary="the default with every linear calibrated (A-SINQ + GPTQ on Wikipedia text)",
             sinq={**_DEFAULT.sinq, "calibrate": True}),
+    # onnxruntime-web's WebGPU EP fuses norm + gate/up + SiLU into one MatMulNBitsMlp only for
+    # 4-bit g32 MatMulNBits without zero points that read the norm directly; one t for q/k/v
+    # packs them into one node (GQA's packed form, split and rotated in one kernel) and the
+    # tied o_proj t leaves no Mul in front of o_proj (docs/runtimes.md)
+    replace(_DEFAULT, name="web",
+            summary="for the browser's WebGPU: the default, symmetric 4-bit g32, one t per "
+                    "block input, so onnxruntime-web fuses the MLP and q/k/v",
+            sinq={**_DEFAULT.sinq, "group_size": 32, "symmetric": True,
+                  "shared_col_scale": "all"},
+            tie_o_proj=True),
 )}
 
 

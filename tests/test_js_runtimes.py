@@ -170,6 +170,34 @@ def test_transformers_js_in_the_browser_generates_genai_tokens(exported):
     assert web["ids"] == _genai_greedy(exported[1], prompt, new)
 
 
+def _webgpu_nodes(folder) -> dict:  # noqa: ANN001
+    """The nodes onnxruntime-web's WebGPU session runs for ``folder`` (after its fusions)."""
+    graph = folder / MODEL_FILE
+    model = onnx.load(str(graph), load_external_data=False)
+    data = [{"path": loc, "data": f"/models/export/onnx/{loc}"} for loc in js.data_locations(model)]
+    return _run_page(folder, "js/graph_nodes.html",
+                     {"graph": "/models/export/onnx/model.onnx", "data": json.dumps(data)},
+                     backend="webgpu")
+
+
+def test_the_web_preset_fuses_in_onnxruntime_web(exported, tmp_path):
+    """WebGPU fuses each layer's norm + gate/up + SiLU into one MatMulNBitsMlp for the `web`
+    preset's export and for no layer of an asymmetric (zero points) one."""
+    from sinq_export.export import export_causal_lm
+
+    _need("web-webgpu")
+    export_causal_lm(exported[0], tmp_path / "web", preset="web", progress=False)
+    web = _webgpu_nodes(tmp_path / "web")
+    layers = 2
+    assert web["fusions"] == {"MatMulNBitsMlpFusion": layers}, web
+    gpu = web["nodes"]["WebGpuExecutionProvider"]
+    assert gpu["MatMulNBitsMlp"] == layers and gpu["GroupQueryAttention"] == layers, gpu
+    assert gpu["MatMulNBits"] == 3 * layers + 1, gpu  # packed q/k/v, o_proj, down; the head
+    plain = _webgpu_nodes(exported[1])
+    assert plain["fusions"] == {} and "MatMulNBitsMlp" not in plain["nodes"][
+        "WebGpuExecutionProvider"], plain
+
+
 def test_validate_reports_the_js_runtimes(exported, capsys, monkeypatch):
     _need("node")
     _need("wasm")
