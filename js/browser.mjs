@@ -31,6 +31,11 @@ export async function runPage(url, { webgpu = false, timeoutMs = 600000, onConso
   const browser = await launch({ webgpu });
   try {
     const page = await browser.newPage();
+    // Everything a page needs is served from 127.0.0.1 (no CDN): a request elsewhere is
+    // refused and fails the run, naming it.
+    const outside = [];
+    await page.route((u) => u.protocol.startsWith('http') && u.hostname !== '127.0.0.1',
+      (route) => { outside.push(route.request().url()); return route.abort(); });
     page.on('console', (msg) => (onConsole ?? ((m) => process.stderr.write(`[page] ${m}\n`)))(
       msg.text()));
     page.on('pageerror', (err) => process.stderr.write(`[page error] ${err.message}\n`));
@@ -39,6 +44,7 @@ export async function runPage(url, { webgpu = false, timeoutMs = 600000, onConso
       { timeout: timeoutMs, polling: 250 });
     const { result, error } = await page.evaluate(() => ({ result: window.__result,
       error: window.__error }));
+    if (outside.length) throw new Error(`the page fetched from outside 127.0.0.1: ${outside[0]}`);
     if (error) throw new Error(error);
     return result;
   } finally {

@@ -75,3 +75,20 @@ export async function runDecoder(ort, session, { prefill, decode, pasts, onStep,
   for (const old of Object.values(feedsPast)) old.dispose?.();
   return { fed, vocab };
 }
+
+// A parity job's run: `job.prefill`, then `job.decode` (a number of greedy steps or the tokens
+// to feed), every step's logits rows kept in order (Float32Array chunks, rows x vocab each).
+export async function runParityJob(ort, session, job) {
+  const chunks = [];
+  let rows = 0;
+  const { fed, vocab } = await runDecoder(ort, session, {
+    prefill: job.prefill,
+    decode: job.decode,
+    pasts: job.pasts,
+    onStep: ({ logits, rows: n, vocab: v }) => {
+      chunks.push(new Float32Array(logits.subarray(0, n * v)));
+      rows += n;
+    },
+  });
+  return { fed, vocab, rows, chunks };
+}

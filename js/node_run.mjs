@@ -5,7 +5,7 @@
 // JSON line: {runtime, version, fed, vocab, rows, seconds}.
 import fs from 'node:fs';
 import ort from 'onnxruntime-node';
-import { runDecoder } from './decoder.mjs';
+import { runParityJob } from './decoder.mjs';
 
 const job = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const options = {
@@ -17,18 +17,8 @@ const options = {
 };
 const start = performance.now();
 const session = await ort.InferenceSession.create(fs.readFileSync(job.graph), options);
-const out = fs.openSync(job.logits, 'w');
-let rows = 0;
-const { fed, vocab } = await runDecoder(ort, session, {
-  prefill: job.prefill,
-  decode: job.decode,
-  pasts: job.pasts,
-  onStep: ({ logits, rows: n, vocab: v }) => {
-    fs.writeSync(out, Buffer.from(logits.buffer, logits.byteOffset, n * v * 4));
-    rows += n;
-  },
-});
-fs.closeSync(out);
+const { fed, vocab, rows, chunks } = await runParityJob(ort, session, job);
+fs.writeFileSync(job.logits, Buffer.concat(chunks.map((c) => Buffer.from(c.buffer))));
 await session.release();
 const version = JSON.parse(fs.readFileSync(new URL('./node_modules/onnxruntime-node/package.json',
   import.meta.url))).version;

@@ -2,7 +2,7 @@
 // {backend: 'wasm'|'webgpu', threads, graph: URL, data: [{path, url}], prefill, decode, pasts,
 //  logits_put: URL}. Every step's logits (float32 rows x vocab) are PUT to logits_put;
 // window.__result gets {runtime, version, backend, adapter, fed, vocab, rows, seconds}.
-import { runDecoder } from './decoder.mjs';
+import { runParityJob } from './decoder.mjs';
 import { adapterInfo, loadOrt } from './web_ort.mjs';
 
 async function main() {
@@ -14,17 +14,7 @@ async function main() {
     externalData: job.data,
     logSeverityLevel: 3,
   });
-  const chunks = [];
-  let rows = 0;
-  const { fed, vocab } = await runDecoder(ort, session, {
-    prefill: job.prefill,
-    decode: job.decode,
-    pasts: job.pasts,
-    onStep: ({ logits, rows: n, vocab: v }) => {
-      chunks.push(new Float32Array(logits.subarray(0, n * v)));
-      rows += n;
-    },
-  });
+  const { fed, vocab, rows, chunks } = await runParityJob(ort, session, job);
   const seconds = (performance.now() - start) / 1000;
   await session.release();
   const put = await fetch(job.logits_put, { method: 'PUT', body: new Blob(chunks) });

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,7 +28,7 @@ from sinq_export.config import GraphConfig, SinqConfig
 from sinq_export.export.files import MODEL_FILE
 from sinq_export.validate import js
 from sinq_export.validate.metrics import compare_logits
-from sinq_export.validate.providers import tolerance_for
+from sinq_export.validate.providers import ValidationError, tolerance_for
 from sinq_export.validate.runners import run_ort_lm
 
 PREFILL = np.array([5, 17, 99, 4000, 12, 873, 2044, 31, 7, 650, 11, 90], dtype=np.int64)
@@ -140,6 +143,72 @@ def test_transformers_js_loads_the_folder_unchanged(exported):
     assert got == _genai_greedy(exported[1], prompt, new)
 
 
+def _run_page(folder, page: str, query: dict, backend: str = "wasm") -> dict:  # noqa: ANN001
+    """``page`` (a path under the repository) with ``folder`` served as /models/export/, driven
+    headless by js/browser_run.mjs (which fails on any request outside 127.0.0.1)."""
+    server, url = js.load_server().start({"export": folder})
+    try:
+        proc = subprocess.run(["node", str(js.js_dir() / "browser_run.mjs"),
+                               f"{url}/{page}?{urllib.parse.urlencode(query)}", backend],
+                              capture_output=True, text=True, timeout=600, cwd=js.js_dir())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_transformers_js_in_the_browser_generates_genai_tokens(exported):
+    """transformers.js inside headless Chromium (WASM, from js/node_modules, no CDN) loads the
+    folder as served and its greedy tokens are onnxruntime-genai's."""
+    _need("wasm")
+    if not (js.js_dir() / "node_modules" / "@huggingface" / "transformers").is_dir():
+        pytest.skip(f"transformers.js not installed; fix: {js.NPM_FIX}")
+    prompt, new = [int(t) for t in PREFILL[:6]], 10
+    web = _run_page(exported[1], "js/tjs_page.html",
+                    {"model": "export", "ids": json.dumps(prompt), "new": new})
+    assert web["version"] == "4.3.1" and web["device"] == "wasm"
+    assert web["ids"] == _genai_greedy(exported[1], prompt, new)
+
+
+def _webgpu_nodes(folder) -> dict:  # noqa: ANN001
+    """The nodes onnxruntime-web's WebGPU session runs for ``folder`` (after its fusions)."""
+    graph = folder / MODEL_FILE
+    model = onnx.load(str(graph), load_external_data=False)
+    data = [{"path": loc, "data": f"/models/export/onnx/{loc}"} for loc in js.data_locations(model)]
+    return _run_page(folder, "js/graph_nodes.html",
+                     {"graph": "/models/export/onnx/model.onnx", "data": json.dumps(data)},
+                     backend="webgpu")
+
+
+def test_the_web_preset_fuses_in_onnxruntime_web(exported, tmp_path, capsys, monkeypatch):
+    """WebGPU fuses each layer's norm + gate/up + SiLU into one MatMulNBitsMlp for the `web`
+    preset's export and for no layer of an asymmetric (zero points) one; the fused kernel's
+    logits pass validate against the PyTorch reference."""
+    from sinq_export.export import export_causal_lm
+
+    _need("web-webgpu")
+    export_causal_lm(exported[0], tmp_path / "web", preset="web", progress=False)
+    web = _webgpu_nodes(tmp_path / "web")
+    layers = 2
+    assert web["fusions"] == {"MatMulNBitsMlpFusion": layers}, web
+    gpu = web["nodes"]["WebGpuExecutionProvider"]
+    assert gpu["MatMulNBitsMlp"] == layers and gpu["GroupQueryAttention"] == layers, gpu
+    assert gpu["MatMulNBits"] == 3 * layers + 1, gpu  # packed q/k/v, o_proj, down; the head
+    plain = _webgpu_nodes(exported[1])
+    assert plain["fusions"] == {} and "MatMulNBitsMlp" not in plain["nodes"][
+        "WebGpuExecutionProvider"], plain
+    ids = np.arange(5, 45, dtype=np.int64) * 97 % 4000
+    monkeypatch.setattr("sinq_export.validate.core.validation_tokens",
+                        lambda tok, n, text="wikipedia": ids[:n])
+    # at accuracy level 0 (gate and up stay at one level, so the fusion still applies): the
+    # random model's near-tied logits flip top-1 under int8 activations on every runtime
+    code = main(["validate", str(tmp_path / "web"), "--providers", "web-webgpu", "--tokens", "12",
+                 "--decode-steps", "1", "--accuracy-level", "0", "--json", "-"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["providers"][0]["status"] == "passed", report
+
+
 def test_validate_reports_the_js_runtimes(exported, capsys, monkeypatch):
     _need("node")
     _need("wasm")
@@ -188,6 +257,44 @@ def test_a_runtime_not_installed_is_skipped_with_its_fix(exported, tmp_path, cap
         assert ": SKIPPED - " in line and "npm ci --ignore-scripts" in line, line
 
 
+@pytest.mark.parametrize("absent", ["node", "chromium"])
+def test_node_or_chromium_missing_is_one_line_with_the_fix(exported, tmp_path, capsys,
+                                                           monkeypatch, absent):
+    if absent == "node":
+        monkeypatch.setenv("PATH", str(tmp_path))  # no `node` on it
+        names, fix = ("node", "wasm"), "apt-get install -y nodejs npm"
+    else:
+        monkeypatch.delenv("SINQ_CHROMIUM", raising=False)
+        monkeypatch.setattr(js, "CHROMIUM_CANDIDATES", ())
+        names, fix = ("wasm", "web-webgpu"), "apt-get install -y chromium"
+    ids = np.arange(5, 45, dtype=np.int64) * 97 % 4000
+    monkeypatch.setattr("sinq_export.validate.core.validation_tokens",
+                        lambda tok, n, text="wikipedia": ids[:n])
+    code = main(["validate", str(exported[1]), "--providers", ",".join(("cpu", *names)),
+                 "--tokens", "16", "--decode-steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0  # cpu passed; the missing runtimes are skipped, never passed
+    for name in names:
+        lines = [ln for ln in out.splitlines() if ln.startswith(f"== {name} ")]
+        assert len(lines) == 1 and ": SKIPPED - " in lines[0] and fix in lines[0], lines
+
+
+@pytest.mark.parametrize("runtime", ["node", "wasm", "web-webgpu"])
+def test_a_missing_data_file_names_the_runtime(exported, tmp_path, capsys, runtime):
+    folder = tmp_path / "no-data"
+    shutil.copytree(exported[1], folder)
+    data = folder / "onnx" / "model.onnx_data"
+    data.unlink()
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    with pytest.raises(ValidationError) as info:
+        js.run_js(runtime, model, folder / MODEL_FILE, PREFILL, 1)
+    assert str(info.value) == f"{js.RUNTIME_NAMES[runtime]} cannot run the export: {data} is missing"
+    # validate refuses the folder before any runtime runs: one line, exit 2
+    code = main(["validate", str(folder), "--providers", runtime, "--tokens", "16"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and "model.onnx_data" in err[0] and "missing" in err[0]
+
+
 def test_custom_op_exports_are_refused_up_front(exported, tmp_path, capsys):
     folder = tmp_path / "custom"
     shutil.copytree(exported[1], folder)
@@ -209,10 +316,6 @@ def test_unknown_provider_lists_the_js_names(capsys, exported):
 
 def test_browser_sample_streams_the_python_greedy_text(exported):
     """samples/web/ driven headless (WASM) writes the text samples/ort_generate.py writes."""
-    import sys
-    import urllib.parse
-    from pathlib import Path
-
     _need("wasm")
     prompt, new = "The capital of France is", 12
     sample = Path(__file__).resolve().parents[1] / "samples" / "ort_generate.py"
@@ -221,18 +324,9 @@ def test_browser_sample_streams_the_python_greedy_text(exported):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     python = json.loads(proc.stdout.strip().splitlines()[-1])
-    server, url = js.load_server().start({"default": exported[1]})
-    try:
-        query = urllib.parse.urlencode({"autorun": 1, "backend": "wasm", "prompt": prompt,
-                                        "tokens": new})
-        page = subprocess.run(["node", str(js.js_dir() / "browser_run.mjs"),
-                               f"{url}/samples/web/?{query}", "wasm"], capture_output=True,
-                              text=True, timeout=600, cwd=js.js_dir())
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert page.returncode == 0, page.stderr[-2000:]
-    web = json.loads(page.stdout.strip().splitlines()[-1])
+    web = _run_page(exported[1], "samples/web/",
+                    {"autorun": 1, "model": "export", "backend": "wasm", "prompt": prompt,
+                     "tokens": new})
     assert web["prompt_ids"] == python["prompt_ids"]
     assert web["ids"] == python["tokens"] and web["text"] == python["text"]
     assert web["backend"] == "wasm" and web["decode_tokens_per_s"] > 0

@@ -13,6 +13,7 @@ from _models import FAMILIES, make_family_dir, tiny_tokenizer
 from sinq_export.cli import build_parser, main, preset_from_args
 from sinq_export.config import ConfigError, GraphConfig, SinqConfig
 from sinq_export.export import export_causal_lm
+from sinq_export.export.files import MODEL_FILE
 from sinq_export.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
@@ -50,7 +51,7 @@ def test_library_default_writes_what_the_cli_writes(tmp_path, capsys, llama128, 
     assert ("lm_head stays 8-bit" in capsys.readouterr().err) is not tokenizer
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"web"}))
 def test_each_preset_builds_what_it_says(name):
     config, graph, warnings = get_preset(name).configs()
     assert warnings == []
@@ -62,6 +63,39 @@ def test_each_preset_builds_what_it_says(name):
     # a calibrated decoder gives each linear its own t; calibration-free, gate/up share one
     assert config.shared_col_scale == ("none" if name == "calibrated" else "mlp")
     assert (config.lm_head_group_size, config.calibrate_head) == (32, True)
+
+
+def test_the_web_preset_is_the_default_with_what_onnxruntime_web_fuses(tmp_path, llama128):
+    """Symmetric 4-bit g32 without zero points, one t per block input: every decoder
+    MatMulNBits reads a norm (or GQA) directly, q/k/v are one packed node (GQA's key and value
+    inputs empty), which is what onnxruntime-web's WebGPU fusions match (docs/runtimes.md)."""
+    import onnx
+
+    config, graph, _ = get_preset("web").configs()
+    base, base_graph, _ = get_preset(DEFAULT_PRESET).configs()
+    assert graph == base_graph.replace(accuracy_level=4)
+    assert {k: v for k, v in config.to_dict().items() if base.to_dict()[k] != v} == {
+        "group_size": 32, "symmetric": True, "shared_col_scale": "all"}
+    make_family_dir(tmp_path / "hf", llama128)
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    result = export_causal_lm(tmp_path / "hf", tmp_path / "out", preset="web", progress=False)
+    assert result.manifest["config"]["o_proj_tie"] == [2, 2]
+    model = onnx.load(str(tmp_path / "out" / MODEL_FILE), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    linears = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    # per layer: packed q/k/v, o_proj, gate, up, down; and the head
+    assert len(linears) == 5 * len(attention) + 1
+    for node in linears:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert len(node.input) == 3 and (attrs["bits"], attrs["block_size"]) == (4, 32), node.name
+        source = producer[node.input[0]]
+        assert not (source.op_type == "Mul" and weights & set(source.input)), node.name
+    norms = [n for n in linears if "Normalization" in producer[n.input[0]].op_type]
+    assert len(norms) == 3 * len(attention) + 1  # q/k/v, gate and up of each layer; the head
+    for node in attention:
+        assert list(node.input[1:3]) == ["", ""], node.name  # packed q/k/v
 
 
 def _configs(argv: list[str]):

@@ -34,6 +34,8 @@ from .providers import CUSTOM_DOMAIN, JS_PROVIDERS, ValidationError
 # to WebAssembly (other vector widths, so another summation order: the CPU row's headroom
 # covers it); WebGPU runs WGSL kernels with their own reduction order: the GPU row.
 TOLERANCE_AS = {"node": "cpu", "wasm": "cpu", "web-webgpu": "webgpu"}
+RUNTIME_NAMES = {"node": "onnxruntime-node", "wasm": "onnxruntime-web (WASM)",
+                 "web-webgpu": "onnxruntime-web (WebGPU)"}
 NPM_FIX = "bash install.sh (or: cd js && npm ci --ignore-scripts)"
 CHROMIUM_FIX = "apt-get install -y chromium (or set SINQ_CHROMIUM to a Chromium binary)"
 NODE_FIX = "apt-get install -y nodejs npm (Node >= 18), then " + NPM_FIX
@@ -119,6 +121,10 @@ def run_js(runtime: str, model, graph_file: Path, prefill: np.ndarray,  # noqa: 
     Raises `ValidationError` with the runtime's own first line when it cannot load or run the
     folder (a missing data file, an operator it lacks).
     """
+    for location in data_locations(model):
+        if not (graph_file.parent / location).is_file():
+            raise ValidationError(f"{RUNTIME_NAMES[runtime]} cannot run the export: "
+                                  f"{graph_file.parent / location} is missing")
     job = {"prefill": [int(t) for t in prefill],
            "decode": decode if isinstance(decode, int) else [int(t) for t in decode],
            "pasts": past_specs(model), "threads": threads}
@@ -173,10 +179,6 @@ def load_server():  # noqa: ANN201
 def _run_browser(job: dict, runtime: str, model, graph: Path, data_dir: Path,  # noqa: ANN001
                  work: Path, timeout: float) -> dict:
     backend = "webgpu" if runtime == "web-webgpu" else "wasm"
-    for location in data_locations(model):
-        if not (data_dir / location).is_file():
-            raise ValidationError(f"onnxruntime-web cannot run the export: {data_dir / location} "
-                                  "is missing")
     served = graph.parent == data_dir
     job = {**job, "backend": backend,
            "graph": f"/models/export/{graph.name}" if served else f"/job/{graph.name}",
