@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from .quant import METHODS as _REGISTRY
-from .quant.methods import GPTQ_DAMP
+from .quant.methods import GPTQ_DAMP, MethodConfig, make_config
+from .quant.methods import METHODS as _REGISTRY
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 METHODS = tuple(_REGISTRY)  # the registered quantization methods (sinq_export.quant.methods)
@@ -31,6 +31,21 @@ DECODER_GPTQ_DAMP, HEAD_GPTQ_DAMP = 0.2, GPTQ_DAMP
 # The calibration-free default (SinqConfig.energy_refit / probe_tokens): scale refits weighted
 # by input energies measured on this many random token ids (docs/quality.md)
 ENERGY_REFIT, PROBE_TOKENS = 3, 256
+
+
+# `SinqConfig` field -> the field of a method's config (`quant.methods`) it sets. A method
+# whose config lacks the target does not have that knob: setting it is refused.
+METHOD_KNOBS = {
+    "symmetric": "symmetric",
+    "scale_search": "scale_search",
+    "energy_refit": "scale_refit",
+    "sinkhorn_iters": "sinkhorn_iters",
+    "kurtosis_gate": "kurtosis_gate",
+    "awq": "awq",
+    "gptq": "gptq",
+    "gptq_damp": "gptq_damp",
+    "o_proj_tie": "col_scale_tie",
+}
 
 
 def is_head(name: str) -> bool:
@@ -89,7 +104,6 @@ class SinqConfig:
         lm_head_group_size: block size for the output projection (None = ``group_size``).
         scale_search: per-group range search under the integer-zero-point constraint (None =
             on when calibrated, else the method's default, off).
-        tile_gate: SINQ keeps a tile's Sinkhorn scale only where it lowers the error.
         energy_refit: weighted least-squares refits of every group's scale on the min/max
             grid (`rtn.refit_params`), each weight weighted by ``t^2 E[x^2]``: its input
             channel's energy, measured on ``probe_tokens`` random token ids run through the
@@ -147,7 +161,6 @@ class SinqConfig:
     lm_head_bits: int | None = None
     lm_head_group_size: int | None = None
     scale_search: bool | None = None
-    tile_gate: bool = False
     energy_refit: int = ENERGY_REFIT
     probe_tokens: int = PROBE_TOKENS
     calibrate: bool = False
@@ -184,6 +197,7 @@ class SinqConfig:
         check_group_size(self.group_size)
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {METHODS}")
+        self._check_method_knobs()
         if not isinstance(self.sinkhorn_iters, int) or not 0 <= self.sinkhorn_iters <= 1000:
             raise ConfigError(f"sinkhorn_iters={self.sinkhorn_iters!r} must be an int in [0, 1000]")
         if self.kurtosis_gate is not None and not self.kurtosis_gate > 0:
@@ -232,6 +246,17 @@ class SinqConfig:
                 raise ConfigError(f"o_proj_tie={self.o_proj_tie!r} must be (kv_heads, "
                                   "heads_per_kv), two positive ints")
             object.__setattr__(self, "o_proj_tie", tie)
+
+    def _check_method_knobs(self) -> None:
+        """Refuse a knob set away from its default that the method does not have (e.g.
+        ``sinkhorn_iters`` for ``rtn``): it would be silently ignored."""
+        known = {f.name for f in fields(_REGISTRY[self.method].config)}
+        defaults = {f.name: f.default for f in fields(SinqConfig)}
+        for knob, target in METHOD_KNOBS.items():
+            value = getattr(self, knob)
+            if target not in known and value != defaults[knob]:
+                raise ConfigError(f"{knob}={value!r} does not apply to method {self.method!r} "
+                                  f"(it has no {target!r} setting)")
 
     def tie_o_proj_for(self, model_config: Mapping[str, Any]) -> SinqConfig:
         """This config with ``o_proj_tie`` from a model's config.json (its attention heads)."""
@@ -292,20 +317,20 @@ class SinqConfig:
             return float(self.gptq_damp)
         return HEAD_GPTQ_DAMP if is_head(name) else DECODER_GPTQ_DAMP
 
-    def method_config(self, name: str, bits: int):  # noqa: ANN201
-        """The registered method's config (`quant.methods`) for module ``name`` at ``bits``."""
-        from .quant.methods import make_config
-
+    def method_config(self, name: str, bits: int) -> MethodConfig:
+        """The registered method's config (`quant.methods`) for module ``name`` at ``bits``:
+        the knobs of `METHOD_KNOBS` the method has, resolved for this module."""
         calibrated = self.is_calibrated(name)
+        values = {"symmetric": self.symmetric, "scale_search": self.search_scales(name),
+                  "scale_refit": 0 if calibrated else self.energy_refit,
+                  "sinkhorn_iters": self.sinkhorn_iters, "kurtosis_gate": self.kurtosis_gate,
+                  "awq": self.awq and calibrated, "gptq": self.gptq and calibrated,
+                  "gptq_damp": self.damp_for(name),
+                  "col_scale_tie": self.o_proj_tie if name.rpartition(".")[2] == "o_proj"
+                  else None}
+        known = {f.name for f in fields(_REGISTRY[self.method].config)}
         return make_config(self.method, bits=bits, group_size=self.group_size_for(name),
-                           symmetric=self.symmetric, sinkhorn_iters=self.sinkhorn_iters,
-                           kurtosis_gate=self.kurtosis_gate, scale_search=self.search_scales(name),
-                           scale_refit=0 if calibrated else self.energy_refit,
-                           tile_gate=self.tile_gate, awq=self.awq and calibrated,
-                           gptq=self.gptq and calibrated,
-                           gptq_damp=self.damp_for(name),
-                           col_scale_tie=self.o_proj_tie if name.rpartition(".")[2] == "o_proj"
-                           else None)
+                           **{k: v for k, v in values.items() if k in known and v is not None})
 
     def replace(self, **changes: Any) -> SinqConfig:
         return replace(self, **changes)
