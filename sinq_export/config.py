@@ -90,15 +90,15 @@ class SinqConfig:
         symmetric: fixed mid-range zero point instead of min/max asymmetric quantization.
         sinkhorn_iters: normalisation iterations per tile (the paper uses 16).
         kurtosis_gate: if set, a layer whose whole-matrix kurtosis exceeds it falls back to
-            RTN (the reference's default is 5.0; off by default, see README for measurements).
+            RTN (the reference's default is 5.0; off by default: docs/quality.md).
         include / exclude: regular expressions matched (``re.search``) against module names.
         overrides: regex -> bits for per-layer bit widths (first match wins).
         group_overrides: regex -> group size per layer (first match wins; a bit allocation
             writes one per layer). The output projection's ``lm_head_group_size`` comes first.
         shared_col_scale: which linears that read the same input run Sinkhorn jointly, so
             they share one t that folds into the norm weight: ``"none"``, ``"mlp"``
-            (gate/up: free on SmolLM2, perplexity 26.96 -> 26.86) or ``"all"`` (q/k/v too,
-            which also packs them into one node: +0.9 perplexity; docs/quality.md).
+            (gate/up: no perplexity cost) or ``"all"`` (q/k/v too, which also packs them into
+            one node, at a perplexity cost; docs/quality.md).
             ``True`` / ``False`` mean ``"all"`` / ``"none"``.
         lm_head_bits: quantize the output projection to this width (None keeps it float).
         lm_head_group_size: block size for the output projection (None = ``group_size``).
@@ -108,10 +108,9 @@ class SinqConfig:
             grid (`rtn.refit_params`), each weight weighted by ``t^2 E[x^2]``: its input
             channel's energy, measured on ``probe_tokens`` random token ids run through the
             float model (no text, also where the head is calibrated on text: the model's loud
-            channels are a property of the model, not of the text; one Wikipedia window did
-            worse on Qwen2.5-0.5B). Calibrated linears do not use it. 0 = none
-            (weight-only SINQ, no forward pass). Why: SmolLM2 4-bit 26.96 -> 26.2, 3-bit
-            61.4 -> 42.6; Qwen2.5-0.5B 39.27 -> 38.9, 51.2 -> 49.4 (docs/quality.md).
+            channels are a property of the model, not of the text). Calibrated linears do not
+            use it. 0 = none (weight-only SINQ, no forward pass). Why: it lowers perplexity on
+            every model measured, most at 3 bits (docs/quality.md).
         probe_tokens: how many random token ids (one window, fixed seed) give the energies.
         calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
@@ -120,28 +119,26 @@ class SinqConfig:
             inputs (`quant.calibrate.default_window_count`).
         calibration_dtype: precision of the decoder forwards that produce the calibration
             statistics (`quant.calibrate.forward_dtype`): ``"auto"`` runs them in bfloat16
-            autocast where the CPU multiplies bfloat16 natively (2.5x faster matmuls, the
-            same perplexity within the calibration's own spread; docs/quality.md) and in
-            float32 elsewhere; the statistics themselves always accumulate in float32.
+            autocast where the CPU multiplies bfloat16 natively (faster matmuls, the same
+            perplexity within the calibration's own spread; docs/quality.md) and in float32
+            elsewhere; the statistics themselves always accumulate in float32.
         calibrate_head: calibrate the output projection alone (A-SINQ + GPTQ on the final
             norm's output, the decoder quantized calibration-free and run on the calibration
-            windows to produce it). Why alone: a 4-bit head costs +2.6 perplexity
-            calibration-free and +0.4 calibrated, and it is the one layer whose calibration
-            pays for a fast export (the 8-bit head is the slowest node of the default graph).
+            windows to produce it). Why alone: a narrow head costs much less perplexity
+            calibrated than calibration-free, and it is the one layer whose calibration pays
+            for a fast export (an 8-bit head is the slowest node of the graph; docs/quality.md).
             Implied by ``calibrate``.
         awq / gptq: the two calibrated steps (A-SINQ's activation-aware t, GPTQ rounding),
             each on by default when ``calibrate`` is set.
         gptq_damp: GPTQ's damping (fraction of the mean Hessian diagonal); None = 0.2 for
             decoder linears and GPTQ's own 0.01 for the output projection. Why: with 0.01 a
-            decoder layer's compensation fits the 4096 calibration tokens and the error it
-            moves compounds through the later blocks (SmolLM2 calibrated 4-bit, mean of three
-            calibration sets, 16 windows: 25.77 at 0.01, 25.25 at 0.2; Qwen2.5-0.5B 41.83 ->
-            41.64, 4 windows 39.23 -> 38.28); the head's output is final and wants the full
-            compensation (27.17 at 0.01, 27.53 at 0.2; docs/quality.md).
+            decoder layer's compensation fits the calibration tokens and the error it moves
+            compounds through the later blocks; the head's output is final and wants the full
+            compensation (docs/quality.md).
         o_proj_tie: ``(kv_heads, heads_per_kv)`` of the model's attention, or None: tie each
             o_proj's t across the query heads that read one kv head, so the graph folds it
-            into v_proj's rows instead of a Mul per layer (+0.16 perplexity on SmolLM2;
-            `SinqConfig.tie_o_proj_for` fills it from a model's config.json).
+            into v_proj's rows instead of a Mul per layer (a small perplexity cost,
+            docs/quality.md; `SinqConfig.tie_o_proj_for` fills it from a model's config.json).
         avg_bits / max_size_mb: the budget a bit allocation (``quant.allocate``) was solved
             for; the chosen widths and group sizes themselves are the ``overrides`` and
             ``group_overrides``.
