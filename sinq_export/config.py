@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from .quant import METHODS as _REGISTRY
-from .quant.methods import GPTQ_DAMP
+from .quant.methods import GPTQ_DAMP, MethodConfig, make_config
+from .quant.methods import METHODS as _REGISTRY
 
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 METHODS = tuple(_REGISTRY)  # the registered quantization methods (sinq_export.quant.methods)
@@ -31,6 +31,21 @@ DECODER_GPTQ_DAMP, HEAD_GPTQ_DAMP = 0.2, GPTQ_DAMP
 # The calibration-free default (SinqConfig.energy_refit / probe_tokens): scale refits weighted
 # by input energies measured on this many random token ids (docs/quality.md)
 ENERGY_REFIT, PROBE_TOKENS = 3, 256
+
+
+# `SinqConfig` field -> the field of a method's config (`quant.methods`) it sets. A method
+# whose config lacks the target does not have that knob: setting it is refused.
+METHOD_KNOBS = {
+    "symmetric": "symmetric",
+    "scale_search": "scale_search",
+    "energy_refit": "scale_refit",
+    "sinkhorn_iters": "sinkhorn_iters",
+    "kurtosis_gate": "kurtosis_gate",
+    "awq": "awq",
+    "gptq": "gptq",
+    "gptq_damp": "gptq_damp",
+    "o_proj_tie": "col_scale_tie",
+}
 
 
 def is_head(name: str) -> bool:
@@ -75,29 +90,27 @@ class SinqConfig:
         symmetric: fixed mid-range zero point instead of min/max asymmetric quantization.
         sinkhorn_iters: normalisation iterations per tile (the paper uses 16).
         kurtosis_gate: if set, a layer whose whole-matrix kurtosis exceeds it falls back to
-            RTN (the reference's default is 5.0; off by default, see README for measurements).
+            RTN (the reference's default is 5.0; off by default: docs/quality.md).
         include / exclude: regular expressions matched (``re.search``) against module names.
         overrides: regex -> bits for per-layer bit widths (first match wins).
         group_overrides: regex -> group size per layer (first match wins; a bit allocation
             writes one per layer). The output projection's ``lm_head_group_size`` comes first.
         shared_col_scale: which linears that read the same input run Sinkhorn jointly, so
             they share one t that folds into the norm weight: ``"none"``, ``"mlp"``
-            (gate/up: free on SmolLM2, perplexity 26.96 -> 26.86) or ``"all"`` (q/k/v too,
-            which also packs them into one node: +0.9 perplexity; docs/quality.md).
+            (gate/up: no perplexity cost) or ``"all"`` (q/k/v too, which also packs them into
+            one node, at a perplexity cost; docs/quality.md).
             ``True`` / ``False`` mean ``"all"`` / ``"none"``.
         lm_head_bits: quantize the output projection to this width (None keeps it float).
         lm_head_group_size: block size for the output projection (None = ``group_size``).
         scale_search: per-group range search under the integer-zero-point constraint (None =
             on when calibrated, else the method's default, off).
-        tile_gate: SINQ keeps a tile's Sinkhorn scale only where it lowers the error.
         energy_refit: weighted least-squares refits of every group's scale on the min/max
             grid (`rtn.refit_params`), each weight weighted by ``t^2 E[x^2]``: its input
             channel's energy, measured on ``probe_tokens`` random token ids run through the
             float model (no text, also where the head is calibrated on text: the model's loud
-            channels are a property of the model, not of the text; one Wikipedia window did
-            worse on Qwen2.5-0.5B). Calibrated linears do not use it. 0 = none
-            (weight-only SINQ, no forward pass). Why: SmolLM2 4-bit 26.96 -> 26.2, 3-bit
-            61.4 -> 42.6; Qwen2.5-0.5B 39.27 -> 38.9, 51.2 -> 49.4 (docs/quality.md).
+            channels are a property of the model, not of the text). Calibrated linears do not
+            use it. 0 = none (weight-only SINQ, no forward pass). Why: it lowers perplexity on
+            every model measured, most at 3 bits (docs/quality.md).
         probe_tokens: how many random token ids (one window, fixed seed) give the energies.
         calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
@@ -106,28 +119,26 @@ class SinqConfig:
             inputs (`quant.calibrate.default_window_count`).
         calibration_dtype: precision of the decoder forwards that produce the calibration
             statistics (`quant.calibrate.forward_dtype`): ``"auto"`` runs them in bfloat16
-            autocast where the CPU multiplies bfloat16 natively (2.5x faster matmuls, the
-            same perplexity within the calibration's own spread; docs/quality.md) and in
-            float32 elsewhere; the statistics themselves always accumulate in float32.
+            autocast where the CPU multiplies bfloat16 natively (faster matmuls, the same
+            perplexity within the calibration's own spread; docs/quality.md) and in float32
+            elsewhere; the statistics themselves always accumulate in float32.
         calibrate_head: calibrate the output projection alone (A-SINQ + GPTQ on the final
             norm's output, the decoder quantized calibration-free and run on the calibration
-            windows to produce it). Why alone: a 4-bit head costs +2.6 perplexity
-            calibration-free and +0.4 calibrated, and it is the one layer whose calibration
-            pays for a fast export (the 8-bit head is the slowest node of the default graph).
+            windows to produce it). Why alone: a narrow head costs much less perplexity
+            calibrated than calibration-free, and it is the one layer whose calibration pays
+            for a fast export (an 8-bit head is the slowest node of the graph; docs/quality.md).
             Implied by ``calibrate``.
         awq / gptq: the two calibrated steps (A-SINQ's activation-aware t, GPTQ rounding),
             each on by default when ``calibrate`` is set.
         gptq_damp: GPTQ's damping (fraction of the mean Hessian diagonal); None = 0.2 for
             decoder linears and GPTQ's own 0.01 for the output projection. Why: with 0.01 a
-            decoder layer's compensation fits the 4096 calibration tokens and the error it
-            moves compounds through the later blocks (SmolLM2 calibrated 4-bit, mean of three
-            calibration sets, 16 windows: 25.77 at 0.01, 25.25 at 0.2; Qwen2.5-0.5B 41.83 ->
-            41.64, 4 windows 39.23 -> 38.28); the head's output is final and wants the full
-            compensation (27.17 at 0.01, 27.53 at 0.2; docs/quality.md).
+            decoder layer's compensation fits the calibration tokens and the error it moves
+            compounds through the later blocks; the head's output is final and wants the full
+            compensation (docs/quality.md).
         o_proj_tie: ``(kv_heads, heads_per_kv)`` of the model's attention, or None: tie each
             o_proj's t across the query heads that read one kv head, so the graph folds it
-            into v_proj's rows instead of a Mul per layer (+0.16 perplexity on SmolLM2;
-            `SinqConfig.tie_o_proj_for` fills it from a model's config.json).
+            into v_proj's rows instead of a Mul per layer (a small perplexity cost,
+            docs/quality.md; `SinqConfig.tie_o_proj_for` fills it from a model's config.json).
         avg_bits / max_size_mb: the budget a bit allocation (``quant.allocate``) was solved
             for; the chosen widths and group sizes themselves are the ``overrides`` and
             ``group_overrides``.
@@ -147,7 +158,6 @@ class SinqConfig:
     lm_head_bits: int | None = None
     lm_head_group_size: int | None = None
     scale_search: bool | None = None
-    tile_gate: bool = False
     energy_refit: int = ENERGY_REFIT
     probe_tokens: int = PROBE_TOKENS
     calibrate: bool = False
@@ -184,6 +194,7 @@ class SinqConfig:
         check_group_size(self.group_size)
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {METHODS}")
+        self._check_method_knobs()
         if not isinstance(self.sinkhorn_iters, int) or not 0 <= self.sinkhorn_iters <= 1000:
             raise ConfigError(f"sinkhorn_iters={self.sinkhorn_iters!r} must be an int in [0, 1000]")
         if self.kurtosis_gate is not None and not self.kurtosis_gate > 0:
@@ -232,6 +243,17 @@ class SinqConfig:
                 raise ConfigError(f"o_proj_tie={self.o_proj_tie!r} must be (kv_heads, "
                                   "heads_per_kv), two positive ints")
             object.__setattr__(self, "o_proj_tie", tie)
+
+    def _check_method_knobs(self) -> None:
+        """Refuse a knob set away from its default that the method does not have (e.g.
+        ``sinkhorn_iters`` for ``rtn``): it would be silently ignored."""
+        known = {f.name for f in fields(_REGISTRY[self.method].config)}
+        defaults = {f.name: f.default for f in fields(SinqConfig)}
+        for knob, target in METHOD_KNOBS.items():
+            value = getattr(self, knob)
+            if target not in known and value != defaults[knob]:
+                raise ConfigError(f"{knob}={value!r} does not apply to method {self.method!r} "
+                                  f"(it has no {target!r} setting)")
 
     def tie_o_proj_for(self, model_config: Mapping[str, Any]) -> SinqConfig:
         """This config with ``o_proj_tie`` from a model's config.json (its attention heads)."""
@@ -292,20 +314,20 @@ class SinqConfig:
             return float(self.gptq_damp)
         return HEAD_GPTQ_DAMP if is_head(name) else DECODER_GPTQ_DAMP
 
-    def method_config(self, name: str, bits: int):  # noqa: ANN201
-        """The registered method's config (`quant.methods`) for module ``name`` at ``bits``."""
-        from .quant.methods import make_config
-
+    def method_config(self, name: str, bits: int) -> MethodConfig:
+        """The registered method's config (`quant.methods`) for module ``name`` at ``bits``:
+        the knobs of `METHOD_KNOBS` the method has, resolved for this module."""
         calibrated = self.is_calibrated(name)
+        values = {"symmetric": self.symmetric, "scale_search": self.search_scales(name),
+                  "scale_refit": 0 if calibrated else self.energy_refit,
+                  "sinkhorn_iters": self.sinkhorn_iters, "kurtosis_gate": self.kurtosis_gate,
+                  "awq": self.awq and calibrated, "gptq": self.gptq and calibrated,
+                  "gptq_damp": self.damp_for(name),
+                  "col_scale_tie": self.o_proj_tie if name.rpartition(".")[2] == "o_proj"
+                  else None}
+        known = {f.name for f in fields(_REGISTRY[self.method].config)}
         return make_config(self.method, bits=bits, group_size=self.group_size_for(name),
-                           symmetric=self.symmetric, sinkhorn_iters=self.sinkhorn_iters,
-                           kurtosis_gate=self.kurtosis_gate, scale_search=self.search_scales(name),
-                           scale_refit=0 if calibrated else self.energy_refit,
-                           tile_gate=self.tile_gate, awq=self.awq and calibrated,
-                           gptq=self.gptq and calibrated,
-                           gptq_damp=self.damp_for(name),
-                           col_scale_tie=self.o_proj_tie if name.rpartition(".")[2] == "o_proj"
-                           else None)
+                           **{k: v for k, v in values.items() if k in known and v is not None})
 
     def replace(self, **changes: Any) -> SinqConfig:
         return replace(self, **changes)

@@ -32,6 +32,7 @@ def test_flags_build_one_config():
     [
         (["--group-size", "48"], "power of two"),
         (["--override", "down_proj"], "REGEX=BITS"),
+        (["--method", "rtn", "--kurtosis-gate", "5"], "kurtosis_gate=5.0 does not apply"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(tmp_path, capsys, argv, message):

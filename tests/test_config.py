@@ -17,6 +17,9 @@ from sinq_export.config import ConfigError, GraphConfig, SinqConfig
         ({"gptq_damp": 0}, "gptq_damp"),
         ({"gptq_damp": "high"}, "gptq_damp"),
         ({"calibration_dtype": "fp16"}, "calibration_dtype"),
+        ({"method": "rtn", "sinkhorn_iters": 3}, "sinkhorn_iters=3 does not apply to method 'rtn'"),
+        ({"method": "rtn", "kurtosis_gate": 5.0}, "kurtosis_gate=5.0 does not apply"),
+        ({"method": "rtn", "o_proj_tie": (2, 2)}, "o_proj_tie=.* does not apply"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, message):
@@ -84,3 +87,9 @@ def test_gptq_damping_is_strong_for_decoder_linears_and_gptqs_own_for_the_head()
     assert {pinned.method_config(n, 4).gptq_damp for n in ("lm_head", "model.layers.3.q_proj")} \
         == {0.05}
     assert SinqConfig.from_dict(pinned.to_dict()) == pinned
+
+
+def test_a_method_keeps_the_knobs_it_has_at_their_defaults():
+    rtn = SinqConfig(method="rtn", symmetric=True, energy_refit=0)  # common knobs apply
+    assert rtn.method_config("model.layers.0.mlp.up_proj", 4).symmetric
+    assert not hasattr(rtn.method_config("x", 4), "sinkhorn_iters")

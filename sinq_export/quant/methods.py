@@ -77,7 +77,18 @@ class SINQConfig(MethodConfig):
 
 
 Handler = Callable[..., QuantizedWeight]
-METHODS: dict[str, tuple[type[MethodConfig], Handler]] = {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: its name, its config class and the handler that quantizes."""
+
+    name: str
+    config: type[MethodConfig]
+    handler: Handler
+
+
+METHODS: dict[str, Method] = {}
 
 
 def register(name: str, config_cls: type[MethodConfig]) -> Callable[[Handler], Handler]:
@@ -86,23 +97,24 @@ def register(name: str, config_cls: type[MethodConfig]) -> Callable[[Handler], H
     def deco(handler: Handler) -> Handler:
         if name in METHODS:
             raise ValueError(f"quantization method {name!r} is already registered")
-        METHODS[name] = (config_cls, handler)
+        METHODS[name] = Method(name, config_cls, handler)
         return handler
 
     return deco
 
 
-def method_name(config: MethodConfig) -> str:
-    for name, (cls, _) in METHODS.items():
-        if type(config) is cls:
-            return name
+def method_of(config: MethodConfig) -> Method:
+    """The registered method ``config`` belongs to."""
+    for method in METHODS.values():
+        if type(config) is method.config:
+            return method
     raise TypeError(f"{type(config).__name__} is not a registered method config")
 
 
 def make_config(method: str, **kwargs: Any) -> MethodConfig:
     """The method's config from keyword arguments; keys the method does not know are ignored."""
     try:
-        cls = METHODS[method][0]
+        cls = METHODS[method].config
     except KeyError:
         raise ValueError(f"unknown quantization method {method!r}; "
                          f"choose one of {sorted(METHODS)}") from None
@@ -117,5 +129,4 @@ def quantize(weight: torch.Tensor, config: MethodConfig, *, calibration: Any = N
     ``calibration`` (optional) is a `calibrate.LayerStats` of the layer's inputs; handlers
     that do not use calibration ignore it.
     """
-    _, handler = METHODS[method_name(config)]
-    return handler(weight, config, calibration=calibration, name=name)
+    return method_of(config).handler(weight, config, calibration=calibration, name=name)

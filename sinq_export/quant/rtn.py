@@ -8,7 +8,7 @@ integer zero points inside ``[0, 2^bits - 1]``. Widening ``[min, max]`` to inclu
 that with no clamping error; it only costs resolution in groups whose values all share one
 sign, which real weight groups of 16+ elements essentially never do (bench/quant_bench.py).
 
-`search_groups` improves on min/max under the same integer-zero-point constraint: it tries a
+`search_params` improves on min/max under the same integer-zero-point constraint: it tries a
 small grid of shrunken ranges per group (clipping the extremes buys resolution for the bulk)
 and, for the best candidate, refits the scale by weighted least squares with codes and zero
 point fixed. It minimises an importance-weighted squared error, so the same kernel serves the
@@ -24,20 +24,11 @@ search it never clips, which is what made the search hurt on Qwen2.5-0.5B (docs/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 MIN_SCALE = 1e-10  # an all-zero group gets a tiny positive scale, never 0 or NaN
-# Range shrink factors tried by `search_groups` (1.0 = plain min/max, always included).
+# Range shrink factors tried by `search_params` (1.0 = plain min/max, always included).
 SHRINK_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-
-
-@dataclass(frozen=True)
-class GroupQuant:
-    codes: torch.Tensor  # uint8 [..., g]
-    scales: torch.Tensor  # float32 [...]
-    zeros: torch.Tensor  # uint8 [...]
 
 
 def _codes(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -58,14 +49,6 @@ def minmax_params(x: torch.Tensor, bits: int, symmetric: bool = False, shrink: f
     hi = x.amax(-1).clamp(min=0.0) * shrink
     scales = ((hi - lo) / qmax).clamp_min(MIN_SCALE)
     return scales, torch.round(-lo / scales).clamp(0, qmax)
-
-
-def quantize_groups(x: torch.Tensor, bits: int, symmetric: bool = False) -> GroupQuant:
-    """Quantize every last-axis group of ``x`` to ``bits``-bit codes with integer zero points."""
-    x = x.float()
-    scales, zeros = minmax_params(x, bits, symmetric)
-    codes = _codes(x, scales, zeros, (1 << bits) - 1)
-    return GroupQuant(codes.to(torch.uint8), scales, zeros.to(torch.uint8))
 
 
 def _offsets(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
@@ -148,16 +131,3 @@ def refit_params(x: torch.Tensor, bits: int, importance: torch.Tensor, iters: in
         fitted = torch.where(den > 0, (wd * x).sum(-1) / den.clamp_min(1e-30), cur)
         cur = torch.where(fitted > MIN_SCALE, fitted, cur)
     return best_s, zeros
-
-
-def search_groups(x: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
-                  symmetric: bool = False, grid: tuple[float, ...] = SHRINK_GRID) -> GroupQuant:
-    """`quantize_groups` with the range chosen by `search_params` (see module docstring)."""
-    x = x.float()
-    scales, zeros = search_params(x, bits, importance, symmetric, grid)
-    codes = _codes(x, scales, zeros, (1 << bits) - 1)
-    return GroupQuant(codes.to(torch.uint8), scales, zeros.to(torch.uint8))
-
-
-def dequantize_groups(q: GroupQuant) -> torch.Tensor:
-    return (q.codes.float() - q.zeros.float().unsqueeze(-1)) * q.scales.unsqueeze(-1)
