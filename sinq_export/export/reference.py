@@ -7,9 +7,8 @@ from pathlib import Path
 from torch import nn
 
 from ..config import SinqConfig
+from ..contract import REFERENCE_DIR
 from ..nn import save_quantized
-
-REFERENCE_DIR = "reference"
 
 
 def save_reference(model: nn.Module, out_dir: Path, config: SinqConfig, tokenizer=None) -> Path:  # noqa: ANN001

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..contract import CUSTOM_OP, INPUT_COL_SCALE
 from ..models import ModelLoadError, hub_offline
 from ..nn import SinqLinear
 from ..quant import packing
@@ -184,8 +185,8 @@ def layer_col_scale(meta: dict, node) -> str | None:  # noqa: ANN001
     inits = meta.get("initializers") or {}
     if inits.get("col_scale"):
         return inits["col_scale"]
-    if node.op_type == "SinqMatMulNBits" and len(node.input) > 4 and node.input[4]:
-        return node.input[4]
+    if node.op_type == CUSTOM_OP and len(node.input) > INPUT_COL_SCALE and node.input[INPUT_COL_SCALE]:
+        return node.input[INPUT_COL_SCALE]
     return None
 
 
