@@ -21,6 +21,8 @@ from typing import NoReturn
 
 from . import __version__, verbosity
 from .config import (
+    ACCURACY_AUTO,
+    ACCURACY_LEVELS,
     CALIBRATION_DTYPES,
     ENERGY_REFIT,
     METHODS,
@@ -211,7 +213,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 # --- model: quantize + export to ONNX (issue: exporter) ------------------------------------
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
-    from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
+    from .config import COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
 
     p = sub.add_parser("model", help="quantize a model and export it to ONNX",
                        description=PRESETS_HELP)
@@ -225,9 +227,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
                         "custom: sinq.ops::SinqMatMulNBits where stock cannot run the width")
-    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS,
+    p.add_argument("--accuracy-level", type=_accuracy_level, metavar="{auto,0,1,2,3,4}",
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
-                        "activations, the default: ~2x faster decode)")
+                        "activations: ~2x faster decode; auto, the default: 4 on each linear "
+                        "whose measured int8 error is within tolerance, 0 on the others)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
     p.add_argument("--col-scale", choices=COL_SCALE_MODES,
                    help="column scale t: explicit Mul, fold into norms / up_proj rows where "
@@ -258,6 +261,24 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="accept an export in which no linear is quantized")
 
 
+def _accuracy_level(text: str) -> int | str:
+    """argparse type: ``auto`` or one of the MatMulNBits accuracy levels."""
+    if text == ACCURACY_AUTO:
+        return text
+    if text.isdigit() and int(text) in ACCURACY_LEVELS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: choose {ACCURACY_AUTO} or one of "
+                                     f"{', '.join(map(str, ACCURACY_LEVELS))}")
+
+
+def _levels_text(graph: dict, per_level: dict | None) -> str:
+    """``auto (4: 200, 0: 11 layers)`` for levels chosen per layer, else the one level."""
+    if not per_level:
+        return str(graph["accuracy_level"])
+    counts = ", ".join(f"{lv}: {n}" for lv, n in sorted(per_level.items(), reverse=True))
+    return f"{graph['accuracy_level']} ({counts} layers)"
+
+
 def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:.1f} MB"
 
@@ -271,7 +292,8 @@ def _print_model_summary(s: dict) -> None:
         ("output", s["output"]),
         ("model", f"{s['source_model']} ({s['kind']})"),
         ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {g['runtime']}, "
-                   f"accuracy_level {g['accuracy_level']}, {g['dtype']}, col_scale {g['col_scale']}"),
+                   f"accuracy_level {_levels_text(g, s.get('layers_per_accuracy_level'))}, "
+                   f"{g['dtype']}, col_scale {g['col_scale']}"),
         ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
         ("col-scale Mul nodes", str(s["mul_nodes"])),
         ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),
