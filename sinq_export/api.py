@@ -82,6 +82,14 @@ def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:.1f} MB"
 
 
+def _levels_text(graph: Mapping[str, Any], per_level: Mapping[int, int] | None) -> str:
+    """``auto (4: 200, 0: 11 layers)`` for levels chosen per layer, else the one level."""
+    if not per_level:
+        return str(graph["accuracy_level"])
+    counts = ", ".join(f"{lv}: {n}" for lv, n in sorted(per_level.items(), reverse=True))
+    return f"{graph['accuracy_level']} ({counts} layers)"
+
+
 def model_summary_lines(s: Mapping[str, Any]) -> list[str]:
     """An export's summary (`ExportResult.summary`) as the lines `sinq-export model` prints."""
     c, g = s["config"], s["graph"]
@@ -92,7 +100,8 @@ def model_summary_lines(s: Mapping[str, Any]) -> list[str]:
         ("output", s["output"]),
         ("model", f"{s['source_model']} ({s['kind']})"),
         ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {g['runtime']}, "
-                   f"accuracy_level {g['accuracy_level']}, {g['dtype']}, col_scale {g['col_scale']}"),
+                   f"accuracy_level {_levels_text(g, s.get('layers_per_accuracy_level'))}, "
+                   f"{g['dtype']}, col_scale {g['col_scale']}"),
         ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
         ("col-scale Mul nodes", str(s["mul_nodes"])),
         ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from . import __version__, outcome, verbosity
 from .config import (
+    ACCURACY_AUTO,
     ACCURACY_LEVELS,
     CALIBRATION_DTYPES,
     COL_SCALE_MODES,
@@ -187,9 +188,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
                         f"custom: {CUSTOM_DOMAIN}::{CUSTOM_OP} where stock cannot run the width")
-    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS,
+    p.add_argument("--accuracy-level", type=_accuracy_level, metavar="{auto,0,1,2,3,4}",
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
-                        "activations, the default: ~2x faster decode)")
+                        "activations: ~2x faster decode; auto, the default: 4 on each linear "
+                        "whose measured int8 error is within tolerance, 0 on the others)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
     p.add_argument("--col-scale", choices=COL_SCALE_MODES,
                    help="column scale t: explicit Mul, fold into norms / up_proj rows where "
@@ -218,6 +220,16 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "export away from the source folder; loads the float model")
     p.add_argument("--allow-unquantized", action="store_true",
                    help="accept an export in which no linear is quantized")
+
+
+def _accuracy_level(text: str) -> int | str:
+    """argparse type: ``auto`` or one of the MatMulNBits accuracy levels."""
+    if text == ACCURACY_AUTO:
+        return text
+    if text.isdigit() and int(text) in ACCURACY_LEVELS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: choose {ACCURACY_AUTO} or one of "
+                                     f"{', '.join(map(str, ACCURACY_LEVELS))}")
 
 
 def _run_model(args: argparse.Namespace) -> int:

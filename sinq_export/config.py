@@ -19,6 +19,8 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 METHODS = tuple(_REGISTRY)  # the registered quantization methods (sinq_export.quant.methods)
 RUNTIMES = ("stock", "custom")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# GraphConfig.accuracy_level "auto": each node's level chosen by measurement (export.accuracy)
+ACCURACY_AUTO = "auto"
 DTYPES = ("fp32", "fp16")
 COL_SCALE_MODES = ("mul", "fold", "fused")
 SHARED_COL_SCALES = ("none", "mlp", "all")  # which same-input linears share one t
@@ -362,7 +364,10 @@ class GraphConfig:
     Attributes:
         runtime: ``"stock"`` (MatMulNBits, 3/5/6/7-bit codes in 4/8-bit containers) or
             ``"custom"`` (our ``sinq.ops::SinqMatMulNBits`` with true packed size).
-        accuracy_level: MatMulNBits ``accuracy_level`` (0 = fp32 compute, 4 = int8 activations).
+        accuracy_level: MatMulNBits ``accuracy_level`` of every node (0 = fp32 compute, 4 = int8
+            activations), or ``"auto"``: 4 on each linear whose int8 error, measured on the
+            energy probe, keeps it and the decoder within tolerance, 0 on the others
+            (`export.accuracy`; a causal-LM export only).
         dtype: float type of the exported graph's activations and scales.
         col_scale: how the column scale t is applied: an explicit ``Mul``, ``fold`` it into a
             preceding norm / up_proj where exact, or ``fused`` into the custom op.
@@ -371,7 +376,7 @@ class GraphConfig:
     """
 
     runtime: Literal["stock", "custom"] = "stock"
-    accuracy_level: int = 0
+    accuracy_level: int | Literal["auto"] = 0
     dtype: Literal["fp32", "fp16"] = "fp32"
     col_scale: Literal["mul", "fold", "fused"] = "mul"
     embedding_bits: int | None = None
@@ -379,8 +384,10 @@ class GraphConfig:
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime={self.runtime!r} is not one of {RUNTIMES}")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise ConfigError(f"accuracy_level={self.accuracy_level!r} not in {ACCURACY_LEVELS}")
+        if self.accuracy_level not in (*ACCURACY_LEVELS, ACCURACY_AUTO) \
+                or isinstance(self.accuracy_level, bool):
+            raise ConfigError(f"accuracy_level={self.accuracy_level!r} not in {ACCURACY_LEVELS} "
+                              f"or {ACCURACY_AUTO!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {DTYPES}")
         if self.col_scale not in COL_SCALE_MODES:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, GraphConfig, SinqConfig
+from .config import ACCURACY_AUTO, ConfigError, GraphConfig, SinqConfig
 from .folders import read_config
 from .models import missing_tokenizer
 
@@ -97,9 +97,10 @@ def _missing_tokenizer(model_dir: str | Path) -> bool:
 
 _DEFAULT = Preset(
     DEFAULT_PRESET,
-    "4-bit SINQ, int8 activations, a 4-bit g32 head calibrated on text, 8-bit embedding table",
+    "4-bit SINQ, int8 activations where measured safe, a 4-bit g32 head calibrated on text, "
+    "8-bit embedding table",
     sinq={"lm_head_bits": 4},
-    graph={"accuracy_level": 4, "col_scale": "fold", "embedding_bits": 8},
+    graph={"accuracy_level": ACCURACY_AUTO, "col_scale": "fold", "embedding_bits": 8},
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (

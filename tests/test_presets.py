@@ -45,7 +45,8 @@ def test_library_default_writes_what_the_cli_writes(tmp_path, capsys, llama128, 
     assert [name for name in lib if lib[name] != cli[name]] == []
     head = result.manifest["layers"]["lm_head"]
     assert (head["bits"], head["group_size"]) == ((4, 32) if tokenizer else (8, 64))
-    assert result.manifest["graph"]["accuracy_level"] == 4
+    assert result.manifest["graph"]["accuracy_level"] == "auto"
+    assert result.manifest["accuracy"]["mode"] == "auto"
     stays_8bit = [w for w in result.warnings if "lm_head stays 8-bit" in w]
     assert len(stays_8bit) == (0 if tokenizer else 1)
     assert ("lm_head stays 8-bit" in capsys.readouterr().err) is not tokenizer
@@ -58,7 +59,7 @@ def test_each_preset_builds_what_it_says(name):
     assert isinstance(config, SinqConfig) and isinstance(graph, GraphConfig)
     assert (config.bits, config.group_size, config.lm_head_bits) == (4, 64, 4)
     assert graph.embedding_bits == (4 if name == "small" else 8)
-    assert graph.accuracy_level == (0 if name == "exact" else 4)
+    assert graph.accuracy_level == (0 if name == "exact" else "auto")
     assert config.calibrate is (name == "calibrated")
     # a calibrated decoder gives each linear its own t; calibration-free, gate/up share one
     assert config.shared_col_scale == ("none" if name == "calibrated" else "mlp")
@@ -109,6 +110,8 @@ def _fields(config: SinqConfig, graph: GraphConfig) -> dict:
 @pytest.mark.parametrize(("argv", "changes"), [
     (["--preset", "small", "--embedding-bits", "8"], {"embedding_bits": 8}),
     (["--preset", "exact", "--accuracy-level", "4"], {"accuracy_level": 4}),
+    (["--preset", "exact", "--accuracy-level", "auto"], {"accuracy_level": "auto"}),
+    (["--accuracy-level", "4"], {"accuracy_level": 4}),
     (["--preset", "calibrated", "--shared-col-scale", "mlp"], {"shared_col_scale": "mlp"}),
     (["--preset", "calibrated", "--bits", "3"], {"bits": 3}),
     # an 8-bit head is neither calibrated nor in finer groups (the preset's rule)

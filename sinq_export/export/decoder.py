@@ -15,7 +15,7 @@ import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
-from ..config import ConfigError, GraphConfig, SinqConfig
+from ..config import ACCURACY_AUTO, ConfigError, GraphConfig, SinqConfig
 from ..contract import (
     CUSTOM_DOMAIN,
     DATA_FILE_LIMIT,
@@ -44,6 +44,7 @@ from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
 from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
+from .accuracy import INT8_LEVEL, Int8Measurement, accuracy_section, choose_levels, measure_int8
 from .diskspace import check_free_space, estimate_output_bytes
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
@@ -193,7 +194,8 @@ def _default_zero_points(config: SinqConfig, bits: int, choice: NodeChoice,
 
 def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: GraphConfig,
                 tied: bool) -> Plan:
-    """Decide every quantized linear's node, container and t placement from the config."""
+    """Decide every quantized linear's node, container and t placement from the config
+    (with accuracy level ``"auto"`` every node at level 4 until `_measured_levels`)."""
     shapes = builder.linear_shapes(module)
     bits = {n: b for n in shapes if (b := config.bits_for(n)) is not None}
     sources = {n: _weight_source(n, ckpt, tied) for n in bits}
@@ -274,7 +276,8 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         n: builder.LinearPlan(
             name=n, shape=shapes[n][0], bits=bits[n], group_size=group_sizes[n],
             choice=choices[n], col_scale=modes[n], has_bias=shapes[n][1],
-            accuracy_level=graph.accuracy_level, shared_with=shared[n],
+            accuracy_level=INT8_LEVEL if graph.accuracy_level == ACCURACY_AUTO
+            else graph.accuracy_level, shared_with=shared[n],
             zero_points=not _default_zero_points(config, bits[n], choices[n], shared[n]))
         for n in bits
     }
@@ -297,6 +300,26 @@ def _check_o_proj_tie(config: SinqConfig, ckpt: Checkpoint) -> bool:
         raise ExportError(f"o_proj_tie={list(config.o_proj_tie)} does not match the model's "
                           f"attention (kv heads, heads per kv head) = {list(expected)}")
     return True
+
+
+def _measured_levels(folder: Path, ckpt: Checkpoint, config: SinqConfig, plan: Plan,
+                     records: Mapping[str, QuantizedWeight], tied: bool
+                     ) -> tuple[Plan, Int8Measurement]:
+    """``plan`` with each MatMulNBits node's accuracy level chosen from its measured int8 error
+    (`export.accuracy`), and the measurement. Linears already quantized are measured through
+    their records' t, the others through the t the quantizer will give them."""
+    nodes = {n: p.group_size for n, p in plan.linears.items() if p.choice.op != EMBEDDING_OP}
+    units = {n: plan.units.get(n, (n,)) for n in nodes}
+    sources = {n: _weight_source(n, ckpt, tied) for n in nodes}
+    col_scales = {n: r.col_scale for n, r in records.items()}
+    try:
+        measured = measure_int8(folder, config, nodes, units, sources, col_scales)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    levels = choose_levels(measured.errors, measured.divergence)
+    linears = {n: replace(p, accuracy_level=levels[n]) if n in levels else p
+               for n, p in plan.linears.items()}
+    return replace(plan, linears=linears), measured
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
@@ -346,9 +369,11 @@ def _copy_ops_library(out: Path) -> None:
         raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
 
 
-def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]) -> dict[str, dict]:
+def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows],
+                   int8_errors: Mapping[str, float]) -> dict[str, dict]:
     """Manifest ``layers`` (docs/export-format.md); a linear packed with
-    others (q/k/v) names the packed node and its ``rows`` of it."""
+    others (q/k/v) names the packed node and its ``rows`` of it. ``int8_errors``: with
+    accuracy level ``"auto"``, each linear's measured int8 error (`export.accuracy`)."""
     out = {}
     for name, p in plan.linears.items():
         owner = p.shared_with or name
@@ -382,7 +407,10 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             "ratio_of": p.ratio_of,
             "output_scaled_by": plan.row_scale_from.get(name),
             "output_scale_heads": plan.row_scale_heads.get(name, 1),
+            "accuracy_level": None if p.choice.op == EMBEDDING_OP else p.accuracy_level,
         }
+        if name in int8_errors:
+            out[name]["int8_error"] = int8_errors[name]
     return out
 
 
@@ -602,8 +630,9 @@ def export_causal_lm(
     warnings = preset_warnings + [w for w in (missing_tokenizer(folder),) if w]
     run_model = records is None and (config.needs_calibration or config.budgeted)
     probe = records is None and not run_model and config.energy_refit > 0
+    auto = graph_config.accuracy_level == ACCURACY_AUTO
     stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
-                    + ["build", "write", "check"], progress=progress)
+                    + ["accuracy"] * auto + ["build", "write", "check"], progress=progress)
     energies = None
     try:
         with stages.stage("plan"):  # everything that can refuse, before the model runs
@@ -638,6 +667,13 @@ def export_causal_lm(
                                   "to export a float model")
             _check_records(records or {}, plan)
             _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir)
+        measured = None
+        if auto:
+            with stages.stage("accuracy"):  # int8 error per linear, one float block at a time
+                plan, measured = _measured_levels(folder, ckpt, config, plan, records or {}, tied)
+            manifest_extra = {"accuracy": accuracy_section(
+                {n: p.accuracy_level for n, p in plan.linears.items() if n in measured.errors},
+                measured), **(manifest_extra or {})}
         with stages.stage("build"):
             builder.replace_linears(module, plan.linears)
             model = builder.build_graph(module, cfg)
@@ -662,7 +698,7 @@ def export_causal_lm(
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases,
                          row_folded_t=row_folded_t)
             builder.fold_constant_transposes(model)
-            layers = _layer_records(model, plan, packed)
+            layers = _layer_records(model, plan, packed, measured.errors if measured else {})
         with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER,
                                protect=[folder]) as tmp_out:
             with stages.stage("write"):

@@ -134,5 +134,6 @@ class ExportResult:
             "peak_rss_mb": dict(self.peak_rss),
             "config": m["config"],
             "graph": m["graph"],
+            "layers_per_accuracy_level": (m.get("accuracy") or {}).get("layers_per_level"),
             "warnings": list(self.warnings),
         }

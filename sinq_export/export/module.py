@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 import torch
 
-from ..config import GraphConfig, SinqConfig
+from ..config import ACCURACY_AUTO, ConfigError, GraphConfig, SinqConfig
 from ..io import check_output
 from .manifest import MANIFEST_MARKER, ExportResult
 from .pipeline import linear_fingerprints, quantize_rewrite_write
@@ -52,6 +52,9 @@ def export_module(
     """
     config = config or SinqConfig()
     graph_config = graph_config or GraphConfig()
+    if graph_config.accuracy_level == ACCURACY_AUTO:
+        raise ConfigError("accuracy_level 'auto' measures a causal LM's decoder blocks on the "
+                          "energy probe; a module export takes a level 0-4")
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite=overwrite, marker=MANIFEST_MARKER)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

@@ -19,6 +19,7 @@ from .graph import (
     dequantize_node,
     instrumented_copy,
     locate_layers,
+    node_accuracy_level,
     read_export,
 )
 from .js import js_provider_result, refuse_custom_ops
@@ -224,8 +225,11 @@ def validate(
                          n_decode=len(decode_tokens))
             e.ppl_ort = perplexity_from_logits(ort_run.logits[: len(prefill)], prefill)
             pr.end_to_end = e
+        layer_tol = {s.name: tolerance_for(name, level if accuracy_level is not None
+                                           else node_accuracy_level(s.node), info.dtype)
+                     for s in sites}
         pr.layers = _check_layers(sites, probe_run.captures, tensors, ref_layers,
-                                  ref_run.captures if ref_run else {}, pr.tolerance, weight_check)
+                                  ref_run.captures if ref_run else {}, layer_tol, weight_check)
         _flag_changed(pr, changed, info.layers)
         _verdict(pr, report.mode)
         pr.seconds = time.perf_counter() - start
@@ -335,9 +339,11 @@ def _sites_from_graph(model, info: ExportInfo) -> list[_LayerSite]:
     return sites
 
 
-def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Tolerance,
+def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: dict[str, Tolerance],
                   weight_check: dict[str, float | None] | None = None) -> list[LayerResult]:
-    """Local error of every site (see module docstring), propagated error where hooked.
+    """Local error of every site (see module docstring), propagated error where hooked; each
+    site is held to ``tol[name]``, the tolerance of the accuracy level its node runs at (an
+    export with levels chosen per layer mixes exact fp32 layers and int8-activation ones).
 
     The local reference runs in float32 (torch, multi-threaded): its own rounding (~1e-7
     relative) is far below every tolerance row.
@@ -353,7 +359,8 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
         if s.rows is not None:  # this linear's columns of a packed node (e.g. qkv)
             got = got[:, s.rows[0]:s.rows[1]]
         x = torch.from_numpy(np.ascontiguousarray(captures[s.local_input], dtype=np.float32))
-        res = LayerResult(name=s.name, op=s.node.op_type, bits=s.meta.get("bits"))
+        res = LayerResult(name=s.name, op=s.node.op_type, bits=s.meta.get("bits"),
+                          layer_rel_limit=tol[s.name].layer_rel)
         if s.name in ref_layers:  # reference weights, applied to onnxruntime's own input
             layer = ref_layers[s.name]
             w = layer.grouped_weight().float()
@@ -395,7 +402,7 @@ def _check_layers(sites, captures, inits, ref_layers, ref_captures, tol: Toleran
             if hooked.shape == got.shape:
                 perr = layer_error(hooked, got)
                 res.propagated_rel, res.propagated_cosine = perr["rel"], perr["cosine"]
-        res.passed = bool(res.local_rel <= tol.layer_rel)
+        res.passed = bool(res.local_rel <= tol[s.name].layer_rel)
         steps = weight_check.get(s.name)
         if steps is not None:
             res.weight_steps = steps
@@ -413,9 +420,10 @@ def _verdict(pr: ProviderResult, mode: str) -> None:
     if failing:
         pr.first_diverging_layer = failing[0].name
         pr.failures.append(
-            f"{len(failing)} layer(s) past local rel {tol.layer_rel:.1e} or {WEIGHT_STEP_LIMIT} "
+            f"{len(failing)} layer(s) past their level's local rel limit or {WEIGHT_STEP_LIMIT} "
             f"quantization steps from the source weights; first diverging layer: "
-            f"{failing[0].name} (local rel {_fmt(failing[0].local_rel)}"
+            f"{failing[0].name} (local rel {_fmt(failing[0].local_rel)} > "
+            f"{_fmt(failing[0].layer_rel_limit)}"
             + (f", {failing[0].note})" if failing[0].note else ")"))
     if e is not None and mode == "reference":
         checks = [

@@ -71,7 +71,7 @@ def read_export(out_dir: str | Path) -> ExportInfo:
     # format 2 keeps the graph settings in "graph"; format 1 had them in "config"
     graph = {**(meta.get("config") or {}), **(meta.get("graph") or {})}
     try:
-        level = int(graph.get("accuracy_level", 0))
+        level = _loosest_level(graph.get("accuracy_level", 0), meta.get("layers", {}))
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"{meta_file}: bad accuracy_level") from exc
     return ExportInfo(
@@ -84,6 +84,22 @@ def read_export(out_dir: str | Path) -> ExportInfo:
         custom_domains=list(onnx_meta.get("custom_domains", []) or []),
         layers=dict(meta.get("layers", {})),
     )
+
+
+def _loosest_level(graph_level: Any, layers: dict) -> int:
+    """The export's accuracy level for its end-to-end tolerance: the graph's, or with levels
+    chosen per layer (``"auto"``) the loosest any layer got (each layer is checked at its own
+    node's, `node_accuracy_level`)."""
+    if graph_level != "auto":
+        return int(graph_level)
+    levels = [int(m["accuracy_level"]) for m in layers.values()
+              if isinstance(m, dict) and m.get("accuracy_level") is not None]
+    return max(levels, default=0)
+
+
+def node_accuracy_level(node: Any) -> int:
+    """The ``accuracy_level`` a MatMulNBits node runs at (0 when absent, as onnxruntime reads it)."""
+    return int(_attr(node, "accuracy_level", 0) or 0)
 
 
 # ------------------------------------------------------------------------------ onnx helpers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ class LayerResult:
     propagated_rel: float | None = None  # drift, reported only
     propagated_cosine: float | None = None
     weight_steps: float | None = None  # max |W_source - W_onnx| in quantization steps (gated)
+    layer_rel_limit: float | None = None  # the local rel limit of the node's accuracy level
     passed: bool = True
     note: str = ""
 
@@ -144,8 +146,11 @@ def format_report(report: ValidationReport, max_layers: int = 12) -> str:
                                                        else la.propagated_rel or 0.0))
             shown = [la for la in p.layers if not la.passed][:max_layers] or worst[:3]
             label = "failing layers" if any(not la.passed for la in p.layers) else "worst layers"
-            lines.append(f"  {len(p.layers)} quantized layers, layer tolerance local rel <= "
-                         f"{_fmt(tol.layer_rel)}; {label}:")
+            limits = Counter(la.layer_rel_limit for la in p.layers if la.layer_rel_limit)
+            per_level = ", ".join(f"{n} at <= {_fmt(lim)}" for lim, n in sorted(limits.items()))
+            lines.append(f"  {len(p.layers)} quantized layers, layer tolerance local rel "
+                         f"({per_level or '<= ' + _fmt(tol.layer_rel)}, by each node's "
+                         f"accuracy level); {label}:")
             w = max(5, *(len(la.name) for la in shown))
             lines.append(f"    {'layer':<{w}}  {'op':<15} {'local rel':>10} {'propag rel':>10}"
                          f" {'cosine':>10} {'w steps':>8}")
