@@ -534,9 +534,9 @@ def _signals_as_exceptions() -> Iterator[None]:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from .calibration.forward import NonFiniteActivations
     from .io import OutputExistsError, UnsafeOutputError
     from .models import ModelLoadError
-    from .quant.calibrate import NonFiniteActivations
     from .quant.core import QuantizationError
     from .runtime_ops import RuntimeOpsUnavailable
 

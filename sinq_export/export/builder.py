@@ -35,6 +35,7 @@ from onnxscript import OpBuilder, nn
 from ..quant import packing
 from .graph import ExportError
 from .layout import EMBEDDING_OP, STOCK_OP, NodeChoice
+from .placement import Mode, Placement
 from .rope import rope_sections, rope_type, transformers_tables, use_transformers_tables
 
 # model_types with tiny-model parity tests (tests/test_architectures.py); `families` holds the
@@ -56,7 +57,7 @@ class LinearPlan:
     bits: int
     group_size: int
     choice: NodeChoice
-    col_scale: str  # "mul" | "fused" | "none" | "folded:<where>" | "ratio:<lead linear>"
+    col_scale: Placement
     has_bias: bool
     accuracy_level: int
     shared_with: str | None = None  # a tied head reads this embedding's tensors
@@ -67,17 +68,16 @@ class LinearPlan:
 
     @property
     def col_scale_input(self) -> bool:
-        return self.col_scale in ("mul", "fused") or self.ratio_of is not None
+        return self.col_scale.has_input
 
     @property
     def col_scale_mul(self) -> bool:
-        """A Mul in front of the node: by t, or by t over the lead's t already in the norm."""
-        return self.col_scale == "mul" or self.ratio_of is not None
+        return self.col_scale.multiplied
 
     @property
     def ratio_of(self) -> str | None:
         """The linear whose t the input already carries (folded into the norm both read)."""
-        return self.col_scale.split(":", 1)[1] if self.col_scale.startswith("ratio:") else None
+        return self.col_scale.ratio_of
 
 
 class SinqMatMul(nn.Module):
@@ -117,7 +117,7 @@ class SinqMatMul(nn.Module):
         op.builder.graph.opset_imports[plan.choice.domain] = 1
         if plan.col_scale_mul:
             x = op.Mul(x, self.col_scale)
-        t = self.col_scale if plan.col_scale == "fused" else None
+        t = self.col_scale if plan.col_scale.mode is Mode.FUSED else None
         inputs = [x, self.qweight, self.scales, self.qzeros, t, self.bias]
         while inputs[-1] is None:
             inputs.pop()
@@ -230,7 +230,7 @@ class SinqTiedHead(nn.Module):
         self._plan = plan
         self.qweight, self.scales, self.qzeros = (embedding.qweight, embedding.scales,
                                                   embedding.qzeros)
-        self.col_scale = embedding.col_scale if plan.col_scale == "mul" else None
+        self.col_scale = embedding.col_scale if plan.col_scale.mode is Mode.MUL else None
 
     def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
         plan = self._plan

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import SinqConfig
-from ..nn import save_quantized
+from ..saved import save_quantized
 
 REFERENCE_DIR = "reference"
 
