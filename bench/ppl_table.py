@@ -10,7 +10,7 @@ cleaned Wikipedia text shipped in gensim's wheel, add_special_tokens=False, each
 from an empty context, ppl = exp(mean NLL over 4 x 511 predictions). Every decoder nn.Linear is
 quantized, group size 64, asymmetric integer zero points; lm_head float unless a row says so.
 Calibrated rows use 8 x 512 tokens starting at token 65536 of the same text (disjoint from the
-evaluation windows; `sinq_export.quant.calibrate.calibration_windows`).
+evaluation windows; `sinq_export.calibration.windows.calibration_windows`).
 
 Rows (``--rows``):
   float, rtn           float model; plain min/max group RTN (no energy refit).
@@ -87,12 +87,12 @@ def _versions() -> dict[str, str]:
 
 def _replace_linears(model: nn.Module, make) -> float:
     """Replace every decoder linear by ``make(name, linear)``; returns the seconds it took."""
-    from sinq_export.nn import _set_module
+    from sinq_export.linear import set_module
 
     t0 = time.perf_counter()
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
-            _set_module(model, name, make(name, m))
+            set_module(model, name, make(name, m))
     return time.perf_counter() - t0
 
 
@@ -202,8 +202,8 @@ class Bench:
     def __init__(self, model_dir, group_size: int, n_windows: int, length: int,
                  cal_windows: int) -> None:
         from sinq_export import eval as ev
+        from sinq_export.calibration.windows import calibration_windows
         from sinq_export.models import load_causal_lm
-        from sinq_export.quant.calibrate import calibration_windows
 
         self.model, self.tok = load_causal_lm(model_dir)
         self.model_dir = model_dir
@@ -336,13 +336,8 @@ class Bench:
                            4, rep.seconds, calibration=self.cal_info)
 
     def row_alloc(self, _bits) -> None:
-        from sinq_export.quant.allocate import (
-            allocatable_shapes,
-            allocation_options,
-            budget_bytes,
-            plan_overrides,
-            quantization_costs,
-        )
+        from sinq_export.calibration.sensitivity import allocatable_shapes, quantization_costs
+        from sinq_export.quant.allocate import allocation_options, budget_bytes, plan_overrides
 
         base = self.config(4)
         shapes = allocatable_shapes(self.model, base)
@@ -367,7 +362,7 @@ class Bench:
 
     def row_cal_spread(self, bits) -> None:
         from sinq_export import eval as ev
-        from sinq_export.quant.calibrate import calibration_windows
+        from sinq_export.calibration.windows import calibration_windows
 
         long = ev.text_windows(self.tok, "wikipedia", 16, self.windows.shape[1])
         for b in bits:

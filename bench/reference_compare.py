@@ -280,10 +280,11 @@ def wait_for_model(timeout_s: float) -> Path:
 
 
 def quantize_ours(w: torch.Tensor, variant: str, bits: int):
-    from sinq_export.quant.core import quantize_weight
+    from sinq_export.quant import make_config, quantize
 
     method, gate = VARIANTS[variant]
-    return quantize_weight(w, bits, GROUP_SIZE, method=method, kurtosis_gate=gate)
+    gated = {"kurtosis_gate": gate} if gate is not None else {}
+    return quantize(w, make_config(method, bits=bits, group_size=GROUP_SIZE, **gated))
 
 
 def time_ours(weights: dict[str, torch.Tensor], variant: str, bits: int) -> float:

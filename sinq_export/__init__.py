@@ -27,7 +27,6 @@ _LAZY = {
     "save_quantized": "sinq_export.nn",
     "QuantizationError": "sinq_export.quant",
     "QuantizedWeight": "sinq_export.quant",
-    "quantize_weight": "sinq_export.quant",
 }
 
 
@@ -51,7 +50,6 @@ __all__ = [
     "SinqLinear",
     "load_quantized",
     "quantize_model",
-    "quantize_weight",
     "save_quantized",
     "__version__",
 ]

@@ -116,11 +116,11 @@ class SinqConfig:
         probe_tokens: how many random token ids (one window, fixed seed) give the energies.
         calibrate: calibrated SINQ (A-SINQ activation-aware t + GPTQ rounding) from
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
-            are disjoint from the evaluation windows (see ``quant.calibrate``);
+            are disjoint from the evaluation windows (see ``calibration``);
             ``calibration_windows=None``: at least 8, more for linears wider than ~2700
-            inputs (`quant.calibrate.default_window_count`).
+            inputs (`calibration.windows.default_window_count`).
         calibration_dtype: precision of the decoder forwards that produce the calibration
-            statistics (`quant.calibrate.forward_dtype`): ``"auto"`` runs them in bfloat16
+            statistics (`calibration.forward.forward_dtype`): ``"auto"`` runs them in bfloat16
             autocast where the CPU multiplies bfloat16 natively (faster matmuls, the same
             perplexity within the calibration's own spread; docs/quality.md) and in float32
             elsewhere; the statistics themselves always accumulate in float32.
@@ -219,7 +219,7 @@ class SinqConfig:
         for name in ("calibration_windows", "calibration_length"):
             value = getattr(self, name)
             if name == "calibration_windows" and value is None:
-                continue  # enough for the widest calibrated linear (quant.calibrate)
+                continue  # enough for the widest calibrated linear (calibration.windows)
             if not isinstance(value, int) or not 1 <= value <= 4096:
                 raise ConfigError(f"{name}={value!r} must be an int in [1, 4096]")
         if not isinstance(self.energy_refit, int) or not 0 <= self.energy_refit <= 32:

@@ -193,7 +193,7 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
                             with_head: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
     """``(model, tokenizer)`` whose decoder blocks hold no weights until they first run.
 
-    Why: calibration runs the model one block at a time (`quant.calibrate`) and replaces each
+    Why: calibration runs the model one block at a time (`calibration.forward`) and replaces each
     block's linears by their records before the next block runs, so only one block's float
     weights need to exist at once. Everything outside the blocks (embedding, final norm,
     head, rotary tables) is built on the CPU and loaded from the checkpoint; each block is

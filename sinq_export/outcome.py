@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from .calibration.forward import NonFiniteActivations
 from .config import ConfigError
 from .folders import ModelLoadError
 from .io import OUTPUT_ERRNOS, OutputError, OutputExistsError, UnsafeOutputError, output_error
-from .quant.calibrate import NonFiniteActivations
 from .quant.core import QuantizationError
 from .runtime_ops import RuntimeOpsUnavailable
 

@@ -1,6 +1,6 @@
 """What a calibration holds at once is bounded by a chunk, and bad input is refused early.
 
-A block runs on a chunk of windows at a time (`quant.calibrate.windows_per_chunk`), rounding
+A block runs on a chunk of windows at a time (`calibration.forward.windows_per_chunk`), rounding
 to nearest goes a chunk of rows at a time (`quant.core.rounded_codes`): the results must be
 those of the whole set at once. A model whose forward overflows names its block; a
 calibration whose hidden states cannot fit is refused before any forward.
@@ -13,15 +13,16 @@ import torch
 from _models import ARCHS, make_model_dir, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
-from sinq_export.cli import main
-from sinq_export.models import decoder_blocks, load_causal_lm_streamed
-from sinq_export.quant import calibrate
-from sinq_export.quant.calibrate import (
+from sinq_export import planning, quantize
+from sinq_export.calibration import forward
+from sinq_export.calibration.forward import (
     NonFiniteActivations,
     capture_block_inputs,
     collect_stats,
     windows_per_chunk,
 )
+from sinq_export.cli import main
+from sinq_export.models import decoder_blocks, load_causal_lm_streamed
 from sinq_export.quant.core import REFIT_ROWS, grid_for, round_codes, rounded_codes
 from sinq_export.quant.methods import make_config
 
@@ -29,9 +30,9 @@ WINDOWS = torch.randint(0, 320, (5, 24), generator=torch.Generator().manual_seed
 
 
 def _block_stats(block, hidden, kwargs, chunk_bytes, monkeypatch):
-    monkeypatch.setattr(calibrate, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(forward, "CHUNK_BYTES", chunk_bytes)
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    return collect_stats(block, names, lambda: calibrate._block_output(block, hidden, kwargs))
+    return collect_stats(block, names, lambda: forward._block_output(block, hidden, kwargs))
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
@@ -93,9 +94,9 @@ def test_a_calibration_that_cannot_fit_is_refused_before_any_forward(tmp_path, m
                                                                        capsys):
     make_model_dir(tmp_path / "hf", "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
-    monkeypatch.setattr(calibrate, "available_bytes", lambda: 10**6)
+    monkeypatch.setattr(planning, "available_bytes", lambda: 10**6)
     ran = []
-    monkeypatch.setattr(calibrate, "capture_block_inputs",
+    monkeypatch.setattr(quantize, "capture_block_inputs",
                         lambda *a, **k: ran.append(1))  # any forward would land here
     out = tmp_path / "out"
     capsys.readouterr()

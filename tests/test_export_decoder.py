@@ -397,7 +397,7 @@ def test_other_graphs_run_in_ort_and_genai(tmp_path, bits, graph, tol):
 def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col_scale):
     """GatherBlockQuantized table (t applied after the gather); a tied head at the same width
     reads the same record: one table on disk."""
-    from sinq_export.quant.core import quantize_weight
+    from sinq_export.quant import make_config, quantize
 
     model = make_family_dir(tmp_path / "hf", family, seed=3)
     table = model.model.embed_tokens.weight.detach().clone()
@@ -414,8 +414,8 @@ def test_quantized_embedding_matches_torch(tmp_path, family, embedding_bits, col
     ref = reference(model, CFG)
     # a tied table is the head's record (quantized with the probe's energies of the head's
     # input); an untied one is quantized from its weight alone
-    record = ref.lm_head.record if tied else quantize_weight(table, bits=embedding_bits,
-                                                             group_size=CFG.group_size)
+    record = ref.lm_head.record if tied else quantize(table, make_config(
+        "sinq", bits=embedding_bits, group_size=CFG.group_size))
     with torch.no_grad():  # the head is a SinqLinear now: only the gather reads this
         ref.model.embed_tokens.weight.copy_(record.dequantize())
     torch_run, fed = run_torch_lm(ref, PROMPT, STEPS)

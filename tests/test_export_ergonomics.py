@@ -22,7 +22,7 @@ from sinq_export.export.diskspace import (
     quantized_tensor_bytes,
 )
 from sinq_export.export.stages import Stages, TensorBar, peak_rss_bytes
-from sinq_export.quant.core import quantize_weight
+from sinq_export.quant import make_config, quantize
 
 
 def test_stage_peak_rss_is_the_stage_own_peak():
@@ -82,7 +82,7 @@ def _checkpoint(tmp_path, tensors):
        n=st.integers(2, 40), k=st.integers(2, 130))
 def test_quantized_size_matches_the_quantizer(bits, group, n, k):
     weight = torch.randn(n, k)
-    record = quantize_weight(weight, bits, group, method="sinq")
+    record = quantize(weight, make_config("sinq", bits=bits, group_size=group))
     assert quantized_tensor_bytes((n, k), bits, group, float_bytes=4) == record.nbytes()
 
 

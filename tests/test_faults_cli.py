@@ -223,7 +223,7 @@ def test_free_space_is_checked_before_the_probe_or_calibration(flags, tiny_llama
                                                                tmp_path, monkeypatch, capsys):
     """A file system that cannot hold the estimate is refused before any statistic is
     measured (exit 3, ENOSPC, the path): the probe / calibration must not even start."""
-    from sinq_export import nn
+    from sinq_export.export import decoder
 
     disk = small_disk("1m") or pytest.skip("mount not permitted (not root): see the simulated "
                                            "write-time case below")
@@ -232,8 +232,8 @@ def test_free_space_is_checked_before_the_probe_or_calibration(flags, tiny_llama
     def too_late(*args, **kwargs):
         raise AssertionError("the model ran before the free-space check")
 
-    monkeypatch.setattr(nn, "probe_energies", too_late)
-    monkeypatch.setattr(nn, "quantize_planned", too_late)
+    monkeypatch.setattr(decoder, "probe_energies", too_late)
+    monkeypatch.setattr(decoder, "quantize_planned", too_late)
     before = tree_digest(disk)
     rc, err = run_main(["model", str(tiny_llama), "-o", str(disk / "out"), *flags, *QUANT_FLAGS],
                        capsys)

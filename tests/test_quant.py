@@ -9,8 +9,14 @@ from _helpers import outlier_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinq_export.quant import QuantizationError, quantize_weight, relative_error
-from sinq_export.quant.core import kurtosis, quantize_jointly, round_codes
+from sinq_export.quant import (
+    QuantizationError,
+    make_config,
+    quantize,
+    quantize_jointly,
+    relative_error,
+)
+from sinq_export.quant.core import kurtosis, round_codes
 from sinq_export.quant.rtn import minmax_params
 from sinq_export.quant.sinkhorn import sinkhorn_scales
 
@@ -108,7 +114,7 @@ def test_group_quantizer_against_numpy_reference(bits, seed, sym, scale):
 @pytest.mark.parametrize("method", ["sinq", "rtn"])
 def test_record_dequantizes_to_its_formula(bits, method):
     w = outlier_matrix(64, 200)  # K not a multiple of the group
-    q = quantize_weight(w, bits, 64, method)
+    q = quantize(w, make_config(method, bits=bits, group_size=64))
     codes, zeros = q.codes().float(), q.zeros().float()
     assert int(codes.max()) <= 2**bits - 1 and int(zeros.max()) <= 2**bits - 1
     g = torch.arange(200) // 64
@@ -126,13 +132,13 @@ def test_sinq_beats_rtn_on_imbalanced_weights(bits):
     wins = 0
     for seed in range(5):
         w = outlier_matrix(seed=seed)
-        wins += relative_error(w, quantize_weight(w, bits, 64, "sinq")) < relative_error(
-            w, quantize_weight(w, bits, 64, "rtn"))
+        wins += relative_error(w, quantize(w, make_config("sinq", bits=bits))) < relative_error(
+            w, quantize(w, make_config("rtn", bits=bits)))
     assert wins == 5
 
 
 def test_symmetric_uses_mid_range_zero_point():
-    q = quantize_weight(outlier_matrix(32, 64), 4, 32, "sinq", symmetric=True)
+    q = quantize(outlier_matrix(32, 64), make_config("sinq", group_size=32, symmetric=True))
     assert bool((q.zeros() == 8).all())
 
 
@@ -140,13 +146,13 @@ def test_kurtosis_gate_falls_back_to_rtn():
     w = outlier_matrix(64, 128)
     w[3, 7] = 50.0  # one huge outlier -> enormous kurtosis
     assert kurtosis(w) > 5
-    assert quantize_weight(w, 4, 64, "sinq", kurtosis_gate=5.0).col_scale is None
-    assert quantize_weight(w, 4, 64, "sinq").col_scale is not None
+    assert quantize(w, make_config("sinq", kurtosis_gate=5.0)).col_scale is None
+    assert quantize(w, make_config("sinq")).col_scale is not None
 
 
 def test_joint_quantization_shares_the_column_scale():
     ws = [outlier_matrix(64, 128, seed=s) for s in range(3)]
-    qs = quantize_jointly(ws, ["q", "k", "v"], bits=4, group_size=64)
+    qs = quantize_jointly(ws, ["q", "k", "v"], make_config("sinq"))
     assert all(torch.equal(q.col_scale, qs[0].col_scale) for q in qs)
     for w, q in zip(ws, qs):
         assert q.shape == tuple(w.shape) and relative_error(w, q) < 0.15
@@ -164,11 +170,11 @@ def test_joint_quantization_shares_the_column_scale():
 )
 def test_bad_weights_name_the_layer(weight, message):
     with pytest.raises(QuantizationError, match=f"layers.3.mlp.up_proj: .*{message}"):
-        quantize_weight(weight, 4, 64, name="layers.3.mlp.up_proj")
+        quantize(weight, make_config("sinq"), name="layers.3.mlp.up_proj")
 
 
 def test_all_zero_weight_is_exact():
-    q = quantize_weight(torch.zeros(8, 64), 4, 64)
+    q = quantize(torch.zeros(8, 64), make_config("sinq"))
     assert bool(torch.isfinite(q.scales).all())
     assert float(q.dequantize().abs().max()) == 0.0
 

@@ -10,12 +10,13 @@ from _models import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sinq_export.quant.calibrate as calibration
+import sinq_export.calibration.forward as calibration
+import sinq_export.calibration.windows as windows
 from sinq_export.quant import METHODS, QuantizedWeight, SINQConfig, make_config, quantize
 from sinq_export.quant.allocate import allocate, layer_bytes
-from sinq_export.quant.calibrate import LayerStats, output_error
 from sinq_export.quant.gptq import gptq_codes
 from sinq_export.quant.rtn import SHRINK_GRID, minmax_params, search_params
+from sinq_export.quant.stats import LayerStats, output_error
 
 
 def correlated_stats(k, seed=0, tokens=512):
@@ -33,7 +34,8 @@ def correlated_stats(k, seed=0, tokens=512):
 def test_registry_has_both_methods_with_their_own_configs():
     assert {"sinq", "rtn"} <= set(METHODS)
     assert isinstance(make_config("sinq", bits=3, group_size=32), SINQConfig)
-    assert make_config("rtn", bits=3, sinkhorn_iters=4).bits == 3  # unknown knobs ignored
+    with pytest.raises(ValueError, match="method 'rtn' has no setting 'sinkhorn_iters'"):
+        make_config("rtn", bits=3, sinkhorn_iters=4)  # a knob it would ignore is refused
     with pytest.raises(ValueError, match="unknown quantization method 'nf4'"):
         make_config("nf4")
 
@@ -287,7 +289,7 @@ def test_calibrated_quantize_model_runs_block_by_block_and_beats_calibration_fre
 
 
 def test_linears_reading_one_input_share_their_statistics():
-    from sinq_export.quant.calibrate import collect_stats
+    from sinq_export.calibration.forward import collect_stats
 
     torch.manual_seed(0)
     model = nn_three()
@@ -321,7 +323,7 @@ def char_tokenizer(text, add_special_tokens=False):
 def test_output_fisher_costs_match_autograd_per_token():
     """cost = 1/2 sum_t sum_i (dL/dy_ti)^2 ((E x_t)_i)^2, with dL/dy from torch.autograd on the
     layer's output itself; a larger error costs more."""
-    from sinq_export.quant.allocate import output_fisher_costs
+    from sinq_export.calibration.sensitivity import output_fisher_costs
 
     model = tiny_llama()
     name = "model.layers.1.self_attn.v_proj"
@@ -498,7 +500,7 @@ def test_bfloat16_calibration_forwards_keep_float32_statistics_and_calibrate_as_
     (8960, 512, 32), (18944, 512, 64), (10**6, 512, 64), (4864, 64, 64),
 ])
 def test_default_window_count_covers_the_widest_input(max_k, length, want):
-    from sinq_export.quant.calibrate import default_window_count
+    from sinq_export.calibration.windows import default_window_count
 
     got = default_window_count(max_k, length)
     assert got == want
@@ -509,8 +511,8 @@ def test_plan_quantization_sizes_the_calibration_for_what_it_calibrates():
     """Without an explicit count: enough windows for the widest *calibrated* linear (every
     linear with ``calibrate``, the head alone with ``calibrate_head``)."""
     from sinq_export import SinqConfig
+    from sinq_export.calibration.windows import default_window_count
     from sinq_export.nn import plan_quantization
-    from sinq_export.quant.calibrate import default_window_count
 
     model = tiny_llama()
     widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -609,11 +611,11 @@ def test_energy_refit_needs_energies_and_is_off_where_calibrated():
 
 
 def test_probe_window_is_reproducible_random_ids():
-    a, info = calibration.probe_window(320, 64)
-    b, _ = calibration.probe_window(320, 64)
+    a, info = windows.probe_window(320, 64)
+    b, _ = windows.probe_window(320, 64)
     assert a.shape == (1, 64) and torch.equal(a, b) and 0 <= int(a.min()) and int(a.max()) < 320
     assert len(set(a.flatten().tolist())) > 32  # random, not a constant
-    assert info["tokens"] == 64 and info["seed"] == calibration.PROBE_SEED
+    assert info["tokens"] == 64 and info["seed"] == windows.PROBE_SEED
 
 
 @torch.no_grad()
@@ -658,3 +660,25 @@ def test_energy_refit_beats_weight_only_sinq_on_the_real_model(smollm2):
         quantize_model(q, SinqConfig(bits=3, energy_refit=refit), progress=False)
         ppl[refit] = perplexity_torch(q, windows).ppl
     assert ppl[3] < 0.85 * ppl[0], ppl
+
+
+@pytest.mark.parametrize(("method", "knobs"), [
+    ("rtn", {}), ("sinq", {}), ("sinq", {"kurtosis_gate": 5.0}), ("sinq", {"kurtosis_gate": 1e3}),
+    ("sinq", {"sinkhorn_iters": 0})])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_method_declares_whether_its_record_has_a_t(method, knobs, calibrated):
+    """The export plans the graph's t inputs from `yields_col_scale` before quantizing: the
+    declaration must be what the handler then does, whatever the gate, the iterations and
+    the calibration."""
+    from sinq_export.quant.methods import yields_col_scale
+
+    w = outlier_matrix(64, 128)
+    cfg = make_config(method, bits=3, group_size=32, **knobs)
+    stats = None
+    if calibrated:
+        stats = LayerStats(128)
+        stats.add(torch.randn(256, 128, generator=torch.Generator().manual_seed(0)))
+    loads = []
+    declared = yields_col_scale(cfg, lambda: loads.append(1) or w, calibrated=calibrated)
+    assert declared == (quantize(w, cfg, calibration=stats).col_scale is not None)
+    assert len(loads) <= 1 and (loads == [] or "kurtosis_gate" in knobs)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from sinq_export.config import SinqConfig
 from sinq_export.models import ModelLoadError, decoder_blocks, load_causal_lm, load_causal_lm_streamed
 from sinq_export.nn import quantize_model, quantized_layers
-from sinq_export.quant.calibrate import LayerStats, output_error
+from sinq_export.quant.stats import LayerStats, output_error
 
 WINDOWS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(3))
 
@@ -154,14 +154,15 @@ def test_probe_energies_are_the_float_inputs_and_hold_one_block(tmp_path, model_
     """`input_energies` on a streamed model (blocks released as it goes, no tokenizer) equals
     ``E[x^2]`` of every linear's input hooked in one plain forward of the loaded float model;
     the head's is its input, the final norm's output; an export streams the same energies."""
-    from sinq_export.nn import eligible_linears, probe_tokens
-    from sinq_export.quant.calibrate import input_energies
+    from sinq_export.calibration.forward import input_energies
+    from sinq_export.calibration.probe import probe_tokens
+    from sinq_export.linear import eligible_linears
 
     make_model_dir(tmp_path / "hf", model_type)
     _with_tokenizer(tmp_path / "hf")  # only the loaded model's loader wants one
     cfg = SinqConfig(group_size=16, lm_head_bits=4, probe_tokens=32)
     streamed, tok = load_causal_lm_streamed(tmp_path / "hf", with_tokenizer=False,
-                                            with_head=False)  # as nn.probe_energies loads it
+                                            with_head=False)  # as probe_energies loads it
     assert tok is None
     ids, info = probe_tokens(streamed, cfg)
     names = list(eligible_linears(streamed, cfg))

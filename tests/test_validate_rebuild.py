@@ -197,14 +197,13 @@ def test_damaged_onnx_folder_is_named(tmp_path, damage):
        symmetric=st.booleans(), n=st.integers(2, 24), k=st.integers(2, 80), seed=st.integers(0, 99))
 def test_quantized_weights_are_within_one_step_and_a_flipped_code_is_not(
         bits, method, symmetric, n, k, seed):
-    from sinq_export.quant import packing
-    from sinq_export.quant.core import quantize_weight
+    from sinq_export.quant import make_config, packing, quantize
     from sinq_export.quant.record import QuantizedWeight
     from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
     from sinq_export.validate.rebuild import quantization_steps
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    rec = quantize_weight(w, bits, 16, method=method, symmetric=symmetric)
+    rec = quantize(w, make_config(method, bits=bits, group_size=16, symmetric=symmetric))
     assert quantization_steps(w, rec) <= 1.0 + 1e-4
     codes = rec.codes().clone()
     qmax = (1 << bits) - 1
@@ -219,8 +218,8 @@ def test_quantized_weights_are_within_one_step_and_a_flipped_code_is_not(
 def test_rms_steps_pass_gptq_rounding_and_flag_another_layers_weight(seed, bits):
     """GPTQ's codes sit several steps from round-to-nearest by design, so a calibrated export
     is checked on RMS steps: within the limit for GPTQ, far past it for a swapped tensor."""
-    from sinq_export.quant.calibrate import LayerStats
     from sinq_export.quant.methods import SINQConfig, quantize
+    from sinq_export.quant.stats import LayerStats
     from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
     from sinq_export.validate.rebuild import quantization_steps
 

@@ -34,14 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration.forward import capture_block_inputs, forward_dtype, forward_precision
+from ..calibration.probe import probe_tokens
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig, is_head
 from ..models import decoder_blocks, ensure_loaded, load_causal_lm_streamed, release_block
-from ..nn import SHARED_INPUT_GROUPS, probe_tokens
-from ..quant.calibrate import capture_block_inputs, forward_dtype, forward_precision
 from ..quant.core import sinq_col_scale, tie_col_scale
 from ..quant.int8 import int8_activations, int8_error
 from ..quant.methods import SINQConfig
+from ..quant.units import SHARED_INPUT_GROUPS
 
 INT8_LEVEL, EXACT_LEVEL = 4, 0
 # Largest int8 error a linear may take at level 4 (a tenth of the level-4 end-to-end limits
@@ -72,13 +73,12 @@ def _run(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any],
     return (out[0] if isinstance(out, tuple) else out).float()
 
 
-def _weight_only_t(weights: list[torch.Tensor], method: object,
-                   energies: torch.Tensor) -> torch.Tensor | None:
-    """The ``t`` the quantizer gives a unit from its weights and input energies alone (SINQ's
+def _weight_only_t(weights: list[torch.Tensor], method: object) -> torch.Tensor | None:
+    """The ``t`` the quantizer gives a unit from its weights alone (SINQ's
     Sinkhorn t, gated and tied as configured; None for RTN or a gated-off matrix)."""
     if not isinstance(method, SINQConfig):
         return None
-    t = sinq_col_scale(torch.cat([w.float() for w in weights]), method, energies)
+    t = sinq_col_scale(torch.cat([w.float() for w in weights]), method)
     return t if t is None or method.col_scale_tie is None else tie_col_scale(t, *method.col_scale_tie)
 
 
@@ -162,8 +162,7 @@ def measure_int8(folder: Path, config: SinqConfig, block_sizes: Mapping[str, int
         for unit in dict.fromkeys(units[n] for n in linears):
             t = col_scales[unit[0]] if unit[0] in col_scales else _weight_only_t(
                 [linears[n].weight for n in unit],
-                config.method_config(unit[0], config.bits_for(unit[0])),
-                inputs[unit[0]].reshape(-1, linears[unit[0]].in_features).float().square().mean(0))
+                config.method_config(unit[0], config.bits_for(unit[0])))
             for n in unit:
                 w = linears[n].weight.float()
                 errors[n] = int8_error(inputs[n], w if t is None else w / t, block_sizes[n], t)

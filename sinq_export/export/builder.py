@@ -37,6 +37,7 @@ from ..quant import packing
 from . import families
 from .graph import ExportError
 from .layout import NodeChoice
+from .placement import Mode, Placement
 from .rope import rope_sections, rope_type, transformers_tables, use_transformers_tables
 
 # Their RMSNorm weights enter the graph as ``1 + w``: no column scale folds into them.
@@ -55,7 +56,7 @@ class LinearPlan:
     bits: int
     group_size: int
     choice: NodeChoice
-    col_scale: str  # "mul" | "fused" | "none" | "folded:<where>" | "ratio:<lead linear>"
+    col_scale: Placement
     has_bias: bool
     accuracy_level: int
     shared_with: str | None = None  # a tied head reads this embedding's tensors
@@ -66,17 +67,16 @@ class LinearPlan:
 
     @property
     def col_scale_input(self) -> bool:
-        return self.col_scale in ("mul", "fused") or self.ratio_of is not None
+        return self.col_scale.has_input
 
     @property
     def col_scale_mul(self) -> bool:
-        """A Mul in front of the node: by t, or by t over the lead's t already in the norm."""
-        return self.col_scale == "mul" or self.ratio_of is not None
+        return self.col_scale.multiplied
 
     @property
     def ratio_of(self) -> str | None:
         """The linear whose t the input already carries (folded into the norm both read)."""
-        return self.col_scale.split(":", 1)[1] if self.col_scale.startswith("ratio:") else None
+        return self.col_scale.ratio_of
 
 
 class SinqMatMul(nn.Module):
@@ -116,7 +116,7 @@ class SinqMatMul(nn.Module):
         op.builder.graph.opset_imports[plan.choice.domain] = 1
         if plan.col_scale_mul:
             x = op.Mul(x, self.col_scale)
-        t = self.col_scale if plan.col_scale == "fused" else None
+        t = self.col_scale if plan.col_scale.mode is Mode.FUSED else None
         inputs = custom_op_inputs({"A": x, "B": self.qweight, "scales": self.scales,
                                    "zero_points": self.qzeros, "col_scale": t, "bias": self.bias})
         y = op.SinqMatMulNBits(*inputs, _domain=plan.choice.domain, **attrs)
@@ -224,7 +224,7 @@ class SinqTiedHead(nn.Module):
         self._plan = plan
         self.qweight, self.scales, self.qzeros = (embedding.qweight, embedding.scales,
                                                   embedding.qzeros)
-        self.col_scale = embedding.col_scale if plan.col_scale == "mul" else None
+        self.col_scale = embedding.col_scale if plan.col_scale.mode is Mode.MUL else None
 
     def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
         plan = self._plan

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 
+from ..calibration.probe import probe_energies
 from ..checkpoint import Checkpoint
 from ..config import ACCURACY_AUTO, ConfigError, GraphConfig, SinqConfig
 from ..contract import (
@@ -37,12 +39,15 @@ from ..contract import (
     data_file_names,
 )
 from ..io import atomic_output_dir, check_output, write_json
-from ..models import hub_offline, missing_tokenizer
-from ..nn import SHARED_INPUT_GROUPS, _joint_groups
+from ..linear import SinqLinear, set_module
+from ..models import hub_offline, load_causal_lm, missing_tokenizer
+from ..planning import quantize_planned
 from ..presets import DEFAULT_PRESET, Preset, get_preset
 from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
-from ..quant.core import kurtosis
+from ..quant.methods import yields_col_scale
 from ..quant.record import QuantizedWeight
+from ..quant.units import SHARED_INPUT_GROUPS, joint_groups
+from ..quantize import quantize_model
 from . import builder
 from .accuracy import INT8_LEVEL, Int8Measurement, accuracy_section, choose_levels, measure_int8
 from .diskspace import check_free_space, estimate_output_bytes
@@ -58,6 +63,8 @@ from .manifest import (
     source_section,
     versions,
 )
+from .placement import FUSED, MUL, NONE, Placement, folded, ratio
+from .reference import save_reference
 from .stages import Stages
 from .weights import PARTS, LinearBinding, RecordCache, bind_weights
 
@@ -90,20 +97,12 @@ def _weight_source(name: str, ckpt: Checkpoint, tied: bool) -> str:
 
 
 def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Checkpoint,
-                   config: SinqConfig) -> bool:
-    """Whether quantization will produce a t (decided before the graph exists).
-
-    SINQ always yields one, unless the kurtosis gate sends the unit to plain RTN: then the
-    gate is evaluated here on the weight (one extra read of that tensor, only with a gate).
-    """
-    if config.method != "sinq" or config.sinkhorn_iters == 0:
-        return False
-    if config.kurtosis_gate is None:
-        return True
-    import torch
-
-    w = torch.cat([ckpt.load(sources[n]) for n in names])
-    return kurtosis(w) <= config.kurtosis_gate
+                   config: SinqConfig, bits: int) -> bool:
+    """Whether the unit's records will carry a t, as its method declares (decided before the
+    graph exists; a method that decides per weight reads the unit's weights once more)."""
+    method = config.method_config(names[0], bits)
+    return yields_col_scale(method, lambda: torch.cat([ckpt.load(sources[n]) for n in names]),
+                            calibrated=config.is_calibrated(names[0]))
 
 
 def _norm_read_by(name: str) -> str | None:
@@ -148,10 +147,10 @@ def _fold_targets(name: str, units: Mapping[str, tuple[str, ...]], planned: Mapp
     return None
 
 
-def _fold_lead_into_norms(modes: dict[str, str], norm_folds: dict[str, str],
+def _fold_lead_into_norms(modes: dict[str, Placement], norm_folds: dict[str, str],
                           linears: Sequence[str]) -> None:
     """Readers of one norm with their own t: the first one's t goes into the norm weight,
-    each other reader multiplies by its t over the first's (``ratio:<lead>``).
+    each other reader multiplies by its t over the first's (a ratio placement).
 
     ``(x * w * t_q) * (t_k / t_q) = (x * w) * t_k``: exact, and one Mul fewer per norm (q/k/v:
     three Muls become two; gate/up: two become one). Only when every reader of the norm is a
@@ -162,13 +161,13 @@ def _fold_lead_into_norms(modes: dict[str, str], norm_folds: dict[str, str],
         if (norm := _norm_read_by(name)) is not None:
             readers[norm].append(name)
     for norm, names in readers.items():
-        if norm in norm_folds or len(names) < 2 or any(modes.get(n) != "mul" for n in names):
+        if norm in norm_folds or len(names) < 2 or any(modes.get(n) != MUL for n in names):
             continue
         lead = names[0]
         norm_folds[norm] = lead
-        modes[lead] = f"folded:{norm.removesuffix('.weight')}"
+        modes[lead] = folded(norm.removesuffix(".weight"))
         for n in names[1:]:
-            modes[n] = f"ratio:{lead}"
+            modes[n] = ratio(lead)
 
 
 EMBEDDING = "model.embed_tokens"
@@ -218,7 +217,8 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
         shapes[EMBEDDING] = (embedding, False)
         bits[EMBEDDING] = graph.embedding_bits
         group_sizes[EMBEDDING] = group
-    groups = _joint_groups(bits, bits, config.shared_col_scale)
+    groups = joint_groups(bits, {n: (bits[n], group_sizes[n]) for n in bits},
+                          config.shared_col_scale)
     units = {n: (n,) for n in bits}
     for g in groups:
         for n in g:
@@ -229,12 +229,12 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     o_proj_tied = _check_o_proj_tie(config, ckpt)
     has_t = {}
     for unit in dict.fromkeys(units.values()):
-        t = _has_col_scale(unit, sources, ckpt, config)
+        t = _has_col_scale(unit, sources, ckpt, config, bits[unit[0]])
         has_t.update(dict.fromkeys(unit, t))
     if shared_head:
         has_t["lm_head"] = has_t[EMBEDDING]
 
-    modes: dict[str, str] = {}
+    modes: dict[str, Placement] = {}
     row_scale_from: dict[str, str] = {}
     row_scale_heads: dict[str, int] = {}
     norm_folds: dict[str, str] = {}
@@ -244,11 +244,11 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     for n in bits:
         choice = choices[n]
         if not has_t[n]:
-            modes[n] = "none"
+            modes[n] = NONE
         elif n == EMBEDDING:
-            modes[n] = "mul"  # t scales the gathered rows' columns: after the gather
+            modes[n] = MUL  # t scales the gathered rows' columns: after the gather
         elif choice.fused_col_scale and not (shared_head and n == "lm_head"):
-            modes[n] = "fused"
+            modes[n] = FUSED
         elif graph.col_scale == "fold" and (
                 target := _fold_targets(n, units, bits, offset_norms, o_proj_tied)):
             kind, where = target
@@ -258,14 +258,14 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
                     row_scale_heads[where] = config.o_proj_tie[0]
             else:
                 norm_folds.setdefault(where, units[n][0])
-            modes[n] = f"folded:{where.removesuffix('.weight')}"
+            modes[n] = folded(where.removesuffix(".weight"))
         else:
-            modes[n] = "mul"
+            modes[n] = MUL
     if graph.col_scale == "fold" and not offset_norms:
         _fold_lead_into_norms(modes, norm_folds, list(shapes))
     if o_proj_tied:  # a tie that does not fold is perplexity lost for nothing
-        folded = set(row_scale_from.values())
-        stuck = next((n for n in bits if n.endswith(".o_proj") and n not in folded), None)
+        into_rows = set(row_scale_from.values())
+        stuck = next((n for n in bits if n.endswith(".o_proj") and n not in into_rows), None)
         if stuck is not None:
             raise ExportError(f"o_proj_tie: {stuck}'s t cannot fold into a v_proj (it needs "
                               "col_scale 'fold' and a quantized, separate v_proj)")
@@ -322,8 +322,10 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, config: SinqConfig, plan: P
     return replace(plan, linears=linears), measured
 
 
-def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
-    """Precomputed records must be what the plan would have quantized (name, shape, bits)."""
+def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan, config: SinqConfig
+                   ) -> None:
+    """Precomputed records must be what the plan would have quantized (name, shape, bits,
+    group size), and carry no t where the plan places none (the graph would drop it)."""
     for name, record in records.items():
         p = plan.linears.get(name)
         if p is None:
@@ -335,6 +337,9 @@ def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan) -> None:
             raise ExportError(f"{name}: given record is {record.bits}-bit g{record.group_size} "
                               f"{list(record.shape)}, the plan wants {p.bits}-bit "
                               f"g{p.group_size} {list(p.shape)}")
+        if record.col_scale is not None and p.col_scale == NONE:
+            raise ExportError(f"{name}: given record has a column scale t; the config's "
+                              f"method {config.method!r} gives this layer none")
 
 
 def _uses(plan: Plan) -> dict[str, int]:
@@ -385,7 +390,6 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
         users = [u.node for u in output.uses()]
         if p.has_bias and len(users) == 1 and users[0].op_type == "Add":
             output = users[0].outputs[0]
-        mode = p.col_scale.split(":")[0].replace("folded", "fold")
         out[name] = {
             "bits": p.bits,
             "group_size": p.group_size,
@@ -402,8 +406,8 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             },
             "shared_with": p.shared_with,
             "rows": rows,
-            "col_scale_mode": mode,
-            "folded_into": p.col_scale.split(":", 1)[1] if mode == "fold" else None,
+            "col_scale_mode": p.col_scale.mode.value,
+            "folded_into": p.col_scale.folded_into,
             "ratio_of": p.ratio_of,
             "output_scaled_by": plan.row_scale_from.get(name),
             "output_scale_heads": plan.row_scale_heads.get(name, 1),
@@ -612,10 +616,10 @@ def export_causal_lm(
     export that quantizes nothing is an error unless ``allow_unquantized``.
 
     The energy refit (the default, ``config.energy_refit``) first measures every linear's
-    input energies on the random-id probe, one float block at a time (`nn.probe_energies`,
+    input energies on the random-id probe, one float block at a time (`calibration.probe.probe_energies`,
     stage ``calibrate``; manifest section ``probe``), then quantizes tensor by tensor as the
     graph is written. A config that calibrates or allocates widths is quantized first, block
-    by block (`nn.quantize_planned`, stage ``calibrate``; sections ``calibration``,
+    by block (`planning.quantize_planned`, stage ``calibrate``; sections ``calibration``,
     ``allocation``). ``records``: linears already quantized elsewhere (then nothing is run);
     each must match the plan's shape and width, and the rest are quantized from the
     checkpoint (weight-only). ``manifest_extra``: further manifest sections.
@@ -645,14 +649,10 @@ def export_causal_lm(
             _check_disk(ckpt, _config_widths(module, config, graph_config), config, graph_config,
                         out_dir)
         if run_model:
-            from ..nn import quantize_planned
-
             with stages.stage("calibrate"):  # statistics from the probe or the calibration text
                 config, records, planned = quantize_planned(folder, config, progress=progress)
             manifest_extra = {**planned, **(manifest_extra or {})}
         elif probe:
-            from ..nn import probe_energies
-
             with stages.stage("calibrate"):  # the input energies, one float block at a time
                 measured = probe_energies(folder, config)
             if measured is not None:
@@ -665,7 +665,7 @@ def export_causal_lm(
                 raise ExportError("the config quantizes no linear layer (check --exclude / "
                                   "--include); pass allow_unquantized (--allow-unquantized) "
                                   "to export a float model")
-            _check_records(records or {}, plan)
+            _check_records(records or {}, plan, config)
             _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir)
         measured = None
         if auto:
@@ -778,17 +778,11 @@ def _write_reference(folder: Path, out: Path, config: SinqConfig,
 
     Its linears get the very ``records`` the export wrote (precomputed or made by the record
     cache); any other is quantized from its weight alone, as the record cache would."""
-    import torch
-
-    from ..models import load_causal_lm
-    from ..nn import SinqLinear, _set_module, quantize_model
-    from .reference import save_reference
-
     model, tokenizer = load_causal_lm(folder)
     for name, record in records.items():
         linear = model.get_submodule(name)
         if isinstance(linear, torch.nn.Linear):  # not a quantized table sharing a head's record
-            _set_module(model, name, SinqLinear(record, linear.bias))
+            set_module(model, name, SinqLinear(record, linear.bias))
     quantize_model(model, config.replace(energy_refit=0, calibrate=False, calibrate_head=False),
                    progress=False)
     save_reference(model, out, config, tokenizer=tokenizer)

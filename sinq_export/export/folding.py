@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex, LinearSite
+from .placement import FUSED, MUL, NONE, Placement, folded
 
 NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization")
 # Readers that see only a tensor's shape, never its values: scaling the values is invisible
@@ -46,7 +47,7 @@ class InitializerUpdate:
 
 @dataclass
 class FoldPlan:
-    col_scale: dict[str, str] = field(default_factory=dict)  # module -> mul|fused|none|folded:X
+    col_scale: dict[str, Placement] = field(default_factory=dict)  # module -> where its t goes
     row_scale: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # target -> (src, t)
     updates: list[InitializerUpdate] = field(default_factory=list)
 
@@ -146,13 +147,13 @@ def plan_col_scales(
     for module in sites:
         t = col_scales.get(module)
         if t is None:
-            plan.col_scale[module] = "none"
+            plan.col_scale[module] = NONE
         elif fused.get(module):
-            plan.col_scale[module] = "fused"
+            plan.col_scale[module] = FUSED
         elif mode == "fold" and len(sites[module]) == 1:
             candidates.append(module)
         else:
-            plan.col_scale[module] = "mul"
+            plan.col_scale[module] = MUL
     if not candidates:
         return plan
 
@@ -164,7 +165,7 @@ def plan_col_scales(
             remaining.append(module)
             continue
         plan.row_scale[target] = (module, col_scales[module])
-        plan.col_scale[module] = f"folded:{target}"
+        plan.col_scale[module] = folded(target)
 
     by_input: dict[str, list[str]] = defaultdict(list)
     for module in remaining:
@@ -174,13 +175,13 @@ def plan_col_scales(
         mine = {id(single[m].node) for m in modules}
         t0 = col_scales[modules[0]]
         same_t = all(np.array_equal(col_scales[m], t0) for m in modules)
-        folded = _norm_fold(x, t0, index) if readers == mine and same_t else None
-        if folded is None:
+        norm_fold = _norm_fold(x, t0, index) if readers == mine and same_t else None
+        if norm_fold is None:
             for m in modules:
-                plan.col_scale[m] = "mul"
+                plan.col_scale[m] = MUL
             continue
-        label, updates = folded
+        label, updates = norm_fold
         plan.updates.extend(updates)
         for m in modules:
-            plan.col_scale[m] = f"folded:{label}"
+            plan.col_scale[m] = folded(label)
     return plan

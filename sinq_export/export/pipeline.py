@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import GraphConfig, SinqConfig
 from ..io import atomic_output_dir, write_json
-from ..nn import eligible_linears, quantize_model, quantized_layers
+from ..linear import eligible_linears, quantized_layers
+from ..quantize import quantize_model
 from .dtype import convert_to_fp16
 from .graph import fingerprint
 from .manifest import MANIFEST_FILE, MANIFEST_MARKER, ONNX_FILE, build_manifest, versions

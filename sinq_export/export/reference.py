@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import SinqConfig
 from ..contract import REFERENCE_DIR
-from ..nn import save_quantized
+from ..saved import save_quantized
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -33,6 +33,7 @@ from .graph import (
     tensor,
 )
 from .layout import choose_node, quant_tensors
+from .placement import Mode, Placement
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ def _node_base(site: LinearSite) -> str:
 
 def _col_scale_array(record: QuantizedWeight) -> np.ndarray | None:
     return None if record.col_scale is None else record.col_scale.detach().cpu().float().numpy()
+
+
+def _manifest_mode(placement: Placement) -> str:
+    """The module route's manifest ``col_scale`` (format 1): ``folded:<where>`` for a fold."""
+    if placement.mode is Mode.FOLD:
+        return f"folded:{placement.target}"
+    return placement.mode.value
 
 
 def quantize_graph(
@@ -106,13 +114,13 @@ def quantize_graph(
         if row is not None:
             scales = (scales * row[1][:, None]).astype(np.float32)
         t = col_scales[module]
-        mode = plan.col_scale[module]
+        placement = plan.col_scale[module]
         b_name = add_init(f"{module}.qweight", qt.packed)
         s_name = add_init(f"{module}.scales", scales)
         z_name = add_init(f"{module}.qzeros", qt.zero_points)
         weight_names = [b_name, s_name, z_name]
         t_name = None
-        if mode in ("mul", "fused"):
+        if placement.has_input:
             t_name = add_init(f"{module}.col_scale", t)
             weight_names.append(t_name)
         layer_tensors.update(weight_names)
@@ -122,7 +130,7 @@ def quantize_graph(
             base = _node_base(site)
             nodes: list[onnx.NodeProto] = []
             x = site.input
-            if mode == "mul":
+            if placement.multiplied:
                 key = (x, t.tobytes())
                 if key not in muls:
                     muls[key] = f"{base}/ColScaleMul_output_0"
@@ -130,7 +138,7 @@ def quantize_graph(
                                                   name=f"{base}/ColScaleMul"))
                     report.mul_nodes += 1
                 x = muls[key]
-            fused_t = t_name if choice.op != STOCK_OP and mode == "fused" else None
+            fused_t = t_name if choice.op != STOCK_OP and placement.mode is Mode.FUSED else None
             inputs = custom_op_inputs({"A": x, "B": b_name, "scales": s_name,
                                        "zero_points": z_name, "col_scale": fused_t})
             gemm_bias = site.node.op_type == "Gemm" and site.bias
@@ -158,7 +166,7 @@ def quantize_graph(
             "group_size": rec.group_size,
             "op": choice.op,
             "container_bits": choice.container_bits,
-            "col_scale": mode,
+            "col_scale": _manifest_mode(placement),
             "output_scaled_by": row[0] if row is not None else None,
             "onnx_node": f"{_node_base(sites[module][0])}/{choice.op}",
             "onnx_output": sites[module][0].output,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -23,10 +23,10 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig
 from ..models import ModelLoadError
-from ..quant.calibrate import LayerStats
-from ..quant.core import quantize_jointly, tied_rows
-from ..quant.methods import quantize
+from ..quant.core import tied_rows
 from ..quant.record import QuantizedWeight
+from ..quant.stats import LayerStats
+from ..quant.units import quantize_unit
 from .layout import quant_tensors
 
 PARTS = ("qweight", "scales", "qzeros", "col_scale")
@@ -36,7 +36,6 @@ PARTS = ("qweight", "scales", "qzeros", "col_scale")
 class QuantStats:
     units: int = 0
     seconds: float = 0.0
-    col_scale_missing: list[str] = field(default_factory=list)  # predicted t, record had none
 
 
 class RecordCache:
@@ -50,7 +49,7 @@ class RecordCache:
                  quantize_as: Mapping[str, str] | None = None, keep: bool = False) -> None:
         """``precomputed``: records quantized elsewhere (a calibrated pass over the float
         model) that are handed out instead of quantizing from the checkpoint. ``energies``:
-        each linear's input energies for the scale refit (`nn.probe_energies`). ``keep``:
+        each linear's input energies for the scale refit (`calibration.probe.probe_energies`). ``keep``:
         also keep every record made in ``made`` (the export's PyTorch reference is built
         from exactly what shipped).
         ``quantize_as``: name -> the name whose settings and precomputed record it takes (a
@@ -75,10 +74,8 @@ class RecordCache:
             return [self._precomputed.pop(k) for k in keys]
         method = self._config.method_config(keys[0], self._bits[names[0]])
         weights = [self._ckpt.load(self._sources[n]) for n in names]
-        energies = self._energies.get(keys[0])  # one input: the unit shares it
-        if len(names) > 1:
-            return quantize_jointly(weights, list(names), calibration=energies, config=method)
-        return [quantize(weights[0], method, calibration=energies, name=names[0])]
+        # one input: the unit shares its energies
+        return quantize_unit(weights, names, method, self._energies.get(keys[0]))
 
     def get(self, name: str) -> QuantizedWeight:
         unit = self._units[name]
@@ -176,6 +173,7 @@ def bind_weights(
 
 
 def _t(record: QuantizedWeight, k: int) -> torch.Tensor:
+    """The record's t; a method that yields none scales by exact ones."""
     return torch.ones(k) if record.col_scale is None else record.col_scale.float()
 
 
@@ -200,8 +198,6 @@ def _part_func(cache: RecordCache, linear: str, part: str, binding: LinearBindin
         record = cache.get(linear)
         try:
             if part == "col_scale":
-                if record.col_scale is None:  # gated to RTN: an exact all-ones t
-                    cache.stats.col_scale_missing.append(linear)
                 t = _t(record, record.in_features)
                 if binding.col_scale_over is not None:
                     lead = cache.get(binding.col_scale_over)

@@ -1,8 +1,16 @@
-"""Quantization stage: method registry, Sinkhorn normalisation, group quantizer, packing, record."""
+"""Quantization: pure tensors in, `QuantizedWeight` records out.
 
-from .core import QuantizationError, quantize_jointly, quantize_weight, relative_error
+The method registry (`methods`), its handlers (`handlers`, imported here so that every
+method is registered once the package is), Sinkhorn normalisation, the group quantizer,
+A-SINQ, GPTQ, the bit allocation's solver, packing and the record. Nothing here runs a model
+or reads a file: the calibration layer above hands in statistics.
+"""
+
+from .core import QuantizationError
+from .handlers import quantize_jointly, relative_error
 from .methods import METHODS, MethodConfig, RTNConfig, SINQConfig, make_config, quantize
 from .record import QuantizedWeight
+from .units import quantize_unit
 
 __all__ = [
     "METHODS",
@@ -14,6 +22,6 @@ __all__ = [
     "make_config",
     "quantize",
     "quantize_jointly",
-    "quantize_weight",
+    "quantize_unit",
     "relative_error",
 ]

@@ -4,17 +4,16 @@ predicted loss increase at a given number of bytes.
 Options (`allocation_options`): the widest uniform width that fits the budget and the next
 wider one, each at half, once and twice the configured group size. Why not every width:
 below the budget's width the loss is far from quadratic (2-3 bits) and the second-order costs
-underestimate it, so a DP free to pick them sends exactly those layers there (widths 2-8 at
-g64 measured 27.68 at the bytes of uniform 4-bit, above uniform's 26.96). Why group sizes: a
-coarser group is the cheapest way to free bytes (4-bit g128 saves 0.28 bit per weight at a
-small error), which then buy 5 bits where the costs say it matters: 26.53 against uniform's
-26.96 on SmolLM2 (26.93 vs 27.59 on 16 windows; docs/quality.md).
+underestimate it, so a DP free to pick them sends exactly those layers there and ends above
+uniform's perplexity at uniform's bytes. Why group sizes: a coarser group is the cheapest way
+to free bytes (4-bit g128 saves 0.28 bit per weight at a small error), which then buy 5 bits
+where the costs say it matters, below uniform's perplexity (docs/quality.md).
 
 Model (the linearity result of HIGGS, arXiv 2411.17525): the loss increase of a quantized
 model is close to a sum of independent per-layer terms, ``dL ~ sum_l a_l * err_l(b_l)``. Each
 term is measured for the layer's actual quantization error at every width, as the
 second-order term of the loss in the layer's *output*, with the empirical Fisher taken per
-token (`output_fisher_costs`):
+token (`calibration.sensitivity.output_fisher_costs`, which runs the model):
 ``cost_l(b) = 1/2 * sum_tokens sum_rows g_ti^2 * ((W_l - W_hat_l(b)) x_t)_i^2``, ``g`` the
 gradient of the language-modelling loss w.r.t. the layer's output, ``x`` its input. Why the
 output and per token: a weight-space Fisher from per-window gradients squares a sum over
@@ -23,7 +22,7 @@ token is a sample, and ``(W - W_hat) x`` keeps the correlations between input ch
 a diagonal weight-space Fisher drops.
 
 Solver (`allocate`): an exact multiple-choice knapsack by dynamic programming over the byte
-budget in `STATES` units (2 KiB for SmolLM2 at 3 bits). Each layer's size is rounded *up* to
+budget in `STATES` units. Each layer's size is rounded *up* to
 whole units, so the chosen widths never exceed the budget; the DP is exact on those sizes.
 """
 
@@ -32,7 +31,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import numpy as np
 
@@ -106,85 +104,6 @@ def allocate(costs: Mapping[str, Mapping], sizes: Mapping[str, Mapping], budget:
         out[name] = b
         c -= -(-sizes[name][b] // unit)
     return {n: out[n] for n in names}
-
-
-def output_fisher_costs(model, errors: Mapping[str, Mapping[int, object]], windows  # noqa: ANN001
-                        ) -> dict[str, dict[int, float]]:
-    """``cost[layer][b]`` (module docstring) summed over ``windows`` (one backward each).
-
-    ``errors[layer][b]``: a zero-argument callable giving ``W - W_hat(b)`` ``[N, K]``
-    (dequantized on demand, so only one error matrix is alive at a time).
-    """
-    import torch
-
-    costs = {n: dict.fromkeys(errors[n], 0.0) for n in errors}
-
-    def capture(name: str):  # noqa: ANN202
-        def hook(_module, args, output) -> None:  # noqa: ANN001
-            x = args[0].detach()
-
-            def on_grad(g: torch.Tensor) -> None:
-                g2 = g.detach().float().square()
-                for b, error in errors[name].items():
-                    d = torch.nn.functional.linear(x.float(), error())
-                    costs[name][b] += 0.5 * float((g2 * d.square()).sum())
-            output.register_hook(on_grad)
-        return hook
-
-    embeddings = model.get_input_embeddings()
-    handles = [model.get_submodule(n).register_forward_hook(capture(n)) for n in errors]
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for win in windows:
-                ids = torch.as_tensor(win).reshape(1, -1)
-                embeds = embeddings(ids).detach().requires_grad_(True)  # the graph starts here
-                loss = model(inputs_embeds=embeds, labels=ids, use_cache=False).loss
-                loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-    return costs
-
-
-def allocatable_shapes(model, config) -> dict[str, tuple[int, int]]:  # noqa: ANN001
-    """``[N, K]`` of every linear the budget covers (the head keeps its own width)."""
-    from ..config import is_head
-    from ..nn import eligible_linears
-
-    return {n: tuple(lin.weight.shape) for n, (lin, _) in eligible_linears(model, config).items()
-            if not is_head(n)}
-
-
-def fixed_by_overrides(shapes: Mapping[str, Sequence[int]], config) -> dict[str, int]:  # noqa: ANN001
-    """Bytes of the layers the user's own ``overrides`` pin (the allocation leaves them be
-    and gives the rest what is left of the budget)."""
-    return {n: layer_bytes(s, config.bits_for(n), config.group_size_for(n))
-            for n, s in shapes.items() if any(re.search(p, n) for p, _ in config.overrides)}
-
-
-def quantization_costs(model, config, windows, options: Sequence[Option],  # noqa: ANN001
-                       names: Sequence[str]) -> dict[str, dict[Option, float]]:
-    """``cost[layer][(bits, group size)]`` for the linears ``names`` (module doc).
-
-    Every layer is quantized once per option first (the records are kept, ~1.4x the float
-    weights' bytes over six options); the Fisher pass then dequantizes one error at a time.
-    """
-    from .methods import quantize
-
-    errors: dict[str, dict[Option, object]] = {}
-    for name in names:
-        lin = model.get_submodule(name)
-        w = lin.weight.detach().float()
-        records = {(b, g): quantize(w, replace(config.method_config(name, b), group_size=g),
-                                    name=name) for b, g in options}
-        errors[name] = {o: (lambda r=r, lin=lin: lin.weight.detach().float() - r.dequantize())
-                        for o, r in records.items()}
-    return output_fisher_costs(model, errors, windows)
 
 
 def plan_overrides(costs: Mapping[str, Mapping[Option, float]],

@@ -1,9 +1,9 @@
-"""Weight matrix -> `QuantizedWeight`: the ``rtn`` and ``sinq`` handlers and their shared steps.
+"""Weight matrix -> `QuantizedWeight`: the steps the ``rtn`` and ``sinq`` handlers share.
 
-Every method here is the same three steps on an ``[N, K]`` weight ``W``:
+Every method (`handlers`) is the same three steps on an ``[N, K]`` weight ``W``:
 
 1. a per-input-channel scale ``t`` [K] (all ones for RTN; Sinkhorn's column scale per tile for
-   SINQ, times the activation-aware factor when calibrated, see `calibrate`);
+   SINQ, times the activation-aware factor when calibrated, see `asinq`);
 2. group parameters (scale ``s``, integer zero point ``z``) of ``W / t`` per ``1 x g`` group,
    by min/max, by the weighted range search of `rtn.search_params`, or by min/max with the
    weighted scale refits of `rtn.refit_params` (the default when input energies are known);
@@ -19,17 +19,17 @@ go through Sinkhorn in one batch, a last partial tile (K not a multiple of g) in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from . import packing
-from .calibrate import activation_aware_scale
 from .gptq import gptq_codes
-from .methods import MethodConfig, RTNConfig, SINQConfig, make_config, quantize, register
+from .methods import MethodConfig, SINQConfig
 from .record import QuantizedWeight
 from .rtn import minmax_params, refit_params, search_params
 from .sinkhorn import sinkhorn_scales
+from .stats import LayerStats
 
 
 class QuantizationError(ValueError):
@@ -177,31 +177,19 @@ def grid_for(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: M
     return s, z, importance
 
 
-def rtn_error(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
-              ) -> torch.Tensor:
-    """Per-group weighted RTN error ``[N, n_blocks]`` of ``W`` quantized with column scale ``t``."""
-    g = config.group_size
-    s, z, imp = grid_for(w, t, h, config)
-    wn = w / t
-    codes = round_codes(wn, s, z, config.bits, g)
-    return per_group_sum(imp * (wn - dequantize_codes(codes, s, z, g)).square(), g)
+def sinkhorn_applies(config: SINQConfig, weight: Callable[[], torch.Tensor]) -> bool:
+    """Whether Sinkhorn gives ``weight()`` a t: it iterates at all, and the (whole-matrix)
+    kurtosis gate, if set, does not send the weight to plain RTN (only the gate loads it)."""
+    if config.sinkhorn_iters == 0:
+        return False
+    return config.kurtosis_gate is None or kurtosis(weight()) <= config.kurtosis_gate
 
 
-def gate_tiles(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
-               ) -> torch.Tensor:
-    """``t`` with tiles reset to 1 where plain RTN's error is lower (per-tile gate)."""
-    g = config.group_size
-    ones = torch.ones_like(t)
-    keep = rtn_error(w, t, h, config).sum(0) <= rtn_error(w, ones, h, config).sum(0)
-    return torch.where(expand_groups(keep[None], g, t.shape[0])[0], t, ones)
-
-
-def sinq_col_scale(w: torch.Tensor, config: SINQConfig, h: torch.Tensor | None) -> torch.Tensor | None:
-    """SINQ's ``t`` for ``w``, or None when the (whole-matrix) kurtosis gate says RTN."""
-    if config.kurtosis_gate is not None and kurtosis(w) > config.kurtosis_gate:
+def sinq_col_scale(w: torch.Tensor, config: SINQConfig) -> torch.Tensor | None:
+    """SINQ's ``t`` for ``w``, or None where Sinkhorn does not apply (`sinkhorn_applies`)."""
+    if not sinkhorn_applies(config, lambda: w):
         return None
-    t = sinkhorn_col_scale(w, config.group_size, config.sinkhorn_iters)
-    return gate_tiles(w, t, h, config) if config.tile_gate else t
+    return sinkhorn_col_scale(w, config.group_size, config.sinkhorn_iters)
 
 
 def tie_col_scale(t: torch.Tensor, kv_heads: int, heads_per_kv: int) -> torch.Tensor:
@@ -211,8 +199,8 @@ def tie_col_scale(t: torch.Tensor, kv_heads: int, heads_per_kv: int) -> torch.Te
     Why: o_proj reads ``softmax(q k^T) v`` per query head; scaling a kv head's value rows by a
     vector scales the output of every query head that reads it by that vector, so o_proj's t
     can fold into v_proj's rows (no Mul) only if it is the same for all of them. The
-    geometric mean keeps the group's overall scale (measured +0.16 perplexity on SmolLM2 for
-    one Mul less per layer, docs/quality.md).
+    geometric mean keeps the group's overall scale (a small perplexity cost for one Mul less
+    per layer, docs/quality.md).
     """
     k = t.shape[0]
     if kv_heads < 1 or heads_per_kv < 1 or k % (kv_heads * heads_per_kv):
@@ -237,14 +225,15 @@ def tied_rows(t: torch.Tensor, kv_heads: int, n_rows: int) -> torch.Tensor:
 
 
 def quantize_with_scale(w: torch.Tensor, t: torch.Tensor | None, config: MethodConfig,
-                        calibration=None) -> QuantizedWeight:  # noqa: ANN001
+                        calibration: LayerStats | None = None) -> QuantizedWeight:
     """Steps 2 and 3 of the module docstring for a fixed column scale ``t`` (None = ones)."""
     g, bits = config.group_size, config.bits
     ones = torch.ones(w.shape[1])
     tt = ones if t is None else t
     h = None if calibration is None else calibration.diag()
-    if calibration is not None and getattr(config, "gptq", False):
-        codes, s, z = gptq_codes(w, tt, calibration.hessian(), config, damp=config.gptq_damp)
+    damp = config.gptq_damping()
+    if calibration is not None and damp is not None:
+        codes, s, z = gptq_codes(w, tt, calibration.hessian(), config, damp=damp)
     else:
         codes, s, z = rounded_codes(w, tt, h, config)
     return record(codes, s, z, t, bits, g)
@@ -264,103 +253,5 @@ def rounded_codes(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, conf
         parts.append((round_codes(rows / t, s, z, config.bits, config.group_size
                                   ).to(torch.uint8), s, z))
     return tuple(torch.cat(p) for p in zip(*parts))
-
-
-@register("rtn", RTNConfig)
-def quantize_rtn(weight: torch.Tensor, config: RTNConfig, *, calibration=None,  # noqa: ANN001
-                 name: str = "weight") -> QuantizedWeight:
-    """Group RTN (min/max, or the weighted range search with ``scale_search``)."""
-    check_weight(weight, name)
-    return quantize_with_scale(weight.detach().float().cpu(), None, config, calibration)
-
-
-@register("sinq", SINQConfig)
-def quantize_sinq(weight: torch.Tensor, config: SINQConfig, *, calibration=None,  # noqa: ANN001
-                  name: str = "weight") -> QuantizedWeight:
-    """SINQ; with ``calibration`` also A-SINQ's activation-aware ``t`` and GPTQ rounding."""
-    check_weight(weight, name)
-    w = weight.detach().float().cpu()
-    h = None if calibration is None else calibration.diag()
-    t = sinq_col_scale(w, config, h)
-    if calibration is not None and config.awq:
-        t = activation_aware_scale(w, t, calibration, config)
-    if t is not None and config.col_scale_tie is not None:
-        t = tie_col_scale(t, *config.col_scale_tie)
-    return quantize_with_scale(w, t, config, calibration)
-
-
-def quantize_weight(
-    weight: torch.Tensor,
-    bits: int,
-    group_size: int,
-    method: str = "sinq",
-    symmetric: bool = False,
-    sinkhorn_iters: int = 16,
-    kurtosis_gate: float | None = None,
-    name: str = "weight",
-    *,
-    calibration=None,  # noqa: ANN001
-    **options,  # noqa: ANN003
-) -> QuantizedWeight:
-    """Quantize one ``[N, K]`` weight with the registered ``method`` (``"sinq"``, ``"rtn"``, ...).
-
-    A thin wrapper over `methods.quantize` kept for callers that pass loose arguments;
-    ``options`` are further fields of the method's config (e.g. ``scale_search=False``).
-    """
-    config = make_config(method, bits=bits, group_size=group_size, symmetric=symmetric,
-                         sinkhorn_iters=sinkhorn_iters, kurtosis_gate=kurtosis_gate, **options)
-    return quantize(weight, config, calibration=calibration, name=name)
-
-
-def split_rows(q: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight]:
-    """Split a record quantized from row-concatenated weights back into one record per weight.
-
-    Every piece gets its own storage (clones, not views): records are saved with safetensors,
-    which refuses tensors that share memory.
-    """
-    out, start = [], 0
-    for size in sizes:
-        rows = slice(start, start + size)
-        out.append(
-            QuantizedWeight(
-                packed=q.packed[rows].clone(),
-                scales=q.scales[rows].clone(),
-                zero_points=q.zero_points[rows].clone(),
-                col_scale=None if q.col_scale is None else q.col_scale.clone(),
-                bits=q.bits,
-                group_size=q.group_size,
-                shape=(size, q.in_features),
-            )
-        )
-        start += size
-    return out
-
-
-def quantize_jointly(
-    weights: Sequence[torch.Tensor], names: Sequence[str], *, config: MethodConfig | None = None,
-    calibration=None, **kwargs,  # noqa: ANN001, ANN003
-) -> list[QuantizedWeight]:
-    """Quantize weights that read the same input with one shared column scale ``t``.
-
-    Sinkhorn runs on the row-concatenation ``[sum N_i, K]``: rows stay independent (their
-    scales fold into each layer's group scales) while the columns - the shared input
-    channels - get one ``t``, which can then be folded into the preceding norm weight exactly.
-    """
-    for w, name in zip(weights, names):
-        check_weight(w, name)
-    if len({w.shape[1] for w in weights}) != 1:
-        raise QuantizationError(f"{', '.join(names)}: joint quantization needs one common K")
-    joint_w, joint_name = torch.cat([w.float() for w in weights]), "+".join(names)
-    if config is None:
-        config = make_config(kwargs.pop("method", "sinq"), **kwargs)
-    joint = quantize(joint_w, config, calibration=calibration, name=joint_name)
-    return split_rows(joint, [w.shape[0] for w in weights])
-
-
-def relative_error(weight: torch.Tensor, q: QuantizedWeight) -> float:
-    """Relative Frobenius reconstruction error ||W - W_hat||_F / ||W||_F."""
-    w = weight.detach().float()
-    return float(torch.linalg.norm(w - q.dequantize()) / torch.linalg.norm(w).clamp_min(1e-30))
-
 
 

@@ -13,12 +13,13 @@ function, and a method's knobs live in its own config instead of a union of ever
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from .record import QuantizedWeight
+from .stats import LayerStats
 
 GPTQ_DAMP = 0.01  # GPTQ's own damping, a fraction of mean(diag(H')) (the paper's value)
 
@@ -31,13 +32,26 @@ class MethodConfig:
     group_size: int = 64
     symmetric: bool = False
     # Per-group range search under the integer-zero-point constraint (`rtn.search_params`).
-    # Off by default: on SmolLM2 it lowers the weight error but raises perplexity (4-bit
-    # 26.96 -> 31.95, 3-bit 61.4 -> 200; docs/quality.md), i.e. clipping extremes hurts.
+    # Off by default: it lowers the weight error but raises perplexity (docs/quality.md):
+    # clipping the extremes hurts.
     scale_search: bool = False
     # Weighted least-squares refits of each group's scale on the min/max range
     # (`rtn.refit_params`), weighted by t^2 * E[x^2] when the input energies are known (the
     # calibration-free default gets them from a random-token probe); 0 = plain min/max.
     scale_refit: int = 0
+
+    def gptq_damping(self) -> float | None:
+        """GPTQ's damping when this method rounds with GPTQ on calibration statistics, else
+        None (round to nearest)."""
+        return None
+
+    def without_gptq(self) -> MethodConfig:
+        """This config rounding to nearest (what A-SINQ's search scores its candidates with)."""
+        return self
+
+    def label(self, record: QuantizedWeight) -> str:
+        """How a report names what this method did to ``record``."""
+        return "rtn"
 
 
 @dataclass(frozen=True)
@@ -53,9 +67,6 @@ class SINQConfig(MethodConfig):
         sinkhorn_iters: normalisation iterations per tile (the paper uses 16).
         kurtosis_gate: whole-matrix kurtosis above which the layer falls back to RTN (the
             reference's rule; None = off).
-        tile_gate: per tile, keep the Sinkhorn result only where its error (in the original
-            weight's units, importance-weighted when calibrated) is below plain RTN's. Off by
-            default: lower weight error, higher perplexity on SmolLM2 (docs/quality.md).
         awq, gptq: with calibration statistics, search an activation-aware factor of ``t``
             (A-SINQ) and round with GPTQ's error compensation; ignored without statistics.
         gptq_damp: GPTQ's Tikhonov damping as a fraction of the mean Hessian diagonal (0.01 as
@@ -69,35 +80,51 @@ class SINQConfig(MethodConfig):
 
     sinkhorn_iters: int = 16
     kurtosis_gate: float | None = None
-    tile_gate: bool = False
     awq: bool = True
     gptq: bool = True
     gptq_damp: float = GPTQ_DAMP
     col_scale_tie: tuple[int, int] | None = None
 
+    def gptq_damping(self) -> float | None:
+        return self.gptq_damp if self.gptq else None
+
+    def without_gptq(self) -> SINQConfig:
+        return replace(self, gptq=False)
+
+    def label(self, record: QuantizedWeight) -> str:
+        return "sinq" if record.col_scale is not None else "rtn(gated)"
+
 
 Handler = Callable[..., QuantizedWeight]
+# ``yields_col_scale(config, weight, calibrated)``: whether the handler will return a column
+# scale t for this weight (``weight()`` loads it, for a method that decides per weight), given
+# calibration statistics or not.
+ColScaleRule = Callable[[MethodConfig, Callable[[], torch.Tensor], bool], bool]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registered method: its name, its config class and the handler that quantizes."""
+    """One registered method: its name, its config class, the handler that quantizes and the
+    rule that says, before quantizing, whether the record will carry a t (the export plans
+    the graph's t inputs and folds from it)."""
 
     name: str
     config: type[MethodConfig]
     handler: Handler
+    yields_col_scale: ColScaleRule
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type[MethodConfig]) -> Callable[[Handler], Handler]:
+def register(name: str, config_cls: type[MethodConfig], yields_col_scale: ColScaleRule
+             ) -> Callable[[Handler], Handler]:
     """Register ``handler(weight, config, *, calibration, name) -> QuantizedWeight``."""
 
     def deco(handler: Handler) -> Handler:
         if name in METHODS:
             raise ValueError(f"quantization method {name!r} is already registered")
-        METHODS[name] = Method(name, config_cls, handler)
+        METHODS[name] = Method(name, config_cls, handler, yields_col_scale)
         return handler
 
     return deco
@@ -112,21 +139,34 @@ def method_of(config: MethodConfig) -> Method:
 
 
 def make_config(method: str, **kwargs: Any) -> MethodConfig:
-    """The method's config from keyword arguments; keys the method does not know are ignored."""
+    """The method's config from keyword arguments (None keeps a field's default); a key the
+    method does not have is refused: it would be silently ignored."""
     try:
         cls = METHODS[method].config
     except KeyError:
         raise ValueError(f"unknown quantization method {method!r}; "
                          f"choose one of {sorted(METHODS)}") from None
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in kwargs.items() if k in known and v is not None})
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"method {method!r} has no setting {', '.join(map(repr, unknown))} "
+                         f"(its settings: {', '.join(sorted(known))})")
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def quantize(weight: torch.Tensor, config: MethodConfig, *, calibration: Any = None,
+def yields_col_scale(config: MethodConfig, weight: Callable[[], torch.Tensor],
+                     calibrated: bool = False) -> bool:
+    """Whether quantizing ``weight()`` with ``config`` (and calibration statistics when
+    ``calibrated``) gives a record with a column scale t; ``weight`` is called only by a
+    method that decides per weight."""
+    return method_of(config).yields_col_scale(config, weight, calibrated)
+
+
+def quantize(weight: torch.Tensor, config: MethodConfig, *, calibration: LayerStats | None = None,
              name: str = "weight") -> QuantizedWeight:
     """Quantize one ``[N, K]`` weight with the method ``config`` belongs to.
 
-    ``calibration`` (optional) is a `calibrate.LayerStats` of the layer's inputs; handlers
+    ``calibration`` (optional) is a `stats.LayerStats` of the layer's inputs; handlers
     that do not use calibration ignore it.
     """
     return method_of(config).handler(weight, config, calibration=calibration, name=name)
