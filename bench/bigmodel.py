@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sinq_export.export.files import MODEL_FILE  # noqa: E402  (the repo, not an install)
+from sinq_export.contract import MODEL_FILE  # noqa: E402  (the repo, not an install)
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelLoadError, read_config
+from .folders import ModelLoadError, read_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -166,7 +166,7 @@ def _check_with_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path}: corrupt safetensors file ({exc})") from exc
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """``isfinite(t).all()`` in slices, so checking a 1 GB embedding allocates no 1 GB mask."""
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), _FINITE_CHUNK):
@@ -271,13 +271,13 @@ class Checkpoint:
             raise ModelLoadError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
         if tuple(tensor.shape) != self.shape(name):
             raise ModelLoadError(f"{path}: tensor {name!r} changed shape since the checkpoint opened")
-        if not _all_finite(tensor):
+        if not all_finite(tensor):
             raise ModelLoadError(f"{path}: tensor {name!r} contains NaN or Inf values")
         if dtype is None or tensor.dtype == dtype:
             return tensor
         converted = tensor.to(dtype)
         del tensor
-        if not _all_finite(converted):
+        if not all_finite(converted):
             raise ModelLoadError(
                 f"{path}: tensor {name!r} ({info['dtype']}) overflows {dtype} when converted"
             )

@@ -1,63 +1,48 @@
-"""`sinq-export` command line: a thin shell over the library API.
+"""`sinq-export` command line: flags -> configs / preset -> one library call (`api`) -> print.
 
 Each subcommand has an ``_add_<name>`` (argparse) and a ``_run_<name>`` (calls the library,
 prints a table or JSON, returns the exit code). `main` turns every error into one line on
-stderr and the exit code of `EXIT_CODES_HELP`; SIGINT and SIGTERM raise `Interrupted` so that
-every ``finally`` and context manager runs (temp folders are removed) before it exits.
+stderr and the exit code of `EXIT_CODES_HELP` (the policy lives in `outcome`).
+
+The library (`api`) is imported by each ``_run_<name>``, not here: it loads onnx, onnxruntime
+and transformers, which ``--help`` and a bad flag do not need (lazy for start-up time).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
-import signal
 import sys
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, verbosity
+from . import __version__, outcome, verbosity
 from .config import (
+    ACCURACY_LEVELS,
     CALIBRATION_DTYPES,
+    COL_SCALE_MODES,
+    DTYPES,
+    EMBEDDING_BITS,
     ENERGY_REFIT,
     METHODS,
     PROBE_TOKENS,
     QUANT_BITS,
+    RUNTIMES,
     SHARED_COL_SCALES,
-    ConfigError,
     SinqConfig,
 )
-from .gguf import resolve_model_input
+from .contract import CUSTOM_DOMAIN, CUSTOM_OP, MANIFEST_FILE, REFERENCE_DIR
+from .outcome import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
-EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143, as shells do
 MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
               "the cache); default: the bundled SmolLM2-135M-Instruct")
 PRESETS_HELP = "presets (--preset NAME; every other flag overrides one of its settings):\n" + "\n".join(
     f"  {name:<11} {p.summary}" for name, p in PRESETS.items())
 VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bars (default: only ours)"
 
-EXIT_CODES_HELP = """\
-exit codes (model, quantize, validate, eval):
-  0    success
-  1    the numbers disagree (validate: parity past tolerance) and nothing else
-  2    bad usage or bad input: flags, a missing/damaged/unsupported model or export folder,
-       an output folder that exists (without --overwrite) or is not ours to replace
-  3    the output cannot be written: permission denied, read-only file system, disk full or
-       file too large, a parent path that is a file (the line names the path and the errno)
-  4    internal error (a bug: the traceback is printed; please report it)
-  130  interrupted by SIGINT (Ctrl-C)
-  143  interrupted by SIGTERM (kill, timeout, a CI cancel)
-       on 130/143 the partial output and temp folders are removed; an earlier output stays
-"""
-
-
-class UsageError(ValueError):
-    """Bad command-line input that argparse cannot catch by itself."""
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -152,7 +137,7 @@ def _or_float(value: int | str) -> int | None:
     return None if value == FLOAT else value
 
 
-def _width(choices: Sequence[int]):  # noqa: ANN202
+def _width(choices: Sequence[int]) -> Callable[[str], int | str]:
     """argparse type: a bit width from ``choices`` or 'float' (keep the tensor in float)."""
     def parse(text: str) -> int | str:
         if text == FLOAT:
@@ -175,31 +160,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .io import atomic_output_dir
-    from .models import default_model_dir, load_causal_lm
-    from .nn import QUANTIZED_MARKER, plan_quantization, quantize_model, write_quantized
+    from . import api  # lazy for start-up time (see the module docstring)
 
-    config = config_from_args(args)
-    source = resolve_model_input(args.model_dir) or default_model_dir()
-    # The output is checked and its temp folder made before the minutes of work, so a refused
-    # or unwritable -o fails at once; the temp folder goes on any error or signal.
-    with atomic_output_dir(args.output, args.overwrite, marker=QUANTIZED_MARKER,
-                           protect=[source]) as tmp:
-        model, tokenizer = load_causal_lm(source)
-        plan = plan_quantization(model, tokenizer, config)
-        config = plan.config
-        report = quantize_model(model, config, progress=not args.json, measure_error=True,
-                                calibration=plan.calibration)
-        write_quantized(model, tmp, config, tokenizer=tokenizer)
-    errors = [la.rel_error for la in report.layers]
-    summary = {
-        "output": str(args.output),
-        "layers": report.n_layers,
-        "seconds": round(report.seconds, 3),
-        "mean_rel_error": sum(errors) / max(len(errors), 1),
-        "config": config.to_dict(),
-        "calibration": plan.manifest.get("calibration"),
-    }
+    summary = api.quantize_to_folder(args.model_dir, args.output, config_from_args(args),
+                                     overwrite=args.overwrite, progress=not args.json)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -208,11 +172,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- model: quantize + export to ONNX (issue: exporter) ------------------------------------
+# --- model: quantize + export to ONNX -------------------------------------------------------
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
-    from .config import ACCURACY_LEVELS, COL_SCALE_MODES, DTYPES, EMBEDDING_BITS, RUNTIMES
-
     p = sub.add_parser("model", help="quantize a model and export it to ONNX",
                        description=PRESETS_HELP)
     p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
@@ -224,7 +186,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     _add_quant_args(p)
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
-                        "custom: sinq.ops::SinqMatMulNBits where stock cannot run the width")
+                        f"custom: {CUSTOM_DOMAIN}::{CUSTOM_OP} where stock cannot run the width")
     p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS,
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
                         "activations, the default: ~2x faster decode)")
@@ -258,82 +220,35 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="accept an export in which no linear is quantized")
 
 
-def _mb(n: int | None) -> str:
-    return "?" if n is None else f"{n / 1e6:.1f} MB"
-
-
-def _print_model_summary(s: dict) -> None:
-    c, g = s["config"], s["graph"]
-    bits = ", ".join(f"{b}-bit: {n}" for b, n in s["layers_by_bits"].items())
-    before, after = s["linear_weight_bytes_before"], s["linear_weight_bytes_after"]
-    ratio = f" ({after / before:.3f}x)" if before else ""
-    rows = [
-        ("output", s["output"]),
-        ("model", f"{s['source_model']} ({s['kind']})"),
-        ("method", f"{c['method']} {c['bits']}-bit, group {c['group_size']}, runtime {g['runtime']}, "
-                   f"accuracy_level {g['accuracy_level']}, {g['dtype']}, col_scale {g['col_scale']}"),
-        ("layers quantized", f"{s['layers_quantized']} ({bits}); ops {', '.join(s['ops'])}"),
-        ("col-scale Mul nodes", str(s["mul_nodes"])),
-        ("linear weights", f"{_mb(before)} -> {_mb(after)}{ratio}"),
-        ("ONNX files", _mb(s["onnx_bytes_after"])),
-    ]
-    t = s["timings_s"]
-    rows.append(("time", " | ".join(f"{k} {v:.1f} s" for k, v in t.items())
-                 + f" | total {sum(t.values()):.1f} s"))
-    if s.get("peak_rss_mb"):
-        rows.append(("peak RSS", f"{max(s['peak_rss_mb'].values()):.0f} MiB"))
-    width = max(len(k) for k, _ in rows)
-    print("sinq-export model: done")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-
-
-def _require_custom_ops(graph: Mapping[str, object]) -> None:
-    """Fail before any work when the graph needs the optional sinq.ops library and it is not built."""
-    wants = [flag for flag, on in (("--runtime custom", graph.get("runtime") == "custom"),
-                                   ("--col-scale fused", graph.get("col_scale") == "fused"))
-             if on]
-    if wants:
-        from . import runtime_ops
-
-        runtime_ops.require(" / ".join(wants))
-
-
 def _run_model(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_causal_lm
+    from . import api  # lazy for start-up time (see the module docstring)
 
-    preset = preset_from_args(args)
-    preset.configs()  # a bad combination of flags is refused before the model is looked at
-    _require_custom_ops(preset.graph)
-    source = resolve_model_input(args.model_dir)
-    try:
-        result = export_causal_lm(
-            source, args.output, preset=preset, overwrite=args.overwrite, progress=not args.json,
-            with_reference=args.with_reference, allow_unquantized=args.allow_unquantized,
-        )
-    except ExportError as exc:
-        raise UsageError(str(exc)) from exc
+    result = api.export_model(args.model_dir, args.output, preset_from_args(args),
+                              overwrite=args.overwrite, progress=not args.json,
+                              with_reference=args.with_reference,
+                              allow_unquantized=args.allow_unquantized)
     summary = result.summary()
     if summary["warnings"]:  # one line, like an error
         print(f"sinq-export model: warning: {'; '.join(summary['warnings'])}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
-        _print_model_summary(summary)
+        print("\n".join(api.model_summary_lines(summary)))
     return EXIT_OK
 
 
-# --- validate: parity torch vs onnxruntime (issue: validator) ------------------------------
+# --- validate: parity torch vs onnxruntime -------------------------------------------------
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate", help="check an exported model against its PyTorch reference",
         description="Feed identical real-text tokens (prefill, then greedy decode steps through "
-                    "the KV cache) to OUT_DIR/reference (PyTorch) and OUT_DIR/model.onnx "
-                    "(onnxruntime); compare logits end to end and every quantized layer. Exit 0: "
-                    "every provider that ran passed (unavailable ones are reported as skipped, "
-                    "never as passed); 1: parity failure; 2: bad usage, or none of the "
-                    "requested providers is available. Without reference/ it falls back to "
+                    "the KV cache) to the PyTorch reference (the source model with the export's "
+                    "own quantized weights) and the exported graph (onnxruntime); compare logits "
+                    "end to end and every quantized layer. Exit 0: every provider that ran "
+                    "passed (unavailable ones are reported as skipped, never as passed); 1: "
+                    "parity failure; 2: bad usage, or none of the requested providers is "
+                    "available. Without the source model (or OUT_DIR/reference) it falls back to "
                     "ONNX-only per-op NumPy checks and says so.")
     p.add_argument("out_dir", help="a folder written by `sinq-export model`")
     p.add_argument("--providers", default="cpu",
@@ -347,45 +262,21 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
     p.add_argument("--source", metavar="DIR", default=None,
                    help="the model folder the export was made from (default: the path recorded "
-                        "in sinq_export.json, else OUT_DIR/reference)")
+                        f"in {MANIFEST_FILE}, else OUT_DIR/{REFERENCE_DIR} of an export made "
+                        "--with-reference)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON ('-': stdout)")
     p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of per-layer error")
 
 
-def _check_report_path(path: str | None, flag: str) -> None:
-    """Refuse a report path that cannot be a file *before* minutes of work (exit 2; exit 3
-    when a parent of it is a file)."""
-    from .io import check_parents
-
-    if path is None or path == "-":
-        return
-    if Path(path).is_dir():
-        raise UsageError(f"{flag} {path}: is a folder (expected a file path)")
-    check_parents(Path(path).expanduser().absolute())
-
-
 def _run_validate(args: argparse.Namespace) -> int:
-    from .validate import ValidationError, format_report, plot_layers, validate
+    from . import api  # lazy for start-up time (see the module docstring)
+    from .validate import format_report  # lazy for start-up time, as api
 
-    _check_report_path(args.json, "--json")
-    _check_report_path(args.plot, "--plot")
-    try:
-        report = validate(args.out_dir, providers=args.providers, accuracy_level=args.accuracy_level,
-                          tokens=args.tokens, decode_steps=args.decode_steps, text=args.text,
-                          source=args.source)
-    except ValidationError as exc:
-        raise UsageError(str(exc)) from exc
-    # Files first, verdict last: a failing write (exit 3) never follows a printed PASSED.
-    text = json.dumps(report.to_dict(), indent=2)
-    if args.json and args.json != "-":
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    if args.plot:
-        plot_layers(report, args.plot)
-    if args.json == "-":
-        print(text)
-    else:
-        print(format_report(report))
+    report = api.validate_to_files(
+        args.out_dir, json_path=args.json, plot_path=args.plot, providers=args.providers,
+        accuracy_level=args.accuracy_level, tokens=args.tokens, decode_steps=args.decode_steps,
+        text=args.text, source=args.source)
+    print(json.dumps(report.to_dict(), indent=2) if args.json == "-" else format_report(report))
     if report.status == "skipped":
         print("sinq-export validate: error: none of the requested providers is available "
               f"({', '.join(p.provider for p in report.providers)}); nothing was validated",
@@ -394,7 +285,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if report.status == "passed" else EXIT_FAILED
 
 
-# --- eval: perplexity on real text (issue: validator) -------------------------------------
+# --- eval: perplexity on real text ---------------------------------------------------------
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -422,33 +313,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from . import eval as ev
-    from .validate import EXPORT_META_FILE, ValidationError
+    from . import api  # lazy for start-up time (see the module docstring)
 
-    if args.windows < 1 or args.length < 2:
-        raise UsageError("--windows must be >= 1 and --length >= 2")
-    is_export = args.model is not None and (Path(args.model) / EXPORT_META_FILE).is_file()
-    try:
-        if is_export:
-            table = ev.evaluate_export(args.model, backend=args.backend or "onnxruntime",
-                                       text=args.text, n_windows=args.windows, length=args.length,
-                                       provider=args.provider)
-        else:
-            if args.backend == "onnxruntime":
-                raise UsageError(f"{args.model or 'the default model'} is not an export folder; "
-                                 "export it first (`sinq-export model ... -o OUT`) and pass OUT")
-            check_group = SinqConfig(group_size=args.group_size)  # validates the group size
-            table = ev.compare(resolve_model_input(args.model), methods=ev.parse_methods(args.compare),
-                               bits=ev.parse_bits(args.bits), group_size=check_group.group_size,
-                               text=args.text, n_windows=args.windows, length=args.length)
-    except (ValueError, ValidationError) as exc:
-        if isinstance(exc, (UsageError, ConfigError)):
-            raise
-        raise UsageError(str(exc)) from exc
-    if args.json:
-        print(json.dumps(table.to_dict(), indent=2))
-    else:
-        print(table.to_markdown())
+    table = api.evaluate(args.model, backend=args.backend, text=args.text, n_windows=args.windows,
+                         length=args.length, methods=args.compare, bits=args.bits,
+                         group_size=args.group_size, provider=args.provider)
+    print(json.dumps(table.to_dict(), indent=2) if args.json else table.to_markdown())
     return EXIT_OK
 
 
@@ -478,70 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-    for add, _ in COMMANDS.values():
+    for name, (add, run) in COMMANDS.items():
         add(sub)
+        sub.choices[name].set_defaults(run=run)
     for p in sub.choices.values():  # also accepted after the subcommand
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help=VERBOSE_HELP)
         p.epilog = EXIT_CODES_HELP
         p.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived. A KeyboardInterrupt, so ``except Exception`` never eats it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# Signals received during this `main` call. The handler's exception can be swallowed on its
-# way up: raised inside a C extension's call (numpy's ``tofile`` under onnx_ir's writer), it
-# comes out as that extension's own error (a TypeError). Whatever surfaces after a signal is
-# therefore reported as the interruption it is.
-_RECEIVED: list[int] = []
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    # One signal is enough: later ones are ignored so that the cleanup it starts can finish.
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    _RECEIVED.append(signum)
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_as_exceptions() -> Iterator[None]:
-    """SIGINT/SIGTERM -> `Interrupted`; SIGXFSZ ignored so a ``ulimit -f`` is an EFBIG error.
-
-    Installed only in the main thread (Python delivers signals there); restored on exit.
-    """
-    wanted = {signal.SIGINT: _raise_interrupted, signal.SIGTERM: _raise_interrupted}
-    if hasattr(signal, "SIGXFSZ"):
-        wanted[signal.SIGXFSZ] = signal.SIG_IGN
-    old = {}
-    try:
-        for s, handler in wanted.items():
-            old[s] = signal.signal(s, handler)
-    except ValueError:  # not the main thread: leave the process's handlers alone
-        pass
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .io import OutputExistsError, UnsafeOutputError
-    from .models import ModelLoadError
-    from .quant.calibrate import NonFiniteActivations
-    from .quant.core import QuantizationError
-    from .runtime_ops import RuntimeOpsUnavailable
-
-    return (UsageError, ConfigError, QuantizationError, OutputExistsError, UnsafeOutputError,
-            ModelLoadError, FileNotFoundError, RuntimeOpsUnavailable, NonFiniteActivations)
 
 
 def _output_paths(args: argparse.Namespace) -> list[Path]:
@@ -552,69 +367,25 @@ def _output_paths(args: argparse.Namespace) -> list[Path]:
     return [Path(p).expanduser().absolute() for p in paths if p]
 
 
-def _output_side_error(exc: BaseException, args: argparse.Namespace):  # noqa: ANN202
-    """The `OutputError` for an OS error on the output side of this command, else None."""
-    from .io import OUTPUT_ERRNOS, output_error
-
-    outputs = _output_paths(args)
-    err = output_error(exc, outputs[0] if outputs else None)
-    if err is None:
-        return None
-    if err.errno in OUTPUT_ERRNOS:
-        return err
-    named = Path(err.path).absolute() if err.path else None
-    if named is not None and any(named == p or p in named.parents or named in p.parents
-                                 for p in outputs):
-        return err
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is an exit code (see `EXIT_CODES_HELP`)."""
-    from .io import OutputError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _, run = COMMANDS[args.command]
+    args = build_parser().parse_args(argv)
     prefix = f"sinq-export {args.command}: error:"
-
-    def say(msg: object) -> None:  # one line, whatever the message (library texts span lines)
-        print(f"{prefix} {' '.join(str(msg).split())}", file=sys.stderr)
-
-    def interrupted(signum: int) -> int:
-        print(f"sinq-export {args.command}: interrupted by {signal.Signals(signum).name}; "
-              "partial output removed", file=sys.stderr)
-        return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
-
-    _RECEIVED.clear()
-    with _signals_as_exceptions(), verbosity.cli_output(args.verbose):
+    with outcome.signals_as_exceptions(), verbosity.cli_output(args.verbose):
         try:
-            try:
-                return run(args)
-            except Exception:
-                if _RECEIVED:  # the signal's exception was replaced on its way up (_RECEIVED)
-                    raise Interrupted(_RECEIVED[0]) from None
-                raise
+            return outcome.run_interruptible(lambda: args.run(args))
         except KeyboardInterrupt as exc:
-            return interrupted(getattr(exc, "signum", signal.SIGINT))
-        except OutputError as exc:
-            say(exc)
-            return EXIT_OUTPUT
-        except _known_errors() as exc:
-            say(exc)
-            return EXIT_USAGE
+            code, name = outcome.interrupted_exit(exc)
+            print(f"sinq-export {args.command}: interrupted by {name}; partial output removed",
+                  file=sys.stderr)
+            return code
         except Exception as exc:
-            err = _output_side_error(exc, args)
-            if err is not None:
-                say(err)
-                return EXIT_OUTPUT
-            if isinstance(exc, OSError):  # not the output's: an unreadable input
-                code = errno.errorcode.get(exc.errno or 0, "?")
-                say(f"cannot read {exc.filename or 'the input'}: [{code}] {exc.strerror or exc}")
-                return EXIT_USAGE
-            traceback.print_exc()
-            say(f"internal error ({type(exc).__name__}: {exc}); please report it")
-            return EXIT_INTERNAL
+            end = outcome.failure(exc, _output_paths(args))
+            if end.internal:
+                traceback.print_exc()
+            # one line, whatever the message (library texts span lines)
+            print(f"{prefix} {' '.join(end.message.split())}", file=sys.stderr)
+            return end.code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-EXIT_SIGINT = 130  # cli.EXIT_SIGINT, without importing cli
+EXIT_SIGINT = 130  # outcome.EXIT_SIGINT, without importing it
 
 
 def main() -> int:

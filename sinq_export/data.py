@@ -41,9 +41,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .models import cache_dir
+from .folders import Tokenizer, cache_dir
 
 WIKIPEDIA_DUMP = (
     "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -144,7 +145,7 @@ def load_text(text_id: str) -> str:
 # --------------------------------------------------------------------------- perplexity
 
 
-def leading_token_ids(tokenizer, text: str, n: int) -> list[int]:  # noqa: ANN001
+def leading_token_ids(tokenizer: Tokenizer, text: str, n: int) -> list[int]:
     """The first ``n`` ids of ``tokenizer(text, add_special_tokens=False)`` (fewer if the text
     has fewer), tokenizing only a prefix of the text.
 
@@ -165,7 +166,7 @@ def leading_token_ids(tokenizer, text: str, n: int) -> list[int]:  # noqa: ANN00
 
 
 def token_windows(
-    tokenizer, text: str, n_windows: int = 4, length: int = 512, stride: int | None = None
+    tokenizer: Tokenizer, text: str, n_windows: int = 4, length: int = 512, stride: int | None = None
 ) -> torch.Tensor:
     """First ``n_windows`` token windows ``[n_windows, length]`` of ``text`` (int64).
 
@@ -188,12 +189,30 @@ def token_windows(
     return torch.stack([ids[i * stride : i * stride + length] for i in range(n_windows)])
 
 
+def summed_nll(logits: torch.Tensor | np.ndarray, tokens: torch.Tensor | np.ndarray) -> float:
+    """The one next-token NLL: summed over every prediction, in float64.
+
+    ``logits`` ``[..., L, V]`` and ``tokens`` ``[..., L]``: token ``j`` is predicted by the
+    logits at ``j - 1``, for ``j = 1..L-1`` (the last position predicts nothing). Every
+    perplexity (PyTorch or onnxruntime, `eval` or `validate`) is ``exp`` of this sum over the
+    number of predictions, so the numbers of two backends differ only by their logits.
+    """
+    logits = torch.as_tensor(logits)
+    tokens = torch.as_tensor(tokens)
+    if tokens.shape[-1] < 2 or tuple(logits.shape[:-1]) != tuple(tokens.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} do not score tokens {tuple(tokens.shape)}")
+    predicted = logits[..., :-1, :]
+    return torch.nn.functional.cross_entropy(
+        predicted.reshape(-1, logits.shape[-1]).double(), tokens[..., 1:].reshape(-1).long(),
+        reduction="sum").item()
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
     """``exp`` of the mean next-token NLL over all windows (each scored on its own).
 
     Token ``j`` of a window is predicted from tokens ``0..j-1`` of the same window, for
-    ``j = 1..L-1``; NLLs are summed in float64 so the result does not depend on batching.
+    ``j = 1..L-1``; NLLs are summed in float64 (`summed_nll`).
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n, L] with L >= 2, got {tuple(windows.shape)}")
@@ -202,11 +221,6 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     n_tokens = 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        targets = batch[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        n_tokens += targets.numel()
+        total_nll += summed_nll(model(input_ids=batch, use_cache=False).logits, batch)
+        n_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / n_tokens)

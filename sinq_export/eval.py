@@ -1,6 +1,6 @@
 """Perplexity on real text, in PyTorch and in onnxruntime, for float / RTN / SINQ models.
 
-Protocol (the one of ``../shared/README.md``, used for every number this module reports):
+Protocol (every number this module reports follows it, so any two are comparable):
 
 * text: ``sinq_export.data.load_text(text)`` - ``"wikipedia"`` is the cleaned English
   Wikipedia sample shipped in gensim's wheel (namespace-0, non-redirect pages, markup stripped
@@ -29,7 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .config import SinqConfig, check_bits
+from .contract import REFERENCE_DIR
+from .data import load_text, summed_nll, token_windows
+from .models import default_model_dir, load_causal_lm, read_config
+from .nn import quantize_model
+from .validate import PROVIDERS, ValidationError, _session, available_providers, read_export, run_ort_lm
+from .validate.core import _run_ort, check_export_runs, context_length, reference_model
+from .validate.runners import OrtSession
 from .validate.snapshot import while_unchanged
 
 PROTOCOL_DOC = ("first {n_windows} non-overlapping {length}-token windows (stride {length}) of the "
@@ -95,11 +106,9 @@ class PplTable:
 # ------------------------------------------------------------------------------ tokens
 
 
-def text_windows(tokenizer, text: str = "wikipedia", n_windows: int = 4, length: int = 512
-                 ) -> np.ndarray:  # noqa: ANN001
+def text_windows(tokenizer: PreTrainedTokenizerBase, text: str = "wikipedia", n_windows: int = 4,
+                 length: int = 512) -> np.ndarray:
     """``[n_windows, length]`` int64 token windows of the real text (see module docstring)."""
-    from .data import load_text, token_windows
-
     if n_windows < 1 or length < 2:
         raise ValueError(f"need n_windows >= 1 and length >= 2 (got {n_windows}, {length})")
     windows = token_windows(tokenizer, load_text(text), n_windows=n_windows, length=length)
@@ -120,34 +129,19 @@ def protocol(text: str, n_windows: int, length: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ perplexity
 
 
-def _nll_from_logits(logits: np.ndarray, window: np.ndarray) -> float:
-    """Summed NLL (float64) of ``window[1:]`` given ``logits[:-1]`` (``[L, V]``)."""
-    x = np.asarray(logits[:-1], dtype=np.float64)
-    m = x.max(-1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(x - m).sum(-1)))
-    return float((lse - x[np.arange(len(window) - 1), window[1:]]).sum())
-
-
-def torch_nll(model, windows: np.ndarray) -> tuple[float, int]:  # noqa: ANN001
+def torch_nll(model: torch.nn.Module, windows: np.ndarray) -> tuple[float, int]:
     """(total NLL, number of predictions) of a torch causal LM over the windows."""
-    import torch
-    import torch.nn.functional as F
-
     total, count = 0.0, 0
     with torch.inference_mode():
         for w in windows:
             ids = torch.as_tensor(np.asarray(w, dtype=np.int64))[None, :]
-            logits = model(input_ids=ids, use_cache=False).logits[0].double()
-            total += float(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
+            total += summed_nll(model(input_ids=ids, use_cache=False).logits[0], ids[0])
             count += ids.shape[1] - 1
     return total, count
 
 
-def ort_session(out_dir: str | Path, provider: str = "cpu"):
+def ort_session(out_dir: str | Path, provider: str = "cpu") -> ort.InferenceSession:
     """An onnxruntime session of an export folder's model (custom ops registered if used)."""
-    from .validate import PROVIDERS, ValidationError, _session, available_providers, read_export
-    from .validate.core import check_export_runs
-
     info = read_export(out_dir)
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDERS)}")
@@ -163,28 +157,27 @@ def ort_session(out_dir: str | Path, provider: str = "cpu"):
         raise ValidationError(f"{info.onnx_path}: onnxruntime cannot load it: {first}") from exc
 
 
-def ort_nll(session, windows: np.ndarray) -> tuple[float, int]:  # noqa: ANN001
+def ort_nll(session: OrtSession, windows: np.ndarray) -> tuple[float, int]:
     """(total NLL, predictions) of an ONNX causal LM; each full window with an empty past."""
-    from .validate import run_ort_lm
-
     total, count = 0.0, 0
     for w in windows:
         w = np.asarray(w, dtype=np.int64)
         run = run_ort_lm(session, w, [])
-        total += _nll_from_logits(run.logits, w)
+        total += summed_nll(run.logits, w)
         count += len(w) - 1
     return total, count
 
 
-def _result(label, bits, group_size, backend, nll_count, seconds, **kw) -> PplResult:  # noqa: ANN001
+def _result(label: str, bits: int | None, group_size: int | None, backend: str,
+            nll_count: tuple[float, int], seconds: float, **kw: Any) -> PplResult:
     total, count = nll_count
     mean = total / count
     return PplResult(label=label, bits=bits, group_size=group_size, backend=backend,
                      ppl=math.exp(mean), mean_nll=mean, n_predictions=count, seconds=seconds, **kw)
 
 
-def perplexity_torch(model, windows: np.ndarray, label: str = "model", bits: int | None = None,
-                     group_size: int | None = None, **kw) -> PplResult:  # noqa: ANN001
+def perplexity_torch(model: torch.nn.Module, windows: np.ndarray, label: str = "model",
+                     bits: int | None = None, group_size: int | None = None, **kw: Any) -> PplResult:
     start = time.perf_counter()
     nc = torch_nll(model, windows)
     return _result(label, bits, group_size, "torch", nc, time.perf_counter() - start, **kw)
@@ -193,12 +186,8 @@ def perplexity_torch(model, windows: np.ndarray, label: str = "model", bits: int
 def perplexity_onnx(out_dir: str | Path, windows: np.ndarray, provider: str = "cpu",
                     label: str | None = None) -> PplResult:
     """Perplexity of ``OUT_DIR/model.onnx`` in onnxruntime (label/bits from sinq_export.json)."""
-    from .validate import read_export
-
     info = read_export(out_dir)
     cfg = info.meta.get("config", {})
-    from .validate.core import _run_ort
-
     sess = ort_session(out_dir, provider)
     start = time.perf_counter()
     nc = _run_ort(ort_nll, sess, windows)
@@ -220,8 +209,6 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 
 
 def parse_bits(spec: str | Sequence[int]) -> list[int]:
-    from .config import check_bits
-
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     try:
         out = [int(str(b).strip()) for b in items if str(b).strip()]
@@ -258,8 +245,8 @@ def compare(
     n_windows: int = 4,
     length: int = 512,
     *,
-    model=None,  # noqa: ANN001
-    tokenizer=None,  # noqa: ANN001
+    model: torch.nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     config_overrides: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> PplTable:
@@ -268,12 +255,7 @@ def compare(
     Every linear but lm_head is quantized (SinqConfig defaults) with ``group_size``; ``rtn``
     is the plain min/max baseline (no energy refit) unless ``config_overrides`` says otherwise.
     """
-    from .config import SinqConfig
-    from .nn import quantize_model
-
     if model is None:
-        from .models import default_model_dir, load_causal_lm, read_config
-
         # before the model is loaded: a window past the context fails in a second, not after
         # minutes of loading and tens of GB of attention
         check_length(read_config(Path(model_dir or default_model_dir())), length)
@@ -305,12 +287,6 @@ def evaluate_export(out_dir: str | Path, backend: str = "onnxruntime", text: str
                     n_windows: int = 4, length: int = 512, provider: str = "cpu") -> PplTable:
     """Perplexity of an export folder: its ONNX model, or (``torch``) the reference `validate`
     rebuilds (source folder + ONNX tensors, or OUT_DIR/reference)."""
-    from transformers import AutoTokenizer
-
-    from .config import SinqConfig
-    from .validate import REFERENCE_DIR, ValidationError, read_export
-    from .validate.core import check_export_runs, context_length, reference_model
-
     info = read_export(out_dir)
     folder = Path(out_dir)
     context = context_length(info)

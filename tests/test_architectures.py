@@ -20,8 +20,8 @@ from _helpers import cpu_session, genai_greedy, greedy_without_eos
 from _models import ARCHS, make_model_dir
 
 from sinq_export import GraphConfig, SinqConfig
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 from sinq_export.export import export_causal_lm
-from sinq_export.export.files import MODEL_FILE
 from sinq_export.nn import quantize_model
 from sinq_export.validate.core import reference_model, validate
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
@@ -71,7 +71,7 @@ def test_export_matches_transformers(tmp_path, model_type, overrides):
     # genai's loop (shared KV buffer), EOS suppressed on both sides: all STEPS tokens compared
     assert genai_greedy(tmp_path / "out", prompt, STEPS) == greedy_without_eos(model, prompt, STEPS,
                                                                           tmp_path / "out")
-    manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "SinqLinear"}
     assert set(manifest["layers"]) == quantized
     # the validator's reference, rebuilt from the source folder + the ONNX tensors, is the same
@@ -152,8 +152,7 @@ def test_rotary_tables_are_transformers_own(tmp_path, rope):
 def test_supported_model_types_and_architectures_agree():
     """The export builder's model types and the loader's architecture names are one set."""
     from sinq_export.checkpoint import architecture_model_types
-    from sinq_export.export.builder import SUPPORTED_MODEL_TYPES
-    from sinq_export.models import SUPPORTED_ARCHITECTURES
+    from sinq_export.contract import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 
     types = [architecture_model_types(a) for a in SUPPORTED_ARCHITECTURES]
     assert all(len(t & set(SUPPORTED_MODEL_TYPES)) == 1 for t in types)

@@ -11,6 +11,7 @@ from _models import cached_tiny_export, needs_tokenizer, tiny_float_model, tiny_
 
 from sinq_export import eval as ev
 from sinq_export.cli import main
+from sinq_export.data import summed_nll
 
 
 def _windows(n_windows: int = 2, length: int = 24) -> np.ndarray:
@@ -48,13 +49,13 @@ def test_parse_methods_and_bits():
         ev.parse_bits("9")
 
 
-def test_nll_from_logits_matches_definition():
+def test_summed_nll_matches_definition():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(5, 7))
     window = rng.integers(0, 7, size=5)
     lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -sum(lp[i, window[i + 1]] for i in range(4))
-    assert ev._nll_from_logits(logits, window) == pytest.approx(expected, rel=1e-12)
+    assert summed_nll(logits, window) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from _helpers import PROMPT, STEPS, cpu_session, genai_greedy, greedy_without_eo
 from _models import FAMILIES, make_family_dir
 
 from sinq_export import GraphConfig, SinqConfig
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE, REFERENCE_DIR
 from sinq_export.export import ExportError, export_causal_lm
-from sinq_export.export.files import MODEL_FILE
 from sinq_export.models import ModelLoadError
 from sinq_export.nn import quantize_model
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
@@ -72,7 +72,7 @@ def test_graph_is_fused_and_manifest_names_real_tensors(exported):
     assert [i.name for i in model.graph.input][:4] == [
         "input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"]
     assert model.ir_version == 11
-    manifest = json.loads((root / "out" / "sinq_export.json").read_text())
+    manifest = json.loads((root / "out" / MANIFEST_FILE).read_text())
     inits = {t.name for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     produced = {o for n in model.graph.node for o in n.output}
@@ -82,7 +82,7 @@ def test_graph_is_fused_and_manifest_names_real_tensors(exported):
         assert layer["output"] in produced and layer["rows"] == [0, layer["shape"][0]]
         assert {v for v in layer["initializers"].values() if v} <= inits, name
     assert manifest["source"]["path"] == str((root / "hf").absolute())
-    assert not (root / "out" / "reference").exists()
+    assert not (root / "out" / REFERENCE_DIR).exists()
 
 
 def _check_qkv_packing(manifest: dict, out, packed: bool) -> None:

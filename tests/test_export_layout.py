@@ -14,13 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sinq_export.config import GraphConfig, SinqConfig
-from sinq_export.export import decoder
-from sinq_export.export.files import (
+from sinq_export.contract import (
     DATA_FILE_LIMIT,
+    MANIFEST_FILE,
     MODEL_FILE,
     TRANSFORMERS_JS_KEY,
     data_file_names,
 )
+from sinq_export.export import decoder
 from sinq_export.validate.runners import run_ort_lm
 
 COMMON_DIMS = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"}
@@ -68,7 +69,7 @@ def exports(tmp_path_factory):
 
 def test_folder_layout_and_dim_names(exports):
     whole, _, _ = exports
-    manifest = json.loads((whole / "sinq_export.json").read_text())["onnx"]
+    manifest = json.loads((whole / MANIFEST_FILE).read_text())["onnx"]
     assert manifest["file"] == MODEL_FILE == "onnx/model.onnx"
     assert manifest["data_files"] == ["onnx/model.onnx_data"]
     assert json.loads((whole / "genai_config.json").read_text())["model"]["decoder"][
@@ -89,7 +90,7 @@ def test_folder_layout_and_dim_names(exports):
 
 def test_split_folder_runs_the_same(exports):
     whole, split, limit = exports
-    files = json.loads((split / "sinq_export.json").read_text())["onnx"]["data_files"]
+    files = json.loads((split / MANIFEST_FILE).read_text())["onnx"]["data_files"]
     assert len(files) > 1 and files == [f"onnx/{n}" for n in data_file_names("model.onnx",
                                                                               len(files))]
     model = onnx.load(str(split / MODEL_FILE), load_external_data=False)

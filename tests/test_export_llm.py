@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from sinq_export.cli import EXIT_OK, EXIT_USAGE, main
-from sinq_export.export.files import MODEL_FILE
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE, REFERENCE_DIR
 from sinq_export.models import default_model_dir
 from sinq_export.validate.runners import run_ort_lm
 
@@ -57,8 +57,8 @@ def test_export_folder(export4):
     for name in (MODEL_FILE, MODEL_FILE + "_data", "config.json", "generation_config.json",
                  "tokenizer.json", "genai_config.json", "sinq_export.json"):
         assert (out / name).exists(), name
-    assert not (out / "reference").exists()
-    man = json.loads((out / "sinq_export.json").read_text())
+    assert not (out / REFERENCE_DIR).exists()
+    man = json.loads((out / MANIFEST_FILE).read_text())
     assert len(man["layers"]) == 212 and man["kind"] == "causal-lm"  # + lm_head + embedding
     head, table = man["layers"]["lm_head"], man["layers"]["model.embed_tokens"]
     assert man["graph"]["accuracy_level"] == 4 and (head["bits"], head["group_size"]) == (4, 32)

@@ -14,6 +14,7 @@ from torch import nn
 
 from sinq_export import ConfigError, SinqConfig
 from sinq_export.config import GraphConfig
+from sinq_export.contract import MANIFEST_FILE, REFERENCE_DIR
 from sinq_export.export import export_module
 from sinq_export.io import OutputExistsError, read_json
 from sinq_export.quant import packing
@@ -201,14 +202,14 @@ def test_manifest_and_files(mlp, tmp_path):
     _export(mlp, torch.randn(4, 128), tmp_path / "out", SinqConfig(bits=4, group_size=32))
     out = tmp_path / "out"
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
-    man = read_json(out / "sinq_export.json")
+    man = read_json(out / MANIFEST_FILE)
     assert man["kind"] == "module" and man["format_version"] == 2
     assert man["graph"] == GraphConfig().to_dict() and man["source"]["path"] is None
     assert man["onnx"]["ir_version"] == 10 and man["onnx"]["custom_domains"] == ["com.microsoft"]
-    assert str(tmp_path) not in (out / "sinq_export.json").read_text()
+    assert str(tmp_path) not in (out / MANIFEST_FILE).read_text()
     from sinq_export.nn import load_quantized
 
-    model, cfg = load_quantized(out / "reference", MLP())
+    model, cfg = load_quantized(out / REFERENCE_DIR, MLP())
     assert cfg.bits == 4 and model.fc1.bits == 4
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
@@ -270,15 +271,14 @@ def test_custom_runtime_graph(mlp, tmp_path, bits, col_scale):
         assert _rel_err(y, res.model(x)) <= 1e-4
 
 
-def test_summary_table(mlp, tmp_path, capsys):
-    from sinq_export.cli import _print_model_summary
+def test_summary_table(mlp, tmp_path):
+    from sinq_export.api import model_summary_lines
 
     res = _export(mlp, torch.randn(2, 128), tmp_path / "out", SinqConfig(bits=4, group_size=32))
     summary = res.summary()
     assert summary["layers_quantized"] == 3 and summary["layers_by_bits"] == {"4": 3}
     assert set(summary["timings_s"]) == {"float_export", "quantize", "rewrite", "write", "check"}
-    _print_model_summary(summary)
-    out = capsys.readouterr().out
+    out = "\n".join(model_summary_lines(summary))
     for word in ("layers quantized", "linear weights", "col-scale Mul nodes", "time", "total"):
         assert word in out
 

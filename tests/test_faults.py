@@ -48,9 +48,10 @@ from _helpers import (
 from _models import write_tiny_llama
 
 from sinq_export import io
-from sinq_export.cli import EXIT_OUTPUT, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, main
-from sinq_export.export.manifest import MANIFEST_FILE
+from sinq_export.cli import main
+from sinq_export.contract import MANIFEST_FILE
 from sinq_export.nn import QUANTIZED_MARKER, QUANTIZED_META_FILE
+from sinq_export.outcome import EXIT_OUTPUT, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -345,8 +346,8 @@ def test_signal_while_writing_removes_the_temp_folder(signum, tmp_path):
     script.write_text(
         "import sys, time\n"
         "from sinq_export import io\n"
-        "from sinq_export.cli import _signals_as_exceptions\n"
-        "with _signals_as_exceptions():\n"
+        "from sinq_export.outcome import signals_as_exceptions\n"
+        "with signals_as_exceptions():\n"
         "    try:\n"
         "        with io.atomic_output_dir(sys.argv[1]) as tmp:\n"
         "            for i in range(10000):\n"
@@ -479,6 +480,6 @@ def test_a_signal_whose_exception_an_extension_replaced_is_still_the_signal(monk
             raise TypeError("expected str, bytes or os.PathLike object, not BufferedWriter") from None
 
     monkeypatch.setitem(cli.COMMANDS, "eval", (cli.COMMANDS["eval"][0], run))
-    assert cli.main(["eval"]) == cli.EXIT_SIGTERM
+    assert cli.main(["eval"]) == EXIT_SIGTERM
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM" in err and "internal error" not in err

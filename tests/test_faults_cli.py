@@ -32,8 +32,9 @@ from _helpers import (
 )
 from _models import write_tiny_llama, write_tiny_qwen2
 
-from sinq_export.cli import EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, main
-from sinq_export.export.manifest import MANIFEST_FILE
+from sinq_export.cli import main
+from sinq_export.contract import MANIFEST_FILE
+from sinq_export.outcome import EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE
 
 WEIGHT_ONLY = ["--energy-refit", "0", "--lm-head-bits", "8"]  # no forward pass reads a tensor
 

@@ -17,7 +17,7 @@ from _helpers import QUANT_FLAGS, error_lines, tree_digest
 from _models import write_tiny_llama
 
 from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
-from sinq_export.export.files import MODEL_FILE, data_file_names
+from sinq_export.contract import CUSTOM_OP_LIBRARY, MANIFEST_FILE, MODEL_FILE, data_file_names
 from sinq_export.io import read_json
 from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
 
@@ -83,7 +83,7 @@ def _validate(out: Path, capsys) -> tuple[int, str, str]:
 
 
 def _layers(export: Path) -> dict[str, dict]:
-    return read_json(export / "sinq_export.json")["layers"]
+    return read_json(export / MANIFEST_FILE)["layers"]
 
 
 def test_the_undamaged_export_passes(export, capsys):
@@ -136,9 +136,9 @@ def test_a_damaged_norm_weight_fails_and_is_named(damaged, capsys):
 def test_a_manifest_with_damaged_digests_is_bad_input(damaged, capsys):
     import json
 
-    manifest = read_json(damaged / "sinq_export.json")
+    manifest = read_json(damaged / MANIFEST_FILE)
     manifest["tensor_sha256"] = ["not", "digests"]
-    (damaged / "sinq_export.json").write_text(json.dumps(manifest))
+    (damaged / MANIFEST_FILE).write_text(json.dumps(manifest))
     rc, out, err = _validate(damaged, capsys)
     assert rc == 2
     [line] = error_lines(err)
@@ -165,7 +165,7 @@ def custom_export(export, tmp_path_factory) -> Path:
     from sinq_export import runtime_ops
 
     runtime_ops.require("the custom-runtime fault cases")
-    src = Path(read_json(export / "sinq_export.json")["source"]["path"])
+    src = Path(read_json(export / MANIFEST_FILE)["source"]["path"])
     out = tmp_path_factory.mktemp("faults-validate-custom") / "out"
     assert main(["model", str(src), "-o", str(out), "--runtime", "custom", "--bits", "3",
                  *QUANT_FLAGS]) == 0  # 3-bit: stock MatMulNBits cannot run it
@@ -178,7 +178,7 @@ def _cases(export: Path, custom_export: Path, tmp_path: Path, case: str) -> tupl
     base = custom_export if case.startswith("custom") else export
     out = tmp_path / "out"
     shutil.copytree(base, out)
-    library = out / "libsinq_ops.so"
+    library = out / CUSTOM_OP_LIBRARY
     if case == "custom: library deleted":
         library.unlink()
         return out, f"{library}: missing (custom_ops_library of genai_config.json)"
@@ -186,10 +186,10 @@ def _cases(export: Path, custom_export: Path, tmp_path: Path, case: str) -> tupl
         library.write_bytes(library.read_bytes()[:4096])
         return out, f"{library}: onnxruntime cannot load this custom-op library"
     if case == "custom: library outside the folder":
-        _set_library(out, str(tmp_path / "libsinq_ops.so"))
+        _set_library(out, str(tmp_path / CUSTOM_OP_LIBRARY))
         return out, "is outside the export folder"
     if case == "stock: library named but missing":
-        _set_library(out, "libsinq_ops.so")
+        _set_library(out, CUSTOM_OP_LIBRARY)
         return out, f"{library}: missing (custom_ops_library of genai_config.json)"
     if case == "stock: decoder file renamed":
         config = _genai_config(out)
@@ -248,7 +248,7 @@ def test_a_folder_replaced_while_validating_is_reported(export, tmp_path, monkey
 
     out = tmp_path / "out"
     shutil.copytree(export, out)
-    src = Path(read_json(export / "sinq_export.json")["source"]["path"])
+    src = Path(read_json(export / MANIFEST_FILE)["source"]["path"])
     real_check = core.check_loadable
     swapped = []
 
@@ -302,7 +302,7 @@ def test_an_exporter_writing_a_wrong_folded_layer_fails_validate(export, layer, 
 
     meta = _layers(export)[layer]
     assert meta["output_scaled_by"] or meta["folded_into"] in _layers(export), meta
-    src = read_json(export / "sinq_export.json")["source"]["path"]
+    src = read_json(export / MANIFEST_FILE)["source"]["path"]
     monkeypatch.setattr(weights, "_part_func", _times_64_in_one_group(layer))
     out = tmp_path / "out"
     assert main(["model", src, "-o", str(out), "--embedding-bits", "4", *QUANT_FLAGS]) == 0

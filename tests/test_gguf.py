@@ -21,9 +21,10 @@ from _models import write_gguf, write_tiny_gemma3_gguf, write_tiny_llama_gguf
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from sinq_export import folders, models
 from sinq_export import gguf as sg
-from sinq_export import models
 from sinq_export.cli import main
+from sinq_export.contract import MANIFEST_FILE
 from sinq_export.models import ModelLoadError
 
 
@@ -176,7 +177,7 @@ def test_default_model_dir_uses_the_same_conversion(tmp_path, cache, monkeypatch
     calls: list = []
     monkeypatch.setattr(sg, "_dequantise_to_folder", _fake_dequantise(calls))
     path = write_gguf(tmp_path / "bundled.gguf")
-    monkeypatch.setattr(models, "find_bundled_gguf", lambda: path)
+    monkeypatch.setattr(folders, "find_bundled_gguf", lambda: path)
     final = models.default_model_dir()
     assert final == cache.resolve() / models.DEFAULT_MODEL_NAME and len(calls) == 1
     assert models.default_model_dir() == final and len(calls) == 1
@@ -185,7 +186,7 @@ def test_default_model_dir_uses_the_same_conversion(tmp_path, cache, monkeypatch
     other_copy = tmp_path / "other-venv" / "bundled.gguf"
     other_copy.parent.mkdir()
     shutil.copy2(path, other_copy)
-    monkeypatch.setattr(models, "find_bundled_gguf", lambda: other_copy)
+    monkeypatch.setattr(folders, "find_bundled_gguf", lambda: other_copy)
     assert sg.resolve_model_input(other_copy) == final and len(calls) == 1
     assert sg.resolve_model_input(other_copy.parent) == final and len(calls) == 1  # its folder
 
@@ -263,7 +264,7 @@ def test_tiny_gemma3_gguf_converts_exports_and_validates(tmp_path, cache, capsys
         got = fh.get_tensor("model.layers.1.post_feedforward_layernorm.weight")
     want = torch.from_numpy(np.asarray(norms["blk.1.post_ffw_norm.weight"].data)) - 1.0
     torch.testing.assert_close(got, want)
-    manifest = json.loads((out / "sinq_export.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["source"]["quantization"]["architecture"] == "gemma3"
     assert manifest["layers"]["lm_head"]["bits"] == 8
     report = validate(out, tokens=64, decode_steps=4)

@@ -25,7 +25,7 @@ from _models import qwen2_source
 
 from sinq_export.cli import main
 from sinq_export.config import GraphConfig, SinqConfig
-from sinq_export.export.files import MODEL_FILE
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 from sinq_export.validate import js
 from sinq_export.validate.metrics import compare_logits
 from sinq_export.validate.providers import ValidationError, tolerance_for
@@ -298,9 +298,9 @@ def test_a_missing_data_file_names_the_runtime(exported, tmp_path, capsys, runti
 def test_custom_op_exports_are_refused_up_front(exported, tmp_path, capsys):
     folder = tmp_path / "custom"
     shutil.copytree(exported[1], folder)
-    manifest = json.loads((folder / "sinq_export.json").read_text())
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
     manifest["onnx"]["custom_domains"] = ["com.microsoft", "sinq.ops"]
-    (folder / "sinq_export.json").write_text(json.dumps(manifest))
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     code = main(["validate", str(folder), "--providers", "cpu,wasm", "--tokens", "16"])
     _, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]

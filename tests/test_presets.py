@@ -12,8 +12,8 @@ from _models import FAMILIES, make_family_dir, tiny_tokenizer
 
 from sinq_export.cli import build_parser, main, preset_from_args
 from sinq_export.config import ConfigError, GraphConfig, SinqConfig
+from sinq_export.contract import MODEL_FILE
 from sinq_export.export import export_causal_lm
-from sinq_export.export.files import MODEL_FILE
 from sinq_export.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 

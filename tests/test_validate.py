@@ -13,7 +13,7 @@ from _models import cached_tiny_export, needs_tokenizer, tiny_tokens
 
 from sinq_export import validate as V
 from sinq_export.cli import main
-from sinq_export.export.files import MODEL_FILE
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 
 # ------------------------------------------------------------------ pure logic (no model)
 
@@ -113,7 +113,7 @@ def test_folded_column_scales_pass(tmp_path_factory):
     folded norms from the graph (the source norms lack t) and still matches."""
     folded = cached_tiny_export(tmp_path_factory, key="fold", col_scale="fold",
                                 shared_col_scale=True)
-    layers = json.loads((folded / "sinq_export.json").read_text())["layers"]
+    layers = json.loads((folded / MANIFEST_FILE).read_text())["layers"]
     targets = {m["folded_into"] for m in layers.values() if m["col_scale_mode"] == "fold"}
     assert any("layernorm" in str(t) for t in targets)  # q/k/v's shared t is in the norm
     r = V.validate(folded, token_ids=tiny_tokens(40), tokens=40, decode_steps=3)
@@ -128,7 +128,7 @@ def test_lead_fold_keeps_the_weight_check(tmp_path_factory, tmp_path, fixed_toke
     ratio. The weight check reads t back from the norm, so those layers keep it, and a flipped
     byte in a ratio layer (identical on both sides of the parity run) still fails there."""
     out = cached_tiny_export(tmp_path_factory, key="fold-lead", col_scale="fold")
-    layers = json.loads((out / "sinq_export.json").read_text())["layers"]
+    layers = json.loads((out / MANIFEST_FILE).read_text())["layers"]
     ratio = [n for n, m in layers.items() if m["col_scale_mode"] == "ratio"]
     assert "model.layers.1.self_attn.k_proj" in ratio
     r = V.validate(out, token_ids=tiny_tokens(40), tokens=40, decode_steps=3)
@@ -219,9 +219,9 @@ def test_mismatched_tokenizer_exit_2(tiny, tmp_path, fixed_tokens, capsys):
 def test_onnx_only_mode_without_a_recorded_source(tiny, tmp_path, fixed_tokens, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(tiny, bare)
-    meta = json.loads((bare / "sinq_export.json").read_text())
+    meta = json.loads((bare / MANIFEST_FILE).read_text())
     meta["source"] = {"path": None, "config_sha256": None}
-    (bare / "sinq_export.json").write_text(json.dumps(meta))
+    (bare / MANIFEST_FILE).write_text(json.dumps(meta))
     code = main(["validate", str(bare), "--tokens", "24", "--decode-steps", "2",
                  "--json", str(tmp_path / "o.json")])
     out = capsys.readouterr().out
@@ -241,7 +241,7 @@ def test_numpy_dequantization_matches_the_record(tiny):
 
     model = load_graph(tiny / MODEL_FILE)
     tensors = OnnxTensors(model, (tiny / MODEL_FILE).parent)
-    meta = json.loads((tiny / "sinq_export.json").read_text())["layers"]
+    meta = json.loads((tiny / MANIFEST_FILE).read_text())["layers"]
     name = "model.layers.1.self_attn.q_proj"
     node = next(n for n in model.graph.node if n.name == meta[name]["node"])
     d = V.dequantize_node(node, tensors)

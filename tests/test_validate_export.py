@@ -15,7 +15,7 @@ from _models import qwen2_source
 from sinq_export import validate as V
 from sinq_export.cli import main
 from sinq_export.config import SinqConfig
-from sinq_export.export.files import MODEL_FILE
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE, REFERENCE_DIR
 
 LAYERS = 2 * 7  # q k v o gate up down per layer
 
@@ -54,7 +54,7 @@ def _run(capsys, *argv):
 
 def test_reference_rebuilt_from_the_source_passes(exported):
     src, out = exported
-    assert not (out / "reference").exists()  # no second copy of the weights by default
+    assert not (out / REFERENCE_DIR).exists()  # no second copy of the weights by default
     r = V.validate(out, tokens=40, decode_steps=3, token_ids=np.arange(3, 43))
     assert r.mode == "reference" and r.passed, V.format_report(r)
     assert any(str(src) in n for n in r.notes)
@@ -81,11 +81,11 @@ def _damage(folder, how):
     elif how == "deleted-data":
         data.unlink()
     elif how == "corrupt-manifest":
-        (folder / "sinq_export.json").write_text('{"layers": ')
+        (folder / MANIFEST_FILE).write_text('{"layers": ')
     elif how == "missing-source":
-        meta = json.loads((folder / "sinq_export.json").read_text())
+        meta = json.loads((folder / MANIFEST_FILE).read_text())
         meta["source"]["path"] = str(folder.parent / "moved-away")
-        (folder / "sinq_export.json").write_text(json.dumps(meta))
+        (folder / MANIFEST_FILE).write_text(json.dumps(meta))
 
 
 DAMAGE = {

@@ -32,14 +32,13 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import OpBuilder, nn
 
+from ..contract import EMBEDDING_OP, STOCK_OP, SUPPORTED_MODEL_TYPES, custom_op_inputs
 from ..quant import packing
+from . import families
 from .graph import ExportError
-from .layout import EMBEDDING_OP, STOCK_OP, NodeChoice
+from .layout import NodeChoice
 from .rope import rope_sections, rope_type, transformers_tables, use_transformers_tables
 
-# model_types with tiny-model parity tests (tests/test_architectures.py); `families` holds the
-# per-family fixes around mobius (Gemma3's attention, Phi3's fused qkv_proj).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # Their RMSNorm weights enter the graph as ``1 + w``: no column scale folds into them.
 OFFSET_NORM_MODEL_TYPES = ("gemma3_text",)
 # rope_scaling / rope_parameters "rope_type" values whose transformers tables we ship and test
@@ -118,9 +117,8 @@ class SinqMatMul(nn.Module):
         if plan.col_scale_mul:
             x = op.Mul(x, self.col_scale)
         t = self.col_scale if plan.col_scale == "fused" else None
-        inputs = [x, self.qweight, self.scales, self.qzeros, t, self.bias]
-        while inputs[-1] is None:
-            inputs.pop()
+        inputs = custom_op_inputs({"A": x, "B": self.qweight, "scales": self.scales,
+                                   "zero_points": self.qzeros, "col_scale": t, "bias": self.bias})
         y = op.SinqMatMulNBits(*inputs, _domain=plan.choice.domain, **attrs)
         y.dtype = self.scales.dtype  # the graph's float type (custom ops carry no inference)
         # decoder activations are [batch, sequence, features]
@@ -154,9 +152,7 @@ def check_supported(config: Mapping, folder: object) -> str:
             raise ExportError(
                 f"{folder}: config.json {field}.rope_type={kind!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    from .families import check_family_config
-
-    check_family_config(config, folder)
+    families.check_family_config(config, folder)
     return model_type
 
 
@@ -164,8 +160,6 @@ def mobius_model(hf_config: object, dtype: ir.DataType = ir.DataType.FLOAT):
     """(mobius module, mobius config) for a transformers config; no weights involved."""
     from mobius._config_resolver import _config_from_hf  # the resolver mobius.build uses
     from mobius._registry import registry
-
-    from . import families
 
     families.check_window(hf_config, dtype)
     tables = transformers_tables(hf_config)  # refuses a rope a static table cannot hold

@@ -24,6 +24,18 @@ import onnx_ir as ir
 
 from ..checkpoint import Checkpoint
 from ..config import ConfigError, GraphConfig, SinqConfig
+from ..contract import (
+    CUSTOM_DOMAIN,
+    DATA_FILE_LIMIT,
+    DIM_NAMES,
+    EMBEDDING_OP,
+    FOLDED_T_FILE,
+    MODEL_FILE,
+    STOCK_DOMAIN,
+    STOCK_OP,
+    add_transformers_js_config,
+    data_file_names,
+)
 from ..io import atomic_output_dir, check_output, write_json
 from ..models import hub_offline, missing_tokenizer
 from ..nn import SHARED_INPUT_GROUPS, _joint_groups
@@ -33,18 +45,10 @@ from ..quant.core import kurtosis
 from ..quant.record import QuantizedWeight
 from . import builder
 from .diskspace import check_free_space, estimate_output_bytes
-from .files import (
-    DATA_FILE_LIMIT,
-    DIM_NAMES,
-    FOLDED_T_FILE,
-    MODEL_FILE,
-    add_transformers_js_config,
-    data_file_names,
-)
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
 from .graph import ExportError
-from .layout import CUSTOM_DOMAIN, EMBEDDING_OP, STOCK_DOMAIN, STOCK_OP, NodeChoice, choose_node
+from .layout import NodeChoice, choose_node
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -103,7 +107,7 @@ def _has_col_scale(names: tuple[str, ...], sources: Mapping[str, str], ckpt: Che
 
 def _norm_read_by(name: str) -> str | None:
     """The norm weight whose output ``name`` reads, in Llama-family decoders (every type in
-    `builder.SUPPORTED_MODEL_TYPES`): q/k/v (Phi3's fused qkv_proj) read ``input_layernorm``'s
+    `contract.SUPPORTED_MODEL_TYPES`): q/k/v (Phi3's fused qkv_proj) read ``input_layernorm``'s
     output, gate/up (gate_up_proj) ``post_attention_layernorm``'s, ``lm_head`` the final norm."""
     parent, _, leaf = name.rpartition(".")
     layer = parent.rpartition(".")[0]
@@ -397,7 +401,7 @@ def _onnx_section(model: ir.Model, data_files: Sequence[str]) -> dict:
 
 def rename_dims(model: ir.Model, names: Mapping[str, str] = DIM_NAMES) -> None:
     """Give every symbolic dim of the graph's values the name other runtimes resolve
-    (`files.DIM_NAMES`); dims not in ``names`` keep theirs."""
+    (`contract.DIM_NAMES`); dims not in ``names`` keep theirs."""
     values = [*model.graph.inputs, *model.graph.outputs,
               *(v for node in model.graph for v in node.outputs)]
     for value in values:

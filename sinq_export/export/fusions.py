@@ -24,7 +24,7 @@ from onnxscript.rewriter import rewrite
 from onnxscript.rewriter._basics import MatchFailureError
 from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleSet
 
-from .layout import STOCK_DOMAIN
+from ..contract import STOCK_DOMAIN
 
 QUANT_PARTS = ("qweight", "scales", "qzeros")
 PACKED_QKV = "qkv_proj"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .files import MODEL_FILE
+from ..contract import CUSTOM_OP_LIBRARY, MODEL_FILE
 
 DECODER_INPUTS = {
     "input_ids": "input_ids",
@@ -72,7 +72,5 @@ def genai_config(hf_config: Any, folder: Path, *, custom_ops: bool = False,
     config = gen.generate()
     config["search"]["do_sample"] = False
     if custom_ops:
-        from ..runtime_ops import LIB_NAME
-
-        config["model"]["decoder"]["session_options"]["custom_ops_library"] = LIB_NAME
+        config["model"]["decoder"]["session_options"]["custom_ops_library"] = CUSTOM_OP_LIBRARY
     return config

@@ -18,6 +18,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -86,7 +87,7 @@ class LinearSite:
         return self.node.name
 
 
-def _attr(node: onnx.NodeProto, name: str, default):  # noqa: ANN001, ANN202
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -122,7 +123,8 @@ def _weight_candidate(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, boo
     return name, transposed
 
 
-def _bias_after(node: onnx.NodeProto, out: str, n: int, index: GraphIndex):  # noqa: ANN202
+def _bias_after(node: onnx.NodeProto, out: str, n: int, index: GraphIndex
+                ) -> tuple[str, onnx.NodeProto] | tuple[None, None]:
     """The ``Add(out, bias[N])`` that follows a MatMul, when it is the output's only use."""
     users = index.consumers.get(out, [])
     if len(users) != 1 or out in index.graph_outputs:

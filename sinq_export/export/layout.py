@@ -12,14 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract import CUSTOM_DOMAIN, CUSTOM_OP, STOCK_DOMAIN, STOCK_OP
 from ..quant import packing
 from ..quant.record import QuantizedWeight
-
-STOCK_OP = "MatMulNBits"
-CUSTOM_OP = "SinqMatMulNBits"
-STOCK_DOMAIN = "com.microsoft"
-CUSTOM_DOMAIN = "sinq.ops"
-EMBEDDING_OP = "GatherBlockQuantized"
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,15 @@ from typing import Any
 import onnx
 
 from ..config import GraphConfig, SinqConfig
+from ..contract import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEYS, MODULE_DATA_FILE
+from ..contract import MODULE_ONNX_FILE as ONNX_FILE
+from ..gguf import source_quantization
 from ..io import Marker
 from .graph import custom_domains
 from .rewrite import RewriteReport
 
-FORMAT_VERSION = 2
-MANIFEST_FILE = "sinq_export.json"
-ONNX_FILE = "model.onnx"
 # What makes a folder recognisably our export (only such a folder is replaced by --overwrite).
-MANIFEST_MARKER = Marker(MANIFEST_FILE, ("format_version", "kind", "config", "layers"))
+MANIFEST_MARKER = Marker(MANIFEST_FILE, MANIFEST_KEYS)
 
 
 def versions() -> dict[str, str | None]:
@@ -46,7 +46,7 @@ def onnx_section(model: onnx.ModelProto) -> dict[str, Any]:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
         "file": ONNX_FILE,
-        "data_file": ONNX_FILE + ".data",
+        "data_file": MODULE_DATA_FILE,
         "ir_version": model.ir_version,
         "opset": opset,
         "inputs": [i.name for i in model.graph.input],
@@ -59,8 +59,6 @@ def source_section(folder: Path | None) -> dict[str, Any]:
     """Where the float weights came from: what `validate` rebuilds its reference from, and for
     a folder converted from a GGUF which quantization types that file held (re-quantizing
     already-quantized weights compounds their error: docs/gguf.md)."""
-    from ..gguf import source_quantization
-
     if folder is None:
         return {"path": None, "config_sha256": None, "quantization": None}
     digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()

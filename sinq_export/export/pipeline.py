@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 from torch import nn
@@ -23,6 +24,9 @@ from .reference import save_reference
 from .rewrite import LayerInput, quantize_graph
 from .stages import Stages
 from .writer import check_model, write_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def linear_fingerprints(model: nn.Module, config: SinqConfig) -> dict[str, str]:
@@ -44,7 +48,7 @@ def quantize_rewrite_write(
     overwrite: bool,
     reference: bool,
     progress: bool,
-    tokenizer=None,  # noqa: ANN001
+    tokenizer: PreTrainedTokenizerBase | None = None,
     extra_files: Callable[[Path], None] | None = None,
     protect: Sequence[Path] = (),
 ) -> dict:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..config import SinqConfig
+from ..contract import REFERENCE_DIR
 from ..nn import save_quantized
 
-REFERENCE_DIR = "reference"
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
-def save_reference(model: nn.Module, out_dir: Path, config: SinqConfig, tokenizer=None) -> Path:  # noqa: ANN001
+def save_reference(model: nn.Module, out_dir: Path, config: SinqConfig,
+                   tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     return save_quantized(model, out_dir / REFERENCE_DIR, config, tokenizer=tokenizer)

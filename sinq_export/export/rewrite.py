@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from ..config import GraphConfig
+from ..contract import STOCK_OP, custom_op_inputs
 from ..quant.record import QuantizedWeight
 from .folding import plan_col_scales
 from .graph import (
@@ -31,7 +32,7 @@ from .graph import (
     remove_dead_nodes,
     tensor,
 )
-from .layout import STOCK_OP, choose_node, quant_tensors
+from .layout import choose_node, quant_tensors
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,9 @@ def quantize_graph(
                                                   name=f"{base}/ColScaleMul"))
                     report.mul_nodes += 1
                 x = muls[key]
-            inputs = [x, b_name, s_name, z_name]
-            if choice.op != STOCK_OP and mode == "fused":
-                inputs.append(t_name)
+            fused_t = t_name if choice.op != STOCK_OP and mode == "fused" else None
+            inputs = custom_op_inputs({"A": x, "B": b_name, "scales": s_name,
+                                       "zero_points": z_name, "col_scale": fused_t})
             gemm_bias = site.node.op_type == "Gemm" and site.bias
             out = f"{site.output}_nobias" if gemm_bias else site.matmul_output
             nodes.append(quantized_node(

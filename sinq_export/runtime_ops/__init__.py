@@ -35,17 +35,22 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-DOMAIN = "sinq.ops"
-OP_TYPE = "SinqMatMulNBits"
-OPSET_VERSION = 1
+from .. import contract
+
+if TYPE_CHECKING:
+    from ..quant.record import QuantizedWeight
+
+DOMAIN = contract.CUSTOM_DOMAIN
+OP_TYPE = contract.CUSTOM_OP
+OPSET_VERSION = contract.CUSTOM_OPSET_VERSION
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
-LIB_NAME = "libsinq_ops.so"
-CUDA_LIB_NAME = "libsinq_ops_cuda.so"
-INPUT_NAMES = ("A", "B", "scales", "zero_points", "col_scale", "bias")
+LIB_NAME = contract.CUSTOM_OP_LIBRARY
+CUDA_LIB_NAME = contract.CUSTOM_OP_CUDA_LIBRARY
+INPUT_NAMES = contract.CUSTOM_OP_INPUTS
 
 _PKG_DIR = Path(__file__).resolve().parent
 _REPO_ROOT = _PKG_DIR.parent.parent
@@ -225,6 +230,37 @@ def make_node(
 # --------------------------------------------------------------------------------------------
 # NumPy reference
 # --------------------------------------------------------------------------------------------
+def record_from_arrays(
+    packed: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    *,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+) -> QuantizedWeight:
+    """The `QuantizedWeight` a quantized node's initializers hold (``zero_points`` None: the
+    op's default ``2^(bits-1)``), so its one dequantizer serves the op's reference and the
+    validator. ValueError when an array does not have the op's shape for ``K``/``N``/``bits``.
+    The arrays are copied: an initializer read from a graph is read-only, a tensor is not."""
+    import torch  # lazy for start-up time: the build command runs without importing torch
+
+    from sinq_export.quant import packing
+    from sinq_export.quant.record import QuantizedWeight
+
+    nb = packing.n_blocks(K, block_size)
+    if zero_points is None:
+        zeros = torch.full((N, nb), packing.default_zero_point(bits), dtype=torch.uint8)
+        zp = packing.pack_zero_points(zeros, bits)
+    else:
+        zp = torch.from_numpy(np.array(zero_points, dtype=np.uint8).reshape(N, -1))
+    return QuantizedWeight(
+        packed=torch.from_numpy(np.array(packed, dtype=np.uint8).reshape(N, nb, -1)),
+        scales=torch.from_numpy(np.asarray(scales).reshape(N, nb).astype(np.float32)),
+        zero_points=zp, col_scale=None, bits=bits, group_size=block_size, shape=(N, K))
+
+
 def reference_sinq_matmul(
     a: np.ndarray,
     packed: np.ndarray,
@@ -238,16 +274,12 @@ def reference_sinq_matmul(
     bits: int,
     block_size: int,
 ) -> np.ndarray:
-    """What ``SinqMatMulNBits`` computes, in NumPy (unpacking via :mod:`sinq_export.quant.packing`).
+    """What ``SinqMatMulNBits`` computes, in NumPy (the weight through `record_from_arrays`).
 
     ``W = (Q - z) * s`` is formed in float32 as MatMulNBits dequantises, ``A * col_scale`` in
     A's precision as the ``Mul`` node would, the product is accumulated in float64 and the
     result returned in A's dtype.
     """
-    import torch
-
-    from sinq_export.quant import packing
-
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} not in {SUPPORTED_BITS}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -255,40 +287,25 @@ def reference_sinq_matmul(
     a = np.asarray(a)
     if a.shape[-1] != K:
         raise ValueError(f"A has shape {a.shape}; its last dimension must be K={K}")
-    nb = packing.n_blocks(K, block_size)
-    packed = np.asarray(packed, dtype=np.uint8).reshape(N, nb, -1)
-    q = packing.unpack_codes(torch.from_numpy(np.ascontiguousarray(packed)), bits, block_size, K)
-    q = q.numpy().astype(np.float32)  # [N, K]
-    if zero_points is None:
-        z = np.full((N, nb), packing.default_zero_point(bits), dtype=np.float32)
-    else:
-        zp = np.ascontiguousarray(np.asarray(zero_points, dtype=np.uint8).reshape(N, -1))
-        z = packing.unpack_zero_points(torch.from_numpy(zp), bits, nb).numpy().astype(np.float32)
-    s = np.asarray(scales).reshape(N, nb).astype(np.float32)
-    col = np.arange(K) // block_size
-    w = (q - z[:, col]) * s[:, col]  # float32 [N, K]
+    record = record_from_arrays(packed, scales, zero_points, K=K, N=N, bits=bits,
+                                block_size=block_size)
+    return _matmul(a, record.dequantize_grouped().numpy(), col_scale, bias)
+
+
+def reference_from_record(a: np.ndarray, qw: QuantizedWeight, bias: np.ndarray | None = None) -> np.ndarray:
+    """:func:`reference_sinq_matmul` for a :class:`~sinq_export.quant.record.QuantizedWeight`."""
+    col_scale = None if qw.col_scale is None else qw.col_scale.float().numpy()
+    return _matmul(np.asarray(a), qw.dequantize_grouped().numpy(), col_scale, bias)
+
+
+def _matmul(a: np.ndarray, w: np.ndarray, col_scale: np.ndarray | None,
+            bias: np.ndarray | None) -> np.ndarray:
+    """``(A * col_scale) @ W^T + bias`` accumulated in float64, returned in A's dtype."""
     x = a if col_scale is None else a * np.asarray(col_scale, dtype=a.dtype)
     y = x.astype(np.float64) @ w.astype(np.float64).T
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64)
     return y.astype(a.dtype if a.dtype in (np.float16, np.float32) else np.float32)
-
-
-def reference_from_record(a: np.ndarray, qw, bias: np.ndarray | None = None) -> np.ndarray:
-    """:func:`reference_sinq_matmul` for a :class:`~sinq_export.quant.record.QuantizedWeight`."""
-    n, k = qw.shape
-    return reference_sinq_matmul(
-        a,
-        qw.packed.numpy(),
-        qw.scales.float().numpy(),
-        qw.zero_points.numpy(),
-        None if qw.col_scale is None else qw.col_scale.float().numpy(),
-        bias,
-        K=k,
-        N=n,
-        bits=qw.bits,
-        block_size=qw.group_size,
-    )
 
 
 __all__ = [
@@ -308,6 +325,7 @@ __all__ = [
     "is_available",
     "library_path",
     "make_node",
+    "record_from_arrays",
     "reference_from_record",
     "reference_sinq_matmul",
     "require",

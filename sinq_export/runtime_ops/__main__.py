@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import RuntimeOpsUnavailable, build, cuda_provider_available, is_available, library_path
+from . import (
+    RuntimeOpsUnavailable,
+    build,
+    cuda_provider_available,
+    is_available,
+    library_path,
+    session_options,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
             cuda = {"auto": None, "yes": True, "no": False}[args.cuda]
             print(build(force=args.force, cuda=cuda))
         else:
-            from . import session_options
-
             for cuda in (False, True):
                 if is_available(cuda=cuda):
                     session_options(cuda=cuda)

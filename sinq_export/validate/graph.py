@@ -5,14 +5,30 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import runtime_ops
+from ..contract import (
+    INPUT_B,
+    INPUT_BIAS,
+    INPUT_COL_SCALE,
+    INPUT_SCALES,
+    INPUT_ZERO_POINTS,
+    MATMUL_NBITS_BIAS,
+    MATMUL_NBITS_G_IDX,
+    MODULE_ONNX_FILE,
+    STOCK_OP,
+)
 from ..io import read_json
+from ..runtime_ops import record_from_arrays
 from .providers import CUSTOM_DOMAIN, EXPORT_META_FILE, PROVIDERS, QUANT_OPS, ValidationError
 from .rebuild import layer_node_name, layer_rows
 from .tensors import EXTERNAL_FOLDER_KEY, graph_bytes
+
+if TYPE_CHECKING:
+    import onnx
 
 # ------------------------------------------------------------------------------ export folder
 
@@ -49,7 +65,7 @@ def read_export(out_dir: str | Path) -> ExportInfo:
     if not isinstance(meta, dict) or not isinstance(meta.get("layers", {}), dict):
         raise ValidationError(f"{meta_file}: not a sinq-export manifest (no 'layers' object)")
     onnx_meta = meta.get("onnx") or {}
-    onnx_path = out_dir / str(onnx_meta.get("file", "model.onnx"))
+    onnx_path = out_dir / str(onnx_meta.get("file", MODULE_ONNX_FILE))
     if not onnx_path.is_file():
         raise ValidationError(f"{out_dir}: {onnx_path.name} is missing")
     # format 2 keeps the graph settings in "graph"; format 1 had them in "config"
@@ -138,12 +154,6 @@ def _session_options(info: ExportInfo, provider: str = "cpu"):
     import onnxruntime as ort
 
     if CUSTOM_DOMAIN in info.custom_domains:
-        try:
-            from .. import runtime_ops
-        except ImportError as exc:
-            raise ValidationError(
-                f"{info.onnx_path} uses custom domain {CUSTOM_DOMAIN!r} but "
-                f"sinq_export.runtime_ops is not available ({exc})") from exc
         try:
             opts = runtime_ops.session_options(cuda=provider == "cuda")
         except runtime_ops.RuntimeOpsUnavailable as exc:
@@ -244,7 +254,8 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
         rows = layer_rows(meta, node)
         output = meta.get("output") or meta.get("onnx_output") or node.output[0]
         # the compared tensor holds the bias when the node takes it or when it is the Add after it
-        with_bias = output != node.output[0] or (len(node.input) > 5 and bool(node.input[5]))
+        with_bias = output != node.output[0] or (len(node.input) > INPUT_BIAS
+                                                 and bool(node.input[INPUT_BIAS]))
         sites.append(_LayerSite(name, node, output, local_input, has_t,
                                 meta.get("output_scaled_by"), order, meta,
                                 rows=None if rows == (0, int(_attr(node, "N"))) else rows,
@@ -253,19 +264,14 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
     return sites
 
 
-def dequantize_node(node, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """NumPy dequantisation of a MatMulNBits / SinqMatMulNBits node's initializers.
+def dequantize_node(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """A MatMulNBits / SinqMatMulNBits node's initializers, dequantised by the record they hold.
 
-    Returns ``W`` (float64 ``[N, K]``, ``(Q - z) * s``), ``col_scale`` (``[K]`` or None, the
-    custom op's fused t) and ``bias`` (``[N]`` or None).
+    Returns ``W`` (float64 ``[N, K]``, ``(Q - z) * s`` formed in float32 as the runtimes do),
+    ``col_scale`` (``[K]`` or None, the custom op's fused t) and ``bias`` (``[N]`` or None).
     """
-    import torch
-
-    from ..quant import packing
-
     k, n = int(_attr(node, "K")), int(_attr(node, "N"))
     bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
-    nb = packing.n_blocks(k, bs)
 
     def get(i: int) -> np.ndarray | None:
         if i < len(node.input) and node.input[i]:
@@ -274,30 +280,24 @@ def dequantize_node(node, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray 
             return inits[node.input[i]]
         return None
 
-    b = get(1)
-    scales = get(2).astype(np.float64).reshape(n, nb)
-    extra = [get(i) for i in range(3, len(node.input))]
-    zp = col_scale = bias = None
-    if node.op_type == "MatMulNBits":
-        zp = extra[0] if extra else None
-        if len(extra) > 1 and extra[1] is not None:
+    col_scale = bias = None
+    if node.op_type == STOCK_OP:
+        if get(MATMUL_NBITS_G_IDX) is not None:
             raise ValidationError(f"node {node.name}: g_idx is not supported by the NumPy reference")
-        bias = extra[2] if len(extra) > 2 else None
-    else:  # SinqMatMulNBits: A, B, scales, zero_points, col_scale, bias (all but A/B/s optional)
-        zp, col_scale, bias = (extra + [None, None, None])[:3]
-    codes = packing.unpack_codes(torch.from_numpy(np.array(b, copy=True).reshape(n, nb, -1)),
-                                 bits, bs, k).numpy().astype(np.float64)
-    if zp is None:
-        z = np.full((n, nb), packing.default_zero_point(bits), dtype=np.float64)
-    elif zp.dtype == np.uint8:
-        z = packing.unpack_zero_points(torch.from_numpy(np.array(zp, copy=True).reshape(n, -1)),
-                                       bits, nb).numpy().astype(np.float64)
+        bias = get(MATMUL_NBITS_BIAS)
     else:
-        z = zp.astype(np.float64).reshape(n, nb)
-    g = np.repeat(np.arange(nb), bs)[:k]
-    w = (codes - z[:, g]) * scales[:, g]
+        col_scale, bias = get(INPUT_COL_SCALE), get(INPUT_BIAS)
+    zp = get(INPUT_ZERO_POINTS)
+    if zp is not None and zp.dtype != np.uint8:
+        raise ValidationError(f"node {node.name}: float zero points are not supported by the NumPy "
+                              "reference")
+    try:
+        record = record_from_arrays(get(INPUT_B), get(INPUT_SCALES), zp, K=k, N=n, bits=bits,
+                                    block_size=bs)
+    except ValueError as exc:
+        raise ValidationError(f"node {node.name}: {exc}") from exc
     return {
-        "W": w,
+        "W": record.dequantize_grouped().numpy().astype(np.float64),
         "col_scale": None if col_scale is None else col_scale.astype(np.float64).reshape(k),
         "bias": None if bias is None else bias.astype(np.float64).reshape(n),
     }

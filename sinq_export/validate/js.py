@@ -21,13 +21,22 @@ import shutil
 import subprocess
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .providers import CUSTOM_DOMAIN, JS_PROVIDERS, ValidationError
+from .metrics import compare_logits
+from .providers import CUSTOM_DOMAIN, JS_PROVIDERS, WEIGHT_STEP_LIMIT, ValidationError, tolerance_for
+from .report import LayerResult, ProviderResult
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .graph import ExportInfo
+    from .runners import _LMRun
 
 # The tolerance row each JavaScript runtime is held to (`providers.tolerance_for`):
 # onnxruntime-node runs the native CPU kernels; the WASM build runs the same MLAS code compiled
@@ -88,7 +97,7 @@ class JsRun:
     info: dict[str, Any] = field(default_factory=dict)  # runtime, version, backend, adapter...
 
 
-def past_specs(model) -> list[dict]:  # noqa: ANN001
+def past_specs(model: onnx.ModelProto) -> list[dict]:
     """``[{name, dims}]`` of the past inputs with an empty sequence axis (from the graph)."""
     specs = []
     for value in model.graph.input:
@@ -102,7 +111,7 @@ def past_specs(model) -> list[dict]:  # noqa: ANN001
     return specs
 
 
-def data_locations(model) -> list[str]:  # noqa: ANN001
+def data_locations(model: onnx.ModelProto) -> list[str]:
     """The graph's external-data files, relative to the graph's folder, in first-use order."""
     locations: dict[str, None] = {}
     for tensor in model.graph.initializer:
@@ -112,7 +121,7 @@ def data_locations(model) -> list[str]:  # noqa: ANN001
     return list(locations)
 
 
-def run_js(runtime: str, model, graph_file: Path, prefill: np.ndarray,  # noqa: ANN001
+def run_js(runtime: str, model: onnx.ModelProto, graph_file: Path, prefill: np.ndarray,
            decode: list[int] | int, graph_bytes: bytes | None = None, threads: int = 1,
            timeout: float = DEFAULT_TIMEOUT_S) -> JsRun:
     """Prefill + decode steps of the graph at ``graph_file`` (or ``graph_bytes``, whose data
@@ -168,7 +177,7 @@ def _run_node(job: dict, graph: Path, data_dir: Path, work: Path, timeout: float
                          what="onnxruntime-node")
 
 
-def load_server():  # noqa: ANN201
+def load_server() -> types.ModuleType:
     """``js/serve.py`` (standard library only) as a module."""
     spec = importlib.util.spec_from_file_location("sinq_js_serve", js_dir() / "serve.py")
     module = importlib.util.module_from_spec(spec)
@@ -176,7 +185,7 @@ def load_server():  # noqa: ANN201
     return module
 
 
-def _run_browser(job: dict, runtime: str, model, graph: Path, data_dir: Path,  # noqa: ANN001
+def _run_browser(job: dict, runtime: str, model: onnx.ModelProto, graph: Path, data_dir: Path,
                  work: Path, timeout: float) -> dict:
     backend = "webgpu" if runtime == "web-webgpu" else "wasm"
     served = graph.parent == data_dir
@@ -208,10 +217,10 @@ def describe(info: dict) -> str:
     return text
 
 
-def js_provider_result(name: str, info, model, prefill: np.ndarray | None,  # noqa: ANN001
-                       decode_tokens: list[int] | None, ref_run, level: int,  # noqa: ANN001
+def js_provider_result(name: str, info: ExportInfo, model: onnx.ModelProto, prefill: np.ndarray | None,
+                       decode_tokens: list[int] | None, ref_run: _LMRun | None, level: int,
                        override: bytes | None,
-                       weight_check: dict[str, float | None]):  # noqa: ANN201
+                       weight_check: dict[str, float | None]) -> ProviderResult:
     """One JavaScript runtime's `ProviderResult`: the reference's prefill + decode tokens fed,
     its logits compared with the PyTorch reference's (the caller applies the verdict to a
     result with ``end_to_end``; otherwise it is skipped, with the reason).
@@ -220,10 +229,6 @@ def js_provider_result(name: str, info, model, prefill: np.ndarray | None,  # no
     weights' distance from the source (``weight_check``, quantization steps per layer) is part
     of every JavaScript runtime's verdict too.
     """
-    from .metrics import compare_logits
-    from .providers import WEIGHT_STEP_LIMIT, tolerance_for
-    from .report import LayerResult, ProviderResult
-
     pr = ProviderResult(provider=name, ort_provider=JS_PROVIDERS[name], status="skipped",
                         accuracy_level=level, dtype=info.dtype)
     if info.kind != "causal-lm":

@@ -1,4 +1,4 @@
-"""Parity metrics on logits and layer outputs (NumPy only)."""
+"""Parity metrics on logits and layer outputs (NumPy; perplexity through the one NLL)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..data import summed_nll
 
 # ------------------------------------------------------------------------------ metrics
 
@@ -57,14 +59,12 @@ class EndToEnd:
     ppl_delta_rel: float | None = None
 
 
-def perplexity_from_logits(logits: np.ndarray, tokens: np.ndarray, is_logp: bool = False) -> float:
+def perplexity_from_logits(logits: np.ndarray, tokens: np.ndarray) -> float:
     """exp(mean NLL) of ``tokens[1:]`` given ``logits[:-1]`` (one sequence, ``[T, V]``)."""
-    tokens = np.asarray(tokens).reshape(-1)
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if len(tokens) < 2:
         return math.nan
-    logp = logits[: len(tokens) - 1] if is_logp else _log_softmax(logits[: len(tokens) - 1])
-    nll = -logp[np.arange(len(tokens) - 1), tokens[1:]]
-    return float(math.exp(nll.mean()))
+    return math.exp(summed_nll(np.asarray(logits)[: len(tokens)], tokens) / (len(tokens) - 1))
 
 
 def compare_logits(
@@ -99,8 +99,8 @@ def compare_logits(
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     out.kl_mean, out.kl_max = float(kl.mean()), float(kl.max())
     if prefill_tokens is not None and n_prefill >= 2:
-        out.ppl_torch = perplexity_from_logits(lp[:n_prefill], prefill_tokens, is_logp=True)
-        out.ppl_ort = perplexity_from_logits(lq[:n_prefill], prefill_tokens, is_logp=True)
+        out.ppl_torch = perplexity_from_logits(ref[:n_prefill], prefill_tokens)
+        out.ppl_ort = perplexity_from_logits(test[:n_prefill], prefill_tokens)
         out.ppl_delta_rel = abs(out.ppl_ort - out.ppl_torch) / out.ppl_torch
     return out
 

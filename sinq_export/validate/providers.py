@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-EXPORT_META_FILE = "sinq_export.json"
-REFERENCE_DIR = "reference"
-QUANT_OPS = ("MatMulNBits", "SinqMatMulNBits")
-CUSTOM_DOMAIN = "sinq.ops"
+from .. import contract
+
+EXPORT_META_FILE = contract.MANIFEST_FILE
+REFERENCE_DIR = contract.REFERENCE_DIR
+QUANT_OPS = contract.QUANT_OPS
+CUSTOM_DOMAIN = contract.CUSTOM_DOMAIN
 
 # Short provider names accepted on the command line -> onnxruntime provider names.
 PROVIDERS: dict[str, str] = {

@@ -24,17 +24,25 @@ import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
+from ..contract import CUSTOM_OP, INPUT_COL_SCALE
 from ..models import ModelLoadError, hub_offline
 from ..nn import SinqLinear
 from ..quant import packing
 from ..quant.core import tied_rows
 from ..quant.record import QuantizedWeight
 from .providers import REFERENCE_DIR, ValidationError
+
+if TYPE_CHECKING:
+    import onnx
+
+# A graph's initializers by name (`tensors.OnnxTensors`, or a plain dict in tests).
+Tensors = Mapping[str, np.ndarray]
 
 
 class _PackedSinqLinear(SinqLinear):
@@ -107,7 +115,7 @@ def _check_same_config(folder: Path, want_sha: str | None, what: str) -> None:
 # ------------------------------------------------------------------------------ ONNX -> record
 
 
-def _attr(node, name: str, default=None):  # noqa: ANN001
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     from onnx import helper
 
     for a in node.attribute:
@@ -169,7 +177,7 @@ def record_from_node(node, tensors, rows: tuple[int, int] | None = None,
     )
 
 
-def layer_rows(meta: dict, node) -> tuple[int, int]:  # noqa: ANN001
+def layer_rows(meta: dict, node: onnx.NodeProto) -> tuple[int, int]:
     rows = meta.get("rows")
     return (0, int(_attr(node, "N"))) if rows is None else (int(rows[0]), int(rows[1]))
 
@@ -179,13 +187,13 @@ def layer_node_name(meta: dict) -> str | None:
     return meta.get("node") or meta.get("onnx_node")
 
 
-def layer_col_scale(meta: dict, node) -> str | None:  # noqa: ANN001
+def layer_col_scale(meta: dict, node: onnx.NodeProto) -> str | None:
     """Initializer name of ``t`` for this layer, if the graph applies one in front of it."""
     inits = meta.get("initializers") or {}
     if inits.get("col_scale"):
         return inits["col_scale"]
-    if node.op_type == "SinqMatMulNBits" and len(node.input) > 4 and node.input[4]:
-        return node.input[4]
+    if node.op_type == CUSTOM_OP and len(node.input) > INPUT_COL_SCALE and node.input[INPUT_COL_SCALE]:
+        return node.input[INPUT_COL_SCALE]
     return None
 
 
@@ -319,7 +327,7 @@ def quantization_steps(weight: torch.Tensor, record: QuantizedWeight, rms: bool 
     return float(steps.square().mean().sqrt() if rms else steps.max())
 
 
-def _folded_norm_t(ckpt: Checkpoint, tensors, norm: str) -> torch.Tensor:  # noqa: ANN001
+def _folded_norm_t(ckpt: Checkpoint, tensors: Tensors, norm: str) -> torch.Tensor:
     """The t folded into a norm weight: the graph's weight over the source's (NaN where the
     source weight is 0 and t cannot be read back)."""
     weight = norm if norm.endswith(".weight") else norm + ".weight"
@@ -329,7 +337,7 @@ def _folded_norm_t(ckpt: Checkpoint, tensors, norm: str) -> torch.Tensor:  # noq
     return t
 
 
-def _checkable_record(ckpt: Checkpoint, layers: dict[str, dict], name: str, tensors,  # noqa: ANN001
+def _checkable_record(ckpt: Checkpoint, layers: dict[str, dict], name: str, tensors: Tensors,
                       record: QuantizedWeight, folded_t: Mapping[str, torch.Tensor]
                       ) -> QuantizedWeight | None:
     """``record`` with the t it is quantized against and its own scales, or None when the
@@ -378,8 +386,8 @@ def read_folded_t(out_dir: Path, meta: Mapping) -> dict[str, torch.Tensor]:
         raise ValidationError(f"{path}: cannot read the folded column scales ({exc})") from None
 
 
-def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,  # noqa: ANN001
-                 compensated: Collection[str] = (), tensors=None,
+def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,
+                 compensated: Collection[str] = (), tensors: Tensors | None = None,
                  folded_t: Mapping[str, torch.Tensor] | None = None) -> dict[str, float | None]:
     """`quantization_steps` of every layer against the source weight (one at a time).
 
@@ -402,7 +410,7 @@ def weight_steps(ckpt: Checkpoint, layers: dict[str, dict], modules: dict,  # no
     return out
 
 
-def _graph_bias(meta: dict, node, tensors) -> torch.Tensor:  # noqa: ANN001
+def _graph_bias(meta: dict, node: onnx.NodeProto, tensors: Tensors) -> torch.Tensor:
     """The graph's bias of a row-scaled layer (it carries the other layer's t, the source's
     does not): ``<owner>.bias``, this layer's rows of it when the node is packed."""
     owner = meta["initializers"]["packed"].removesuffix(".qweight")
@@ -415,7 +423,7 @@ def _graph_bias(meta: dict, node, tensors) -> torch.Tensor:  # noqa: ANN001
     return torch.from_numpy(bias[start:stop])
 
 
-def _embedding_table(meta: dict, tensors) -> torch.Tensor:  # noqa: ANN001
+def _embedding_table(meta: dict, tensors: Tensors) -> torch.Tensor:
     """``(Q - z) * s * t`` of a GatherBlockQuantized record (what the gather returns per row)."""
     names = meta["initializers"]
     n, k = meta["shape"]

@@ -5,11 +5,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..data import load_text, token_windows
+from ..folders import Tokenizer
 from .graph import _NP_OF_ONNX
 from .providers import ValidationError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from transformers.utils import ModelOutput
+
+
+class OrtSession(Protocol):
+    """What the runners need of an onnxruntime session (a wrapper that fixes its past's shape,
+    as the benchmarks use, is one too)."""
+
+    def get_inputs(self) -> list[Any]: ...
+
+    def get_outputs(self) -> list[Any]: ...
+
+    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]) -> list[Any]: ...
 
 # ------------------------------------------------------------------------------ running
 
@@ -59,7 +78,7 @@ def _step_feed(input_names: dict, ids: np.ndarray, done: int, past: dict) -> dic
     return feed
 
 
-def prefill_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
+def prefill_feed(session: OrtSession, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The inputs that run the tokens ``ids`` from an empty cache (what a calibration reader of
     onnxruntime's own quantizers feeds: bench/ppl_table.py, row ort_gptq)."""
     pasts, _ = _past_specs(session)
@@ -68,7 +87,7 @@ def prefill_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:  # noqa: AN
                       np.asarray(ids, dtype=np.int64), 0, past)
 
 
-def run_ort_lm(session, prefill: np.ndarray, decode: Sequence[int] | int,
+def run_ort_lm(session: OrtSession, prefill: np.ndarray, decode: Sequence[int] | int,
                capture: Sequence[str] = ()) -> _LMRun:
     """Prefill ``prefill`` with an empty past, then feed ``decode`` tokens one at a time.
 
@@ -102,7 +121,7 @@ def run_ort_lm(session, prefill: np.ndarray, decode: Sequence[int] | int,
     return run
 
 
-def _cache_kwargs(out) -> dict:  # noqa: ANN001
+def _cache_kwargs(out: ModelOutput) -> dict:
     """The KV cache of a transformers output, under the name this version takes (``cache``
     since 5.24; ``past_key_values`` before, deprecated after)."""
     if "cache" in getattr(out, "__dataclass_fields__", {}):
@@ -118,7 +137,7 @@ def run_torch_lm(model, prefill: np.ndarray, decode_steps: int, hook_layers: dic
     captures: dict[str, list] = {n: [] for n in (hook_layers or {})}
     handles = []
     for name, module in (hook_layers or {}).items():
-        def hook(mod, args, out, name=name):  # noqa: ANN001
+        def hook(mod: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
             captures[name].append(out.detach().float().reshape(-1, out.shape[-1]).numpy().copy())
         handles.append(module.register_forward_hook(hook))
     logits, fed = [], []
@@ -149,10 +168,8 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def validation_tokens(tokenizer, n: int, text: str = "wikipedia") -> np.ndarray:  # noqa: ANN001
+def validation_tokens(tokenizer: Tokenizer, n: int, text: str = "wikipedia") -> np.ndarray:
     """The first ``n`` tokens of the cleaned real text (`sinq_export.data`), no special tokens."""
-    from ..data import load_text, token_windows
-
     windows = token_windows(tokenizer, load_text(text), n_windows=1, length=n)
     first = windows[0]
     return np.asarray(first.tolist() if hasattr(first, "tolist") else first, dtype=np.int64).reshape(-1)
@@ -191,14 +208,15 @@ def module_feeds(model, size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def run_torch_module(module, feeds: dict[str, np.ndarray], model, hook_layers: dict) -> _LMRun:  # noqa: ANN001
+def run_torch_module(module: torch.nn.Module, feeds: dict[str, np.ndarray], model: onnx.ModelProto,
+                     hook_layers: dict) -> _LMRun:
     """Run a plain torch module on the feeds (graph input order); first output + hooks."""
     import torch
 
     captures: dict[str, list] = {n: [] for n in hook_layers}
     handles = []
     for name, m in hook_layers.items():
-        def hook(mod, args, out, name=name):  # noqa: ANN001
+        def hook(mod: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
             captures[name].append(out.detach().float().reshape(-1, out.shape[-1]).numpy().copy())
         handles.append(m.register_forward_hook(hook))
     try:
@@ -212,7 +230,7 @@ def run_torch_module(module, feeds: dict[str, np.ndarray], model, hook_layers: d
     return _LMRun(y.reshape(-1, y.shape[-1]), {n: np.concatenate(v) for n, v in captures.items()})
 
 
-def run_ort_module(session, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> _LMRun:
+def run_ort_module(session: OrtSession, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> _LMRun:
     capture = list(dict.fromkeys(capture))
     first = session.get_outputs()[0].name
     res = session.run([first, *capture], feeds)

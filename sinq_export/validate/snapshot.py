@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ def folder_state(folder: Path) -> tuple | None:
     return (top.st_dev, top.st_ino, *sorted(entries))
 
 
-def _entries(folder: Path, prefix: str):  # noqa: ANN202
+def _entries(folder: Path, prefix: str) -> Iterator[tuple[str, int, int, int]]:
     with os.scandir(folder) as it:
         for entry in it:
             st = entry.stat(follow_symlinks=False)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .providers import ValidationError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def load_graph(path: Path):
@@ -46,7 +50,7 @@ def _graph_tensors(model) -> Iterator:
 _CHUNK = 1 << 24  # bytes read at a time when hashing external data
 
 
-def _inline_bytes(proto) -> bytes:  # noqa: ANN001
+def _inline_bytes(proto: onnx.TensorProto) -> bytes:
     from onnx import numpy_helper
 
     return proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
