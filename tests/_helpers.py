@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from sinq_export.cli import main
-from sinq_export.contract import MODEL_FILE, MODEL_NAME
-from sinq_export.export.manifest import MANIFEST_FILE
+from sinq_export.contract import MANIFEST_FILE, MODEL_FILE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
