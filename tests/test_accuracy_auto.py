@@ -22,11 +22,11 @@ from sinq_export.config import ConfigError
 from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 from sinq_export.export import export_causal_lm
 from sinq_export.export.accuracy import INT8_TOLERANCE, choose_levels, shared_input_groups
+from sinq_export.onnx_tensors import OnnxTensors, load_graph
 from sinq_export.presets import PRESETS
 from sinq_export.validate.core import validate
 from sinq_export.validate.graph import read_export
 from sinq_export.validate.rebuild import build_reference, norm_folds
-from sinq_export.validate.tensors import OnnxTensors, load_graph
 
 LOUD = ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")
 CFG = SinqConfig(group_size=32, lm_head_bits=8)

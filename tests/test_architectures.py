@@ -23,9 +23,9 @@ from sinq_export import GraphConfig, SinqConfig
 from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 from sinq_export.export import export_causal_lm
 from sinq_export.nn import quantize_model
+from sinq_export.onnx_tensors import OnnxTensors
 from sinq_export.validate.core import reference_model, validate
 from sinq_export.validate.runners import run_ort_lm, run_torch_lm
-from sinq_export.validate.tensors import OnnxTensors
 
 STEPS = 16
 PROMPT = [5, 17, 99, 3, 42, 250, 7, 18, 64, 11, 12, 77]  # 12 + 16 tokens: past any window below

@@ -236,8 +236,8 @@ def test_onnx_only_mode_without_a_recorded_source(tiny, tmp_path, fixed_tokens, 
 @needs_tokenizer
 def test_numpy_dequantization_matches_the_record(tiny):
     """The ONNX-only NumPy dequantisation and the reference's torch records agree exactly."""
+    from sinq_export.onnx_tensors import OnnxTensors, load_graph
     from sinq_export.validate.rebuild import layer_col_scale, layer_rows, record_from_node
-    from sinq_export.validate.tensors import OnnxTensors, load_graph
 
     model = load_graph(tiny / MODEL_FILE)
     tensors = OnnxTensors(model, (tiny / MODEL_FILE).parent)

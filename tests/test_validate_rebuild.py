@@ -20,9 +20,9 @@ from onnx import helper, numpy_helper
 from sinq_export.checkpoint import Checkpoint
 from sinq_export.config import SinqConfig
 from sinq_export.nn import quantize_model, quantized_layers
+from sinq_export.onnx_tensors import EXTERNAL_FOLDER_KEY, OnnxTensors, graph_bytes, load_graph
 from sinq_export.validate import ValidationError
 from sinq_export.validate.rebuild import build_reference, config_sha256, resolve_source
-from sinq_export.validate.tensors import EXTERNAL_FOLDER_KEY, OnnxTensors, graph_bytes, load_graph
 
 
 def tiny_llama(tmp_path: Path, dtype: torch.dtype = torch.bfloat16, tie: bool = True,

@@ -41,6 +41,7 @@ from ..contract import (
 from ..io import atomic_output_dir, check_output, write_json
 from ..linear import SinqLinear, set_module
 from ..models import hub_offline, load_causal_lm, missing_tokenizer
+from ..onnx_tensors import OnnxTensors, load_graph
 from ..planning import quantize_planned
 from ..presets import DEFAULT_PRESET, Preset, get_preset
 from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
@@ -557,7 +558,6 @@ def _tensor_digests(out: Path) -> dict[str, str]:
     """sha256 of every initializer as written (read back from disk, one tensor at a time):
     `validate` checks each against it, so a byte changed after the export fails there, named,
     in any tensor (those of a layer whose t is folded away included)."""
-    from ..validate.tensors import OnnxTensors, load_graph
 
     graph = out / MODEL_FILE
     return OnnxTensors(load_graph(graph), graph.parent).digests()

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..models import ModelLoadError
+from ..onnx_tensors import OnnxTensors, graph_bytes, load_graph
 from .graph import (
     ExportInfo,
     _LayerSite,
@@ -58,7 +59,6 @@ from .runners import (
     validation_tokens,
 )
 from .snapshot import while_unchanged
-from .tensors import OnnxTensors, graph_bytes, load_graph
 
 # ------------------------------------------------------------------------------ validate
 

@@ -22,10 +22,10 @@ from ..contract import (
     STOCK_OP,
 )
 from ..io import read_json
+from ..onnx_tensors import EXTERNAL_FOLDER_KEY, graph_bytes
 from ..runtime_ops import record_from_arrays
 from .providers import CUSTOM_DOMAIN, EXPORT_META_FILE, PROVIDERS, QUANT_OPS, ValidationError
 from .rebuild import layer_node_name, layer_rows
-from .tensors import EXTERNAL_FOLDER_KEY, graph_bytes
 
 if TYPE_CHECKING:
     import onnx

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import contract
+from ..onnx_tensors import ValidationError
 
 EXPORT_META_FILE = contract.MANIFEST_FILE
 REFERENCE_DIR = contract.REFERENCE_DIR
@@ -35,9 +36,6 @@ JS_PROVIDERS: dict[str, str] = {
 }
 JS_ALIASES = {"web-wasm": "wasm", "onnxruntime-node": "node"}
 
-
-class ValidationError(ValueError):
-    """Bad input to the validator (unknown provider, not an export folder, tokenizer mismatch)."""
 
 
 # ------------------------------------------------------------------------------ providers

@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .providers import ValidationError
-
 if TYPE_CHECKING:
     import onnx
+
+
+class ValidationError(ValueError):
+    """Bad input to the validator (unknown provider, not an export folder, a damaged file,
+    tokenizer mismatch). Defined here, below both the exporter and the validator, because
+    reading an export's tensors is where a damaged folder first shows."""
 
 
 def load_graph(path: Path):
