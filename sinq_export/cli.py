@@ -16,12 +16,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, outcome, verbosity
 from .config import (
-    ACCURACY_AUTO,
-    ACCURACY_LEVELS,
     CALIBRATION_DTYPES,
     COL_SCALE_MODES,
     DTYPES,
@@ -32,10 +30,14 @@ from .config import (
     QUANT_BITS,
     RUNTIMES,
     SHARED_COL_SCALES,
+    ConfigError,
     SinqConfig,
+    given_fields,
+    parse_accuracy_level,
+    parse_width,
 )
 from .contract import CUSTOM_DOMAIN, CUSTOM_OP, MANIFEST_FILE, REFERENCE_DIR
-from .outcome import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from .outcome import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 
 MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
@@ -43,7 +45,6 @@ MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (conve
 PRESETS_HELP = "presets (--preset NAME; every other flag overrides one of its settings):\n" + "\n".join(
     f"  {name:<11} {p.summary}" for name, p in PRESETS.items())
 VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bars (default: only ours)"
-
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +58,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="fall back to RTN for layers whose kurtosis exceeds this (off by default)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="keep matching modules in float (default: lm_head); repeatable")
-    p.add_argument("--override", action="append", default=[], metavar="REGEX=BITS",
+    p.add_argument("--override", action="append", dest="overrides", metavar="REGEX=BITS",
                    help="per-layer bit width, e.g. 'down_proj=8'; repeatable")
     p.add_argument("--energy-refit", type=int, default=None, metavar="N",
                    help="weighted scale refits per group, each weight weighted by its input "
@@ -66,7 +67,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-tokens", type=int, default=None, metavar="N",
                    help=f"random token ids that give the input energies (default "
                         f"{PROBE_TOKENS})")
-    p.add_argument("--calibrate", action="store_true",
+    p.add_argument("--calibrate", action="store_true", default=None,
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
                         "Wikipedia windows disjoint from the evaluation windows (opt-in)")
     p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
@@ -79,75 +80,44 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="pick a width and group size per linear for the bytes of uniform B-bit "
                         "codes at --group-size: the widest width that fits and the next one, at "
                         "half / once / twice the group (overrides --bits per layer)")
-    p.add_argument("--max-size", type=float, default=None, metavar="MB",
+    p.add_argument("--max-size", type=float, dest="max_size_mb", metavar="MB",
                    help="pick widths and group sizes per linear so the quantized linears fit "
                         "in MB megabytes")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
 
 
-def _parse_overrides(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
-    out = []
-    for item in items:
-        pattern, sep, bits = item.rpartition("=")
-        if not sep or not pattern or not bits.isdigit():
-            raise UsageError(f"--override {item!r}: expected REGEX=BITS, e.g. 'down_proj=8'")
-        out.append((pattern, int(bits)))
-    return tuple(out)
-
-
-# flags that set a SinqConfig / GraphConfig field of the same name when given
-_SINQ_FLAGS = ("bits", "group_size", "method", "symmetric", "kurtosis_gate", "exclude",
-               "lm_head_group_size", "calibration_windows", "calibration_dtype", "avg_bits",
-               "energy_refit", "probe_tokens", "calibrate_head", "shared_col_scale")
+# flags that set a SinqConfig / GraphConfig field of the same name when given (config.given_fields)
+_SINQ_FLAGS = ("bits", "group_size", "method", "symmetric", "kurtosis_gate", "exclude", "overrides",
+               "lm_head_bits", "lm_head_group_size", "calibrate", "calibration_windows",
+               "calibration_dtype", "avg_bits", "max_size_mb", "energy_refit", "probe_tokens",
+               "calibrate_head", "shared_col_scale")
 _GRAPH_FLAGS = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
 
 
-def _sinq_fields(args: argparse.Namespace) -> dict:
-    """The `SinqConfig` fields the command line sets (flags left out are not in it)."""
-    fields = {n: getattr(args, n) for n in _SINQ_FLAGS if getattr(args, n, None) is not None}
-    if "exclude" in fields:
-        fields["exclude"] = tuple(fields["exclude"])
-    if args.override:
-        fields["overrides"] = _parse_overrides(args.override)
-    if getattr(args, "lm_head_bits", None) is not None:
-        fields["lm_head_bits"] = _or_float(args.lm_head_bits)
-    if getattr(args, "calibrate", False):
-        fields["calibrate"] = True
-    if getattr(args, "max_size", None) is not None:
-        fields["max_size_mb"] = args.max_size
-    return fields
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return given_fields({n: getattr(args, n, None) for n in names})
 
 
 def config_from_args(args: argparse.Namespace) -> SinqConfig:
     """`quantize`: the one config object from parsed flags (validated once, by SinqConfig)."""
-    return SinqConfig(**_sinq_fields(args))
+    return SinqConfig(**_given(args, _SINQ_FLAGS))
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
     """`model`: the preset ``--preset`` names, with each flag given setting its field."""
-    graph = {n: _or_float(getattr(args, n)) for n in _GRAPH_FLAGS
-             if getattr(args, n, None) is not None}
-    return get_preset(args.preset).override(sinq=_sinq_fields(args), graph=graph,
-                                            tie_o_proj=args.tie_o_proj or None)
+    return get_preset(args.preset).override(sinq=_given(args, _SINQ_FLAGS),
+                                            graph=_given(args, _GRAPH_FLAGS),
+                                            tie_o_proj=args.tie_o_proj)
 
 
-FLOAT = "float"
-
-
-def _or_float(value: int | str) -> int | None:
-    return None if value == FLOAT else value
-
-
-def _width(choices: Sequence[int]) -> Callable[[str], int | str]:
-    """argparse type: a bit width from ``choices`` or 'float' (keep the tensor in float)."""
-    def parse(text: str) -> int | str:
-        if text == FLOAT:
-            return FLOAT
-        if text.isdigit() and int(text) in choices:
-            return int(text)
-        raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(map(str, choices))} "
-                                         "or 'float'")
-    return parse
+def _arg_type(parse: Callable[..., Any], *extra: Any) -> Callable[[str], Any]:
+    """argparse type from a `config` parser (its message becomes argparse's)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, *extra)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 # --- quantize: PyTorch-only quantization, saved as safetensors + JSON ---------------------
@@ -188,7 +158,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default=None,
                    help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
                         f"custom: {CUSTOM_DOMAIN}::{CUSTOM_OP} where stock cannot run the width")
-    p.add_argument("--accuracy-level", type=_accuracy_level, metavar="{auto,0,1,2,3,4}",
+    p.add_argument("--accuracy-level", type=_arg_type(parse_accuracy_level), metavar="{auto,0,1,2,3,4}",
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
                         "activations: ~2x faster decode; auto, the default: 4 on each linear "
                         "whose measured int8 error is within tolerance, 0 on the others)")
@@ -201,10 +171,10 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="one Sinkhorn t for gate/up ('mlp', the default; 'none' with --calibrate) "
                         "or also for q/k/v ('all', the value without argument; packs q/k/v into "
                         "one node), or a t per linear ('none'); a shared t folds into the norms")
-    p.add_argument("--tie-o-proj", action="store_true",
+    p.add_argument("--tie-o-proj", action="store_true", default=None,
                    help="tie o_proj's t across the query heads of each kv head, so it folds into "
                         "v_proj's rows: one Mul less per layer (+0.16 perplexity on SmolLM2)")
-    p.add_argument("--lm-head-bits", type=_width(QUANT_BITS),
+    p.add_argument("--lm-head-bits", type=_arg_type(parse_width, QUANT_BITS),
                    help="quantize lm_head at this width, or 'float' (default 4, calibrated)")
     p.add_argument("--lm-head-group-size", type=int, default=None,
                    help="block size for lm_head (default 32 below 8 bits, else --group-size)")
@@ -212,7 +182,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states "
                         "of the calibration-free decoder; a 4-bit head then costs +0.4 "
                         "perplexity instead of +2.6; default: on below 8 bits)")
-    p.add_argument("--embedding-bits", type=_width(EMBEDDING_BITS),
+    p.add_argument("--embedding-bits", type=_arg_type(parse_width, EMBEDDING_BITS),
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "
                         "one table with a tied lm_head of the same width), or 'float' (default 8)")
     p.add_argument("--with-reference", action="store_true",
@@ -220,16 +190,6 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "export away from the source folder; loads the float model")
     p.add_argument("--allow-unquantized", action="store_true",
                    help="accept an export in which no linear is quantized")
-
-
-def _accuracy_level(text: str) -> int | str:
-    """argparse type: ``auto`` or one of the MatMulNBits accuracy levels."""
-    if text == ACCURACY_AUTO:
-        return text
-    if text.isdigit() and int(text) in ACCURACY_LEVELS:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: choose {ACCURACY_AUTO} or one of "
-                                     f"{', '.join(map(str, ACCURACY_LEVELS))}")
 
 
 def _run_model(args: argparse.Namespace) -> int:

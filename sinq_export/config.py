@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -407,3 +407,51 @@ class GraphConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GraphConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# --- values as a command line gives them (text, None = not given) -> config fields ----------
+
+FLOAT = "float"  # a width flag's value that keeps the tensor in float
+
+
+def parse_width(text: str, choices: Sequence[int]) -> int | str:
+    """A bit width from ``choices``, or `FLOAT` (keep the tensor in float)."""
+    if text == FLOAT:
+        return FLOAT
+    if text.isdigit() and int(text) in choices:
+        return int(text)
+    raise ConfigError(f"{text!r}: choose one of {', '.join(map(str, choices))} or 'float'")
+
+
+def parse_accuracy_level(text: str) -> int | str:
+    """``auto`` or one of the MatMulNBits accuracy levels."""
+    if text == ACCURACY_AUTO:
+        return text
+    if text.isdigit() and int(text) in ACCURACY_LEVELS:
+        return int(text)
+    raise ConfigError(f"{text!r}: choose {ACCURACY_AUTO} or one of "
+                      f"{', '.join(map(str, ACCURACY_LEVELS))}")
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``SinqConfig.overrides`` from ``--override`` texts, each ``REGEX=BITS``."""
+    out = []
+    for item in items:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.isdigit():
+            raise ConfigError(f"--override {item!r}: expected REGEX=BITS, e.g. 'down_proj=8'")
+        out.append((pattern, int(bits)))
+    return tuple(out)
+
+
+def given_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields a command line sets: a value of None was not given (the field keeps
+    its default or preset value), `FLOAT` is None (kept in float), ``exclude`` a sequence and
+    ``overrides`` ``REGEX=BITS`` texts."""
+    fields = {name: None if value == FLOAT else value
+              for name, value in values.items() if value is not None}
+    if "exclude" in fields:
+        fields["exclude"] = tuple(fields["exclude"])
+    if "overrides" in fields:
+        fields["overrides"] = parse_overrides(fields["overrides"])
+    return fields
