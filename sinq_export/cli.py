@@ -15,27 +15,11 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, outcome, verbosity
-from .config import (
-    CALIBRATION_DTYPES,
-    COL_SCALE_MODES,
-    DTYPES,
-    EMBEDDING_BITS,
-    ENERGY_REFIT,
-    METHODS,
-    PROBE_TOKENS,
-    QUANT_BITS,
-    RUNTIMES,
-    SHARED_COL_SCALES,
-    ConfigError,
-    SinqConfig,
-    given_fields,
-    parse_accuracy_level,
-    parse_width,
-)
+from . import __version__, config, outcome, verbosity
 from .contract import CUSTOM_DOMAIN, CUSTOM_OP, MANIFEST_FILE, REFERENCE_DIR
 from .outcome import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
@@ -48,65 +32,53 @@ VERBOSE_HELP = "also show the dependencies' warnings, log lines and progress bar
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, choices=QUANT_BITS, help="code width (default 4)")
-    p.add_argument("--group-size", type=int,
-                   help="block size along K (16-256, power of 2; default 64)")
-    p.add_argument("--method", choices=METHODS, help="sinq (default) or rtn baseline")
-    p.add_argument("--symmetric", action="store_true", default=None,
-                   help="fixed mid-range zero point")
-    p.add_argument("--kurtosis-gate", type=float, default=None,
+    p.add_argument("--bits", type=int, choices=config.QUANT_BITS, help="code width (default 4)")
+    p.add_argument("--group-size", type=int, help="block size along K (16-256, power of 2; default 64)")
+    p.add_argument("--method", choices=config.METHODS, help="sinq (default) or rtn baseline")
+    p.add_argument("--symmetric", action="store_true", default=None, help="fixed mid-range zero point")
+    p.add_argument("--kurtosis-gate", type=float,
                    help="fall back to RTN for layers whose kurtosis exceeds this (off by default)")
-    p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+    p.add_argument("--exclude", action="append", metavar="REGEX",
                    help="keep matching modules in float (default: lm_head); repeatable")
     p.add_argument("--override", action="append", dest="overrides", metavar="REGEX=BITS",
                    help="per-layer bit width, e.g. 'down_proj=8'; repeatable")
-    p.add_argument("--energy-refit", type=int, default=None, metavar="N",
-                   help="weighted scale refits per group, each weight weighted by its input "
-                        "channel's energy, measured on random token ids (default "
-                        f"{ENERGY_REFIT}; 0 = weight-only SINQ, no forward pass)")
-    p.add_argument("--probe-tokens", type=int, default=None, metavar="N",
-                   help=f"random token ids that give the input energies (default "
-                        f"{PROBE_TOKENS})")
+    p.add_argument("--energy-refit", type=int, metavar="N",
+                   help="weighted scale refits per group, each weight weighted by its input channel's "
+                        f"energy, measured on random token ids (default {config.ENERGY_REFIT}; 0 = "
+                        "weight-only SINQ, no forward pass)")
+    p.add_argument("--probe-tokens", type=int, metavar="N", help="random token ids that give the input "
+                   f"energies (default {config.PROBE_TOKENS})")
     p.add_argument("--calibrate", action="store_true", default=None,
-                   help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from "
-                        "Wikipedia windows disjoint from the evaluation windows (opt-in)")
-    p.add_argument("--calibration-windows", type=int, default=None, metavar="N",
-                   help="calibration windows of 512 tokens (default 8, or enough for 1.5x "
-                        "the widest calibrated linear's inputs)")
-    p.add_argument("--calibration-dtype", choices=CALIBRATION_DTYPES, default=None,
-                   help="precision of the calibration forwards (default auto: bfloat16 where "
-                        "the CPU has bfloat16 instructions, else float32)")
-    p.add_argument("--avg-bits", type=float, default=None, metavar="B",
-                   help="pick a width and group size per linear for the bytes of uniform B-bit "
-                        "codes at --group-size: the widest width that fits and the next one, at "
-                        "half / once / twice the group (overrides --bits per layer)")
-    p.add_argument("--max-size", type=float, dest="max_size_mb", metavar="MB",
-                   help="pick widths and group sizes per linear so the quantized linears fit "
-                        "in MB megabytes")
+                   help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from Wikipedia "
+                        "windows disjoint from the evaluation windows (opt-in)")
+    p.add_argument("--calibration-windows", type=int, metavar="N", help="calibration windows of 512 "
+                   "tokens (default 8, or enough for 1.5x the widest calibrated linear's inputs)")
+    p.add_argument("--calibration-dtype", choices=config.CALIBRATION_DTYPES,
+                   help="precision of the calibration forwards (default auto: bfloat16 where the CPU "
+                        "has bfloat16 instructions, else float32)")
+    p.add_argument("--avg-bits", type=float, metavar="B",
+                   help="pick a width and group size per linear for the bytes of uniform B-bit codes at "
+                        "--group-size: the widest width that fits and the next one, at half / once / "
+                        "twice the group (overrides --bits per layer)")
+    p.add_argument("--max-size", type=float, dest="max_size_mb", metavar="MB", help="pick widths and "
+                   "group sizes per linear so the quantized linears fit in MB megabytes")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
 
 
-# flags that set a SinqConfig / GraphConfig field of the same name when given (config.given_fields)
-_SINQ_FLAGS = ("bits", "group_size", "method", "symmetric", "kurtosis_gate", "exclude", "overrides",
-               "lm_head_bits", "lm_head_group_size", "calibrate", "calibration_windows",
-               "calibration_dtype", "avg_bits", "max_size_mb", "energy_refit", "probe_tokens",
-               "calibrate_head", "shared_col_scale")
-_GRAPH_FLAGS = ("runtime", "accuracy_level", "dtype", "col_scale", "embedding_bits")
+def _given(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
+    """The fields of ``config_class`` the flags set (each flag's dest is its field's name)."""
+    return config.given_fields({f.name: getattr(args, f.name, None) for f in fields(config_class)})
 
 
-def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return given_fields({n: getattr(args, n, None) for n in names})
-
-
-def config_from_args(args: argparse.Namespace) -> SinqConfig:
+def config_from_args(args: argparse.Namespace) -> config.SinqConfig:
     """`quantize`: the one config object from parsed flags (validated once, by SinqConfig)."""
-    return SinqConfig(**_given(args, _SINQ_FLAGS))
+    return config.SinqConfig(**_given(args, config.SinqConfig))
 
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
     """`model`: the preset ``--preset`` names, with each flag given setting its field."""
-    return get_preset(args.preset).override(sinq=_given(args, _SINQ_FLAGS),
-                                            graph=_given(args, _GRAPH_FLAGS),
+    return get_preset(args.preset).override(sinq=_given(args, config.SinqConfig),
+                                            graph=_given(args, config.GraphConfig),
                                             tie_o_proj=args.tie_o_proj)
 
 
@@ -115,7 +87,7 @@ def _arg_type(parse: Callable[..., Any], *extra: Any) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
             return parse(text, *extra)
-        except ConfigError as exc:
+        except config.ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return convert
 
@@ -155,39 +127,38 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["onnx"], default="onnx")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
-    p.add_argument("--runtime", choices=RUNTIMES, default=None,
-                   help="stock: MatMulNBits only (3/5/6-bit codes in 4/8-bit containers); "
-                        f"custom: {CUSTOM_DOMAIN}::{CUSTOM_OP} where stock cannot run the width")
-    p.add_argument("--accuracy-level", type=_arg_type(parse_accuracy_level), metavar="{auto,0,1,2,3,4}",
-                   help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 "
-                        "activations: ~2x faster decode; auto, the default: 4 on each linear "
-                        "whose measured int8 error is within tolerance, 0 on the others)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="graph float type (default fp32)")
-    p.add_argument("--col-scale", choices=COL_SCALE_MODES,
-                   help="column scale t: explicit Mul, fold into norms / up_proj rows where "
-                        "exact (default), or fused into the custom op")
-    p.add_argument("--shared-col-scale", nargs="?", const="all", choices=SHARED_COL_SCALES,
-                   default=None,
-                   help="one Sinkhorn t for gate/up ('mlp', the default; 'none' with --calibrate) "
-                        "or also for q/k/v ('all', the value without argument; packs q/k/v into "
-                        "one node), or a t per linear ('none'); a shared t folds into the norms")
+    p.add_argument("--runtime", choices=config.RUNTIMES, help="stock: MatMulNBits only (3/5/6-bit "
+                   f"codes in 4/8-bit containers); custom: {CUSTOM_DOMAIN}::{CUSTOM_OP} where stock "
+                   "cannot run the width")
+    p.add_argument("--accuracy-level", type=_arg_type(config.parse_accuracy_level),
+                   metavar="{auto,0,1,2,3,4}",
+                   help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 activations: ~2x "
+                        "faster decode; auto, the default: 4 on each linear whose measured int8 error "
+                        "is within tolerance, 0 on the others)")
+    p.add_argument("--dtype", choices=config.DTYPES, help="graph float type (default fp32)")
+    p.add_argument("--col-scale", choices=config.COL_SCALE_MODES, help="column scale t: explicit Mul, "
+                   "fold into norms / up_proj rows where exact (default), or fused into the custom op")
+    p.add_argument("--shared-col-scale", nargs="?", const="all", choices=config.SHARED_COL_SCALES,
+                   help="one Sinkhorn t for gate/up ('mlp', the default; 'none' with --calibrate) or also "
+                        "for q/k/v ('all', the value without argument; packs q/k/v into one node), or a "
+                        "t per linear ('none'); a shared t folds into the norms")
     p.add_argument("--tie-o-proj", action="store_true", default=None,
                    help="tie o_proj's t across the query heads of each kv head, so it folds into "
                         "v_proj's rows: one Mul less per layer (+0.16 perplexity on SmolLM2)")
-    p.add_argument("--lm-head-bits", type=_arg_type(parse_width, QUANT_BITS),
+    p.add_argument("--lm-head-bits", type=_arg_type(config.parse_width, config.QUANT_BITS),
                    help="quantize lm_head at this width, or 'float' (default 4, calibrated)")
-    p.add_argument("--lm-head-group-size", type=int, default=None,
+    p.add_argument("--lm-head-group-size", type=int,
                    help="block size for lm_head (default 32 below 8 bits, else --group-size)")
-    p.add_argument("--calibrate-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states "
-                        "of the calibration-free decoder; a 4-bit head then costs +0.4 "
-                        "perplexity instead of +2.6; default: on below 8 bits)")
-    p.add_argument("--embedding-bits", type=_arg_type(parse_width, EMBEDDING_BITS),
-                   help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; "
-                        "one table with a tied lm_head of the same width), or 'float' (default 8)")
-    p.add_argument("--with-reference", action="store_true",
-                   help="also write OUT_DIR/reference (the PyTorch model) for validating the "
-                        "export away from the source folder; loads the float model")
+    p.add_argument("--calibrate-head", action=argparse.BooleanOptionalAction,
+                   help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states of the "
+                        "calibration-free decoder; a 4-bit head then costs +0.4 perplexity instead of "
+                        "+2.6; default: on below 8 bits)")
+    p.add_argument("--embedding-bits", type=_arg_type(config.parse_width, config.EMBEDDING_BITS),
+                   help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; one "
+                        "table with a tied lm_head of the same width), or 'float' (default 8)")
+    p.add_argument("--with-reference", action="store_true", help="also write OUT_DIR/reference (the "
+                   "PyTorch model) for validating the export away from the source folder; loads the "
+                   "float model")
     p.add_argument("--allow-unquantized", action="store_true",
                    help="accept an export in which no linear is quantized")
 
