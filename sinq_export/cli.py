@@ -96,7 +96,7 @@ def _arg_type(parse: Callable[..., Any], *extra: Any) -> Callable[[str], Any]:
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model in PyTorch and save it (no ONNX)")
-    p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("model_dir", nargs="?", help=MODEL_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
     _add_quant_args(p)
@@ -120,7 +120,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 def _add_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="quantize a model and export it to ONNX",
                        description=PRESETS_HELP)
-    p.add_argument("model_dir", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("model_dir", nargs="?", help=MODEL_HELP)
     p.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
                    help="the settings every other flag overrides (default: default; see above)")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -185,30 +185,28 @@ def _run_model(args: argparse.Namespace) -> int:
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate", help="check an exported model against its PyTorch reference",
-        description="Feed identical real-text tokens (prefill, then greedy decode steps through "
-                    "the KV cache) to the PyTorch reference (the source model with the export's "
-                    "own quantized weights) and the exported graph (onnxruntime); compare logits "
-                    "end to end and every quantized layer. Exit 0: every provider that ran "
-                    "passed (unavailable ones are reported as skipped, never as passed); 1: "
-                    "parity failure; 2: bad usage, or none of the requested providers is "
-                    "available. Without the source model (or OUT_DIR/reference) it falls back to "
-                    "ONNX-only per-op NumPy checks and says so.")
+        description="Feed identical real-text tokens (prefill, then greedy decode steps through the KV "
+                    "cache) to the PyTorch reference (the source model with the export's own quantized "
+                    "weights) and the exported graph (onnxruntime); compare logits end to end and every "
+                    "quantized layer. Exit 0: every provider that ran passed (unavailable ones are "
+                    "reported as skipped, never as passed); 1: parity failure; 2: bad usage, or none of "
+                    "the requested providers is available. Without the source model (or "
+                    "OUT_DIR/reference) it falls back to ONNX-only per-op NumPy checks and says so.")
     p.add_argument("out_dir", help="a folder written by `sinq-export model`")
     p.add_argument("--providers", default="cpu",
                    help="comma list of cpu, cuda, tensorrt, rocm, dml, ... or 'all' (default cpu); "
                         "JavaScript runtimes: node (onnxruntime-node), wasm and web-webgpu "
                         "(onnxruntime-web in headless Chromium; docs/runtimes.md)")
-    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                    help="override MatMulNBits accuracy_level (default: as exported)")
     p.add_argument("--tokens", type=int, default=256, help="prefill tokens of real text (default 256)")
     p.add_argument("--decode-steps", type=int, default=8, help="greedy decode steps (default 8)")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
-    p.add_argument("--source", metavar="DIR", default=None,
-                   help="the model folder the export was made from (default: the path recorded "
-                        f"in {MANIFEST_FILE}, else OUT_DIR/{REFERENCE_DIR} of an export made "
-                        "--with-reference)")
-    p.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON ('-': stdout)")
-    p.add_argument("--plot", metavar="PATH", default=None, help="write a PNG of per-layer error")
+    p.add_argument("--source", metavar="DIR", help="the model folder the export was made from (default: "
+                   f"the path recorded in {MANIFEST_FILE}, else OUT_DIR/{REFERENCE_DIR} of an export made "
+                   "--with-reference)")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON ('-': stdout)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer error")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -233,16 +231,14 @@ def _run_validate(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="perplexity on real text",
-        description="Perplexity on the first --windows non-overlapping --length-token windows "
-                    "(stride = length) of a real text, add_special_tokens=False, each window "
-                    "scored from an empty context. A model folder (or none: the bundled "
-                    "SmolLM2) is evaluated in PyTorch for each --compare method and --bits; an "
-                    "export folder is evaluated in onnxruntime (or --backend torch: its "
-                    "reference/).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF model folder or GGUF file (default: bundled SmolLM2), or a "
-                        "`sinq-export model` folder")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+        description="Perplexity on the first --windows non-overlapping --length-token windows (stride = "
+                    "length) of a real text, add_special_tokens=False, each window scored from an empty "
+                    "context. A model folder (or none: the bundled SmolLM2) is evaluated in PyTorch for "
+                    "each --compare method and --bits; an export folder is evaluated in onnxruntime (or "
+                    "--backend torch: its reference/).")
+    p.add_argument("model", nargs="?", help="HF model folder or GGUF file (default: bundled SmolLM2), or "
+                   "a `sinq-export model` folder")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"),
                    help="default: onnxruntime for an export folder, torch for a model folder")
     p.add_argument("--text", default="wikipedia", help="real text id (default wikipedia)")
     p.add_argument("--windows", type=int, default=4, help="number of windows (default 4)")
