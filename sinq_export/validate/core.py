@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -59,6 +59,13 @@ from .runners import (
     validation_tokens,
 )
 from .snapshot import while_unchanged
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+_Run = TypeVar("_Run")  # what a provider's run function returns
 
 # ------------------------------------------------------------------------------ validate
 
@@ -271,7 +278,8 @@ def _flag_changed(pr: ProviderResult, changed: dict[str, str], layers: dict[str,
             pr.failures.append(f"{where}tensor {tensor} {what}")
 
 
-def _load_reference(src: ReferenceSource, info: ExportInfo, model, tensors):  # noqa: ANN001
+def _load_reference(src: ReferenceSource, info: ExportInfo, model: onnx.ModelProto,
+                    tensors: OnnxTensors) -> torch.nn.Module:
     """The torch reference: rebuilt from the source folder, or OUT_DIR/reference."""
     if src.kind == "source":
         try:
@@ -288,7 +296,7 @@ def _load_reference(src: ReferenceSource, info: ExportInfo, model, tensors):  # 
         raise ValidationError(f"{src.path}: cannot load the reference ({exc})") from exc
 
 
-def _check_lengths(reference, prefill: np.ndarray, decode_steps: int) -> None:  # noqa: ANN001
+def _check_lengths(reference: torch.nn.Module, prefill: np.ndarray, decode_steps: int) -> None:
     """Token ids inside the vocabulary, prefill + decode inside the model's context."""
     config = getattr(reference, "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
@@ -301,8 +309,8 @@ def _check_lengths(reference, prefill: np.ndarray, decode_steps: int) -> None:  
                               f"model's context of {context} tokens")
 
 
-def _provider_run(model, info: ExportInfo, name: str, pr: ProviderResult, what: str,  # noqa: ANN001
-                  run, inputs: tuple, **kwargs):  # noqa: ANN001, ANN003, ANN202
+def _provider_run(model: onnx.ModelProto | Path, info: ExportInfo, name: str, pr: ProviderResult,
+                  what: str, run: Callable[..., _Run], inputs: tuple, **kwargs: Any) -> _Run | None:
     """One session's run on provider ``name`` (the session is freed on return: one holds the
     prepacked weights at a time); None, with ``pr.reason``, when it cannot be created."""
     try:
@@ -313,7 +321,7 @@ def _provider_run(model, info: ExportInfo, name: str, pr: ProviderResult, what: 
     return _run_ort(run, sess, *inputs, **kwargs)
 
 
-def _run_ort(run, sess, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+def _run_ort(run: Callable[..., _Run], sess: ort.InferenceSession, *args: Any, **kwargs: Any) -> _Run:
     """onnxruntime failing to run an export it loaded means the folder is broken (exit 2)."""
     try:
         return run(sess, *args, **kwargs)
@@ -485,7 +493,7 @@ def check_export_runs(info: ExportInfo) -> None:
     check_loadable(info)
 
 
-def _gptq_layers(info) -> set[str]:  # noqa: ANN001
+def _gptq_layers(info: ExportInfo) -> set[str]:
     """Layers whose codes GPTQ moved off round-to-nearest: every layer of a ``calibrate``
     export, the head of a ``calibrate_head`` one, and a table that shares a calibrated head's
     record."""

@@ -29,6 +29,7 @@ from .rebuild import layer_node_name, layer_rows
 
 if TYPE_CHECKING:
     import onnx
+    import onnxruntime as ort
 
 # ------------------------------------------------------------------------------ export folder
 
@@ -121,7 +122,7 @@ def _initializers(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _attr(node, name: str, default=None):  # noqa: ANN001
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     from onnx import helper
 
     for a in node.attribute:
@@ -183,7 +184,8 @@ def _session_options(info: ExportInfo, provider: str = "cpu"):
     return opts
 
 
-def _session(model_or_path, info: ExportInfo, provider: str):  # noqa: ANN001
+def _session(model_or_path: onnx.ModelProto | str | Path, info: ExportInfo,
+             provider: str) -> ort.InferenceSession:
     """An InferenceSession on ``provider`` (short name). Raises RuntimeError on fallback.
 
     A ModelProto is the export's graph with its initializers still external (see
