@@ -284,7 +284,7 @@ def _real_text_ppl(folder: Path, n_tokens: int = 128) -> float:
 
 @pytest.mark.slow
 def test_bundled_smollm2_gguf_by_path(smollm2_dir):
-    gguf_path = models.find_bundled_gguf()
+    gguf_path = folders.find_bundled_gguf()
     assert sg.resolve_model_input(gguf_path) == smollm2_dir  # no second conversion
     quant = sg.source_quantization(smollm2_dir)
     assert quant["architecture"] == "llama" and quant["tensor_types"]["Q4_1"] == 210
