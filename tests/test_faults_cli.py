@@ -148,6 +148,13 @@ def _loading_torch(pid: int) -> bool:
         return False
 
 
+def _sigint_default() -> None:
+    """The child's SIGINT as a terminal gives it, whatever the test process inherited: a child
+    started with SIGINT ignored gets no KeyboardInterrupt handler from Python, and the signal
+    this test sends would be dropped before our code could answer it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_llama, workspace):
     """SIGINT while torch is being imported, before `cli.main` runs: the console entry point
     (what the installed `sinq-export` script calls) answers with one line, exit 130."""
@@ -156,7 +163,8 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tiny_llama, workspace):
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from sinq_export.console import main; sys.exit(main())",
          "model", str(tiny_llama), "-o", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO,
+        preexec_fn=_sigint_default)
     try:
         deadline = time.monotonic() + 120
         while not _loading_torch(proc.pid):
