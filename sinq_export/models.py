@@ -189,22 +189,20 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"{folder}: cannot load tokenizer ({exc})") from exc
 
 
-def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer: bool = True,
-                            with_head: bool = True) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
-    """``(model, tokenizer)`` whose decoder blocks hold no weights until they first run.
+def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer: bool = True
+                            ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
+    """``(model, tokenizer)`` whose big tensors are read from the checkpoint only when used.
 
     Why: calibration runs the model one block at a time (`calibration.forward`) and replaces each
     block's linears by their records before the next block runs, so only one block's float
-    weights need to exist at once. Everything outside the blocks (embedding, final norm,
-    head, rotary tables) is built on the CPU and loaded from the checkpoint; each block is
-    built on the ``meta`` device and loaded from the checkpoint (`checkpoint.Checkpoint`, one
-    tensor at a time, finite-checked) by a pre-hook the first time it is called. Peak memory
-    is then the embedding and head plus one float block and the calibration activations,
-    instead of the whole float model. float32, eval mode. ``with_tokenizer=False`` (the energy
-    probe runs random ids): the tokenizer is neither needed nor loaded (None).
-    ``with_head=False`` (the probe only needs the head's *input*): an untied output
-    projection's weight is left unread, allocated but never touched, so it takes no memory
-    (vocab x hidden x 4 bytes: 0.9 GB for Qwen2.5-1.5B).
+    weights need to exist at once. Each decoder block is built on the ``meta`` device and
+    loaded from the checkpoint (`checkpoint.Checkpoint`, one tensor at a time, finite-checked)
+    by a pre-hook the first time it is called. The input embedding reads, on each call, only
+    the rows of the ids it is given (`Checkpoint.rows`); the output projection's weight is
+    read when first needed (as stored by `ensure_loaded`, for its quantization). The rest (norms, rotary tables) is loaded up front. Peak memory is then
+    one float block and the calibration activations, whatever the vocabulary: a 152k x 3584
+    table and head would be 4.4 GB of float32. float32, eval mode. ``with_tokenizer=False``
+    (the energy probe runs random ids): the tokenizer is neither needed nor loaded (None).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -222,20 +220,23 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
     blocks = decoder_blocks(model)
     prefix = {id(m): n for n, m in model.named_modules()}
     in_blocks = tuple(prefix[id(b)] + "." for b in blocks)
-    head = model.get_output_embeddings()
-    skip = set() if with_head or head is None or head.weight is model.get_input_embeddings().weight \
-        else {id(head.weight)}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = prefix[id(embedding)] + ".weight"
+    ckpt.require(table, tuple(embedding.weight.shape))
+    _attach_row_reader(embedding, ckpt, table)
+    lazy = {id(embedding.weight)}  # allocated, never touched: no memory
+    if head is not None:
+        own = prefix[id(head)] + ".weight"
+        source = own if own in ckpt else table  # a tied head may be stored once, as the table
+        ckpt.require(source, tuple(head.weight.shape))
+        _attach_weight_loader(head, ckpt, source)
+        lazy.add(id(head.weight))
     outside = {n: t for n, t in model.state_dict(keep_vars=True).items()
-               if not n.startswith(in_blocks) and id(t) not in skip}
-    loaded: set[int] = set()
+               if not n.startswith(in_blocks) and id(t) not in lazy}
     with torch.no_grad():
         for name, tensor in outside.items():
-            if name in ckpt:
-                tensor.copy_(ckpt.load(name, dtype=None))  # stored dtype: no float32 temporary
-                loaded.add(id(tensor))
-    for name, tensor in outside.items():  # a tied head is the embedding's tensor
-        if id(tensor) not in loaded:
             ckpt.require(name)
+            tensor.copy_(ckpt.load(name, dtype=None))  # stored dtype: no float32 temporary
     for block in blocks:
         persistent = set(block.state_dict())
         computed = [n for n, _ in block.named_buffers() if n not in persistent]
@@ -245,6 +246,46 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
         _attach_loader(block, ckpt, prefix[id(block)] + ".")
     model.eval()
     return model, tokenizer
+
+
+def _attach_row_reader(embedding: torch.nn.Module, ckpt: Checkpoint, table: str) -> None:
+    """Make each call of ``embedding`` look up its ids in a table of just their rows.
+
+    The ids are mapped onto ``torch.unique``'s inverse and the module's weight is those rows
+    for the call: the same float32 values as the full table's lookup (and any scaling the
+    module applies after it, as Gemma's), without the table in memory.
+    """
+    unread = embedding.weight
+    padding_idx = getattr(embedding, "padding_idx", None)
+
+    def before(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids, rest = args[0], args[1:]
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        module.weight = torch.nn.Parameter(ckpt.rows(table, unique), requires_grad=False)
+        if padding_idx is not None:  # an index into the full table; it only affects gradients
+            module.padding_idx = None
+        return (inverse, *rest)
+
+    def after(module: torch.nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+        module.weight = unread
+        if padding_idx is not None:
+            module.padding_idx = padding_idx
+
+    embedding.register_forward_pre_hook(before)
+    embedding.register_forward_hook(after)
+
+
+def _attach_weight_loader(head: torch.nn.Module, ckpt: Checkpoint, source: str) -> None:
+    """Read ``head``'s weight from ``source`` when first needed: in its stored dtype by
+    `ensure_loaded` (what the quantizer takes: each of its steps widens the rows it works on),
+    as float32 when the head runs."""
+    def load(dtype: torch.dtype | None) -> None:
+        delattr(head, _BLOCK_LOADER)
+        hook.remove()
+        head.weight = torch.nn.Parameter(ckpt.load(source, dtype=dtype), requires_grad=False)
+
+    setattr(head, _BLOCK_LOADER, lambda: load(None))
+    hook = head.register_forward_pre_hook(lambda _head, _args: load(torch.float32))
 
 
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -297,8 +338,8 @@ _BLOCK_SOURCE = "_sinq_block_source"  # ... and where from: (checkpoint, tensor 
 
 
 def ensure_loaded(block: torch.nn.Module) -> None:
-    """Load a streamed block's tensors now (`load_causal_lm_streamed`; a no-op for any other
-    module): for code that reads a block's weights before running it."""
+    """Load a streamed block's (or output projection's) tensors now (`load_causal_lm_streamed`;
+    a no-op for any other module): for code that reads a module's weights before running it."""
     loader = getattr(block, _BLOCK_LOADER, None)
     if loader is not None:
         loader()

@@ -173,6 +173,8 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):
+        for name in names:  # a streamed model reads its head only now
+            ensure_loaded(linears[name][0])
         stats = None
         if norm is not None and linears[names[0]][0] is head and config.is_calibrated(names[0]):
             # The output projection reads the final norm of the last block's output.

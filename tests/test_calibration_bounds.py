@@ -23,7 +23,8 @@ from sinq_export.calibration.forward import (
 )
 from sinq_export.cli import main
 from sinq_export.models import decoder_blocks, load_causal_lm_streamed
-from sinq_export.quant.core import REFIT_ROWS, grid_for, round_codes, rounded_codes
+from sinq_export.quant import core
+from sinq_export.quant.core import chunk_rows, grid_for, round_codes, rounded_codes
 from sinq_export.quant.methods import make_config
 
 WINDOWS = torch.randint(0, 320, (5, 24), generator=torch.Generator().manual_seed(4))
@@ -58,10 +59,11 @@ def test_a_block_in_chunks_of_windows_is_the_whole_forward(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("search", [False, True])
-def test_rounding_in_row_chunks_is_the_whole_rounding(search):
+def test_rounding_in_row_chunks_is_the_whole_rounding(search, monkeypatch):
     """Bit for bit: group parameters and codes are per row."""
+    monkeypatch.setattr(core, "ROW_CHUNK_BYTES", 4 * 64 * 500)  # 500-row chunks
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(REFIT_ROWS * 2 + 37, 64, generator=gen)
+    w = torch.randn(chunk_rows(64) * 2 + 37, 64, generator=gen)
     t = torch.exp(0.3 * torch.randn(64, generator=gen))
     h = torch.rand(64, generator=gen) + 0.1
     cfg = make_config("sinq", bits=4, group_size=32, scale_search=search, scale_refit=3)

@@ -198,8 +198,8 @@ def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
 
 @torch.no_grad()
 def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str],
-                   dtype: torch.dtype = torch.float32, release: bool = False,
-                   drop_table: bool = False) -> dict[str, LayerStats]:
+                   dtype: torch.dtype = torch.float32, release: bool = False
+                   ) -> dict[str, LayerStats]:
     """``E[x^2]`` of the input of each linear ``names`` over ``windows``, block by block
     through the *float* model (`LayerStats(full=False)`), the output projection's from the
     final norm of the last block's output.
@@ -209,14 +209,11 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
     and still quantize tensor by tensor afterwards; and they did better at 3 bits than the
     quantized model's on SmolLM2 (42.6 vs 45.4, docs/quality.md). ``release``: drop each
     streamed block's tensors once measured (`models.release_block`: one float block at a
-    time; it reloads when it runs again). ``drop_table``: the model is not run again, so its
-    embedding table goes to the meta device once the blocks' first input is taken.
+    time; it reloads when it runs again).
     """
     names = list(names)
     prefix = {id(m): n for n, m in model.named_modules()}
     hidden, kwargs = capture_block_inputs(model, windows)
-    if drop_table:
-        model.get_input_embeddings().to("meta")
     energies: dict[str, LayerStats] = {}
     for block in decoder_blocks(model):
         ensure_loaded(block)

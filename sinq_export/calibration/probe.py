@@ -20,8 +20,8 @@ from .windows import probe_window
 
 
 def model_energies(model: nn.Module, config: SinqConfig, names: list[str],
-                   windows: torch.Tensor | None = None, release: bool = False,
-                   drop_table: bool = False) -> dict[str, LayerStats] | None:
+                   windows: torch.Tensor | None = None, release: bool = False
+                   ) -> dict[str, LayerStats] | None:
     """Input energies of ``names`` for the energy refit (`calibration.forward.input_energies`) on
     ``windows`` or the random-id probe; None without ``energy_refit`` or for a module that is
     not a causal LM with decoder blocks (quantized weight-only then)."""
@@ -33,7 +33,7 @@ def model_energies(model: nn.Module, config: SinqConfig, names: list[str],
             return None
         windows = probe[0]
     return input_energies(model, windows, names, forward_dtype(config.calibration_dtype),
-                          release=release, drop_table=drop_table)
+                          release=release)
 
 
 def probe_energies(source: str | Path, config: SinqConfig
@@ -44,12 +44,12 @@ def probe_energies(source: str | Path, config: SinqConfig
     ``energy_refit``."""
     if not config.energy_refit:
         return None
-    model, _ = load_causal_lm_streamed(source, with_tokenizer=False, with_head=False)
+    model, _ = load_causal_lm_streamed(source, with_tokenizer=False)
     probe = probe_tokens(model, config)
     if probe is None:
         return None
     names = list(eligible_linears(model, config))
-    energies = model_energies(model, config, names, probe[0], release=True, drop_table=True)
+    energies = model_energies(model, config, names, probe[0], release=True)
     del model
     gc.collect()  # the export that follows should not find the probe's tensors still held
     _return_freed_memory()

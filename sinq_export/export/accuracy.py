@@ -142,13 +142,12 @@ def measure_int8(folder: Path, config: SinqConfig, block_sizes: Mapping[str, int
     linear's checkpoint tensor (the head's is read from there); ``col_scales``: the t of
     linears already quantized (their records'), the others get the weight-only t.
     """
-    model, _ = load_causal_lm_streamed(folder, with_tokenizer=False, with_head=False)
+    model, _ = load_causal_lm_streamed(folder, with_tokenizer=False)
     probe = probe_tokens(model, config)
     if probe is None:
         raise ValueError(f"{folder}: accuracy_level 'auto' needs a causal LM with decoder blocks")
     dtype = forward_dtype(config.calibration_dtype)
     hidden, kwargs = capture_block_inputs(model, probe[0])
-    model.get_input_embeddings().to("meta")  # not run again; a tied head is read from disk
     prefix = {id(m): n for n, m in model.named_modules()}
     errors: dict[str, float] = {}
     noisy = hidden

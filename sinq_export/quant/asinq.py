@@ -31,7 +31,7 @@ def activation_aware_scale(w: torch.Tensor, t: torch.Tensor | None, stats: Layer
     base = torch.ones(w.shape[1]) if t is None else t
     act = stats.abs_mean().clamp_min(1e-6)
     h = stats.hessian()
-    w = w[:: max(1, w.shape[0] // SEARCH_ROWS)]  # group parameters are per row: exact subset
+    w = w[:: max(1, w.shape[0] // SEARCH_ROWS)].float()  # group parameters are per row: exact subset
     plain = config.without_gptq()
     best, best_err = base, float("inf")
     for alpha in grid:

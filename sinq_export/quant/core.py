@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..checkpoint import all_finite
 from . import packing
 from .gptq import gptq_codes
 from .methods import MethodConfig, SINQConfig
@@ -47,7 +48,7 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
             f"{name}: weight has a single output row (shape {n}x{k}); row/column normalisation "
             "and group statistics need at least 2 rows - exclude this layer"
         )
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         bad = int((~torch.isfinite(weight)).sum())
         raise QuantizationError(f"{name}: weight contains {bad} NaN/Inf value(s)")
 
@@ -82,7 +83,14 @@ def from_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.reshape(*p.shape[:-2], -1) for p in parts], dim=-1)
 
 
-REFIT_ROWS = 4096  # rows per `rtn.refit_params` call (bounds its temporaries)
+# float32 bytes of the rows one group-parameter / rounding call takes: its [rows, K] temporaries
+# stay in cache-sized pieces, whatever the layer (a 150k-row head, a 19k-input down_proj)
+ROW_CHUNK_BYTES = 16 << 20
+
+
+def chunk_rows(k: int) -> int:
+    """Rows of a ``[N, k]`` weight per `ROW_CHUNK_BYTES` chunk."""
+    return max(1, ROW_CHUNK_BYTES // (4 * k))
 
 
 def group_params(w: torch.Tensor, bits: int, g: int, importance: torch.Tensor | None,
@@ -100,8 +108,9 @@ def group_params(w: torch.Tensor, bits: int, g: int, importance: torch.Tensor | 
         if search:
             out.append(search_params(x, bits, i, symmetric))
         elif refit:  # in row chunks: its [N, K] temporaries would be 1 GB each for a big head
-            rows = x.split(REFIT_ROWS)
-            weights = i.split(REFIT_ROWS) if i.shape[0] > 1 else [i] * len(rows)
+            step = chunk_rows(w.shape[-1])
+            rows = x.split(step)
+            weights = i.split(step) if i.shape[0] > 1 else [i] * len(rows)
             parts = [refit_params(xs, bits, is_, refit, symmetric)
                      for xs, is_ in zip(rows, weights)]
             out.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
@@ -243,12 +252,13 @@ def rounded_codes(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, conf
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 codes, scales, zeros) of ``W / t`` rounded to nearest on `grid_for`'s grid.
 
-    Rows are independent, so they go `REFIT_ROWS` at a time: every ``[N, K]`` float
+    Rows are independent, so they go `chunk_rows` at a time: every ``[N, K]`` float
     temporary (``W / t``, the expanded scales and zero points) is then a chunk's, not a 150k-row
-    head's or table's (~1 GB each at 151,936 x 1536).
+    head's or table's (~1 GB each at 151,936 x 1536). ``w`` may be stored narrower than float32
+    (a bfloat16 head): each chunk is widened exactly where it is divided by ``t``.
     """
     parts = []
-    for rows in w.split(REFIT_ROWS):
+    for rows in w.split(chunk_rows(w.shape[1])):
         s, z, _ = grid_for(rows, t, h, config)
         parts.append((round_codes(rows / t, s, z, config.bits, config.group_size
                                   ).to(torch.uint8), s, z))

@@ -45,7 +45,11 @@ def quantize_sinq(weight: torch.Tensor, config: SINQConfig, *,
                   calibration: LayerStats | None = None, name: str = "weight") -> QuantizedWeight:
     """SINQ; with ``calibration`` also A-SINQ's activation-aware ``t`` and GPTQ rounding."""
     check_weight(weight, name)
-    w = weight.detach().float().cpu()
+    # a bfloat16 / float16 weight stays as stored: every step widens the rows or tiles it works
+    # on (exactly), so a 150k-row head never exists as a whole float32 copy
+    w = weight.detach().cpu()
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        w = w.float()
     t = sinq_col_scale(w, config)
     if calibration is not None and config.awq:
         t = activation_aware_scale(w, t, calibration, config)
