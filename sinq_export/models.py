@@ -199,9 +199,10 @@ def load_causal_lm_streamed(model_dir: str | Path | None = None, with_tokenizer:
     loaded from the checkpoint (`checkpoint.Checkpoint`, one tensor at a time, finite-checked)
     by a pre-hook the first time it is called. The input embedding reads, on each call, only
     the rows of the ids it is given (`Checkpoint.rows`); the output projection's weight is
-    read when first needed (as stored by `ensure_loaded`, for its quantization). The rest (norms, rotary tables) is loaded up front. Peak memory is then
-    one float block and the calibration activations, whatever the vocabulary: a 152k x 3584
-    table and head would be 4.4 GB of float32. float32, eval mode. ``with_tokenizer=False``
+    read when first needed (as stored by `ensure_loaded`, for its quantization). The rest
+    (norms, rotary tables) is loaded up front. Peak memory is then one float block and the
+    calibration activations, whatever the vocabulary: a 152k x 3584 table and head would be
+    4.4 GB of float32. float32, eval mode. ``with_tokenizer=False``
     (the energy probe runs random ids): the tokenizer is neither needed nor loaded (None).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
