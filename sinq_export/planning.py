@@ -5,7 +5,7 @@ width and group size (`quant.allocate` on `calibration.sensitivity`'s costs)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,8 +147,9 @@ def _probe_plan(model: nn.Module, config: SinqConfig, manifest: dict) -> Quantiz
     return QuantizationPlan(config, ids, {**manifest, "probe": info})
 
 
-def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = True
-                     ) -> tuple[SinqConfig, dict[str, QuantizedWeight], dict]:
+def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = True,
+                     spill: MutableMapping[str, QuantizedWeight] | None = None
+                     ) -> tuple[SinqConfig, Mapping[str, QuantizedWeight], dict]:
     """(config, records, manifest sections) of a quantization that holds the model's records
     before the export writes them: ``calibrate`` / ``calibrate_head``, ``avg_bits`` /
     ``max_size_mb`` (the energy refit alone streams instead: `probe_energies`).
@@ -157,7 +158,8 @@ def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = Tr
     on it). Everything else runs the model block by block (`models.load_causal_lm_streamed`:
     one float block at a time) to collect each linear's input statistics and quantizes there,
     so the records are handed to the export, which streams everything else (tables, norms,
-    float tensors) from the checkpoint.
+    float tensors) from the checkpoint. ``spill``: where the records go block by block (a
+    `saved.SpilledRecords` keeps them on disk) and what is returned; else a dict.
     """
     if config.budgeted:
         model, tokenizer = load_causal_lm(source)
@@ -165,6 +167,7 @@ def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = Tr
         model, tokenizer = load_causal_lm_streamed(source, with_tokenizer=config.needs_calibration)
     plan = plan_quantization(model, tokenizer, config)
     quantize_model(model, plan.config, progress=progress, calibration=plan.calibration,
-                   drop_table=True)
-    records = {name: m.record for name, m in quantized_layers(model).items()}
+                   drop_table=True, sink=spill)
+    records = spill if spill is not None else {
+        name: m.record for name, m in quantized_layers(model).items()}
     return plan.config, records, plan.manifest

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 from .calibration.forward import calibrate_block, capture_block_inputs, forward_dtype
 from .calibration.probe import model_energies
 from .config import SinqConfig
-from .linear import SinqLinear, eligible_linears, set_module
+from .linear import SinqLinear, eligible_linears, quantized_layers, set_module
 from .models import decoder_blocks, ensure_loaded
 from .quant.handlers import relative_error
+from .quant.record import QuantizedWeight
 from .quant.stats import LayerStats
 from .quant.units import joint_groups, quantize_unit
 
@@ -84,6 +85,7 @@ def quantize_model(
     measure_error: bool = False,
     calibration: torch.Tensor | None = None,
     drop_table: bool = False,
+    sink: MutableMapping[str, QuantizedWeight] | None = None,
 ) -> QuantizationReport:
     """Replace every eligible ``nn.Linear`` of ``model`` in place by a `SinqLinear`.
 
@@ -106,6 +108,10 @@ def quantize_model(
     weights once quantized. ``drop_table``: the model is not run again (only its records are
     wanted), so an embedding table that is not also the head goes to the meta device once the
     calibration windows are embedded (a 151,936 x 1536 table is 0.9 GB of float32).
+    ``sink`` (calibrated runs): the model is not run again and only its records are wanted, so
+    each block's records move into ``sink`` (e.g. `saved.SpilledRecords`, on disk) once the
+    block has run, and the block keeps no tensors: memory then holds one block's records,
+    not the model's.
     """
     config = config or SinqConfig()
     start = time.perf_counter()
@@ -117,11 +123,13 @@ def quantize_model(
             raise ValueError("config.calibrate / calibrate_head is set but no calibration "
                              "windows were given")
         _quantize_calibrated(model, linears, units, config, report, measure_error,
-                             calibration, progress, drop_table)
+                             calibration, progress, drop_table, sink)
     else:
         energies = model_energies(model, config, list(linears), calibration)
         for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
             _quantize_unit(model, "", names, linears, config, report, measure_error, energies)
+    if sink is not None:
+        _move_records(model, "", sink)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -129,7 +137,8 @@ def quantize_model(
 def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, int]],
                          units: list[list[str]], config: SinqConfig, report: QuantizationReport,
                          measure_error: bool, windows: torch.Tensor, progress: bool,
-                         drop_table: bool = False) -> None:
+                         drop_table: bool = False,
+                         sink: MutableMapping[str, QuantizedWeight] | None = None) -> None:
     """Block by block: statistics of each block's inputs, quantize its units, propagate.
 
     With ``calibrate`` every linear gets full statistics (``H``, for A-SINQ and GPTQ). With
@@ -170,6 +179,8 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
         for m in block.modules():  # and holds no float copy of a quantized block either
             if isinstance(m, SinqLinear):
                 m.drop_cache()
+        if sink is not None:
+            _move_records(block, prefix, sink)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):
@@ -183,6 +194,16 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
         elif names[0] in energies:
             stats = energies
         _quantize_unit(model, "", names, linears, config, report, measure_error, stats)
+
+
+def _move_records(module: nn.Module, prefix: str, sink: MutableMapping[str, QuantizedWeight]
+                  ) -> None:
+    """Hand every quantized layer's record under ``module`` to ``sink`` and drop its tensors
+    (a layer on the meta device was handed over before)."""
+    for name, layer in quantized_layers(module).items():
+        if not layer.packed.is_meta:
+            sink[prefix + name] = layer.record
+            layer.to("meta")
 
 
 def _drop_untied_table(model: nn.Module) -> None:

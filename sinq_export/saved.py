@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .config import SinqConfig
@@ -147,3 +147,51 @@ def load_quantized(path: str | Path, model: nn.Module | None = None) -> tuple[nn
     load_model(model, str(path / QUANTIZED_WEIGHTS_FILE), strict=True)
     model.eval()
     return model, SinqConfig.from_dict(meta["config"])
+
+
+_RECORD_TENSORS = ("packed", "scales", "zero_points", "col_scale")
+
+
+class SpilledRecords(MutableMapping[str, QuantizedWeight]):
+    """Records kept in a folder, one safetensors file each, read back when asked for.
+
+    Why: a calibration quantizes block by block long before the export writes any record, and
+    a 7B model's records are ~3.8 GB; held on disk, what the process holds stays one block's.
+    Each access reads the file again, so a consumer takes a record once and lets it go.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._files: dict[str, Path] = {}
+
+    def __setitem__(self, name: str, record: QuantizedWeight) -> None:
+        path = self._files.get(name) or self._folder / f"{len(self._files)}.safetensors"
+        tensors = {k: getattr(record, k).contiguous() for k in _RECORD_TENSORS
+                   if getattr(record, k) is not None}
+        save_file(tensors, str(path), metadata={
+            "bits": str(record.bits), "group_size": str(record.group_size),
+            "shape": json.dumps(list(record.shape))})
+        self._files[name] = path
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        path = self._files[name]
+        tensors = load_file(str(path))
+        with open(path, "rb") as fh:  # the metadata: bits, group size, shape
+            meta = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))["__metadata__"]
+        return QuantizedWeight(
+            packed=tensors["packed"], scales=tensors["scales"],
+            zero_points=tensors["zero_points"], col_scale=tensors.get("col_scale"),
+            bits=int(meta["bits"]), group_size=int(meta["group_size"]),
+            shape=tuple(json.loads(meta["shape"])))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._files
+
+    def __delitem__(self, name: str) -> None:
+        self._files.pop(name).unlink(missing_ok=True)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)

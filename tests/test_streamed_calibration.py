@@ -22,6 +22,7 @@ from sinq_export.config import SinqConfig
 from sinq_export.models import ModelLoadError, decoder_blocks, load_causal_lm, load_causal_lm_streamed
 from sinq_export.nn import quantize_model, quantized_layers
 from sinq_export.quant.stats import LayerStats, output_error
+from sinq_export.saved import SpilledRecords
 
 WINDOWS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(3))
 
@@ -74,6 +75,28 @@ def test_streamed_calibration_gives_the_in_memory_records_and_drops_the_float_bl
     # no float linear weight is left in any block: only records, norms and biases
     for block in decoder_blocks(streamed):
         assert not any(isinstance(m, torch.nn.Linear) for m in block.modules())
+
+
+def test_records_spilled_block_by_block_are_the_in_memory_ones(tmp_path):
+    """With a `SpilledRecords` sink every record waits on disk (one file each) as its block
+    finishes, equal to the in-memory run's, and no block keeps a tensor of its linears."""
+    make_model_dir(tmp_path / "hf", "qwen2")
+    _with_tokenizer(tmp_path / "hf")
+    cfg = SinqConfig(group_size=16, lm_head_bits=4, calibrate_head=True)
+    (tmp_path / "spill").mkdir()
+    sink = SpilledRecords(tmp_path / "spill")
+    streamed, _ = load_causal_lm_streamed(tmp_path / "hf")
+    quantize_model(streamed, cfg, progress=False, calibration=WINDOWS, sink=sink)
+    full, _ = load_causal_lm(tmp_path / "hf")
+    quantize_model(full, cfg, progress=False, calibration=WINDOWS)
+    want = _records(full)
+    assert set(sink) == set(want) and len(list((tmp_path / "spill").iterdir())) == len(want)
+    assert all(_same_record(sink[n], want[n]) and sink[n].shape == want[n].shape
+               and (sink[n].bits, sink[n].group_size) == (want[n].bits, want[n].group_size)
+               for n in want)
+    assert all(p.is_meta for m in quantized_layers(streamed).values() for p in m.buffers())
+    del sink["lm_head"]
+    assert "lm_head" not in sink and len(list((tmp_path / "spill").iterdir())) == len(want) - 1
 
 
 def test_head_calibrated_alone_keeps_the_decoder_calibration_free(tmp_path):
@@ -144,6 +167,7 @@ def test_model_default_calibrates_a_4bit_head_and_records_it(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert "calibrate" in summary["timings_s"] and summary["warnings"] == []
     manifest = json.loads((tmp_path / "out" / "sinq_export.json").read_text())
+    assert not list(tmp_path.glob(".out.*"))  # the records' scratch folder is gone
     head = manifest["layers"]["lm_head"]
     assert (head["bits"], head["group_size"]) == (4, 32)
     assert manifest["calibration"]["layers"] == "lm_head"

@@ -10,6 +10,7 @@ tensor plus the few records in flight (docs/export-format.md, "Streaming").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -38,7 +39,7 @@ from ..contract import (
     add_transformers_js_config,
     data_file_names,
 )
-from ..io import atomic_output_dir, check_output, write_json
+from ..io import atomic_output_dir, check_output, scratch_dir, write_json
 from ..linear import SinqLinear, set_module
 from ..models import hub_offline, load_causal_lm, missing_tokenizer
 from ..onnx_tensors import OnnxTensors, load_graph
@@ -49,9 +50,10 @@ from ..quant.methods import yields_col_scale
 from ..quant.record import QuantizedWeight
 from ..quant.units import SHARED_INPUT_GROUPS, joint_groups
 from ..quantize import quantize_model
+from ..saved import SpilledRecords
 from . import builder
 from .accuracy import INT8_LEVEL, Int8Measurement, accuracy_section, choose_levels, measure_int8
-from .diskspace import check_free_space, estimate_output_bytes
+from .diskspace import check_free_space, estimate_output_bytes, quantized_tensor_bytes
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
 from .graph import ExportError
@@ -564,12 +566,16 @@ def _tensor_digests(out: Path) -> dict[str, str]:
 
 
 def _check_disk(ckpt: Checkpoint, bits: Mapping[str, int], config: SinqConfig,
-                graph: GraphConfig, out_dir: Path) -> None:
+                graph: GraphConfig, out_dir: Path, spilled: bool) -> None:
     """Refuse (ENOSPC, one line) when OUT_DIR's file system cannot hold the export, its
-    checkpoint tensors stored at ``bits`` (tensor -> width; any other tensor in float)."""
+    checkpoint tensors stored at ``bits`` (tensor -> width; any other tensor in float), and,
+    when ``spilled``, the calibrated records that wait beside it until written."""
     needed = estimate_output_bytes(ckpt, lambda name, shape: bits.get(name), config.group_size,
                                    runtime=graph.runtime,
                                    float_bytes=2 if graph.dtype == "fp16" else 4)
+    if spilled:
+        needed += sum(quantized_tensor_bytes(ckpt.shape(name), b, config.group_size, 4)
+                      for name, b in bits.items() if name in ckpt)
     check_free_space(out_dir, needed)
 
 
@@ -638,6 +644,7 @@ def export_causal_lm(
     stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
                     + ["accuracy"] * auto + ["build", "write", "check"], progress=progress)
     energies = None
+    scratch = contextlib.ExitStack()
     try:
         with stages.stage("plan"):  # everything that can refuse, before the model runs
             ckpt = Checkpoint.open(folder)
@@ -647,10 +654,13 @@ def export_causal_lm(
             module, cfg = builder.mobius_model(hf_config, dtype)
             # before the minutes of probing or calibration, not after them
             _check_disk(ckpt, _config_widths(module, config, graph_config), config, graph_config,
-                        out_dir)
+                        out_dir, spilled=run_model)
         if run_model:
             with stages.stage("calibrate"):  # statistics from the probe or the calibration text
-                config, records, planned = quantize_planned(folder, config, progress=progress)
+                # records wait on disk, next to the output, until the writer takes them
+                spill = SpilledRecords(scratch.enter_context(scratch_dir(out_dir)))
+                config, records, planned = quantize_planned(folder, config, progress=progress,
+                                                            spill=spill)
             manifest_extra = {**planned, **(manifest_extra or {})}
         elif probe:
             with stages.stage("calibrate"):  # the input energies, one float block at a time
@@ -666,7 +676,8 @@ def export_causal_lm(
                                   "--include); pass allow_unquantized (--allow-unquantized) "
                                   "to export a float model")
             _check_records(records or {}, plan, config)
-            _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir)
+            _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir,
+                        spilled=run_model)
         measured = None
         if auto:
             with stages.stage("accuracy"):  # int8 error per linear, one float block at a time
@@ -728,6 +739,7 @@ def export_causal_lm(
         stages.timings["write"] -= cache.stats.seconds
     finally:
         stages.close()
+        scratch.close()
     return ExportResult(out_dir=out_dir, manifest=manifest, timings=stages.timings,
                         peak_rss=stages.report()["peak_rss_mb"], warnings=warnings)
 

@@ -55,7 +55,7 @@ class RecordCache:
         ``quantize_as``: name -> the name whose settings and precomputed record it takes (a
         tied embedding table shared with its head is the head's record)."""
         self._ckpt = checkpoint
-        self._precomputed = dict(precomputed or {})
+        self._precomputed = precomputed or {}  # read, never copied: it may live on disk
         self._as = dict(quantize_as or {})
         self._energies = dict(energies or {})
         self.made: dict[str, QuantizedWeight] | None = {} if keep else None
@@ -71,7 +71,7 @@ class RecordCache:
     def _quantize(self, names: Sequence[str]) -> list[QuantizedWeight]:
         keys = [self._as.get(n, n) for n in names]
         if all(k in self._precomputed for k in keys):
-            return [self._precomputed.pop(k) for k in keys]
+            return [self._precomputed[k] for k in keys]
         method = self._config.method_config(keys[0], self._bits[names[0]])
         weights = [self._ckpt.load(self._sources[n]) for n in names]
         # one input: the unit shares its energies
