@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .calibration.forward import forward_dtype
-from .calibration.probe import probe_tokens
+from .calibration.probe import probe_tokens, release_memory
 from .calibration.sensitivity import allocatable_shapes, quantization_costs
 from .calibration.windows import (
     available_bytes,
@@ -170,4 +170,6 @@ def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = Tr
                    drop_table=True, sink=spill)
     records = spill if spill is not None else {
         name: m.record for name, m in quantized_layers(model).items()}
+    del model
+    release_memory()
     return plan.config, records, plan.manifest

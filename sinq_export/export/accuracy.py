@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..calibration.forward import capture_block_inputs, forward_dtype, forward_precision
-from ..calibration.probe import probe_tokens
+from ..calibration.probe import probe_tokens, release_memory
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig, is_head
 from ..models import decoder_blocks, ensure_loaded, load_causal_lm_streamed, release_block
@@ -177,6 +177,8 @@ def measure_int8(folder: Path, config: SinqConfig, block_sizes: Mapping[str, int
     norm = model.model.norm
     ref, got = norm(hidden).float(), norm(noisy).float()
     divergence = float(((got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).mean())
+    del model, noisy, hidden
+    release_memory()
     ckpt = Checkpoint.open(folder)
     x = ref.reshape(-1, ref.shape[-1])
     for name in (n for n in block_sizes if n not in errors):

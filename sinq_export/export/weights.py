@@ -73,7 +73,8 @@ class RecordCache:
         if all(k in self._precomputed for k in keys):
             return [self._precomputed[k] for k in keys]
         method = self._config.method_config(keys[0], self._bits[names[0]])
-        weights = [self._ckpt.load(self._sources[n]) for n in names]
+        # as stored: the quantizer widens what it works on, a bf16 table is never float32
+        weights = [self._ckpt.load(self._sources[n], dtype=None) for n in names]
         # one input: the unit shares its energies
         return quantize_unit(weights, names, method, self._energies.get(keys[0]))
 
