@@ -54,6 +54,12 @@ def quantize_to_folder(model_dir: str | Path | None, output: str | Path, config:
     }
 
 
+def quantize_summary_line(s: Mapping[str, Any]) -> str:
+    """`quantize_to_folder`'s summary as the line `sinq-export quantize` prints."""
+    return (f"quantized {s['layers']} linears in {s['seconds']} s, mean relative error "
+            f"{s['mean_rel_error']:.4f} -> {s['output']}")
+
+
 # ------------------------------------------------------------------------------ model
 
 

@@ -1,8 +1,8 @@
 """`sinq-export` command line: flags -> configs / preset -> one library call (`api`) -> print.
 
 Each subcommand has an ``_add_<name>`` (argparse) and a ``_run_<name>`` (calls the library,
-prints a table or JSON, returns the exit code). `main` turns every error into one line on
-stderr and the exit code of `EXIT_CODES_HELP` (the policy lives in `outcome`).
+prints a table or JSON, returns the exit code). `main` runs it through `outcome.run_command`,
+which turns every error into one line on stderr and the exit code of `EXIT_CODES_HELP`.
 
 The library (`api`) is imported by each ``_run_<name>``, not here: it loads onnx, onnxruntime
 and transformers, which ``--help`` and a bad flag do not need (lazy for start-up time).
@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, config, outcome, verbosity
 from .contract import CUSTOM_DOMAIN, CUSTOM_OP, MANIFEST_FILE, REFERENCE_DIR
-from .outcome import EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from .outcome import EXIT_CODES_HELP, EXIT_OK, EXIT_USAGE
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 
 MODEL_HELP = ("HF causal-LM folder, or a GGUF file / a folder holding one (converted once into "
@@ -82,16 +81,6 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
                                             tie_o_proj=args.tie_o_proj)
 
 
-def _arg_type(parse: Callable[..., Any], *extra: Any) -> Callable[[str], Any]:
-    """argparse type from a `config` parser (its message becomes argparse's)."""
-    def convert(text: str) -> Any:
-        try:
-            return parse(text, *extra)
-        except config.ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return convert
-
-
 # --- quantize: PyTorch-only quantization, saved as safetensors + JSON ---------------------
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -107,11 +96,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     summary = api.quantize_to_folder(args.model_dir, args.output, config_from_args(args),
                                      overwrite=args.overwrite, progress=not args.json)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"quantized {summary['layers']} linears in {summary['seconds']} s, mean relative "
-              f"error {summary['mean_rel_error']:.4f} -> {args.output}")
+    print(json.dumps(summary, indent=2) if args.json else api.quantize_summary_line(summary))
     return EXIT_OK
 
 
@@ -130,7 +115,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=config.RUNTIMES, help="stock: MatMulNBits only (3/5/6-bit "
                    f"codes in 4/8-bit containers); custom: {CUSTOM_DOMAIN}::{CUSTOM_OP} where stock "
                    "cannot run the width")
-    p.add_argument("--accuracy-level", type=_arg_type(config.parse_accuracy_level),
+    p.add_argument("--accuracy-level", type=config.arg_type(config.parse_accuracy_level),
                    metavar="{auto,0,1,2,3,4}",
                    help="MatMulNBits accuracy_level (0 = fp32 compute, exact; 4 = int8 activations: ~2x "
                         "faster decode; auto, the default: 4 on each linear whose measured int8 error "
@@ -145,7 +130,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tie-o-proj", action="store_true", default=None,
                    help="tie o_proj's t across the query heads of each kv head, so it folds into "
                         "v_proj's rows: one Mul less per layer (+0.16 perplexity on SmolLM2)")
-    p.add_argument("--lm-head-bits", type=_arg_type(config.parse_width, config.QUANT_BITS),
+    p.add_argument("--lm-head-bits", type=config.arg_type(config.parse_width, config.QUANT_BITS),
                    help="quantize lm_head at this width, or 'float' (default 4, calibrated)")
     p.add_argument("--lm-head-group-size", type=int,
                    help="block size for lm_head (default 32 below 8 bits, else --group-size)")
@@ -153,7 +138,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                    help="calibrate the lm_head alone (A-SINQ + GPTQ on the final hidden states of the "
                         "calibration-free decoder; a 4-bit head then costs +0.4 perplexity instead of "
                         "+2.6; default: on below 8 bits)")
-    p.add_argument("--embedding-bits", type=_arg_type(config.parse_width, config.EMBEDDING_BITS),
+    p.add_argument("--embedding-bits", type=config.arg_type(config.parse_width, config.EMBEDDING_BITS),
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; one "
                         "table with a tied lm_head of the same width), or 'float' (default 8)")
     p.add_argument("--with-reference", action="store_true", help="also write OUT_DIR/reference (the "
@@ -173,10 +158,8 @@ def _run_model(args: argparse.Namespace) -> int:
     summary = result.summary()
     if summary["warnings"]:  # one line, like an error
         print(f"sinq-export model: warning: {'; '.join(summary['warnings'])}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        print("\n".join(api.model_summary_lines(summary)))
+    print(json.dumps(summary, indent=2, sort_keys=True) if args.json
+          else "\n".join(api.model_summary_lines(summary)))
     return EXIT_OK
 
 
@@ -218,12 +201,10 @@ def _run_validate(args: argparse.Namespace) -> int:
         accuracy_level=args.accuracy_level, tokens=args.tokens, decode_steps=args.decode_steps,
         text=args.text, source=args.source)
     print(json.dumps(report.to_dict(), indent=2) if args.json == "-" else format_report(report))
-    if report.status == "skipped":
-        print("sinq-export validate: error: none of the requested providers is available "
-              f"({', '.join(p.provider for p in report.providers)}); nothing was validated",
-              file=sys.stderr)
-        return EXIT_USAGE
-    return EXIT_OK if report.status == "passed" else EXIT_FAILED
+    end = outcome.validation_exit(report.status, [p.provider for p in report.providers])
+    if end.message:
+        print(f"sinq-export validate: error: {end.message}", file=sys.stderr)
+    return end.code
 
 
 # --- eval: perplexity on real text ---------------------------------------------------------
@@ -289,12 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     for name, (add, run) in COMMANDS.items():
         add(sub)
-        sub.choices[name].set_defaults(run=run)
-    for p in sub.choices.values():  # also accepted after the subcommand
+        p = sub.choices[name]
+        p.set_defaults(run=run)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help=VERBOSE_HELP)
-        p.epilog = EXIT_CODES_HELP
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
+                       help=VERBOSE_HELP)  # also accepted after the subcommand
+        p.epilog, p.formatter_class = EXIT_CODES_HELP, argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -309,22 +289,9 @@ def _output_paths(args: argparse.Namespace) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is an exit code (see `EXIT_CODES_HELP`)."""
     args = build_parser().parse_args(argv)
-    prefix = f"sinq-export {args.command}: error:"
     with outcome.signals_as_exceptions(), verbosity.cli_output(args.verbose):
-        try:
-            return outcome.run_interruptible(lambda: args.run(args))
-        except KeyboardInterrupt as exc:
-            code, name = outcome.interrupted_exit(exc)
-            print(f"sinq-export {args.command}: interrupted by {name}; partial output removed",
-                  file=sys.stderr)
-            return code
-        except Exception as exc:
-            end = outcome.failure(exc, _output_paths(args))
-            if end.internal:
-                traceback.print_exc()
-            # one line, whatever the message (library texts span lines)
-            print(f"{prefix} {' '.join(end.message.split())}", file=sys.stderr)
-            return end.code
+        return outcome.run_command(f"sinq-export {args.command}", lambda: args.run(args),
+                                   lambda: _output_paths(args))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ never re-parse flags, so a bad value is reported once, at construction, with its
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -455,3 +456,13 @@ def given_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     if "overrides" in fields:
         fields["overrides"] = parse_overrides(fields["overrides"])
     return fields
+
+
+def arg_type(parse: Callable[..., Any], *extra: Any) -> Callable[[str], Any]:
+    """An argparse ``type`` from one of the parsers here (its message becomes argparse's)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, *extra)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert

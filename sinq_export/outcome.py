@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import signal
+import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,34 @@ def failure(exc: Exception, outputs: Sequence[Path]) -> Failure:
                                    f"{exc.strerror or exc}")
     return Failure(EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc}); please report it",
                    internal=True)
+
+
+def run_command(prog: str, run: Callable[[], int], outputs: Callable[[], Sequence[Path]]) -> int:
+    """Run one command (``prog``: its name in messages) inside `signals_as_exceptions`; every
+    outcome is an exit code, an error or interruption also one line on stderr. ``outputs``:
+    the paths the command writes (see `failure`)."""
+    try:
+        return run_interruptible(run)
+    except KeyboardInterrupt as exc:
+        code, name = interrupted_exit(exc)
+        print(f"{prog}: interrupted by {name}; partial output removed", file=sys.stderr)
+        return code
+    except Exception as exc:
+        end = failure(exc, outputs())
+        if end.internal:
+            traceback.print_exc()
+        # one line, whatever the message (library texts span lines)
+        print(f"{prog}: error: {' '.join(end.message.split())}", file=sys.stderr)
+        return end.code
+
+
+def validation_exit(status: str, providers: Sequence[str]) -> Failure:
+    """How `validate` ends for its report's ``status``: 0 every provider that ran passed, 1 a
+    parity failure, 2 (with a line) none of the requested ``providers`` was available."""
+    if status == "skipped":
+        return Failure(EXIT_USAGE, f"none of the requested providers is available "
+                                   f"({', '.join(providers)}); nothing was validated")
+    return Failure(EXIT_OK if status == "passed" else EXIT_FAILED, "")
 
 
 def _output_side_error(exc: BaseException, outputs: Sequence[Path]) -> OutputError | None:

@@ -1,6 +1,7 @@
 """The CLI shell: flags -> SinqConfig, exit codes, JSON output, clear errors."""
 
 import json
+import re
 
 import pytest
 from _models import tiny_llama_dir
@@ -65,3 +66,7 @@ def test_quantize_writes_safetensors_and_json(tmp_path, capsys):
     assert (out / "quantized.safetensors").is_file() and (out / "sinq_quantized.json").is_file()
     rc = main(["quantize", str(src), "-o", str(out), "--group-size", "32"])
     assert rc == 2  # exists, no --overwrite
+    assert main(["quantize", str(src), "-o", str(out), "--group-size", "32", "--overwrite"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"quantized 7 linears in [0-9.]+ s, mean relative error 0\.[0-9]{4} -> "
+                        + re.escape(str(out)), line)

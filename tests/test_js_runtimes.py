@@ -143,7 +143,7 @@ def test_transformers_js_loads_the_folder_unchanged(exported):
     assert got == _genai_greedy(exported[1], prompt, new)
 
 
-def _run_page(folder, page: str, query: dict, backend: str = "wasm") -> dict:  # noqa: ANN001
+def _run_page(folder: Path, page: str, query: dict, backend: str = "wasm") -> dict:
     """``page`` (a path under the repository) with ``folder`` served as /models/export/, driven
     headless by js/browser_run.mjs (which fails on any request outside 127.0.0.1)."""
     server, url = js.load_server().start({"export": folder})
@@ -171,7 +171,7 @@ def test_transformers_js_in_the_browser_generates_genai_tokens(exported):
     assert web["ids"] == _genai_greedy(exported[1], prompt, new)
 
 
-def _webgpu_nodes(folder) -> dict:  # noqa: ANN001
+def _webgpu_nodes(folder: Path) -> dict:
     """The nodes onnxruntime-web's WebGPU session runs for ``folder`` (after its fusions)."""
     graph = folder / MODEL_FILE
     model = onnx.load(str(graph), load_external_data=False)

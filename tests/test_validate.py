@@ -7,6 +7,7 @@ import math
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 from _helpers import corrupt_copy
 from _models import cached_tiny_export, needs_tokenizer, tiny_tokens
@@ -269,3 +270,11 @@ def test_module_export_reference_and_onnx_only(tmp_path):
     bad = corrupt_copy(tmp_path / "m", tmp_path / "bad", "2", "scale")
     failed = V.validate(bad, reference=res.model, tokens=8)
     assert failed.status == "failed" and failed.providers[0].first_diverging_layer == "2"
+    # the manifest records every initializer's digest, so a changed byte fails even with
+    # nothing to compare the outputs against
+    assert set(res.manifest["tensor_sha256"]) == {t.name for t in onnx.load(
+        str(tmp_path / "m" / "model.onnx"), load_external_data=False).graph.initializer}
+    bad_bare = V.validate(corrupt_copy(tmp_path / "m", tmp_path / "bad2", "0", "byte"), tokens=8)
+    assert bad_bare.status == "failed"
+    assert bad_bare.providers[0].failures == [
+        "tensor 0.qweight differs from the bytes the export wrote (sha256)"]

@@ -307,7 +307,7 @@ def fold_constant_transposes(model: ir.Model) -> int:
                 continue
             shape = ir.Shape([srcs[0].shape[1], srcs[0].shape[0]])
 
-            def func(src=srcs[0]) -> ir.Tensor:  # noqa: ANN001
+            def func(src: ir.TensorProtocol = srcs[0]) -> ir.Tensor:
                 return ir.tensor(np.ascontiguousarray(src.numpy().T))
         else:
             axis = node.attributes.get_int("axis", 0)
@@ -316,7 +316,7 @@ def fold_constant_transposes(model: ir.Model) -> int:
             cat[axis] = sum(d[axis] for d in dims)
             shape = ir.Shape(cat)
 
-            def func(srcs=srcs, axis=axis) -> ir.Tensor:  # noqa: ANN001
+            def func(srcs: list[ir.TensorProtocol] = srcs, axis: int = axis) -> ir.Tensor:
                 return ir.tensor(np.concatenate([s.numpy() for s in srcs], axis=axis))
         name = out.name if out.name and out.name.endswith(_NAMED_PACKS) else \
             f"{node.inputs[0].name}.{node.op_type.lower()}d"

@@ -42,7 +42,6 @@ from ..contract import (
 from ..io import atomic_output_dir, check_output, scratch_dir, write_json
 from ..linear import SinqLinear, set_module
 from ..models import hub_offline, load_causal_lm, missing_tokenizer
-from ..onnx_tensors import OnnxTensors, load_graph
 from ..planning import quantize_planned
 from ..presets import DEFAULT_PRESET, Preset, get_preset
 from ..quant.allocate import WIDTHS as ALLOCATION_WIDTHS
@@ -58,14 +57,7 @@ from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
 from .graph import ExportError
 from .layout import NodeChoice, choose_node
-from .manifest import (
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    MANIFEST_MARKER,
-    ExportResult,
-    source_section,
-    versions,
-)
+from .manifest import MANIFEST_FILE, MANIFEST_MARKER, ExportResult, build_manifest, versions
 from .placement import FUSED, MUL, NONE, Placement, folded, ratio
 from .reference import save_reference
 from .stages import Stages
@@ -421,19 +413,6 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
     return out
 
 
-def _onnx_section(model: ir.Model, data_files: Sequence[str]) -> dict:
-    return {
-        "file": MODEL_FILE,
-        "data_file": data_files[0] if data_files else None,
-        "data_files": list(data_files),
-        "ir_version": model.ir_version,
-        "opset": model.opset_imports.get("", None),
-        "inputs": [v.name for v in model.graph.inputs],
-        "outputs": [v.name for v in model.graph.outputs],
-        "custom_domains": sorted(d for d in model.opset_imports if d not in ("", "ai.onnx")),
-    }
-
-
 def rename_dims(model: ir.Model, names: Mapping[str, str] = DIM_NAMES) -> None:
     """Give every symbolic dim of the graph's values the name other runtimes resolve
     (`contract.DIM_NAMES`); dims not in ``names`` keep theirs."""
@@ -554,15 +533,6 @@ def _save_folded_t(row_folded_t: Mapping[str, np.ndarray], out: Path) -> str | N
     save_file({n: np.ascontiguousarray(t, dtype=np.float32) for n, t in row_folded_t.items()},
               str(out / FOLDED_T_FILE))
     return FOLDED_T_FILE
-
-
-def _tensor_digests(out: Path) -> dict[str, str]:
-    """sha256 of every initializer as written (read back from disk, one tensor at a time):
-    `validate` checks each against it, so a byte changed after the export fails there, named,
-    in any tensor (those of a layer whose t is folded away included)."""
-
-    graph = out / MODEL_FILE
-    return OnnxTensors(load_graph(graph), graph.parent).digests()
 
 
 def _check_disk(ckpt: Checkpoint, bits: Mapping[str, int], config: SinqConfig,
@@ -727,10 +697,9 @@ def export_causal_lm(
                                                         for n in model.graph)))
                 if with_reference:
                     _write_reference(folder, tmp_out, config, cache.made or {})
-                manifest = {**_manifest(model, plan, layers, config, graph_config, folder,
-                                        tmp_out, data_files), **(manifest_extra or {}),
-                            "tensor_sha256": _tensor_digests(tmp_out),
-                            "folded_t_file": folded_t_file, "warnings": warnings}
+                manifest = _manifest(model, plan, layers, config, graph_config, folder, tmp_out,
+                                     data_files, warnings,
+                                     {**(manifest_extra or {}), "folded_t_file": folded_t_file})
                 write_json(tmp_out / MANIFEST_FILE, manifest)
             with stages.stage("check"):
                 onnx.checker.check_model(str(tmp_out / MODEL_FILE), full_check=False)
@@ -758,30 +727,18 @@ def _configs(folder: Path, config: SinqConfig | None, graph_config: GraphConfig 
 
 
 def _manifest(model: ir.Model, plan: Plan, layers: dict, config: SinqConfig, graph: GraphConfig,
-              folder: Path, out: Path, data_files: Sequence[str]) -> dict:
-    lin_bytes = sum(
-        int(model.graph.initializers[init].const_value.nbytes)
-        for rec in layers.values() for init in rec["initializers"].values() if init
-    )
-    onnx_bytes = sum((out / f).stat().st_size for f in (MODEL_FILE, *data_files))
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "causal-lm",
-        "config": config.to_dict(),
-        "graph": graph.to_dict(),
-        "source_model": folder.name,
-        "source": source_section(folder),
-        "versions": versions(),
-        "onnx": _onnx_section(model, data_files),
-        "layers": layers,
-        "mul_nodes": sum(1 for n in model.graph if n.op_type == "Mul" and any(
+              folder: Path, out: Path, data_files: Sequence[str], warnings: Sequence[str],
+              extra: Mapping[str, object]) -> dict:
+    return build_manifest(
+        kind="causal-lm", config=config, graph_config=graph, source_model=folder.name,
+        source=folder, out=out, onnx_file=MODEL_FILE, data_files=data_files, layers=layers,
+        mul_nodes=sum(1 for n in model.graph if n.op_type == "Mul" and any(
             v is not None and v.name.endswith(".col_scale") for v in n.inputs)),
-        "sizes": {
-            "linear_weight_bytes": lin_bytes,
-            "float_linear_weight_bytes": sum(4 * p.shape[0] * p.shape[1] for p in plan.linears.values()),
-            "onnx_bytes": onnx_bytes,
-        },
-    }
+        linear_weight_bytes=sum(
+            int(model.graph.initializers[init].const_value.nbytes)
+            for rec in layers.values() for init in rec["initializers"].values() if init),
+        float_linear_weight_bytes=sum(4 * p.shape[0] * p.shape[1] for p in plan.linears.values()),
+        warnings=warnings, extra=extra)
 
 
 def _write_reference(folder: Path, out: Path, config: SinqConfig,

@@ -20,15 +20,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
-from onnxscript.rewriter import rewrite
+from onnxscript.rewriter import MatchContext, RewriterContext, rewrite
 from onnxscript.rewriter._basics import MatchFailureError
+from onnxscript.rewriter._pattern_ir import ValuePattern
 from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.pattern import OpsetPatternBuilder, Var
 
 from ..contract import STOCK_DOMAIN
 
 QUANT_PARTS = ("qweight", "scales", "qzeros")
 PACKED_QKV = "qkv_proj"
 _SAME_ATTRS = ("K", "bits", "block_size", "accuracy_level")
+GQAOutputs = tuple[ir.Value, ir.Value, ir.Value]  # output, present key, present value
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class _PackQKVBase(RewriteRuleClassBase):
         super().__init__()
         self._packed = packed
 
-    def _projection(self, op, x, w, s):  # noqa: ANN001, ANN202
+    def _projection(self, op: OpsetPatternBuilder, x: Var, w: Var, s: Var) -> ValuePattern:
         # zero points (input 3) are optional: absent when all are the default
         return op.MatMulNBits(x, w, s, _domain=STOCK_DOMAIN, _allow_other_attributes=True,
                               _allow_other_inputs=True)
@@ -89,7 +92,8 @@ class _PackQKVBase(RewriteRuleClassBase):
             raise MatchFailureError("q/k/v belong to different attention modules")
         return True
 
-    def _packed_call(self, op, x, biases, projections, gqa_out):  # noqa: ANN001, ANN202
+    def _packed_call(self, op: RewriterContext, x: ir.Value, biases: list[ir.Value],
+                     projections: list[ir.Value], gqa_out: ir.Value) -> GQAOutputs:
         params = self._params(projections)
         linears = [_linear_of(w) for w in params[::3]]
         owner = f"{linears[0].rpartition('.')[0]}.{PACKED_QKV}"
@@ -114,7 +118,8 @@ class _PackQKVBase(RewriteRuleClassBase):
 class PackQKV(_PackQKVBase):
     """``GQA(MatMulNBits(x, q..), MatMulNBits(x, k..), MatMulNBits(x, v..))`` -> one packed node."""
 
-    def pattern(self, op, x, qw, qs, kw, ks, vw, vs):  # noqa: ANN001, ANN201
+    def pattern(self, op: OpsetPatternBuilder, x: Var, qw: Var, qs: Var, kw: Var, ks: Var,
+                vw: Var, vs: Var) -> list[ValuePattern]:
         q = self._projection(op, x, qw, qs)
         k = self._projection(op, x, kw, ks)
         v = self._projection(op, x, vw, vs)
@@ -122,17 +127,19 @@ class PackQKV(_PackQKVBase):
                                       _allow_other_attributes=True,
                                       _outputs=["gqa_out", "present_key", "present_value"])
 
-    def check(self, context, gqa_out, **_):  # noqa: ANN001, ANN201
+    def check(self, context: MatchContext, gqa_out: ir.Value, **_: object) -> bool:
         return self._check(list(gqa_out.producer().inputs[:3]))
 
-    def rewrite(self, op, x, gqa_out, **_):  # noqa: ANN001, ANN201
+    def rewrite(self, op: RewriterContext, x: ir.Value, gqa_out: ir.Value, **_: object
+                ) -> GQAOutputs:
         return self._packed_call(op, x, [], list(gqa_out.producer().inputs[:3]), gqa_out)
 
 
 class PackQKVWithBias(_PackQKVBase):
     """The same with ``Add(bias)`` after each projection (Qwen2): one packed ``Add``."""
 
-    def pattern(self, op, x, qw, qs, qb, kw, ks, kb, vw, vs, vb):  # noqa: ANN001, ANN201
+    def pattern(self, op: OpsetPatternBuilder, x: Var, qw: Var, qs: Var, qb: Var, kw: Var,
+                ks: Var, kb: Var, vw: Var, vs: Var, vb: Var) -> list[ValuePattern]:
         q = op.Add(self._projection(op, x, qw, qs), qb)
         k = op.Add(self._projection(op, x, kw, ks), kb)
         v = op.Add(self._projection(op, x, vw, vs), vb)
@@ -144,13 +151,15 @@ class PackQKVWithBias(_PackQKVBase):
     def _projections(gqa_out: ir.Value) -> list[ir.Value]:
         return [i.producer().inputs[0] for i in gqa_out.producer().inputs[:3]]
 
-    def check(self, context, qb, kb, vb, gqa_out, **_):  # noqa: ANN001, ANN201
+    def check(self, context: MatchContext, qb: ir.Value | None, kb: ir.Value | None,
+              vb: ir.Value | None, gqa_out: ir.Value, **_: object) -> bool:
         for b in (qb, kb, vb):
             if b is None or not b.is_initializer():
                 raise MatchFailureError("a q/k/v bias is not an initializer")
         return self._check(self._projections(gqa_out))
 
-    def rewrite(self, op, x, qb, kb, vb, gqa_out, **_):  # noqa: ANN001, ANN201
+    def rewrite(self, op: RewriterContext, x: ir.Value, qb: ir.Value, kb: ir.Value,
+                vb: ir.Value, gqa_out: ir.Value, **_: object) -> GQAOutputs:
         return self._packed_call(op, x, [qb, kb, vb], self._projections(gqa_out), gqa_out)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,11 @@ from typing import Any
 import onnx
 
 from ..config import GraphConfig, SinqConfig
-from ..contract import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEYS, MODULE_DATA_FILE
-from ..contract import MODULE_ONNX_FILE as ONNX_FILE
+from ..contract import FORMAT_VERSION, MANIFEST_FILE, MANIFEST_KEYS
 from ..gguf import source_quantization
 from ..io import Marker
+from ..onnx_tensors import OnnxTensors, load_graph
 from .graph import custom_domains
-from .rewrite import RewriteReport
 
 # What makes a folder recognisably our export (only such a folder is replaced by --overwrite).
 MANIFEST_MARKER = Marker(MANIFEST_FILE, MANIFEST_KEYS)
@@ -42,13 +42,14 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def onnx_section(model: onnx.ModelProto) -> dict[str, Any]:
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+def onnx_section(model: onnx.ModelProto, file: str, data_files: Sequence[str]) -> dict[str, Any]:
+    """The graph's files and interface, as written."""
     return {
-        "file": ONNX_FILE,
-        "data_file": MODULE_DATA_FILE,
+        "file": file,
+        "data_file": data_files[0] if data_files else None,
+        "data_files": list(data_files),
         "ir_version": model.ir_version,
-        "opset": opset,
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
         "custom_domains": custom_domains(model),
@@ -71,32 +72,49 @@ def build_manifest(
     kind: str,
     config: SinqConfig,
     graph_config: GraphConfig,
-    source: str | None,
-    model: onnx.ModelProto,
-    rewrite: RewriteReport,
-    onnx_bytes: int,
-    extra: dict[str, Any] | None = None,
+    source_model: str | None,
+    source: Path | None,
+    out: Path,
+    onnx_file: str,
+    data_files: Sequence[str],
+    layers: dict[str, dict],
+    mul_nodes: int,
+    linear_weight_bytes: int,
+    float_linear_weight_bytes: int,
+    warnings: Sequence[str] = (),
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
-    """The module route's manifest (a traced graph rewritten by `rewrite`)."""
+    """``sinq_export.json`` of an export written to ``out``, for both routes (``kind``
+    ``causal-lm`` and ``module``). The sections every export has are made here, the ``onnx``
+    section, sizes and tensor digests from the files as written (``onnx_file`` and
+    ``data_files``, relative to ``out``). ``linear_weight_bytes``: the quantized linears'
+    initializers; ``float_linear_weight_bytes``: the same linears as float32. ``extra`` adds
+    a route's own sections (``probe``, ``accuracy``, ``folded_t_file``, ...) and may replace a
+    shared one, but not the digests or ``warnings``: those describe the folder as written."""
+    path = out / onnx_file
+    graph = load_graph(path)  # without its data: the digests read one tensor at a time
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "config": config.to_dict(),
         "graph": graph_config.to_dict(),
-        "source_model": source,
-        "source": source_section(None),
+        "source_model": source_model,
+        "source": source_section(source),
         "versions": versions(),
-        "onnx": onnx_section(model),
-        "layers": rewrite.layers,
-        "mul_nodes": rewrite.mul_nodes,
+        "onnx": onnx_section(graph, onnx_file, data_files),
+        "layers": layers,
+        "mul_nodes": mul_nodes,
         "sizes": {
-            "linear_weight_bytes": rewrite.linear_weight_bytes,
-            "float_linear_weight_bytes": rewrite.float_linear_bytes,
-            "onnx_bytes": onnx_bytes,
+            "linear_weight_bytes": linear_weight_bytes,
+            "float_linear_weight_bytes": float_linear_weight_bytes,
+            "onnx_bytes": sum((out / f).stat().st_size for f in (onnx_file, *data_files)),
         },
     }
-    manifest.update(extra or {})
-    return manifest
+    # sha256 of every initializer as written: `validate` checks each against it, so a byte
+    # changed after the export fails there, named, in any tensor (those of a layer whose t is
+    # folded away included)
+    digests = OnnxTensors(graph, path.parent).digests()
+    return {**manifest, **(extra or {}), "tensor_sha256": digests, "warnings": list(warnings)}
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Generic route: any ``torch.nn.Module`` with ``nn.Linear`` layers (an MLP, a vision model).
 
-``torch.onnx.export`` (TorchScript exporter) traces the *float* module;
-the module is quantized with the same `quantize_model` and the graph gets the same rewrite
-as the causal-LM route. Linears traced as ``MatMul`` (3-D inputs) or ``Gemm`` (2-D inputs)
-are both recognised.
+``torch.onnx.export`` (TorchScript exporter) traces the *float* module; the module is
+quantized with `quantize_model` and the traced graph's linears are rewritten into quantized
+nodes (`rewrite`; the causal-LM route builds its graph instead). Linears traced as ``MatMul``
+(3-D inputs) or ``Gemm`` (2-D inputs) are both recognised. The manifest comes from
+`manifest.build_manifest`, as the causal-LM route's does.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The tail both export routes share: quantize -> rewrite the float graph -> write -> check.
+"""The traced route's tail: quantize -> rewrite the float graph -> write -> check.
 
-A route (`llm`, `module`) only has to produce a float ONNX graph and the weight fingerprints
-of the eligible linears taken *before* quantization; everything after is this one function,
-so the two routes cannot drift apart.
+`module` produces a float ONNX graph and the weight fingerprints of the eligible linears
+taken *before* quantization; everything after is this function. The manifest comes from
+`manifest.build_manifest`, the causal-LM route's builder too.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import onnx
 from torch import nn
 
 from ..config import GraphConfig, SinqConfig
+from ..contract import MANIFEST_FILE, MODULE_DATA_FILE, MODULE_ONNX_FILE
 from ..io import atomic_output_dir, write_json
 from ..linear import eligible_linears, quantized_layers
 from ..quantize import quantize_model
 from .dtype import convert_to_fp16
 from .graph import fingerprint
-from .manifest import MANIFEST_FILE, MANIFEST_MARKER, ONNX_FILE, build_manifest, versions
+from .manifest import MANIFEST_MARKER, build_manifest, versions
 from .reference import save_reference
 from .rewrite import LayerInput, quantize_graph
 from .stages import Stages
@@ -64,15 +65,18 @@ def quantize_rewrite_write(
             convert_to_fp16(graph)
     with atomic_output_dir(out_dir, overwrite, marker=MANIFEST_MARKER, protect=protect) as tmp_out:
         with stages.stage("write"):
-            onnx_bytes = write_model(graph, tmp_out / ONNX_FILE, versions()["sinq_export"] or "")
+            write_model(graph, tmp_out / MODULE_ONNX_FILE, versions()["sinq_export"] or "")
             if extra_files is not None:
                 extra_files(tmp_out)
             if reference:
                 save_reference(model, tmp_out, config, tokenizer=tokenizer)
-            manifest = build_manifest(kind=kind, config=config, graph_config=graph_config,
-                                      source=source, model=graph, rewrite=rewrite,
-                                      onnx_bytes=onnx_bytes)
+            manifest = build_manifest(
+                kind=kind, config=config, graph_config=graph_config, source_model=source,
+                source=None, out=tmp_out, onnx_file=MODULE_ONNX_FILE,
+                data_files=[MODULE_DATA_FILE], layers=rewrite.layers,
+                mul_nodes=rewrite.mul_nodes, linear_weight_bytes=rewrite.linear_weight_bytes,
+                float_linear_weight_bytes=rewrite.float_linear_bytes)
             write_json(tmp_out / MANIFEST_FILE, manifest)
         with stages.stage("check"):
-            check_model(tmp_out / ONNX_FILE)
+            check_model(tmp_out / MODULE_ONNX_FILE)
     return manifest

@@ -39,8 +39,8 @@ def _externalise(t: onnx.TensorProto, location: str, offset: int, length: int) -
         entry.key, entry.value = key, value
 
 
-def write_model(model: onnx.ModelProto, path: str | os.PathLike, producer_version: str) -> int:
-    """Write ``model`` to ``path`` (+ ``path.name + '.data'``); returns total bytes written.
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, producer_version: str) -> None:
+    """Write ``model`` to ``path`` (+ ``path.name + '.data'``).
 
     The model is modified in place (tensors become external references), so callers pass a
     proto they do not need afterwards.
@@ -65,9 +65,7 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, producer_versio
             fh.write(raw)
             _externalise(t, data_name, offset, len(raw))
             offset += len(raw)
-    blob = model.SerializeToString(deterministic=True)
-    path.write_bytes(blob)
-    return len(blob) + offset
+    path.write_bytes(model.SerializeToString(deterministic=True))
 
 
 def check_model(path: str | os.PathLike) -> None:
