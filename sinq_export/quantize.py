@@ -170,12 +170,12 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
                 stats = {n[len(prefix):]: e for n, e in energies.items() if n.startswith(prefix)}
             for names in mine:
                 _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
+                for name in names:  # the float weights go before the quantized forward runs
+                    done.add(name)
+                    linears.pop(name)
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
                                  with_stats=config.calibrate, dtype=dtype, where=prefix[:-1])
-        for name in (n for u in mine for n in u):  # a streamed model frees the float weights
-            done.add(name)
-            linears.pop(name)
         for m in block.modules():  # and holds no float copy of a quantized block either
             if isinstance(m, SinqLinear):
                 m.drop_cache()
