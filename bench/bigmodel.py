@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _sysinfo import cpu_name  # noqa: E402  (bench/, beside this script)
+
 from sinq_export.contract import MODEL_FILE  # noqa: E402  (the repo, not an install)
 
 RESULTS = ROOT / "bench" / "results"
@@ -288,7 +290,7 @@ def write_results(rows: list[dict]) -> None:
         old = []
     new = {_key(r) for r in rows}
     rows = [r for r in old if _key(r) not in new] + rows
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    meta = {"machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores",
             "command": "python bench/bigmodel.py (each row: sinq-export model SRC -o OUT --json)",
             "rows": rows}
     (RESULTS / "bigmodel.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
@@ -300,7 +302,7 @@ def write_results(rows: list[dict]) -> None:
              "", "| model | contention job | params | checkpoint | wall | CPU (user+sys) | "
              "peak RSS | stages (s) | load avg | OUT_DIR | validate |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if "model" in r):  # older rows: the plain-config bench
+    for r in rows:
         e, v = r["export"], r.get("validate")
         stages = ", ".join(f"{k} {x:.0f}" for k, x in (e.get("timings_s") or {}).items())
         load = f"{e.get('load_avg_before', ['?'])[0]} / {e.get('load_avg_after', ['?'])[0]}"

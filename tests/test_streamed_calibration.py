@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from _helpers import PROMPT, STEPS, cpu_session
+from _helpers import PROMPT, STEPS, cpu_session, error_lines
 from _models import ARCHS, make_model_dir, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
@@ -234,3 +234,19 @@ def test_default_export_streams_the_probe_and_records_it(tmp_path):
     assert float(abs(got.logits - want.logits).max() / abs(want.logits).max()) <= 1e-4
     other = run_ort_lm(cpu_session(tmp_path / "plain"), PROMPT, fed)
     assert float(abs(other.logits - got.logits).max()) > 0
+
+
+def test_text_too_short_for_the_calibration_is_one_line(tmp_path, capsys, monkeypatch):
+    """A tokenizer that makes too few tokens of the calibration text: exit 2, one line that
+    says how many it made and how many were needed, no output folder."""
+    from sinq_export.calibration import windows
+    from sinq_export.cli import main
+
+    make_model_dir(tmp_path / "hf", "llama")
+    _with_tokenizer(tmp_path / "hf")
+    monkeypatch.setattr(windows, "load_text", lambda _name: "w1 w2 w3 " * 30)
+    capsys.readouterr()
+    assert main(["model", str(tmp_path / "hf"), "-o", str(tmp_path / "out")]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "calibration:" in line and "90 tokens" in line, line
+    assert not (tmp_path / "out").exists()

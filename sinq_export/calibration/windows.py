@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import ConfigError
 from ..data import leading_token_ids, load_text
 
 if TYPE_CHECKING:  # typing only: transformers is slow to import
@@ -66,7 +67,11 @@ def calibration_windows(tokenizer: PreTrainedTokenizerBase, n_windows: int = 16,
     stop = offset + n_windows * length
     ids = leading_token_ids(tokenizer, load_text(text), stop)
     if len(ids) < stop:
-        raise ValueError(f"text {text!r} has {len(ids)} tokens; calibration needs {stop}")
+        fits = max(0, len(ids) - offset) // length
+        raise ConfigError(f"calibration: the model's tokenizer makes {len(ids)} tokens of the "
+                          f"{text!r} text, the calibration needs {stop} ({offset} skipped, then "
+                          f"{n_windows} windows x {length})"
+                          + (f"; at most --calibration-windows {fits} fit" if fits else ""))
     win = torch.tensor(ids[offset:stop], dtype=torch.long).reshape(n_windows, length)
     info = {"text": text, "token_range": [offset, stop], "n_windows": n_windows,
             "length": length, "tokens": n_windows * length,
