@@ -67,6 +67,33 @@ def test_round_trip_any_dtype_and_sharding(tmp_path_factory, specs, n_shards):
     assert ckpt.total_nbytes() == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@settings(max_examples=25, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), rows=st.integers(1, 40),
+       picked=st.lists(st.integers(0, 39), min_size=0, max_size=12), seed=st.integers(0, 2**16))
+def test_rows_are_the_loaded_tables_rows(tmp_path_factory, dtype, rows, picked, seed):
+    """Any sorted set of rows (runs and single ids) equals indexing the whole tensor."""
+    table = torch.randn(rows, 6, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    folder = write_folder(tmp_path_factory.mktemp("rows"), [{"t": table}])
+    index = torch.tensor(sorted({i % rows for i in picked}), dtype=torch.long)
+    got = Checkpoint.open(folder).rows("t", index)
+    assert got.dtype == torch.float32 and torch.equal(got, table.float()[index])
+
+
+def test_rows_refuse_a_non_finite_row_they_read(tmp_path):
+    table = torch.zeros(5, 3)
+    table[3, 1] = float("nan")
+    ckpt = Checkpoint.open(write_folder(tmp_path, [{"t": table}]))
+    assert torch.equal(ckpt.rows("t", torch.tensor([0, 1, 4])), torch.zeros(3, 3))
+    with pytest.raises(ModelLoadError, match="'t' contains NaN"):
+        ckpt.rows("t", torch.tensor([2, 3]))
+
+
+def test_finite_values_whose_sum_overflows_are_finite(tmp_path):
+    """The finite check sums first: a sum that overflows is re-checked value by value."""
+    folder = write_folder(tmp_path, [{"big": torch.full((4,), 3e38)}])
+    assert torch.equal(Checkpoint.open(folder).load("big"), torch.full((4,), 3e38))
+
+
 def test_load_reads_only_its_own_tensor(tmp_path):
     """Corrupting one tensor's bytes (to NaN) breaks that tensor only: others stay readable."""
     folder = write_folder(tmp_path, [{"a": torch.ones(4), "b": torch.ones(4)}])
