@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import onnx
@@ -62,6 +63,9 @@ from .placement import FUSED, MUL, NONE, Placement, folded, ratio
 from .reference import save_reference
 from .stages import Stages
 from .weights import PARTS, LinearBinding, RecordCache, bind_weights
+
+if TYPE_CHECKING:  # typing only: transformers is slow to import
+    from transformers import PretrainedConfig
 
 # onnx_ir writes the IR version of the opsets it saw (11 for mobius' opset 24); onnxruntime
 # 1.32 reads <= 13. Pinned so the bytes do not move with onnx_ir releases.
@@ -490,7 +494,7 @@ class _WrittenByFile(ir.LazyTensor):
         super().__init__(lambda: tensor, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
         self.source = tensor
 
-    def tofile(self, file) -> None:  # noqa: ANN001
+    def tofile(self, file: BinaryIO) -> None:
         array = self.source.numpy()  # evaluated once: a quantized part is computed when pulled
         if (array.dtype.kind in "biuf" and array.dtype.isnative and sys.byteorder == "little"
                 and array.flags.c_contiguous):
@@ -509,7 +513,7 @@ def _raised_by_a_tensor(exc: ir.serde.SerdeError) -> BaseException:
     return exc if isinstance(cause, ir.serde.SerdeError) else cause
 
 
-def _transformers_config(folder: Path):  # noqa: ANN202
+def _transformers_config(folder: Path) -> PretrainedConfig:
     """transformers' config object; a config.json it rejects (a rope dict missing required
     keys, a bad field) is bad input, named in one line."""
     from transformers import AutoConfig

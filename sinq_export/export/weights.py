@@ -168,7 +168,7 @@ def bind_weights(
             func = _scaled_func(checkpoint, source, cache, linears[lin].row_scale_from,
                                 heads=linears[lin].row_scale_heads)
         else:
-            def func(source=source) -> np.ndarray:  # noqa: ANN001
+            def func(source: str = source) -> np.ndarray:
                 return checkpoint.load(source).numpy()
         value.const_value = _lazy(func, value)
 
