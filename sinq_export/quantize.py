@@ -11,7 +11,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration.forward import calibrate_block, capture_block_inputs, forward_dtype
+from .calibration.forward import (
+    calibrate_block,
+    capture_block_inputs,
+    forward_dtype,
+    return_free_heap,
+)
 from .calibration.probe import model_energies
 from .config import SinqConfig
 from .linear import SinqLinear, eligible_linears, quantized_layers, set_module
@@ -181,6 +186,7 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
                 m.drop_cache()
         if sink is not None:
             _move_records(block, prefix, sink)
+        return_free_heap()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
     for names in (u for u in units if u[0] not in done):

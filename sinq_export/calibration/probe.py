@@ -3,8 +3,6 @@ through the float model, for the calibration-free scale refit (`SinqConfig.energ
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from ..config import SinqConfig
 from ..linear import eligible_linears
 from ..models import decoder_blocks, load_causal_lm_streamed
 from ..quant.stats import LayerStats
-from .forward import forward_dtype, input_energies
+from .forward import forward_dtype, input_energies, return_free_heap
 from .windows import probe_window
 
 
@@ -56,17 +54,10 @@ def probe_energies(source: str | Path, config: SinqConfig
 
 
 def release_memory() -> None:
-    """Free what a finished pass left (its model's reference cycles) and hand the heap's free
-    pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Why: glibc keeps freed heap (tensors under its mmap threshold) and the next stage then
-    grows on top of it: on the Qwen2.5-1.5B shape the process held 2.07 GB after the probe
-    without the trim, 0.46 GB with it."""
+    """Free what a finished pass left (its model's reference cycles) and return the free heap
+    to the OS (`forward.return_free_heap`)."""
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_free_heap()
 
 
 def probe_tokens(model: nn.Module, config: SinqConfig) -> tuple[torch.Tensor, dict] | None:

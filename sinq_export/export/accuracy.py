@@ -34,7 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.forward import capture_block_inputs, forward_dtype, forward_precision
+from ..calibration.forward import (
+    capture_block_inputs,
+    forward_dtype,
+    forward_precision,
+    return_free_heap,
+)
 from ..calibration.probe import probe_tokens, release_memory
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig, is_head
@@ -174,6 +179,7 @@ def measure_int8(folder: Path, config: SinqConfig, block_sizes: Mapping[str, int
                 h.remove()
         hidden = out
         release_block(block)
+        return_free_heap()
     norm = model.model.norm
     ref, got = norm(hidden).float(), norm(noisy).float()
     divergence = float(((got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).mean())
