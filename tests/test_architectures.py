@@ -206,7 +206,8 @@ def test_cli_refuses_what_the_builder_cannot_honour(tiny_dirs, tmp_path, capsys,
                                                      changes, args, message):
     import shutil
 
-    from sinq_export.cli import EXIT_USAGE, main
+    from sinq_export.cli import main
+    from sinq_export.outcome import EXIT_USAGE
 
     src = tmp_path / "hf"
     shutil.copytree(tiny_dirs / model_type, src)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sinq_export.cli import EXIT_USAGE, main
+from sinq_export.cli import main
+from sinq_export.outcome import EXIT_USAGE
 
 
 def _run(args, capsys):
@@ -93,7 +94,8 @@ def test_model_head_defaults_follow_its_width(argv, head):
 
 
 def test_calibrating_a_float_head_is_refused(capsys):
-    from sinq_export.cli import EXIT_USAGE, main
+    from sinq_export.cli import main
+    from sinq_export.outcome import EXIT_USAGE
 
     assert main(["model", "-o", "x", "--lm-head-bits", "float", "--calibrate-head"]) == EXIT_USAGE
     assert "calibrate_head needs a quantized lm_head" in capsys.readouterr().err

@@ -19,9 +19,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from sinq_export.cli import EXIT_OK, EXIT_USAGE, main
+from sinq_export.cli import main
 from sinq_export.contract import MANIFEST_FILE, MODEL_FILE, REFERENCE_DIR
 from sinq_export.models import default_model_dir
+from sinq_export.outcome import EXIT_OK, EXIT_USAGE
 from sinq_export.validate.runners import run_ort_lm
 
 pytestmark = pytest.mark.slow

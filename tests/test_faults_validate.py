@@ -16,9 +16,10 @@ import pytest
 from _helpers import QUANT_FLAGS, error_lines, tree_digest
 from _models import write_tiny_llama
 
-from sinq_export.cli import EXIT_FAILED, EXIT_OK, main
+from sinq_export.cli import main
 from sinq_export.contract import CUSTOM_OP_LIBRARY, MANIFEST_FILE, MODEL_FILE, data_file_names
 from sinq_export.io import read_json
+from sinq_export.outcome import EXIT_FAILED, EXIT_OK
 from sinq_export.validate.providers import WEIGHT_STEP_LIMIT
 
 DATA_FILE = str(Path(MODEL_FILE).parent / data_file_names(Path(MODEL_FILE).name, 1)[0])
