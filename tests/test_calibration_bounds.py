@@ -1,7 +1,7 @@
 """What a calibration holds at once is bounded by a chunk, and bad input is refused early.
 
 A block runs on a chunk of windows at a time (`calibration.forward.windows_per_chunk`), rounding
-to nearest goes a chunk of rows at a time (`quant.core.rounded_codes`): the results must be
+to nearest goes a chunk of rows at a time (`quant.core.rounded_chunks`): the results must be
 those of the whole set at once. A model whose forward overflows names its block; a
 calibration whose hidden states cannot fit is refused before any forward.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import ARCHS, make_model_dir, tiny_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from sinq_export import planning, quantize
@@ -24,7 +26,7 @@ from sinq_export.calibration.forward import (
 from sinq_export.cli import main
 from sinq_export.models import decoder_blocks, load_causal_lm_streamed
 from sinq_export.quant import core
-from sinq_export.quant.core import chunk_rows, grid_for, round_codes, rounded_codes
+from sinq_export.quant.core import chunk_rows, grid_for, round_codes, rounded_chunks
 from sinq_export.quant.methods import make_config
 
 WINDOWS = torch.randint(0, 320, (5, 24), generator=torch.Generator().manual_seed(4))
@@ -67,11 +69,35 @@ def test_rounding_in_row_chunks_is_the_whole_rounding(search, monkeypatch):
     t = torch.exp(0.3 * torch.randn(64, generator=gen))
     h = torch.rand(64, generator=gen) + 0.1
     cfg = make_config("sinq", bits=4, group_size=32, scale_search=search, scale_refit=3)
-    codes, s, z = rounded_codes(w, t, h, cfg)
+    chunks = list(rounded_chunks(w, t, h, cfg))
+    assert len(chunks) == 3
+    codes, s, z = (torch.cat(p) for p in zip(*chunks))
     s_all, z_all, _ = grid_for(w, t, h, cfg)
     assert codes.dtype == torch.uint8
     assert torch.equal(s, s_all) and torch.equal(z, z_all)
     assert torch.equal(codes, round_codes(w / t, s_all, z_all, 4, 32).to(torch.uint8))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), bits=st.sampled_from([2, 3, 4, 8]),
+       cuts=st.lists(st.integers(1, 22), min_size=1, max_size=4, unique=True))
+def test_a_record_packed_a_chunk_at_a_time_is_the_whole_record(seed, bits, cuts):
+    """`core.record` packs each chunk of rows as it comes: the same bytes as one chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k, g = 23, 80, 32  # K not a multiple of the group: the last block is padded
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, 3, generator=gen)
+    zeros = torch.randint(0, 1 << bits, (n, 3), generator=gen).float()
+    t = torch.rand(k, generator=gen) + 0.5
+    bounds = [0, *sorted(cuts), n]
+    chunks = [(codes[a:b], scales[a:b], zeros[a:b]) for a, b in zip(bounds, bounds[1:])]
+    whole = core.record([(codes, scales, zeros)], (n, k), t, bits, g)
+    parts = core.record(iter(chunks), (n, k), t, bits, g)
+    for name in ("packed", "scales", "zero_points", "col_scale"):
+        assert torch.equal(getattr(parts, name), getattr(whole, name)), name
+    assert torch.equal(parts.codes(), codes) and torch.equal(parts.zeros(), zeros.to(torch.uint8))
+    with pytest.raises(ValueError, match="the chunks hold 22 rows"):
+        core.record([(codes[:22], scales[:22], zeros[:22])], (n, k), t, bits, g)
 
 
 def test_overflowing_activations_name_their_block(tmp_path, capsys):

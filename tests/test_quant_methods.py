@@ -14,9 +14,14 @@ import sinq_export.calibration.forward as calibration
 import sinq_export.calibration.windows as windows
 from sinq_export.quant import METHODS, QuantizedWeight, SINQConfig, make_config, quantize
 from sinq_export.quant.allocate import allocate, layer_bytes
-from sinq_export.quant.gptq import gptq_codes
+from sinq_export.quant.gptq import gptq_chunks
 from sinq_export.quant.rtn import SHRINK_GRID, minmax_params, search_params
 from sinq_export.quant.stats import LayerStats, output_error
+
+
+def gptq_codes(*args, **kwargs):
+    """`gptq_chunks`' row chunks joined: (codes, scales, zeros) of the whole weight."""
+    return tuple(torch.cat(p) for p in zip(*gptq_chunks(*args, **kwargs)))
 
 
 def correlated_stats(k, seed=0, tokens=512):
@@ -428,8 +433,8 @@ def test_the_method_configs_damping_reaches_gptq(monkeypatch):
     from sinq_export.quant import gptq
 
     seen = []
-    real = gptq.gptq_codes
-    monkeypatch.setattr("sinq_export.quant.core.gptq_codes",
+    real = gptq.gptq_chunks
+    monkeypatch.setattr("sinq_export.quant.core.gptq_chunks",
                         lambda *a, damp, **k: seen.append(damp) or real(*a, damp=damp, **k))
     torch.manual_seed(3)
     w = torch.randn(48, 64)

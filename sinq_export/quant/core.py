@@ -19,13 +19,13 @@ go through Sinkhorn in one batch, a last partial tile (K not a multiple of g) in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..checkpoint import all_finite
 from . import packing
-from .gptq import gptq_codes
+from .gptq import gptq_chunks
 from .methods import MethodConfig, SINQConfig
 from .record import QuantizedWeight
 from .rtn import minmax_params, refit_params, search_params
@@ -144,13 +144,34 @@ def per_group_sum(x: torch.Tensor, g: int) -> torch.Tensor:
     return torch.cat([p.sum(-1) for p in to_groups(x, g)], -1)
 
 
-def record(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           col_scale: torch.Tensor | None, bits: int, g: int) -> QuantizedWeight:
-    n, k = codes.shape
+def record(chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+           shape: tuple[int, int], col_scale: torch.Tensor | None, bits: int, g: int
+           ) -> QuantizedWeight:
+    """The record of a ``shape`` weight from its (codes, scales, zeros) a chunk of rows at a
+    time, in row order.
+
+    Each chunk is packed into the record's tensors as it comes (packing is per row), so the
+    integer codes of a 150k-row head never exist whole: at 152,064 x 3584 they would be
+    0.5 GB of uint8, and packing them at once as much again in temporaries.
+    """
+    n, k = shape
+    nb = packing.n_blocks(k, g)
+    packed = torch.empty(n, nb, packing.packed_block_bytes(g, bits), dtype=torch.uint8)
+    scales = torch.empty(n, nb)
+    zero_points = torch.empty(n, packing.packed_zero_point_bytes(nb, bits), dtype=torch.uint8)
+    start = 0
+    for codes, s, z in chunks:
+        rows = slice(start, start + codes.shape[0])
+        packed[rows] = packing.pack_codes(codes, bits, g)
+        scales[rows] = s
+        zero_points[rows] = packing.pack_zero_points(z, bits)
+        start = rows.stop
+    if start != n:
+        raise ValueError(f"record: the chunks hold {start} rows, the weight has {n}")
     return QuantizedWeight(
-        packed=packing.pack_codes(codes, bits, g),
-        scales=scales.float().contiguous(),
-        zero_points=packing.pack_zero_points(zeros, bits),
+        packed=packed,
+        scales=scales,
+        zero_points=zero_points,
         col_scale=None if col_scale is None else col_scale.float().contiguous(),
         bits=bits,
         group_size=g,
@@ -236,32 +257,28 @@ def tied_rows(t: torch.Tensor, kv_heads: int, n_rows: int) -> torch.Tensor:
 def quantize_with_scale(w: torch.Tensor, t: torch.Tensor | None, config: MethodConfig,
                         calibration: LayerStats | None = None) -> QuantizedWeight:
     """Steps 2 and 3 of the module docstring for a fixed column scale ``t`` (None = ones)."""
-    g, bits = config.group_size, config.bits
     ones = torch.ones(w.shape[1])
     tt = ones if t is None else t
     h = None if calibration is None else calibration.diag()
     damp = config.gptq_damping()
     if calibration is not None and damp is not None:
-        codes, s, z = gptq_codes(w, tt, calibration.hessian(), config, damp=damp)
+        chunks = gptq_chunks(w, tt, calibration.hessian(), config, damp=damp)
     else:
-        codes, s, z = rounded_codes(w, tt, h, config)
-    return record(codes, s, z, t, bits, g)
+        chunks = rounded_chunks(w, tt, h, config)
+    return record(chunks, tuple(w.shape), t, config.bits, config.group_size)
 
 
-def rounded_codes(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 codes, scales, zeros) of ``W / t`` rounded to nearest on `grid_for`'s grid.
+def rounded_chunks(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None,
+                   config: MethodConfig
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(uint8 codes, scales, zeros) of ``W / t`` rounded to nearest on `grid_for`'s grid, one
+    chunk of rows at a time.
 
     Rows are independent, so they go `chunk_rows` at a time: every ``[N, K]`` float
     temporary (``W / t``, the expanded scales and zero points) is then a chunk's, not a 150k-row
     head's or table's (~1 GB each at 151,936 x 1536). ``w`` may be stored narrower than float32
     (a bfloat16 head): each chunk is widened exactly where it is divided by ``t``.
     """
-    parts = []
     for rows in w.split(chunk_rows(w.shape[1])):
         s, z, _ = grid_for(rows, t, h, config)
-        parts.append((round_codes(rows / t, s, z, config.bits, config.group_size
-                                  ).to(torch.uint8), s, z))
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
+        yield round_codes(rows / t, s, z, config.bits, config.group_size).to(torch.uint8), s, z

@@ -21,13 +21,15 @@ Why hand-written: no maintained library does GPTQ on CPU without pulling in CUDA
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .methods import GPTQ_DAMP, MethodConfig
 from .rtn import minmax_params, search_params
 
 SUB = 16  # columns per rank-1-update slice inside a group (see `_round_group`)
-CHUNK_BYTES = 64 << 20  # rows swept together (see `gptq_codes`)
+CHUNK_BYTES = 64 << 20  # rows swept together (see `gptq_chunks`)
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float = GPTQ_DAMP) -> torch.Tensor:
@@ -46,14 +48,15 @@ def inverse_cholesky(h: torch.Tensor, damp: float = GPTQ_DAMP) -> torch.Tensor:
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even when damped")
 
 
-def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: MethodConfig,
-               damp: float = GPTQ_DAMP, chunk_bytes: int = CHUNK_BYTES
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 codes [N, K], scales [N, n_blocks], zeros [N, n_blocks]) of ``w / t`` by GPTQ.
+def gptq_chunks(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: MethodConfig,
+                damp: float = GPTQ_DAMP, chunk_bytes: int = CHUNK_BYTES
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(uint8 codes, scales, zeros) of ``w / t`` by GPTQ, one chunk of rows at a time.
 
     ``hessian`` is ``E[x x^T]`` ``[K, K]`` of the layer's (unscaled) inputs. Rows are
     independent given the Hessian, so they are swept in chunks of at most ``chunk_bytes`` of
-    working copy: a 150k-row head then needs a few small copies, not three of its size.
+    working copy and handed on as each is done: a 150k-row head then needs a few small copies,
+    and its codes are packed a chunk at a time (`core.record`), never held whole.
     """
     n, k = w.shape
     h = hessian.double() * t.double()[:, None] * t.double()[None, :]
@@ -64,13 +67,13 @@ def gptq_codes(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config: 
     # float32 factorisation (as the paper's code): 2-3x faster than float64 at K = 1536
     u = inverse_cholesky(h.float(), damp)
     rows = max(1, chunk_bytes // (k * 4))
-    parts = [_sweep(w[r:r + rows], t, u, importance, config) for r in range(0, n, rows)]
-    return tuple(torch.cat(p) for p in zip(*parts))
+    for r in range(0, n, rows):
+        yield _sweep(w[r:r + rows], t, u, importance, config)
 
 
 def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.Tensor,
            config: MethodConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gptq_codes` of a block of rows, given the inverse Hessian's Cholesky factor ``u``."""
+    """`gptq_chunks` of a block of rows, given the inverse Hessian's Cholesky factor ``u``."""
     g, bits = config.group_size, config.bits
     n, k = w.shape
     # column-major working copy: column i of W / t is the contiguous row ``wt[i]``
