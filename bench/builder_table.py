@@ -93,9 +93,12 @@ def build(variant: str, hf_dir: Path, out: Path, rebuild: bool) -> float | None:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT)) if variant == "ours" else dict(os.environ)
     start = time.perf_counter()
-    # the builder writes its ./cache_dir next to the output
-    subprocess.run(build_command(variant, hf_dir, out), check=True, capture_output=True, env=env,
-                   cwd=out.parent)
+    try:  # the builder writes its ./cache_dir next to the output
+        subprocess.run(build_command(variant, hf_dir, out), check=True, capture_output=True,
+                       env=env, cwd=out.parent)
+    except subprocess.CalledProcessError:
+        shutil.rmtree(out, ignore_errors=True)  # no half-built folder left in the cache
+        raise
     seconds = time.perf_counter() - start
     stamp.write_text(key)
     return seconds
