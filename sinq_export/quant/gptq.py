@@ -4,10 +4,10 @@ The layer computes ``y = (x * t) @ W_g^T`` with ``W_g = (Q - z) * s``, so the ma
 rounded is ``W / t`` and its input is ``x * t``: the Hessian of the layer's squared output error
 becomes ``H' = diag(t) H diag(t)`` with ``H = E[x x^T]`` from calibration. Columns are rounded
 left to right; each column's rounding error is spread over the not-yet-rounded columns through
-the upper Cholesky factor of ``H'^-1``, in the paper's lazy-batch form: a group's errors reach
-the later groups in one matrix product, and inside a group rank-1 updates only span `SUB`
-columns. The working copy is column-major, so every per-column step reads contiguous memory:
-the sweep is a sequence of small vector ops, and their count, not the arithmetic, is its cost.
+the upper Cholesky factor of ``H'^-1``, in the paper's lazy-batch form: the errors of a block of
+`LAZY_COLUMNS` columns reach the later columns in one matrix product, a group's errors reach the
+rest of its block in another, and inside a group rank-1 updates only span `SUB` columns. The
+working copy is column-major, so every per-column step reads contiguous memory.
 
 Group parameters (scale, integer zero point) are chosen when the sweep reaches a group's first
 column, from the already error-updated weights of that group, with the same range search as
@@ -25,10 +25,15 @@ from collections.abc import Iterator
 
 import torch
 
+from ..workers import ordered_map
 from .methods import GPTQ_DAMP, MethodConfig
 from .rtn import minmax_params, search_params
 
 SUB = 16  # columns per rank-1-update slice inside a group (see `_round_group`)
+# Columns whose rounding errors reach the rest of the matrix in one product (the paper's lazy
+# batch, B = 128): each such product rewrites every later column of the working copy, so after
+# every group (32 columns) the updates, memory-bound, were 80% of a head's sweep.
+LAZY_COLUMNS = 128
 CHUNK_BYTES = 64 << 20  # rows swept together (see `gptq_chunks`)
 
 
@@ -55,8 +60,9 @@ def gptq_chunks(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config:
 
     ``hessian`` is ``E[x x^T]`` ``[K, K]`` of the layer's (unscaled) inputs. Rows are
     independent given the Hessian, so they are swept in chunks of at most ``chunk_bytes`` of
-    working copy and handed on as each is done: a 150k-row head then needs a few small copies,
-    and its codes are packed a chunk at a time (`core.record`), never held whole.
+    working copy, on the worker threads (`workers.ordered_map`), and handed on in order as each
+    is done: a 150k-row head then needs a few small copies, and its codes are packed a chunk
+    at a time (`core.record`), never held whole.
     """
     n, k = w.shape
     h = hessian.double() * t.double()[:, None] * t.double()[None, :]
@@ -67,8 +73,8 @@ def gptq_chunks(w: torch.Tensor, t: torch.Tensor, hessian: torch.Tensor, config:
     # float32 factorisation (as the paper's code): 2-3x faster than float64 at K = 1536
     u = inverse_cholesky(h.float(), damp)
     rows = max(1, chunk_bytes // (k * 4))
-    for r in range(0, n, rows):
-        yield _sweep(w[r:r + rows], t, u, importance, config)
+    return ordered_map(lambda r: _sweep(w[r:r + rows], t, u, importance, config),
+                       range(0, n, rows))
 
 
 def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.Tensor,
@@ -81,17 +87,23 @@ def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.
     nb = -(-k // g)
     scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
     codes = torch.empty(k, n)
-    for b in range(nb):
-        i1, i2 = b * g, min(b * g + g, k)
-        group = wt[i1:i2]
-        x = group.T.contiguous()  # [N, g] for the grid search, in one block of memory
-        imp = importance[i1:i2].expand(n, -1)
-        s, z = (search_params(x, bits, imp, config.symmetric) if config.scale_search
-                else minmax_params(x, bits, config.symmetric))
-        scales[:, b], zeros[:, b] = s, z
-        err = _round_group(group, codes[i1:i2], s, z, u[i1:i2, i1:i2], bits)
-        if i2 < k:  # the group's errors reach every later column in one product
-            wt[i2:].sub_(u[i1:i2, i2:].T @ err)
+    block = max(g, LAZY_COLUMNS // g * g)  # whole groups
+    for b1 in range(0, k, block):
+        b2 = min(b1 + block, k)
+        errs = []
+        for i1 in range(b1, b2, g):
+            i2, b = min(i1 + g, k), i1 // g
+            group = wt[i1:i2]
+            x = group.T.contiguous()  # [N, g] for the grid search, in one block of memory
+            imp = importance[i1:i2].expand(n, -1)
+            s, z = (search_params(x, bits, imp, config.symmetric) if config.scale_search
+                    else minmax_params(x, bits, config.symmetric))
+            scales[:, b], zeros[:, b] = s, z
+            errs.append(_round_group(group, codes[i1:i2], s, z, u[i1:i2, i1:i2], bits))
+            if i2 < b2:  # the group's errors reach the block's later columns now
+                wt[i2:b2].addmm_(u[i1:i2, i2:b2].T, errs[-1], alpha=-1.0)
+        if b2 < k:  # and every column after the block in one product
+            wt[b2:].addmm_(u[b1:b2, b2:].T, torch.cat(errs), alpha=-1.0)
     return codes.T.to(torch.uint8), scales, zeros  # a quarter of float codes' bytes
 
 

@@ -25,11 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..workers import ordered_map
+
 STEP_MIN, STEP_MAX = 0.7, 2.0  # per-iteration ratio clamp
 LOG_MIN, LOG_MAX = -0.3, 10.0  # clip of the log scales
 STD_MIN, STD_MAX = 1e-3, 1e3  # clamp of the standard deviations used for the step
 EPS = 1e-6
-CHUNK_BYTES = 64 << 20  # tiles normalised together (see `sinkhorn_scales`)
+# Tiles normalised together (see `sinkhorn_scales`): a chunk's W and W^2 stay in cache over the
+# 16 iterations' mat-vecs (17,920 x 1536 on one core: 0.15 s in 4 MB chunks, 0.43 s in 64 MB)
+CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,11 @@ def sinkhorn_scales(tiles: torch.Tensor, iters: int = 16,
                     chunk_bytes: int = CHUNK_BYTES) -> SinkhornScales:
     """Find row/column scales minimising the imbalance of each ``[N, g]`` tile.
 
-    Tiles are independent, so they are normalised in chunks of at most ``chunk_bytes`` of
+    Tiles are independent, so they are normalised (on the worker threads,
+    `workers.ordered_map`) in chunks of at most ``chunk_bytes`` of
     float32 weights, each copied contiguous first: the tiles are usually a permuted view of
     the weight, and the ~60 batched mat-vecs over a strided operand run 2-3x slower; the
-    chunking keeps that copy (and ``W^2``) small for a 150k-row head.
+    chunking keeps that copy (and ``W^2``) small, in cache, even for a 150k-row head.
 
     Args:
         tiles: float32 ``[T, N, g]`` with ``N >= 2`` and ``g >= 2``.
@@ -78,8 +83,8 @@ def sinkhorn_scales(tiles: torch.Tensor, iters: int = 16,
     if n < 2 or g < 2:
         raise ValueError(f"Sinkhorn normalisation needs tiles of at least 2x2, got {n}x{g}")
     per_chunk = max(1, chunk_bytes // (n * g * 4))
-    parts = [_normalise(tiles[i:i + per_chunk].float().contiguous(), iters)
-             for i in range(0, t, per_chunk)]
+    parts = list(ordered_map(lambda i: _normalise(tiles[i:i + per_chunk].float().contiguous(),
+                                                   iters), range(0, t, per_chunk)))
     return SinkhornScales(row=torch.cat([p.row for p in parts]),
                           col=torch.cat([p.col for p in parts]),
                           imbalance=torch.cat([p.imbalance for p in parts]))
