@@ -1,6 +1,7 @@
 """The CLI shell: flags -> SinqConfig, exit codes, JSON output, clear errors."""
 
 import json
+import os
 import re
 
 import pytest
@@ -70,3 +71,20 @@ def test_quantize_writes_safetensors_and_json(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"quantized 7 linears in [0-9.]+ s, mean relative error 0\.[0-9]{4} -> "
                         + re.escape(str(out)), line)
+
+
+@pytest.mark.parametrize("user", [None, "ACTIVE"])
+def test_the_console_makes_openmp_threads_sleep_unless_the_user_chose(user, monkeypatch):
+    """Spinning OpenMP threads collapse under a busy neighbour (docs/presets.md): the entry
+    point asks for a passive wait before torch loads, and leaves a user's own choice alone."""
+    import sinq_export.cli
+    from sinq_export import console
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", user or "")  # restored after the test
+    if user is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+    seen = []
+    monkeypatch.setattr(sinq_export.cli, "main",
+                        lambda: seen.append(os.environ["OMP_WAIT_POLICY"]) or 0)
+    assert console.main() == 0
+    assert seen == [user or "PASSIVE"]
