@@ -74,9 +74,10 @@ def test_quantize_writes_safetensors_and_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("user", [None, "ACTIVE"])
-def test_the_console_makes_openmp_threads_sleep_unless_the_user_chose(user, monkeypatch):
+def test_the_console_sets_the_threads_and_heap_policies(user, monkeypatch):
     """Spinning OpenMP threads collapse under a busy neighbour (docs/presets.md): the entry
-    point asks for a passive wait before torch loads, and leaves a user's own choice alone."""
+    point asks for a passive wait before torch loads (leaving a user's own choice alone) and
+    fixes glibc's mmap threshold (`console.return_big_blocks_at_once`)."""
     import sinq_export.cli
     from sinq_export import console
 
@@ -86,5 +87,7 @@ def test_the_console_makes_openmp_threads_sleep_unless_the_user_chose(user, monk
     seen = []
     monkeypatch.setattr(sinq_export.cli, "main",
                         lambda: seen.append(os.environ["OMP_WAIT_POLICY"]) or 0)
+    monkeypatch.setattr(console, "return_big_blocks_at_once", lambda: seen.append("mallopt"))
     assert console.main() == 0
-    assert seen == [user or "PASSIVE"]
+    assert seen == ["mallopt", user or "PASSIVE"]
+

@@ -82,11 +82,13 @@ def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.
     """`gptq_chunks` of a block of rows, given the inverse Hessian's Cholesky factor ``u``."""
     g, bits = config.group_size, config.bits
     n, k = w.shape
-    # column-major working copy: column i of W / t is the contiguous row ``wt[i]``
-    wt = (w.float() / t).T.contiguous()
+    # column-major working copy: column i of W / t is the contiguous row ``wt[i]`` (written in
+    # place: one copy of the chunk, not a row-major quotient and then its transpose)
+    wt = torch.div(w.T, t[:, None], out=torch.empty(k, n))
     nb = -(-k // g)
     scales, zeros = torch.empty(n, nb), torch.empty(n, nb)
-    codes = torch.empty(k, n)
+    codes = torch.empty(k, n, dtype=torch.uint8)  # a quarter of float codes' bytes
+    rounded = torch.empty(g, n)  # one group's codes, as floats for the error arithmetic
     block = max(g, LAZY_COLUMNS // g * g)  # whole groups
     for b1 in range(0, k, block):
         b2 = min(b1 + block, k)
@@ -99,12 +101,14 @@ def _sweep(w: torch.Tensor, t: torch.Tensor, u: torch.Tensor, importance: torch.
             s, z = (search_params(x, bits, imp, config.symmetric) if config.scale_search
                     else minmax_params(x, bits, config.symmetric))
             scales[:, b], zeros[:, b] = s, z
-            errs.append(_round_group(group, codes[i1:i2], s, z, u[i1:i2, i1:i2], bits))
+            q = rounded[:i2 - i1]
+            errs.append(_round_group(group, q, s, z, u[i1:i2, i1:i2], bits))
+            codes[i1:i2] = q
             if i2 < b2:  # the group's errors reach the block's later columns now
                 wt[i2:b2].addmm_(u[i1:i2, i2:b2].T, errs[-1], alpha=-1.0)
         if b2 < k:  # and every column after the block in one product
             wt[b2:].addmm_(u[b1:b2, b2:].T, torch.cat(errs), alpha=-1.0)
-    return codes.T.to(torch.uint8), scales, zeros  # a quarter of float codes' bytes
+    return codes.T, scales, zeros
 
 
 def _round_group(group: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
