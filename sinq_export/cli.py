@@ -51,7 +51,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="calibrated SINQ: A-SINQ activation-aware t + GPTQ rounding, from Wikipedia "
                         "windows disjoint from the evaluation windows (opt-in)")
     p.add_argument("--calibration-windows", type=int, metavar="N", help="calibration windows of 512 "
-                   "tokens (default 8, or enough for 1.5x the widest calibrated linear's inputs)")
+                   "tokens (default 4 for a head calibrated alone; with --calibrate 8, or enough "
+                   "for 1.5x the widest linear's inputs)")
     p.add_argument("--calibration-dtype", choices=config.CALIBRATION_DTYPES,
                    help="precision of the calibration forwards (default auto: bfloat16 where the CPU "
                         "has bfloat16 instructions, else float32)")

@@ -119,7 +119,8 @@ class SinqConfig:
             ``calibration_windows`` x ``calibration_length`` tokens of the Wikipedia text that
             are disjoint from the evaluation windows (see ``calibration``);
             ``calibration_windows=None``: at least 8, more for linears wider than ~2700
-            inputs (`calibration.windows.default_window_count`).
+            inputs; a head calibrated alone, 4 windows of 512
+            (`calibration.windows.default_window_count`).
         calibration_dtype: precision of the decoder forwards that produce the calibration
             statistics (`calibration.forward.forward_dtype`): ``"auto"`` runs them in bfloat16
             autocast where the CPU multiplies bfloat16 natively (faster matmuls, the same

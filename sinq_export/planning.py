@@ -73,7 +73,8 @@ def plan_quantization(model: nn.Module, tokenizer: PreTrainedTokenizerBase | Non
     if n_windows is None:
         calibrated = [lin.in_features for name, (lin, _) in eligible_linears(model, config).items()
                       if config.is_calibrated(name)]
-        n_windows = default_window_count(max(calibrated, default=0), config.calibration_length)
+        n_windows = default_window_count(max(calibrated, default=0), config.calibration_length,
+                                         head_only=config.calibrate_head and not config.calibrate)
     _check_calibration_fits(model, n_windows, config.calibration_length)
     windows, info = calibration_windows(tokenizer, n_windows, config.calibration_length)
     manifest = {}

@@ -505,6 +505,7 @@ def test_bfloat16_calibration_forwards_keep_float32_statistics_and_calibrate_as_
     (8960, 512, 32), (18944, 512, 64), (10**6, 512, 64), (4864, 64, 64),
 ])
 def test_default_window_count_covers_the_widest_input(max_k, length, want):
+    """Every linear calibrated: 1.5 tokens per input channel, at least 8 windows."""
     from sinq_export.calibration.windows import default_window_count
 
     got = default_window_count(max_k, length)
@@ -512,9 +513,19 @@ def test_default_window_count_covers_the_widest_input(max_k, length, want):
     assert got & (got - 1) == 0 and (got * length >= 1.5 * max_k or got == 64)
 
 
+@pytest.mark.parametrize(("max_k", "length", "want"), [
+    (576, 512, 4), (3584, 512, 4), (18944, 512, 4), (896, 64, 32), (896, 3000, 1)])
+def test_a_head_alone_gets_a_fixed_budget_of_text(max_k, length, want):
+    """Calibrating the head alone: 2048 tokens whatever its K (docs/presets.md)."""
+    from sinq_export.calibration.windows import HEAD_TOKENS, default_window_count
+
+    got = default_window_count(max_k, length, head_only=True)
+    assert got == want and (got - 1) * length < HEAD_TOKENS <= got * length
+
+
 def test_plan_quantization_sizes_the_calibration_for_what_it_calibrates():
-    """Without an explicit count: enough windows for the widest *calibrated* linear (every
-    linear with ``calibrate``, the head alone with ``calibrate_head``)."""
+    """Without an explicit count: enough windows for the widest *calibrated* linear with
+    ``calibrate``, `HEAD_TOKENS` of text for the head alone (``calibrate_head``)."""
     from sinq_export import SinqConfig
     from sinq_export.calibration.windows import default_window_count
     from sinq_export.nn import plan_quantization
@@ -522,10 +533,12 @@ def test_plan_quantization_sizes_the_calibration_for_what_it_calibrates():
     model = tiny_llama()
     widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     head = model.lm_head.in_features
-    for cfg, k in ((SinqConfig(calibrate=True, calibration_length=16), widest),
-                   (SinqConfig(calibrate_head=True, lm_head_bits=4, calibration_length=16), head)):
+    for cfg, want in ((SinqConfig(calibrate=True, calibration_length=16),
+                       default_window_count(widest, 16)),
+                      (SinqConfig(calibrate_head=True, lm_head_bits=4, calibration_length=16),
+                       default_window_count(head, 16, head_only=True))):
         plan = plan_quantization(model, char_tokenizer, cfg)
-        assert plan.calibration.shape == (default_window_count(k, 16), 16)
+        assert plan.calibration.shape == (want, 16)
         assert plan.manifest["calibration"]["n_windows"] == plan.calibration.shape[0]
 
 
