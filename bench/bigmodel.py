@@ -204,7 +204,7 @@ def export_row(name: str, src: Path, out: Path, env: dict, contention: bool,
     job = subprocess.Popen([sys.executable, "-c", CONTENTION_JOB], env=env) if contention else None
     try:
         load_before = os.getloadavg()
-        run = timed([sys.executable, "-m", "sinq_export.cli", "model", str(src), "-o", str(out),
+        run = timed([sys.executable, "-m", "sinq_export.console", "model", str(src), "-o", str(out),
                      "--overwrite", "--json"], env)
         run["load_avg_before"] = [round(x, 2) for x in load_before]
         run["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -227,7 +227,7 @@ def export_row(name: str, src: Path, out: Path, env: dict, contention: bool,
         row["onnx_bytes"] = _folder_bytes((out / MODEL_FILE).parent)
         row["out_dir_bytes"] = _folder_bytes(out)
         if validate:
-            row["validate"] = timed([sys.executable, "-m", "sinq_export.cli", "validate", str(out),
+            row["validate"] = timed([sys.executable, "-m", "sinq_export.console", "validate", str(out),
                                      "--tokens", "128", "--decode-steps", "4"], env)
     return row
 

@@ -44,7 +44,7 @@ PROMPT = "The capital of France is"
 
 def ensure_ours(folder: Path, preset: str = "default") -> None:
     if not folder.exists():
-        subprocess.run([sys.executable, "-m", "sinq_export.cli", "model", "--preset", preset,
+        subprocess.run([sys.executable, "-m", "sinq_export.console", "model", "--preset", preset,
                         "-o", str(folder)], check=True)
 
 

@@ -149,7 +149,7 @@ def build(name: str, hf_dir: Path, cache: Path, rebuild: bool) -> tuple[Path, fl
                        capture_output=True, cwd=cache)
     else:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        subprocess.run([sys.executable, "-m", "sinq_export.cli", "model", str(hf_dir), "-o", str(out),
+        subprocess.run([sys.executable, "-m", "sinq_export.console", "model", str(hf_dir), "-o", str(out),
                         "--json", *args], check=True, capture_output=True, env=env)
     seconds = time.perf_counter() - t
     stamp.write_text(key)
