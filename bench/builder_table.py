@@ -53,7 +53,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from _qwen import qwen_dir  # noqa: E402  (bench/, beside this script)
-from e2e import onnx_file, perplexity, run_worker, size_bytes, source_key  # noqa: E402
+from e2e import (  # noqa: E402  (bench/, beside this script)
+    onnx_file,
+    perplexity,
+    run_worker,
+    size_bytes,
+    source_key,
+    write_results,
+)
 
 from sinq_export.eval import text_windows  # noqa: E402  (the repo, not an install)
 from sinq_export.models import cache_dir, default_model_dir, gemma3_model_dir  # noqa: E402
@@ -209,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         results += measure_model(model, variants, args, root, loads)
     meta = {"load_average_per_round": loads, "load_average_end": list(os.getloadavg()),
             "cpus": os.cpu_count(), "rounds": args.rounds, "decode_steps": args.decode_steps}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    out.with_suffix(".md").write_text(markdown(results, meta))
-    print(markdown(results, meta))
+    write_results(Path(args.out), meta, results, markdown(results, meta))
     return 0
 
 

@@ -318,12 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": hf_dir.name, "read_bandwidth_gbs": bandwidth, "rounds": args.rounds,
             "load_average": os.getloadavg(), "cpus": os.cpu_count(),
             "prompt_tokens": args.prompt_tokens, "decode_steps": args.decode_steps}
-    out = Path(args.out)
+    write_results(Path(args.out), meta, results, markdown(results, meta))
+    return 0
+
+
+def write_results(out: Path, meta: dict, results: list[dict], table: str) -> None:
+    """``out``.json (meta + rows) and ``out``.md (the table), which is also printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    out.with_suffix(".md").write_text(markdown(results, meta))
-    print(markdown(results, meta))
-    return 0
+    out.with_suffix(".md").write_text(table)
+    print(table)
 
 
 def markdown(results: list[dict], meta: dict) -> str:
