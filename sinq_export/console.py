@@ -7,33 +7,12 @@ signal handling, is one line and exit 130 instead of a KeyboardInterrupt traceba
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import sys
 
+from .heap import return_big_blocks_at_once
+
 EXIT_SIGINT = 130  # outcome.EXIT_SIGINT, without importing it
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-# below the GPTQ and Sinkhorn chunks' copies, above the per-group temporaries (a lower one
-# costs page faults: Gemma3-270m exported in 156 s at 4 MB, 226 s at 1 MB, same load)
-MMAP_THRESHOLD = 4 << 20
-
-
-def return_big_blocks_at_once() -> None:
-    """Make glibc serve every allocation of `MMAP_THRESHOLD` bytes or more with its own
-    mapping, returned to the OS when freed (a no-op off glibc).
-
-    Why: by default glibc raises that threshold (up to 32 MB) each time such a block is freed,
-    so later temporaries of a few MB come from the heaps - one per thread that allocates,
-    the quantizer's workers included - and the heaps keep their high-water mark. On
-    Gemma3-270m the export then held 1.1 GB during the block passes and peaked at 2.10 GB
-    while GPTQ swept the head; with the threshold fixed at 4 MB, 1.93 GB.
-    """
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD,
-                                                                          MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
 
 
 def main() -> int:

@@ -11,14 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration.forward import (
-    calibrate_block,
-    capture_block_inputs,
-    forward_dtype,
-    return_free_heap,
-)
+from .calibration.forward import calibrate_block, capture_block_inputs, forward_dtype
 from .calibration.probe import model_energies
 from .config import SinqConfig
+from .heap import return_free_heap
 from .linear import SinqLinear, eligible_linears, quantized_layers, set_module
 from .models import decoder_blocks, ensure_loaded
 from .quant.handlers import relative_error

@@ -77,7 +77,7 @@ def test_quantize_writes_safetensors_and_json(tmp_path, capsys):
 def test_the_console_sets_the_threads_and_heap_policies(user, monkeypatch):
     """Spinning OpenMP threads collapse under a busy neighbour (docs/presets.md): the entry
     point asks for a passive wait before torch loads (leaving a user's own choice alone) and
-    fixes glibc's mmap threshold (`console.return_big_blocks_at_once`)."""
+    fixes glibc's mmap threshold (`heap.return_big_blocks_at_once`)."""
     import sinq_export.cli
     from sinq_export import console
 

@@ -19,35 +19,19 @@ spread, docs/quality.md).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..heap import return_free_heap
 from ..models import decoder_blocks, ensure_loaded, release_block
 from ..quant.stats import LayerStats
 
 
 class _Captured(Exception):
     pass
-
-
-def return_free_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Why after every block: glibc keeps the heap that a block's tensors under its mmap
-    threshold freed, and the next block allocates in other holes, so the process grows by a
-    block's worth of dead heap per pass. On the Qwen2.5-1.5B shape the calibration held
-    0.9-1.1 GB between blocks without the trim and 0.56 GB with it, and the export's peak
-    went from 3.2-3.6 GB to 2.3 GB; a trim costs milliseconds.
-    """
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @torch.no_grad()

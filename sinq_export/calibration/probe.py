@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from ..config import SinqConfig
+from ..heap import return_free_heap
 from ..linear import eligible_linears
 from ..models import decoder_blocks, load_causal_lm_streamed
 from ..quant.stats import LayerStats
-from .forward import forward_dtype, input_energies, return_free_heap
+from .forward import forward_dtype, input_energies
 from .windows import probe_window
 
 
@@ -55,7 +56,7 @@ def probe_energies(source: str | Path, config: SinqConfig
 
 def release_memory() -> None:
     """Free what a finished pass left (its model's reference cycles) and return the free heap
-    to the OS (`forward.return_free_heap`)."""
+    to the OS (`heap.return_free_heap`)."""
     gc.collect()
     return_free_heap()
 

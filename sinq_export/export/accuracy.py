@@ -34,15 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.forward import (
-    capture_block_inputs,
-    forward_dtype,
-    forward_precision,
-    return_free_heap,
-)
+from ..calibration.forward import capture_block_inputs, forward_dtype, forward_precision
 from ..calibration.probe import probe_tokens, release_memory
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig, is_head
+from ..heap import return_free_heap
 from ..models import decoder_blocks, ensure_loaded, load_causal_lm_streamed, release_block
 from ..quant.core import sinq_col_scale, tie_col_scale
 from ..quant.int8 import int8_activations, int8_error
