@@ -13,9 +13,10 @@ the budget changed:
 
 and records the perplexity, the export's wall seconds, its own stage timings and peak RSS, and the
 head's K (the hidden size: GPTQ inverts the K x K Hessian, which fewer than K tokens leave rank
-deficient). For the N that the default picks (`default_window_count` of the head's K) it also runs
-`sinq-export validate OUT` and records pass/fail and top-1 agreement. Each export folder is deleted
-once measured. Export times are wall clock on a shared machine: compare them within a run only.
+deficient). For the N that the default picks (`default_window_count` for a head calibrated
+alone) it also runs `sinq-export validate OUT` and records pass/fail and top-1 agreement. Each
+export folder is deleted once measured. Export times are wall clock on a shared machine:
+compare them within a run only.
 
 Writes bench/results/calibration_budget.{md,json}; rows of earlier runs with other (model, N) are
 kept, so models can be run one by one.
@@ -39,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "results"
 MODELS = ("smollm2", "qwen", "gemma3")
-PPL_TOLERANCE = 0.05  # "keeps perplexity": within this of the N = 8 row
 
 
 def model_dir(name: str) -> Path:
@@ -171,7 +171,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="calibration-budget-") as tmp:
         for name in args.models.split(","):
             src = model_dir(name)
-            default_n = default_window_count(head_k(src))
+            default_n = default_window_count(head_k(src), head_only=True)
             for n in windows:
                 row = measure(name, src, n, validate=not args.no_validate and n == default_n,
                               work=Path(tmp))
