@@ -72,7 +72,7 @@ def test_rounding_in_row_chunks_is_the_whole_rounding(search, monkeypatch):
     chunks = list(rounded_chunks(w, t, h, cfg))
     assert len(chunks) == 3
     codes, s, z = (torch.cat(p) for p in zip(*chunks))
-    s_all, z_all, _ = grid_for(w, t, h, cfg)
+    s_all, z_all = grid_for(w / t, t, h, cfg)
     assert codes.dtype == torch.uint8
     assert torch.equal(s, s_all) and torch.equal(z, z_all)
     assert torch.equal(codes, round_codes(w / t, s_all, z_all, 4, 32).to(torch.uint8))

@@ -81,7 +81,8 @@ def to_groups(x: torch.Tensor, g: int) -> list[torch.Tensor]:
 
 def from_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Inverse of `to_groups`: ``[..., B, w]`` pieces -> ``[..., K]``."""
-    return torch.cat([p.reshape(*p.shape[:-2], -1) for p in parts], dim=-1)
+    flat = [p.reshape(*p.shape[:-2], -1) for p in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
 
 
 # float32 bytes of the rows one group-parameter / rounding call takes: its [rows, K] temporaries
@@ -129,10 +130,15 @@ def expand_groups(p: torch.Tensor, g: int, k: int) -> torch.Tensor:
 
 def round_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                 g: int) -> torch.Tensor:
-    """Round-to-nearest integer codes ``[N, K]`` of ``w`` on the given group grid."""
-    k = w.shape[-1]
-    s, z = expand_groups(scales, g, k), expand_groups(zeros, g, k)
-    return torch.round(w / s + z).clamp(0, (1 << bits) - 1)
+    """Round-to-nearest integer codes ``[N, K]`` of ``w`` on the given group grid (group by
+    group: the per-group scales broadcast, never expanded to ``[N, K]``)."""
+    codes, start = [], 0
+    for x in to_groups(w, g):
+        cols = slice(start, start + x.shape[-2])
+        codes.append((x / scales[..., cols, None]).add_(zeros[..., cols, None]).round_()
+                     .clamp_(0, (1 << bits) - 1))
+        start = cols.stop
+    return from_groups(codes)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -197,17 +203,17 @@ def sinkhorn_col_scale(w: torch.Tensor, g: int, iters: int) -> torch.Tensor:
     return torch.cat(cols)
 
 
-def grid_for(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scales, zeros, importance) of ``W / t``; importance = ``t^2 h`` (the original units).
+def grid_for(x: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) of ``x = W / t``, each weight weighted by ``t^2 h`` (the error in the
+    original weight's units).
 
     The scale refit needs the input energies ``h``: weighted by ``t^2`` alone it fits the bulk
     of the weights, which is what the range search showed to hurt (docs/quality.md).
     """
     importance = (t.square() if h is None else t.square() * h).reshape(1, -1)  # broadcasts
-    s, z = group_params(w / t, config.bits, config.group_size, importance, config.symmetric,
+    return group_params(x, config.bits, config.group_size, importance, config.symmetric,
                         config.scale_search, 0 if h is None else config.scale_refit)
-    return s, z, importance
 
 
 def sinkhorn_applies(config: SINQConfig, weight: Callable[[], torch.Tensor]) -> bool:
@@ -289,5 +295,6 @@ def rounded_chunks(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None,
 
 def _rounded_rows(w: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None, config: MethodConfig
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s, z, _ = grid_for(w, t, h, config)
-    return round_codes(w / t, s, z, config.bits, config.group_size).to(torch.uint8), s, z
+    x = w / t
+    s, z = grid_for(x, t, h, config)
+    return round_codes(x, s, z, config.bits, config.group_size).to(torch.uint8), s, z
