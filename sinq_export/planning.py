@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .calibration.forward import forward_dtype
+from .calibration.forward import BlockObserver, forward_dtype
 from .calibration.probe import probe_tokens, release_memory
 from .calibration.sensitivity import allocatable_shapes, quantization_costs
 from .calibration.windows import (
@@ -149,7 +149,8 @@ def _probe_plan(model: nn.Module, config: SinqConfig, manifest: dict) -> Quantiz
 
 
 def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = True,
-                     spill: MutableMapping[str, QuantizedWeight] | None = None
+                     spill: MutableMapping[str, QuantizedWeight] | None = None,
+                     observer: BlockObserver | None = None
                      ) -> tuple[SinqConfig, Mapping[str, QuantizedWeight], dict]:
     """(config, records, manifest sections) of a quantization that holds the model's records
     before the export writes them: ``calibrate`` / ``calibrate_head``, ``avg_bits`` /
@@ -161,6 +162,7 @@ def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = Tr
     so the records are handed to the export, which streams everything else (tables, norms,
     float tensors) from the checkpoint. ``spill``: where the records go block by block (a
     `saved.SpilledRecords` keeps them on disk) and what is returned; else a dict.
+    ``observer``: shown every float block of the probe's pass (`quantize.quantize_model`).
     """
     if config.budgeted:
         model, tokenizer = load_causal_lm(source)
@@ -168,7 +170,7 @@ def quantize_planned(source: str | Path, config: SinqConfig, progress: bool = Tr
         model, tokenizer = load_causal_lm_streamed(source, with_tokenizer=config.needs_calibration)
     plan = plan_quantization(model, tokenizer, config)
     quantize_model(model, plan.config, progress=progress, calibration=plan.calibration,
-                   drop_table=True, sink=spill)
+                   drop_table=True, sink=spill, observer=observer)
     records = spill if spill is not None else {
         name: m.record for name, m in quantized_layers(model).items()}
     del model

@@ -11,8 +11,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration.forward import calibrate_block, capture_block_inputs, forward_dtype
-from .calibration.probe import model_energies
+from .calibration.forward import (
+    BlockObserver,
+    ProbeStream,
+    calibrate_block,
+    capture_block_inputs,
+    forward_dtype,
+)
+from .calibration.probe import model_energies, probe_tokens
 from .config import SinqConfig
 from .heap import return_free_heap
 from .linear import SinqLinear, eligible_linears, quantized_layers, set_module
@@ -55,11 +61,11 @@ def _units(linears: Mapping[str, tuple[nn.Linear, int]], config: SinqConfig) -> 
     return units
 
 
-def _quantize_unit(root: nn.Module, prefix: str, names: list[str],
-                   linears: Mapping[str, tuple[nn.Linear, int]], config: SinqConfig,
-                   report: QuantizationReport, measure_error: bool,
-                   stats: Mapping[str, LayerStats] | None = None) -> None:
-    """Quantize one unit (names relative to the model; ``root`` is the module at ``prefix``)."""
+def _unit_records(prefix: str, names: list[str], linears: Mapping[str, tuple[nn.Linear, int]],
+                  config: SinqConfig, report: QuantizationReport, measure_error: bool,
+                  stats: Mapping[str, LayerStats] | None = None) -> dict[str, QuantizedWeight]:
+    """The records of one unit (names relative to the model; ``stats`` keyed relative to
+    ``prefix``), reported; the float linears stay in place."""
     t0 = time.perf_counter()
     bits = linears[names[0]][1]
     method = config.method_config(names[0], bits)
@@ -68,13 +74,29 @@ def _quantize_unit(root: nn.Module, prefix: str, names: list[str],
     records = quantize_unit(weights, names, method, calibration)
     dt = (time.perf_counter() - t0) / len(names)
     for name, record, weight in zip(names, records, weights):
-        linear = linears[name][0]
         err = relative_error(weight, record) if measure_error else None
-        set_module(root, name[len(prefix):], SinqLinear(record, linear.bias))
         label = method.label(record)
         if stats is not None:
             label += "+calibrated" if config.is_calibrated(name) else "+energy"
         report.layers.append(LayerReport(name, record.shape, bits, label, dt, err))
+    return dict(zip(names, records))
+
+
+def _install(root: nn.Module, prefix: str, records: Mapping[str, QuantizedWeight],
+             linears: Mapping[str, tuple[nn.Linear, int]]) -> None:
+    """Replace each float linear of ``records`` under ``root`` (the module at ``prefix``) by
+    its `SinqLinear`."""
+    for name, record in records.items():
+        set_module(root, name[len(prefix):], SinqLinear(record, linears[name][0].bias))
+
+
+def _quantize_unit(root: nn.Module, prefix: str, names: list[str],
+                   linears: Mapping[str, tuple[nn.Linear, int]], config: SinqConfig,
+                   report: QuantizationReport, measure_error: bool,
+                   stats: Mapping[str, LayerStats] | None = None) -> None:
+    """Quantize one unit (names relative to the model; ``root`` is the module at ``prefix``)."""
+    records = _unit_records(prefix, names, linears, config, report, measure_error, stats)
+    _install(root, prefix, records, linears)
 
 
 @torch.no_grad()
@@ -87,6 +109,7 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     drop_table: bool = False,
     sink: MutableMapping[str, QuantizedWeight] | None = None,
+    observer: BlockObserver | None = None,
 ) -> QuantizationReport:
     """Replace every eligible ``nn.Linear`` of ``model`` in place by a `SinqLinear`.
 
@@ -112,7 +135,9 @@ def quantize_model(
     ``sink`` (calibrated runs): the model is not run again and only its records are wanted, so
     each block's records move into ``sink`` (e.g. `saved.SpilledRecords`, on disk) once the
     block has run, and the block keeps no tensors: memory then holds one block's records,
-    not the model's.
+    not the model's. ``observer``: shown every float block of the probe's pass
+    (`calibration.forward.ProbeStream`; a calibrated run shows it each block's records), e.g.
+    the accuracy measurement riding on that pass.
     """
     config = config or SinqConfig()
     start = time.perf_counter()
@@ -124,9 +149,9 @@ def quantize_model(
             raise ValueError("config.calibrate / calibrate_head is set but no calibration "
                              "windows were given")
         _quantize_calibrated(model, linears, units, config, report, measure_error,
-                             calibration, progress, drop_table, sink)
+                             calibration, progress, drop_table, sink, observer)
     else:
-        energies = model_energies(model, config, list(linears), calibration)
+        energies = model_energies(model, config, list(linears), calibration, observer=observer)
         for names in tqdm(units, desc="SINQ quantize", unit="unit", disable=not progress):
             _quantize_unit(model, "", names, linears, config, report, measure_error, energies)
     if sink is not None:
@@ -139,22 +164,25 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
                          units: list[list[str]], config: SinqConfig, report: QuantizationReport,
                          measure_error: bool, windows: torch.Tensor, progress: bool,
                          drop_table: bool = False,
-                         sink: MutableMapping[str, QuantizedWeight] | None = None) -> None:
+                         sink: MutableMapping[str, QuantizedWeight] | None = None,
+                         observer: BlockObserver | None = None) -> None:
     """Block by block: statistics of each block's inputs, quantize its units, propagate.
 
     With ``calibrate`` every linear gets full statistics (``H``, for A-SINQ and GPTQ). With
     ``calibrate_head`` alone the blocks only run to give the head its input, and the other
-    linears' energy refit takes the random-id probe's energies, measured beforehand in one
-    float pass (`model_energies`). Why not the calibration text's: random ids did better on
-    both models measured, and the energies of all the windows would cost a second forward
-    per block (docs/quality.md)."""
+    linears' energy refit takes the random-id probe's energies, measured on the float block
+    just before it is quantized (`ProbeStream`, the probe's own hidden state carried beside
+    the calibration windows'). Why not the calibration text's: random ids did better on both
+    models measured, and the energies of all the windows would cost a second forward per block
+    (docs/quality.md). ``observer``: shown every float block on the probe stream, with the
+    records it was just given (one read of the checkpoint serves the calibration, the energies
+    and e.g. the accuracy measurement)."""
     blocks = decoder_blocks(model)
     dtype = forward_dtype(config.calibration_dtype)
     block_prefix = {id(m): n for n, m in model.named_modules()}
-    # the linears calibration leaves out (all but the head of a head-only run) get their
-    # energies from the random-id probe's float pass first, as without calibration text
-    energies = {} if config.calibrate else (model_energies(
-        model, config, [n for n in linears if not config.is_calibrated(n)], release=True) or {})
+    energies_wanted = not config.calibrate and config.energy_refit > 0
+    probe = probe_tokens(model, config) if energies_wanted or observer is not None else None
+    stream = None if probe is None else ProbeStream(model, probe[0], dtype, observer)
     hidden, kwargs = capture_block_inputs(model, windows)
     if drop_table:
         _drop_untied_table(model)
@@ -166,14 +194,21 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
         rel = [n[len(prefix):] for u in mine for n in u]
 
         def quantize_block(blk: nn.Module, stats: dict[str, LayerStats] | None,
-                           mine: list[list[str]] = mine, prefix: str = prefix) -> None:
+                           mine: list[list[str]] = mine, prefix: str = prefix,
+                           rel: list[str] = rel) -> None:
+            probed = {} if stream is None else stream.advance(blk, prefix[:-1], rel)
             if stats is None:
-                stats = {n[len(prefix):]: e for n, e in energies.items() if n.startswith(prefix)}
+                stats = probed if energies_wanted else {}
+            made: dict[str, QuantizedWeight] = {}
             for names in mine:
-                _quantize_unit(blk, prefix, names, linears, config, report, measure_error, stats)
-                for name in names:  # the float weights go before the quantized forward runs
-                    done.add(name)
-                    linears.pop(name)
+                made.update(_unit_records(prefix, names, linears, config, report,
+                                          measure_error, stats))
+            if stream is not None:
+                stream.observe(blk, prefix[:-1], made)
+            _install(blk, prefix, made, linears)
+            for name in made:  # the float weights go before the quantized forward runs
+                done.add(name)
+                linears.pop(name)
 
         hidden = calibrate_block(block, hidden, kwargs, quantize_block, rel,
                                  with_stats=config.calibrate, dtype=dtype, where=prefix[:-1])
@@ -183,9 +218,14 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
         if sink is not None:
             _move_records(block, prefix, sink)
         return_free_heap()
+    rest = [u for u in units if u[0] not in done]
+    energies = {} if stream is None or not energies_wanted else stream.head_energies(
+        model, [n for u in rest for n in u if not config.is_calibrated(n)])
+    if stream is not None:
+        stream.finish(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     norm = getattr(getattr(model, "model", None), "norm", None)
-    for names in (u for u in units if u[0] not in done):
+    for names in rest:
         for name in names:  # a streamed model reads its head only now
             ensure_loaded(linears[name][0])
         stats = None

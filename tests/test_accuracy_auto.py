@@ -21,9 +21,18 @@ from sinq_export.checkpoint import Checkpoint
 from sinq_export.config import ConfigError
 from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 from sinq_export.export import export_causal_lm
-from sinq_export.export.accuracy import INT8_TOLERANCE, choose_levels, shared_input_groups
+from sinq_export.export.accuracy import (
+    INT8_TOLERANCE,
+    Int8Observer,
+    choose_levels,
+    measure_int8,
+    shared_input_groups,
+)
+from sinq_export.linear import quantized_layers
+from sinq_export.models import load_causal_lm_streamed
 from sinq_export.onnx_tensors import OnnxTensors, load_graph
 from sinq_export.presets import PRESETS
+from sinq_export.quantize import quantize_model
 from sinq_export.validate.core import validate
 from sinq_export.validate.graph import read_export
 from sinq_export.validate.rebuild import build_reference, norm_folds
@@ -162,3 +171,34 @@ def test_presets_and_module_export():
                       graph_config=GraphConfig(accuracy_level="auto"))
     with pytest.raises(ConfigError, match="accuracy_level"):
         GraphConfig(accuracy_level="fast")
+
+
+def test_the_measurement_riding_on_calibration_equals_a_pass_of_its_own(tmp_path):
+    """The calibration loop shows the observer each float block on the probe stream with the
+    records just made: what it measures (every block linear's int8 error, the stream's
+    divergence, the head's input) equals a separate float pass through those records' t, and
+    watching changes no record."""
+    src = _loud_model_dir(tmp_path / "hf")
+    config = SinqConfig(group_size=32, lm_head_bits=4, lm_head_group_size=32,
+                        calibrate_head=True)
+    windows = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(3))
+
+    def calibrated(observer):
+        model, _ = load_causal_lm_streamed(src, with_tokenizer=False)
+        quantize_model(model, config, progress=False, calibration=windows, observer=observer)
+        return {n: m.record for n, m in quantized_layers(model).items()}
+
+    riding = Int8Observer(config)
+    records = calibrated(riding)
+    plain = calibrated(None)
+    for name, rec in records.items():
+        assert torch.equal(rec.packed, plain[name].packed), name
+        assert torch.equal(rec.scales, plain[name].scales), name
+    alone = Int8Observer(config, {n: r.col_scale for n, r in records.items()})
+    measure_int8(src, alone)
+    blocks = {n for n in records if n.startswith("model.layers.")}
+    assert blocks and set(riding.errors) == set(alone.errors) == blocks
+    assert riding.errors == alone.errors
+    assert max(riding.errors[n] for n in LOUD) > INT8_TOLERANCE  # the loud input is measured
+    assert riding.divergence == alone.divergence
+    assert torch.equal(riding.head_input, alone.head_input)

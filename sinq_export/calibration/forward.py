@@ -19,14 +19,15 @@ spread, docs/quality.md).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..heap import return_free_heap
 from ..models import decoder_blocks, ensure_loaded, release_block
+from ..quant.record import QuantizedWeight
 from ..quant.stats import LayerStats
 
 
@@ -197,40 +198,109 @@ def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
     return _block_output(block, hidden, kwargs, dtype, f"{where} (quantized)")
 
 
+class BlockObserver(Protocol):
+    """What `ProbeStream` shows a per-block measurement (e.g. `export.accuracy.Int8Observer`)
+    while the float blocks are loaded: the stream's first hidden state, each block's linears'
+    probe inputs, then the final float hidden state."""
+
+    def start(self, hidden: torch.Tensor) -> None: ...
+
+    def block(self, block: nn.Module, prefix: str, inputs: Mapping[str, torch.Tensor],
+              kwargs: Mapping[str, Any], records: Mapping[str, QuantizedWeight] | None
+              ) -> None: ...
+
+    def finish(self, model: nn.Module, hidden: torch.Tensor) -> None: ...
+
+
+class ProbeStream:
+    """The random-id probe run through the *float* model one block at a time, beside whatever
+    else runs the blocks (a calibration loop, or nothing: `input_energies`).
+
+    Each block must still be float when it `advance`s: the stream measures the input energies
+    of the block's linears and, for an ``observer``, keeps their inputs until `observe` hands
+    them over (with the records the block was given, if quantized since), so that one pass
+    over the checkpoint serves the energy refit and the accuracy measurement.
+
+    Why the float model's energies: they only say which channels are loud, one forward per
+    block is enough, and nothing quantized has to run first; they did better at 3 bits than the
+    quantized model's on SmolLM2 (42.6 vs 45.4, docs/quality.md).
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 observer: BlockObserver | None = None) -> None:
+        self.hidden, self.kwargs = capture_block_inputs(model, windows)
+        self.dtype = dtype
+        self.observer = observer
+        self._inputs: dict[str, torch.Tensor] = {}
+        if observer is not None:
+            observer.start(self.hidden)
+
+    def advance(self, block: nn.Module, prefix: str, names: Iterable[str]) -> dict[str, LayerStats]:
+        """Run the float ``block`` (named ``prefix``) on the stream; return ``E[x^2]`` of the
+        input of each of its linears ``names`` (relative to the block, `LayerStats(full=False)`)."""
+        names = list(names)
+        hooks = [] if self.observer is None else [
+            m.register_forward_hook(lambda _m, args, _o, n=n: self._inputs.__setitem__(n, args[0]))
+            for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        try:
+            stats, self.hidden = collect_stats(
+                block, names,
+                lambda h=self.hidden: _block_output(block, h, self.kwargs, self.dtype, prefix),
+                full=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+    def observe(self, block: nn.Module, prefix: str,
+                records: Mapping[str, QuantizedWeight] | None = None) -> None:
+        """Hand the last `advance`'s inputs to the observer, with the records the block's
+        linears were given since, if any (``block`` still float)."""
+        inputs, self._inputs = self._inputs, {}
+        if self.observer is not None:
+            self.observer.block(block, prefix, inputs, self.kwargs, records)
+
+    def head_energies(self, model: nn.Module, names: Iterable[str]) -> dict[str, LayerStats]:
+        """The output projection's input energies (the final norm of the stream), if in ``names``."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        norm = getattr(getattr(model, "model", None), "norm", None)
+        out = {}
+        for name in names:
+            if norm is not None and head is not None and model.get_submodule(name) is head:
+                out[name] = LayerStats(head.in_features, full=False)
+                out[name].add(norm(self.hidden))
+        return out
+
+    def finish(self, model: nn.Module) -> None:
+        """Tell the observer the stream is through the last block."""
+        if self.observer is not None:
+            self.observer.finish(model, self.hidden)
+
+
 @torch.no_grad()
 def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str],
-                   dtype: torch.dtype = torch.float32, release: bool = False
-                   ) -> dict[str, LayerStats]:
+                   dtype: torch.dtype = torch.float32, release: bool = False,
+                   observer: BlockObserver | None = None) -> dict[str, LayerStats]:
     """``E[x^2]`` of the input of each linear ``names`` over ``windows``, block by block
-    through the *float* model (`LayerStats(full=False)`), the output projection's from the
-    final norm of the last block's output.
-
-    Why the float model's: the energies only say which channels are loud, one forward per
-    block is enough, nothing is quantized in between, so the export can measure them first
-    and still quantize tensor by tensor afterwards; and they did better at 3 bits than the
-    quantized model's on SmolLM2 (42.6 vs 45.4, docs/quality.md). ``release``: drop each
-    streamed block's tensors once measured (`models.release_block`: one float block at a
-    time; it reloads when it runs again).
+    through the float model (`ProbeStream`), the output projection's from the final norm of
+    the last block's output. ``release``: drop each streamed block's tensors once measured
+    (`models.release_block`: one float block at a time; it reloads when it runs again).
+    ``observer``: also shown every block (`ProbeStream.observe`, no column scales).
     """
     names = list(names)
     prefix = {id(m): n for n, m in model.named_modules()}
-    hidden, kwargs = capture_block_inputs(model, windows)
+    stream = ProbeStream(model, windows, dtype, observer)
     energies: dict[str, LayerStats] = {}
     for block in decoder_blocks(model):
         ensure_loaded(block)
         start = prefix[id(block)] + "."
         mine = [n[len(start):] for n in names if n.startswith(start)]
-        stats, hidden = collect_stats(
-            block, mine, lambda h=hidden, b=block, w=start[:-1]: _block_output(b, h, kwargs, dtype, w),
-            full=False)
+        stats = stream.advance(block, start[:-1], mine)
         energies.update({start + n: st for n, st in stats.items()})
+        stream.observe(block, start[:-1])
         if release:
             release_block(block)
         return_free_heap()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    for name in names:
-        if norm is not None and head is not None and model.get_submodule(name) is head:
-            energies[name] = LayerStats(head.in_features, full=False)
-            energies[name].add(norm(hidden))
+    energies.update(stream.head_energies(model, names))
+    stream.finish(model)
     return energies

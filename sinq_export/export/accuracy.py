@@ -34,16 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.forward import capture_block_inputs, forward_dtype, forward_precision
+from ..calibration.forward import forward_dtype, forward_precision, input_energies
 from ..calibration.probe import probe_tokens, release_memory
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig, is_head
-from ..heap import return_free_heap
-from ..models import decoder_blocks, ensure_loaded, load_causal_lm_streamed, release_block
+from ..models import load_causal_lm_streamed
 from ..quant.core import sinq_col_scale, tie_col_scale
 from ..quant.int8 import int8_activations, int8_error
 from ..quant.methods import SINQConfig
-from ..quant.units import SHARED_INPUT_GROUPS
+from ..quant.record import QuantizedWeight
+from ..quant.units import SHARED_INPUT_GROUPS, joint_groups
 
 INT8_LEVEL, EXACT_LEVEL = 4, 0
 # Largest int8 error a linear may take at level 4 (a tenth of the level-4 end-to-end limits
@@ -94,20 +94,6 @@ def _int8_input(t: torch.Tensor | None, block: int) -> Callable:
     return hook
 
 
-def _inputs_of(linears: Mapping[str, nn.Module], run: Callable[[], torch.Tensor]
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(each linear's input, the result) of ``run()``."""
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, args, _out, n=n: inputs.__setitem__(n, args[0]))
-             for n, m in linears.items()]
-    try:
-        out = run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs, out
-
-
 @torch.no_grad()
 def _head_error(ckpt: Checkpoint, tensor: str, x: torch.Tensor, t: torch.Tensor | None,
                 block: int) -> float:
@@ -131,64 +117,113 @@ def _head_error(ckpt: Checkpoint, tensor: str, x: torch.Tensor, t: torch.Tensor 
     return worst / max(scale, 1e-30)
 
 
-@torch.no_grad()
-def measure_int8(folder: Path, config: SinqConfig, block_sizes: Mapping[str, int],
-                 units: Mapping[str, tuple[str, ...]], sources: Mapping[str, str],
-                 col_scales: Mapping[str, torch.Tensor | None]) -> Int8Measurement:
-    """Int8 error of every linear in ``block_sizes`` (name -> its node's block size) and the
-    int8-stream divergence, on the random-id probe (`probe_tokens`) through the float model,
-    streamed one block at a time (each released once measured).
+class Int8Observer:
+    """The int8 measurement (module docstring) on the float probe stream
+    (`calibration.forward.ProbeStream`): shown each block while it is loaded and still float,
+    it measures the int8 error of the block's quantized linears and runs the block once more on
+    the int8 stream; shown the final hidden state, it keeps the float stream's final norm (the
+    output projection's input) and the divergence.
 
-    ``units``: each linear's quantization unit (a joint unit shares one t); ``sources``: each
-    linear's checkpoint tensor (the head's is read from there); ``col_scales``: the t of
-    linears already quantized (their records'), the others get the weight-only t.
+    A block shown with the records its linears were just given is measured through their t
+    and block size; otherwise through ``col_scales`` (the t of linears quantized before: records
+    given up front) and, for every other linear, the weight-only t of its unit.
     """
-    model, _ = load_causal_lm_streamed(folder, with_tokenizer=False)
-    probe = probe_tokens(model, config)
-    if probe is None:
-        raise ValueError(f"{folder}: accuracy_level 'auto' needs a causal LM with decoder blocks")
-    dtype = forward_dtype(config.calibration_dtype)
-    hidden, kwargs = capture_block_inputs(model, probe[0])
-    prefix = {id(m): n for n, m in model.named_modules()}
-    errors: dict[str, float] = {}
-    noisy = hidden
-    for block in decoder_blocks(model):
-        ensure_loaded(block)
-        start = prefix[id(block)] + "."
-        linears = {n: block.get_submodule(n[len(start):]) for n in block_sizes
-                   if n.startswith(start)}
-        inputs, out = _inputs_of(linears, lambda b=block, h=hidden: _run(b, h, kwargs, dtype))
+
+    def __init__(self, config: SinqConfig,
+                 col_scales: Mapping[str, torch.Tensor | None] | None = None) -> None:
+        self.config = config
+        self.col_scales = dict(col_scales or {})
+        self.dtype = forward_dtype(config.calibration_dtype)
+        self.errors: dict[str, float] = {}
+        self.divergence: float | None = None
+        self.head_input: torch.Tensor | None = None  # [tokens, hidden]: the float final norm
+        self._noisy: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether a float pass has shown it every block."""
+        return self.head_input is not None
+
+    def start(self, hidden: torch.Tensor) -> None:
+        self._noisy = hidden
+
+    @torch.no_grad()
+    def block(self, block: nn.Module, prefix: str, inputs: Mapping[str, torch.Tensor],
+              kwargs: Mapping[str, Any], records: Mapping[str, QuantizedWeight] | None) -> None:
+        start = prefix + "."
         hooks = []
-        for unit in dict.fromkeys(units[n] for n in linears):
-            t = col_scales[unit[0]] if unit[0] in col_scales else _weight_only_t(
-                [linears[n].weight for n in unit],
-                config.method_config(unit[0], config.bits_for(unit[0])))
-            for n in unit:
-                w = linears[n].weight.float()
-                errors[n] = int8_error(inputs[n], w if t is None else w / t, block_sizes[n], t)
-                hooks.append(linears[n].register_forward_pre_hook(_int8_input(t, block_sizes[n])))
-        del inputs
         try:
-            noisy = _run(block, noisy, kwargs, dtype)
+            for unit, t, size in self._units(block, start, inputs, records):
+                for n in unit:
+                    m = block.get_submodule(n[len(start):])
+                    w = m.weight.float()
+                    self.errors[n] = int8_error(inputs[n[len(start):]],
+                                                w if t is None else w / t, size, t)
+                    hooks.append(m.register_forward_pre_hook(_int8_input(t, size)))
+            self._noisy = _run(block, self._noisy, kwargs, self.dtype)
         finally:
             for h in hooks:
                 h.remove()
-        hidden = out
-        release_block(block)
-        return_free_heap()
-    norm = model.model.norm
-    ref, got = norm(hidden).float(), norm(noisy).float()
-    divergence = float(((got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).mean())
-    del model, noisy, hidden
+
+    def _units(self, block: nn.Module, start: str, inputs: Mapping[str, torch.Tensor],
+               records: Mapping[str, QuantizedWeight] | None
+               ) -> list[tuple[list[str], torch.Tensor | None, int]]:
+        """(linears sharing one t, that t, their node block size) of the block's quantized
+        linears: from the records it was just given, else as the config will quantize them."""
+        if records is not None:
+            return [([n], r.col_scale, r.group_size) for n, r in records.items()]
+        names = [start + n for n in inputs if self.config.bits_for(start + n) is not None]
+        settings = {n: (self.config.bits_for(n), self.config.group_size_for(n)) for n in names}
+        joint = joint_groups(names, settings, self.config.shared_col_scale)
+        out = []
+        for unit in joint + [[n] for n in names if not any(n in g for g in joint)]:
+            t = self.col_scales[unit[0]] if unit[0] in self.col_scales else _weight_only_t(
+                [block.get_submodule(n[len(start):]).weight for n in unit],
+                self.config.method_config(unit[0], settings[unit[0]][0]))
+            out.append((unit, t, settings[unit[0]][1]))
+        return out
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module, hidden: torch.Tensor) -> None:
+        norm = model.model.norm
+        ref, got = norm(hidden).float(), norm(self._noisy).float()
+        self.divergence = float(((got - ref).norm(dim=-1)
+                                 / ref.norm(dim=-1).clamp_min(1e-30)).mean())
+        self.head_input = ref.reshape(-1, ref.shape[-1])
+        self._noisy = None
+
+    def measurement(self, folder: Path, block_sizes: Mapping[str, int],
+                    sources: Mapping[str, str], col_scales: Mapping[str, torch.Tensor | None]
+                    ) -> Int8Measurement:
+        """The errors of the linears ``block_sizes`` (name -> its node's block size): the
+        blocks' as measured, the output projection's now, from its checkpoint tensor
+        ``sources[name]`` (`_head_error`) through ``col_scales[name]`` (its record's t) if any."""
+        ckpt = Checkpoint.open(folder)
+        errors = {}
+        for name, size in block_sizes.items():
+            if name in self.errors:
+                errors[name] = self.errors[name]
+            elif is_head(name):
+                errors[name] = _head_error(ckpt, sources[name], self.head_input,
+                                           col_scales.get(name), size)
+            else:
+                raise ValueError(f"accuracy_level 'auto': {name} is neither in a decoder block "
+                                 "nor the output projection")
+        return Int8Measurement(errors, self.divergence)
+
+
+@torch.no_grad()
+def measure_int8(folder: Path, observer: Int8Observer) -> None:
+    """Show ``observer`` the random-id probe (`probe_tokens`) through the float model, streamed
+    one block at a time (each released once measured): for an export with no other float pass
+    to ride on (no energy refit, no calibration)."""
+    model, _ = load_causal_lm_streamed(folder, with_tokenizer=False)
+    probe = probe_tokens(model, observer.config)
+    if probe is None:
+        raise ValueError(f"{folder}: accuracy_level 'auto' needs a causal LM with decoder blocks")
+    input_energies(model, probe[0], [], observer.dtype, release=True, observer=observer)
+    del model
     release_memory()
-    ckpt = Checkpoint.open(folder)
-    x = ref.reshape(-1, ref.shape[-1])
-    for name in (n for n in block_sizes if n not in errors):
-        if not is_head(name):
-            raise ValueError(f"accuracy_level 'auto': {name} is neither in a decoder block "
-                             "nor the output projection")
-        errors[name] = _head_error(ckpt, sources[name], x, col_scales.get(name), block_sizes[name])
-    return Int8Measurement(errors, divergence)
 
 
 def shared_input_groups(names: Iterable[str]) -> list[list[str]]:

@@ -52,7 +52,14 @@ from ..quant.units import SHARED_INPUT_GROUPS, joint_groups
 from ..quantize import quantize_model
 from ..saved import SpilledRecords
 from . import builder
-from .accuracy import INT8_LEVEL, Int8Measurement, accuracy_section, choose_levels, measure_int8
+from .accuracy import (
+    INT8_LEVEL,
+    Int8Measurement,
+    Int8Observer,
+    accuracy_section,
+    choose_levels,
+    measure_int8,
+)
 from .diskspace import check_free_space, estimate_output_bytes, quantized_tensor_bytes
 from .fusions import PackedRows, pack_qkv
 from .genai import genai_config
@@ -302,17 +309,18 @@ def _check_o_proj_tie(config: SinqConfig, ckpt: Checkpoint) -> bool:
 
 
 def _measured_levels(folder: Path, ckpt: Checkpoint, config: SinqConfig, plan: Plan,
-                     records: Mapping[str, QuantizedWeight], tied: bool
+                     records: Mapping[str, QuantizedWeight], tied: bool, observer: Int8Observer
                      ) -> tuple[Plan, Int8Measurement]:
     """``plan`` with each MatMulNBits node's accuracy level chosen from its measured int8 error
-    (`export.accuracy`), and the measurement. Linears already quantized are measured through
-    their records' t, the others through the t the quantizer will give them."""
+    (`export.accuracy`), and the measurement. ``observer`` rode on the export's float pass
+    (probe or calibration); without one it gets its own pass now."""
     nodes = {n: p.group_size for n, p in plan.linears.items() if p.choice.op != EMBEDDING_OP}
-    units = {n: plan.units.get(n, (n,)) for n in nodes}
     sources = {n: _weight_source(n, ckpt, tied) for n in nodes}
     col_scales = {n: r.col_scale for n, r in records.items()}
     try:
-        measured = measure_int8(folder, config, nodes, units, sources, col_scales)
+        if not observer.done:
+            measure_int8(folder, observer)
+        measured = observer.measurement(folder, nodes, sources, col_scales)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     levels = choose_levels(measured.errors, measured.divergence)
@@ -618,6 +626,9 @@ def export_causal_lm(
     stages = Stages(["plan"] + ["calibrate", "plan"] * (run_model or probe)
                     + ["accuracy"] * auto + ["build", "write", "check"], progress=progress)
     energies = None
+    # the accuracy measurement rides on the export's one float pass (probe or calibration)
+    observer = Int8Observer(config, {n: r.col_scale for n, r in (records or {}).items()}
+                            ) if auto else None
     scratch = contextlib.ExitStack()
     try:
         with stages.stage("plan"):  # everything that can refuse, before the model runs
@@ -634,11 +645,11 @@ def export_causal_lm(
                 # records wait on disk, next to the output, until the writer takes them
                 spill = SpilledRecords(scratch.enter_context(scratch_dir(out_dir)))
                 config, records, planned = quantize_planned(folder, config, progress=progress,
-                                                            spill=spill)
+                                                            spill=spill, observer=observer)
             manifest_extra = {**planned, **(manifest_extra or {})}
         elif probe:
             with stages.stage("calibrate"):  # the input energies, one float block at a time
-                measured = probe_energies(folder, config)
+                measured = probe_energies(folder, config, observer)
             if measured is not None:
                 energies, info = measured
                 manifest_extra = {"probe": info, **(manifest_extra or {})}
@@ -653,9 +664,10 @@ def export_causal_lm(
             _check_disk(ckpt, _planned_widths(plan), config, graph_config, out_dir,
                         spilled=run_model)
         measured = None
-        if auto:
-            with stages.stage("accuracy"):  # int8 error per linear, one float block at a time
-                plan, measured = _measured_levels(folder, ckpt, config, plan, records or {}, tied)
+        if observer is not None:
+            with stages.stage("accuracy"):  # the output projection's int8 error, the levels
+                plan, measured = _measured_levels(folder, ckpt, config, plan, records or {}, tied,
+                                                  observer)
             manifest_extra = {"accuracy": accuracy_section(
                 {n: p.accuracy_level for n, p in plan.linears.items() if n in measured.errors},
                 measured), **(manifest_extra or {})}
