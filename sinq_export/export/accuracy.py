@@ -6,8 +6,10 @@ call, but quantize each block of ``block_size`` inputs to int8 with one absmax s
 ``sqrt(hidden)``-scaled embeddings and large norm weights) the quiet channels of a block lose
 their bits, and the noise of every layer adds up along the residual stream.
 
-`measure_int8` runs the float model once more on the energy probe's random ids, one streamed
-block at a time, and measures two things:
+`Int8Observer` watches the export's float pass over the energy probe's random ids
+(`calibration.forward.ProbeStream`: the energy probe, or the calibration loop that carries the
+probe beside its windows; `measure_int8` where no such pass runs), one streamed block at a time,
+and measures two things:
 
 - every quantized linear's **int8 error** on its float input ``x``, through the column scale
   ``t`` its node's input carries (the quantized record's, or the weight-only Sinkhorn t the
