@@ -15,6 +15,8 @@ import onnx
 import pytest
 import torch
 from _models import make_family_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sinq_export import GraphConfig, SinqConfig
 from sinq_export.checkpoint import Checkpoint
@@ -22,6 +24,7 @@ from sinq_export.config import ConfigError
 from sinq_export.contract import MANIFEST_FILE, MODEL_FILE
 from sinq_export.export import export_causal_lm
 from sinq_export.export.accuracy import (
+    HEAD_TOP1,
     INT8_TOLERANCE,
     Int8Observer,
     choose_levels,
@@ -35,6 +38,7 @@ from sinq_export.presets import PRESETS
 from sinq_export.quantize import quantize_model
 from sinq_export.validate.core import validate
 from sinq_export.validate.graph import read_export
+from sinq_export.validate.providers import TOLERANCES
 from sinq_export.validate.rebuild import build_reference, norm_folds
 
 LOUD = ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj")
@@ -202,3 +206,41 @@ def test_the_measurement_riding_on_calibration_equals_a_pass_of_its_own(tmp_path
     assert max(riding.errors[n] for n in LOUD) > INT8_TOLERANCE  # the loud input is measured
     assert riding.divergence == alone.divergence
     assert torch.equal(riding.head_input, alone.head_input)
+
+
+def test_a_head_whose_argmax_int8_flips_runs_exact():
+    """The head's level also needs its argmax kept on the probe (`HEAD_TOP1`, the validator's
+    own level-4 top-1 bound): below it the head goes to level 0, the decoder is untouched."""
+    errors = {"m.layers.0.mlp.down_proj": 1e-3, "lm_head": 1e-3}
+    assert choose_levels(errors, head_top1={"lm_head": 0.96}) == {
+        "m.layers.0.mlp.down_proj": 4, "lm_head": 4}
+    assert choose_levels(errors, head_top1={"lm_head": 0.92}) == {
+        "m.layers.0.mlp.down_proj": 4, "lm_head": 0}
+    assert choose_levels(errors, head_top1={"lm_head": float("nan")})["lm_head"] == 0
+    assert HEAD_TOP1 == TOLERANCES[("cpu", 4, "fp32")].top1
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), rows=st.integers(1, 40))
+def test_the_head_measured_a_slab_at_a_time_is_the_whole_head(tmp_path_factory, seed, rows):
+    """`_head_error` reads the head `HEAD_ROWS` rows at a time: its int8 error and its argmax
+    agreement are those of the whole ``[tokens x vocab]`` logits, computed directly."""
+    folder = tmp_path_factory.mktemp("head")
+    make_family_dir(folder, "llama", seed=seed)
+    ckpt = Checkpoint.open(folder)
+    w = ckpt.load("model.embed_tokens.weight").float()  # the tied head's source
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(48, w.shape[1], generator=gen) * torch.linspace(0.1, 4, w.shape[1])
+    t = torch.exp(0.3 * torch.randn(w.shape[1], generator=gen))
+    from sinq_export.export import accuracy
+    from sinq_export.quant.int8 import int8_activations
+
+    old = accuracy.HEAD_ROWS
+    try:
+        accuracy.HEAD_ROWS = rows
+        err, top1 = accuracy._head_error(ckpt, "model.embed_tokens.weight", x, t, 32)
+    finally:
+        accuracy.HEAD_ROWS = old
+    ref, got = (x * t) @ (w / t).T, int8_activations(x * t, 32) @ (w / t).T
+    assert err == pytest.approx(float((got - ref).abs().max() / ref.abs().max()), rel=1e-4)
+    assert top1 == float((ref.argmax(1) == got.argmax(1)).float().mean())

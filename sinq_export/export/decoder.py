@@ -323,7 +323,7 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, config: SinqConfig, plan: P
         measured = observer.measurement(folder, nodes, sources, col_scales)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    levels = choose_levels(measured.errors, measured.divergence)
+    levels = choose_levels(measured.errors, measured.divergence, head_top1=measured.head_top1)
     linears = {n: replace(p, accuracy_level=levels[n]) if n in levels else p
                for n, p in plan.linears.items()}
     return replace(plan, linears=linears), measured
