@@ -303,6 +303,13 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no decoder block list found for calibration")
 
 
+def head_and_final_norm(model: torch.nn.Module
+                        ) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(the output projection, the final norm whose output it reads); None where absent."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head, getattr(getattr(model, "model", None), "norm", None)
+
+
 @contextlib.contextmanager
 def _blocks_on_meta(auto_class: type[_BaseAutoModelClass], config: PretrainedConfig) -> Iterator[None]:
     """Build the decoder layer class of ``config``'s model on the ``meta`` device.

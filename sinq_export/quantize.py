@@ -22,7 +22,7 @@ from .calibration.probe import model_energies, probe_tokens
 from .config import SinqConfig
 from .heap import return_free_heap
 from .linear import SinqLinear, eligible_linears, quantized_layers, set_module
-from .models import decoder_blocks, ensure_loaded
+from .models import decoder_blocks, ensure_loaded, head_and_final_norm
 from .quant.handlers import relative_error
 from .quant.record import QuantizedWeight
 from .quant.stats import LayerStats
@@ -196,9 +196,11 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
         def quantize_block(blk: nn.Module, stats: dict[str, LayerStats] | None,
                            mine: list[list[str]] = mine, prefix: str = prefix,
                            rel: list[str] = rel) -> None:
-            probed = {} if stream is None else stream.advance(blk, prefix[:-1], rel)
+            # the probe's energies only where they are used (a full calibration has its own)
+            probed = {} if stream is None else stream.advance(
+                blk, prefix[:-1], rel if energies_wanted else [])
             if stats is None:
-                stats = probed if energies_wanted else {}
+                stats = probed
             made: dict[str, QuantizedWeight] = {}
             for names in mine:
                 made.update(_unit_records(prefix, names, linears, config, report,
@@ -223,8 +225,7 @@ def _quantize_calibrated(model: nn.Module, linears: dict[str, tuple[nn.Linear, i
         model, [n for u in rest for n in u if not config.is_calibrated(n)])
     if stream is not None:
         stream.finish(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    norm = getattr(getattr(model, "model", None), "norm", None)
+    head, norm = head_and_final_norm(model)
     for names in rest:
         for name in names:  # a streamed model reads its head only now
             ensure_loaded(linears[name][0])
@@ -251,6 +252,6 @@ def _move_records(module: nn.Module, prefix: str, sink: MutableMapping[str, Quan
 def _drop_untied_table(model: nn.Module) -> None:
     """Move the input embedding table to the meta device unless the head shares its weight."""
     table = model.get_input_embeddings()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head, _ = head_and_final_norm(model)
     if table is not None and (head is None or head.weight is not table.weight):
         table.to("meta")

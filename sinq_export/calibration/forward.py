@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..heap import return_free_heap
-from ..models import decoder_blocks, ensure_loaded, release_block
+from ..models import decoder_blocks, ensure_loaded, head_and_final_norm, release_block
 from ..quant.record import QuantizedWeight
 from ..quant.stats import LayerStats
 
@@ -262,8 +262,7 @@ class ProbeStream:
 
     def head_energies(self, model: nn.Module, names: Iterable[str]) -> dict[str, LayerStats]:
         """The output projection's input energies (the final norm of the stream), if in ``names``."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        norm = getattr(getattr(model, "model", None), "norm", None)
+        head, norm = head_and_final_norm(model)
         out = {}
         for name in names:
             if norm is not None and head is not None and model.get_submodule(name) is head:
@@ -285,7 +284,7 @@ def input_energies(model: nn.Module, windows: torch.Tensor, names: Iterable[str]
     through the float model (`ProbeStream`), the output projection's from the final norm of
     the last block's output. ``release``: drop each streamed block's tensors once measured
     (`models.release_block`: one float block at a time; it reloads when it runs again).
-    ``observer``: also shown every block (`ProbeStream.observe`, no column scales).
+    ``observer``: also shown every block (`ProbeStream.observe`, without records).
     """
     names = list(names)
     prefix = {id(m): n for n, m in model.named_modules()}

@@ -209,13 +209,13 @@ class Int8Observer:
         self.head_input = ref.reshape(-1, ref.shape[-1])
         self._noisy = None
 
-    def measurement(self, folder: Path, block_sizes: Mapping[str, int],
+    def measurement(self, ckpt: Checkpoint, block_sizes: Mapping[str, int],
                     sources: Mapping[str, str], col_scales: Mapping[str, torch.Tensor | None]
                     ) -> Int8Measurement:
         """The errors of the linears ``block_sizes`` (name -> its node's block size): the
         blocks' as measured, the output projection's now, from its checkpoint tensor
-        ``sources[name]`` (`_head_error`) through ``col_scales[name]`` (its record's t) if any."""
-        ckpt = Checkpoint.open(folder)
+        ``sources[name]`` in ``ckpt`` (`_head_error`) through ``col_scales[name]`` (its record's
+        t) if any."""
         errors, head_top1 = {}, {}
         for name, size in block_sizes.items():
             if name in self.errors:

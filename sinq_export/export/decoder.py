@@ -308,7 +308,7 @@ def _check_o_proj_tie(config: SinqConfig, ckpt: Checkpoint) -> bool:
     return True
 
 
-def _measured_levels(folder: Path, ckpt: Checkpoint, config: SinqConfig, plan: Plan,
+def _measured_levels(folder: Path, ckpt: Checkpoint, plan: Plan,
                      records: Mapping[str, QuantizedWeight], tied: bool, observer: Int8Observer
                      ) -> tuple[Plan, Int8Measurement]:
     """``plan`` with each MatMulNBits node's accuracy level chosen from its measured int8 error
@@ -320,7 +320,7 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, config: SinqConfig, plan: P
     try:
         if not observer.done:
             measure_int8(folder, observer)
-        measured = observer.measurement(folder, nodes, sources, col_scales)
+        measured = observer.measurement(ckpt, nodes, sources, col_scales)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     levels = choose_levels(measured.errors, measured.divergence, head_top1=measured.head_top1)
@@ -666,8 +666,7 @@ def export_causal_lm(
         measured = None
         if observer is not None:
             with stages.stage("accuracy"):  # the output projection's int8 error, the levels
-                plan, measured = _measured_levels(folder, ckpt, config, plan, records or {}, tied,
-                                                  observer)
+                plan, measured = _measured_levels(folder, ckpt, plan, records or {}, tied, observer)
             manifest_extra = {"accuracy": accuracy_section(
                 {n: p.accuracy_level for n, p in plan.linears.items() if n in measured.errors},
                 measured), **(manifest_extra or {})}
