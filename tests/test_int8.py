@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from sinq_export.quant import packing
-from sinq_export.quant.int8 import int8_activations, int8_error, relative_error
+from sinq_export.quant.int8 import int8_activations, int8_error, loudest_channels, relative_error
 
 
 def _matmulnbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int,
@@ -121,3 +121,60 @@ def test_t_is_applied_before_quantization():
     t[0] = 1e-2  # the scale that shrinks the outlier makes int8 exact on this input
     assert int8_error(x, w, 64, t) < 1e-6 < int8_error(x, w, 64)
 
+
+
+def _split_matmulnbits(codes: np.ndarray, scales: np.ndarray, block: int, exact: np.ndarray
+                       ) -> ort.InferenceSession:
+    """``MatMulNBits(A * mask)`` at level 4 plus ``Gather(A, exact) @ W[:, exact]^T``: the
+    graph `export.builder.SinqMatMul` emits for a node with exact channels."""
+    n, k = codes.shape
+    w = _dequantized(codes, scales, None, 4, block).numpy()
+    mask = np.ones(k, np.float32)
+    mask[exact] = 0.0
+    packed = packing.pack_codes(torch.from_numpy(codes), 4, block).numpy()
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales"),
+             numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(exact, "index"),
+             numpy_helper.from_array(np.ascontiguousarray(w[:, exact].T), "exact_w")]
+    nodes = [helper.make_node("Mul", ["A", "mask"], ["Aq"]),
+             helper.make_node("MatMulNBits", ["Aq", "B", "scales"], ["Yq"], domain="com.microsoft",
+                              K=k, N=n, bits=4, block_size=block, accuracy_level=4),
+             helper.make_node("Gather", ["A", "index"], ["Ae"], axis=-1),
+             helper.make_node("MatMul", ["Ae", "exact_w"], ["Ye"]),
+             helper.make_node("Add", ["Yq", "Ye"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT,
+                                                                         ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@settings(deadline=None, max_examples=16)
+@given(block=st.sampled_from([16, 32, 64]), k_blocks=st.integers(1, 4), n=st.integers(2, 16),
+       m=st.integers(1, 4), loud=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_exact_channels_emulation_matches_onnxruntime(block, k_blocks, n, m, loud, seed):
+    """Loud channels taken out of the int8 input and multiplied in float beside the node:
+    `loudest_channels` finds them, ``int8_activations(..., exact_channels=)`` is what
+    onnxruntime computes, and the quiet channels get their bits back."""
+    rng = np.random.default_rng(seed)
+    k = block * k_blocks
+    codes = rng.integers(0, 16, size=(n, k), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(n, packing.n_blocks(k, block))).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    channels = np.sort(rng.choice(k, size=min(loud, k), replace=False))
+    x[:, channels] *= 300.0
+    xt = torch.from_numpy(x)
+    exact = loudest_channels(xt, len(channels))
+    assert exact.tolist() == channels.tolist()
+    w = _dequantized(codes, scales, None, 4, block)
+    got = torch.from_numpy(_split_matmulnbits(codes, scales, block, exact.numpy()).run(
+        None, {"A": x})[0]).double()
+    emulated = int8_activations(xt, block, exact).double() @ w.double().T
+    assert relative_error(emulated, got) <= 2e-5
+    ref = xt.double() @ w.double().T
+    plain = int8_activations(xt, block).double() @ w.double().T
+    assert relative_error(ref, got) < relative_error(ref, plain) / 10

@@ -64,6 +64,10 @@ class LinearPlan:
     # container's width), so the input is left out: onnxruntime then runs its zero-point-free
     # kernel, ~15 % faster per call on SmolLM2's shapes (bench/results/decode_step.md).
     zero_points: bool = True
+    # Input channels taken out of an int8-activation node's input and multiplied in float
+    # beside it (`quant.int8`): the few loud channels that would take the rest of their
+    # blocks' int8 bits (`export.accuracy`).
+    exact_channels: tuple[int, ...] = ()
 
     @property
     def col_scale_input(self) -> bool:
@@ -83,7 +87,8 @@ class SinqMatMul(nn.Module):
     """``y = (x * t) @ ((Q - z) * s).T + b`` as onnxruntime nodes; parameters = record tensors.
 
     Parameter names (``qweight``, ``scales``, ``qzeros``, ``col_scale``, ``bias`` under the HF
-    module name) are the export format's contract (docs/export-format.md).
+    module name; with exact channels ``exact_index``, ``int8_mask``, ``exact_weight``) are the
+    export format's contract (docs/export-format.md).
     """
 
     def __init__(self, plan: LinearPlan) -> None:
@@ -99,6 +104,12 @@ class SinqMatMul(nn.Module):
                                    dtype=ir.DataType.UINT8) if plan.zero_points else None
         self.col_scale = nn.Parameter([k]) if plan.col_scale_input else None
         self.bias = nn.Parameter([n]) if plan.has_bias else None
+        c = len(plan.exact_channels)
+        if c and plan.choice.op != STOCK_OP:
+            raise ExportError(f"{plan.name}: exact channels need MatMulNBits, not {plan.choice.op}")
+        self.exact_index = nn.Parameter([c], dtype=ir.DataType.INT64) if c else None
+        self.int8_mask = nn.Parameter([k]) if c else None
+        self.exact_weight = nn.Parameter([c, n]) if c else None
 
     def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
         plan = self._plan
@@ -108,10 +119,16 @@ class SinqMatMul(nn.Module):
         if plan.choice.op == STOCK_OP:
             if plan.col_scale_mul:
                 x = op.Mul(x, self.col_scale)
+            exact = None
+            if self.exact_index is not None:  # y = node(x * mask) + x[exact] @ W[:, exact]^T
+                exact = op.MatMul(op.Gather(x, self.exact_index, axis=-1), self.exact_weight)
+                x = op.Mul(x, self.int8_mask)
             zero_points = () if self.qzeros is None else (self.qzeros,)
             y = op.MatMulNBits(x, self.qweight, self.scales, *zero_points,
                                accuracy_level=plan.accuracy_level, _domain=plan.choice.domain,
                                **attrs)
+            if exact is not None:
+                y = op.Add(y, exact)
             return y if self.bias is None else op.Add(y, self.bias)
         op.builder.graph.opset_imports[plan.choice.domain] = 1
         if plan.col_scale_mul:

@@ -58,6 +58,7 @@ from .accuracy import (
     Int8Observer,
     accuracy_section,
     choose_levels,
+    exact_channels,
     measure_int8,
 )
 from .diskspace import check_free_space, estimate_output_bytes, quantized_tensor_bytes
@@ -312,21 +313,32 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, plan: Plan,
                      records: Mapping[str, QuantizedWeight], tied: bool, observer: Int8Observer
                      ) -> tuple[Plan, Int8Measurement]:
     """``plan`` with each MatMulNBits node's accuracy level chosen from its measured int8 error
-    (`export.accuracy`), and the measurement. ``observer`` rode on the export's float pass
-    (probe or calibration); without one it gets its own pass now."""
+    (`export.accuracy`), the exact channels of an output projection at level 4, and the
+    measurement. ``observer`` rode on the export's float pass (probe or calibration); without
+    one it gets its own pass now."""
     nodes = {n: p.group_size for n, p in plan.linears.items() if p.choice.op != EMBEDDING_OP}
     sources = {n: _weight_source(n, ckpt, tied) for n in nodes}
     col_scales = {n: r.col_scale for n, r in records.items()}
     try:
         if not observer.done:
             measure_int8(folder, observer)
-        measured = observer.measurement(ckpt, nodes, sources, col_scales)
+        measured = observer.measurement(ckpt, nodes, sources, col_scales,
+                                        splittable=[n for n, p in plan.linears.items()
+                                                    if _splittable(n, p, plan)])
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     levels = choose_levels(measured.errors, measured.divergence, head_top1=measured.head_top1)
-    linears = {n: replace(p, accuracy_level=levels[n]) if n in levels else p
-               for n, p in plan.linears.items()}
+    exact = exact_channels(levels, measured)
+    linears = {n: replace(p, accuracy_level=levels[n], exact_channels=exact.get(n, ()))
+               if n in levels else p for n, p in plan.linears.items()}
     return replace(plan, linears=linears), measured
+
+
+def _splittable(name: str, p: builder.LinearPlan, plan: Plan) -> bool:
+    """Whether the graph can take input channels of this linear's node out of its int8 input
+    (`builder.SinqMatMul`): its own MatMulNBits (the float columns are its dequantized ones,
+    so no t may be folded into its rows)."""
+    return p.choice.op == STOCK_OP and p.shared_with is None and name not in plan.row_scale_from
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan, config: SinqConfig
@@ -351,8 +363,8 @@ def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan, config: S
 
 def _uses(plan: Plan) -> dict[str, int]:
     """How many lazy tensors read each record (so the cache knows when to drop it)."""
-    uses = {n: 2 + int(p.zero_points) + int(p.col_scale_input) for n, p in plan.linears.items()
-            if p.shared_with is None}
+    uses = {n: 2 + int(p.zero_points) + int(p.col_scale_input) + int(bool(p.exact_channels))
+            for n, p in plan.linears.items() if p.shared_with is None}
     for src in plan.norm_folds.values():
         uses[src] += 1
     for p in plan.linears.values():
@@ -394,9 +406,10 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             owner, rows = packed[name].owner, [packed[name].start, packed[name].stop]
         node = builder.node_of(model, f"{owner}.qweight", p.choice.op)
         output = node.outputs[0]
-        users = [u.node for u in output.uses()]
-        if p.has_bias and len(users) == 1 and users[0].op_type == "Add":
-            output = users[0].outputs[0]
+        for added in (bool(p.exact_channels), p.has_bias):  # the exact channels' sum, the bias
+            users = [u.node for u in output.uses()]
+            if added and len(users) == 1 and users[0].op_type == "Add":
+                output = users[0].outputs[0]
         out[name] = {
             "bits": p.bits,
             "group_size": p.group_size,
@@ -410,6 +423,8 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
                 "scales": f"{owner}.scales",
                 "zero_points": f"{owner}.qzeros" if p.zero_points else None,
                 "col_scale": f"{owner}.col_scale" if p.col_scale_input else None,
+                **({"exact_index": f"{owner}.exact_index", "int8_mask": f"{owner}.int8_mask",
+                    "exact_weight": f"{owner}.exact_weight"} if p.exact_channels else {}),
             },
             "shared_with": p.shared_with,
             "rows": rows,
@@ -419,6 +434,7 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             "output_scaled_by": plan.row_scale_from.get(name),
             "output_scale_heads": plan.row_scale_heads.get(name, 1),
             "accuracy_level": None if p.choice.op == EMBEDDING_OP else p.accuracy_level,
+            "exact_channels": list(p.exact_channels),
         }
         if name in int8_errors:
             out[name]["int8_error"] = int8_errors[name]
@@ -687,7 +703,8 @@ def export_causal_lm(
                                          plan.row_scale_from.get(n),
                                          flat=p.choice.op == EMBEDDING_OP,
                                          col_scale_over=p.ratio_of,
-                                         row_scale_heads=plan.row_scale_heads.get(n, 1))
+                                         row_scale_heads=plan.row_scale_heads.get(n, 1),
+                                         exact_channels=p.exact_channels)
                         for n, p in plan.linears.items() if p.shared_with is None}
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             row_folded_t: dict[str, np.ndarray] = {}

@@ -29,7 +29,7 @@ from ..quant.stats import LayerStats
 from ..quant.units import quantize_unit
 from .layout import quant_tensors
 
-PARTS = ("qweight", "scales", "qzeros", "col_scale")
+PARTS = ("qweight", "scales", "qzeros", "col_scale", "exact_weight")
 
 
 @dataclass
@@ -128,6 +128,7 @@ class LinearBinding:
     flat: bool = False  # packed codes stored 2-D [N, K*bits/8] (GatherBlockQuantized)
     col_scale_over: str | None = None  # the col_scale initializer is t / this linear's t
     row_scale_heads: int = 1  # kv heads of the rows a GQA-tied t scales (`core.tied_rows`)
+    exact_channels: tuple[int, ...] = ()  # input channels multiplied in float beside the node
 
 
 def bind_weights(
@@ -153,6 +154,10 @@ def bind_weights(
     biases = {f"{lin}.bias": lin for lin, b in linears.items() if b.row_scale_from}
     for name, value in model.graph.initializers.items():
         if value.const_value is not None:
+            continue
+        lin, _, part = name.rpartition(".")
+        if lin in linears and part in ("exact_index", "int8_mask"):
+            value.const_value = _lazy(_exact_func(linears[lin], part, value), value)
             continue
         if name in parts:
             lin, part = parts[name]
@@ -193,6 +198,18 @@ def _scaled_func(checkpoint: Checkpoint, source: str, cache: RecordCache,
     return func
 
 
+def _exact_func(binding: LinearBinding, part: str, value: ir.Value) -> Callable[[], np.ndarray]:
+    """The exact channels' indices, or the mask that zeroes them in the node's input."""
+    def func() -> np.ndarray:
+        index = np.asarray(binding.exact_channels, dtype=np.int64)
+        if part == "exact_index":
+            return index
+        mask = np.ones(int(value.shape[0]), dtype=np.float32)
+        mask[index] = 0.0
+        return mask
+    return func
+
+
 def _part_func(cache: RecordCache, linear: str, part: str, binding: LinearBinding,
                row_folded_t: dict[str, np.ndarray] | None = None) -> Callable[[], np.ndarray]:
     def func() -> np.ndarray:
@@ -207,6 +224,9 @@ def _part_func(cache: RecordCache, linear: str, part: str, binding: LinearBindin
                     finally:
                         cache.release(binding.col_scale_over)
                 return t.numpy()
+            if part == "exact_weight":  # what the node would multiply those channels by
+                columns = torch.tensor(binding.exact_channels, dtype=torch.long)
+                return record.dequantize_columns(columns).T.numpy()
             qt = quant_tensors(record, binding.container_bits)
             if part == "qweight":
                 return qt.packed.reshape(qt.packed.shape[0], -1) if binding.flat else qt.packed

@@ -14,7 +14,9 @@ Why it matters: a block holding one large activation (a "massive" channel, Gemma
 ``sqrt(hidden)``-scaled embeddings) gives every other entry of the block a step of
 ``absmax / 127``, so the small channels lose most of their bits. `int8_error` measures that
 per layer on real inputs, which is how the export chooses a layer's accuracy level
-(`export.accuracy`).
+(`export.accuracy`). Taking the few loudest channels out of the int8 input (multiplied in
+float beside the node, LLM.int8()'s decomposition, arXiv 2208.07339) gives the rest their bits
+back: `loudest_channels`, ``int8_activations(..., exact_channels=)``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,22 @@ import torch
 INT8_MAX = 127.0
 
 
-def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+def int8_activations(x: torch.Tensor, block: int,
+                     exact_channels: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K]`` as MatMulNBits at accuracy level 4 sees it: float32, blocks of ``block``
-    along K quantized to int8 (scale ``absmax / 127``, round half to even) and dequantized."""
+    along K quantized to int8 (scale ``absmax / 127``, round half to even) and dequantized.
+
+    ``exact_channels`` (indices into K): channels the graph takes out of the node's input
+    (zeroed there) and multiplies in float beside it (`loudest_channels`); they come back
+    unquantized, and the rest of their blocks is quantized without them.
+    """
     if block < 1:
         raise ValueError(f"block={block} must be >= 1")
     x = x.float()
+    if exact_channels is not None and len(exact_channels):
+        exact = torch.zeros(x.shape[-1], dtype=torch.bool)
+        exact[exact_channels] = True
+        return torch.where(exact, x, int8_activations(x.masked_fill(exact, 0.0), block))
     k = x.shape[-1]
     pad = (-k) % block
     xb = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (k + pad) // block, block)
@@ -38,6 +50,13 @@ def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     q = torch.round(xb * inv)  # round half to even (MLAS: _MM_ROUND_NEAREST)
     out = q * (amax / INT8_MAX)
     return out.reshape(*x.shape[:-1], k + pad)[..., :k]
+
+
+def loudest_channels(x: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` input channels of largest RMS over the rows of ``x [..., K]``, ascending
+    (int64): the ones whose absmax sets their blocks' int8 step."""
+    rms = x.reshape(-1, x.shape[-1]).float().square().mean(0)
+    return torch.sort(rms.topk(min(count, rms.numel())).indices).values
 
 
 def relative_error(ref: torch.Tensor, test: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ and a linear layer is  y = (x * t) @ ((Q - z) * s).T + b.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,6 +89,19 @@ class QuantizedWeight:
         q = q.reshape(n, nb, g)
         w = (q - self.zeros().to(torch.float32).unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
         return w.reshape(n, nb * g)[:, :k]
+
+    def dequantize_columns(self, columns: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """``dequantize_grouped()[:, columns]`` a slab of ``rows`` rows at a time: no
+        ``[N, K]`` float copy of a large head."""
+        parts = []
+        for start in range(0, self.out_features, rows):
+            part = slice(start, start + rows)
+            slab = replace(
+                self, packed=self.packed[part], scales=self.scales[part],
+                zero_points=self.zero_points[part],
+                shape=(len(range(self.out_features)[part]), self.in_features))
+            parts.append(slab.dequantize_grouped()[:, columns])
+        return torch.cat(parts)
 
     def dequantize(self) -> torch.Tensor:
         """The full reconstruction ``W_hat = (Q - z) * s * t`` as float32 ``[N, K]``."""

@@ -18,6 +18,7 @@ from .graph import (
     _LayerSite,
     _session,
     dequantize_node,
+    exact_channel_faults,
     instrumented_copy,
     locate_layers,
     node_accuracy_level,
@@ -179,6 +180,7 @@ def validate(
         del reference  # the layers the checks need stay referenced by ref_layers
 
     sites = locate_layers(model, info) if has_ref else _sites_from_graph(model, info)
+    exact_faults = exact_channel_faults(sites, tensors)
     if not sites:
         report.notes.append("the graph has no quantized (MatMulNBits / SinqMatMulNBits) node")
     expose = list(dict.fromkeys(t for s in sites for t in (s.output, s.local_input)))
@@ -238,6 +240,9 @@ def validate(
         pr.layers = _check_layers(sites, probe_run.captures, tensors, ref_layers,
                                   ref_run.captures if ref_run else {}, layer_tol, weight_check)
         _flag_changed(pr, changed, info.layers)
+        for la in pr.layers:
+            if la.name in exact_faults:
+                la.passed, la.note = False, exact_faults[la.name]
         _verdict(pr, report.mode)
         pr.seconds = time.perf_counter() - start
     return report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,8 @@ from .rebuild import layer_node_name, layer_rows
 if TYPE_CHECKING:
     import onnx
     import onnxruntime as ort
+
+    from ..quant.record import QuantizedWeight
 
 # ------------------------------------------------------------------------------ export folder
 
@@ -229,6 +231,17 @@ def _producers(model) -> dict[str, Any]:
     return {o: n for n in model.graph.node for o in n.output}
 
 
+def _multiplied(value: str, producers: Mapping[str, Any], constants: set[str]) -> str:
+    """The activation a ``Mul(activation, constant)`` producing ``value`` multiplies, else
+    ``value``."""
+    mul = producers.get(value)
+    if mul is not None and mul.op_type == "Mul":
+        others = [i for i in mul.input if i not in constants]
+        if len(others) == 1:
+            return others[0]
+    return value
+
+
 def col_scale_mode(meta: dict) -> str:
     """``col_scale_mode`` (format 2) or ``col_scale`` (format 1: ``folded:<where>``)."""
     return str(meta.get("col_scale_mode", meta.get("col_scale", "none")))
@@ -258,14 +271,13 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
                 f"({meta.get('op')}) not found in the graph")
         order, node = entry
         local_input, has_t = node.input[0], False
+        if meta.get("exact_channels"):  # the node reads x * int8_mask; the layer's input is x
+            local_input = _multiplied(local_input, producers, inits | consts)
         mode = col_scale_mode(meta)
         if mode == "mul":
-            mul = producers.get(node.input[0])
-            if mul is not None and mul.op_type == "Mul":
-                others = [i for i in mul.input if i not in inits and i not in consts]
-                if len(others) == 1:
-                    local_input = others[0]
-            has_t = local_input == node.input[0]
+            node_input = local_input
+            local_input = _multiplied(node_input, producers, inits | consts)
+            has_t = local_input == node_input
         elif mode.startswith("fold") or mode == "ratio":
             # ratio: the node's input carries t (the lead's t in the norm, the rest by the Mul)
             has_t = True
@@ -282,40 +294,78 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
     return sites
 
 
-def dequantize_node(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+def _node_input(node: onnx.NodeProto, inits: Mapping[str, np.ndarray], i: int) -> np.ndarray | None:
+    if i < len(node.input) and node.input[i]:
+        if node.input[i] not in inits:
+            raise ValidationError(f"node {node.name}: input {node.input[i]!r} is not an initializer")
+        return inits[node.input[i]]
+    return None
+
+
+def node_record(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> QuantizedWeight:
+    """The quantized weight a MatMulNBits / SinqMatMulNBits node's initializers hold."""
+    k, n = int(_attr(node, "K")), int(_attr(node, "N"))
+    bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
+    if node.op_type == STOCK_OP and _node_input(node, inits, MATMUL_NBITS_G_IDX) is not None:
+        raise ValidationError(f"node {node.name}: g_idx is not supported by the NumPy reference")
+    zp = _node_input(node, inits, INPUT_ZERO_POINTS)
+    if zp is not None and zp.dtype != np.uint8:
+        raise ValidationError(f"node {node.name}: float zero points are not supported by the NumPy "
+                              "reference")
+    try:
+        return record_from_arrays(_node_input(node, inits, INPUT_B),
+                                  _node_input(node, inits, INPUT_SCALES), zp, K=k, N=n,
+                                  bits=bits, block_size=bs)
+    except ValueError as exc:
+        raise ValidationError(f"node {node.name}: {exc}") from exc
+
+
+def dequantize_node(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]
+                    ) -> dict[str, np.ndarray | None]:
     """A MatMulNBits / SinqMatMulNBits node's initializers, dequantised by the record they hold.
 
     Returns ``W`` (float64 ``[N, K]``, ``(Q - z) * s`` formed in float32 as the runtimes do),
     ``col_scale`` (``[K]`` or None, the custom op's fused t) and ``bias`` (``[N]`` or None).
     """
     k, n = int(_attr(node, "K")), int(_attr(node, "N"))
-    bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
-
-    def get(i: int) -> np.ndarray | None:
-        if i < len(node.input) and node.input[i]:
-            if node.input[i] not in inits:
-                raise ValidationError(f"node {node.name}: input {node.input[i]!r} is not an initializer")
-            return inits[node.input[i]]
-        return None
-
-    col_scale = bias = None
     if node.op_type == STOCK_OP:
-        if get(MATMUL_NBITS_G_IDX) is not None:
-            raise ValidationError(f"node {node.name}: g_idx is not supported by the NumPy reference")
-        bias = get(MATMUL_NBITS_BIAS)
+        col_scale, bias = None, _node_input(node, inits, MATMUL_NBITS_BIAS)
     else:
-        col_scale, bias = get(INPUT_COL_SCALE), get(INPUT_BIAS)
-    zp = get(INPUT_ZERO_POINTS)
-    if zp is not None and zp.dtype != np.uint8:
-        raise ValidationError(f"node {node.name}: float zero points are not supported by the NumPy "
-                              "reference")
-    try:
-        record = record_from_arrays(get(INPUT_B), get(INPUT_SCALES), zp, K=k, N=n, bits=bits,
-                                    block_size=bs)
-    except ValueError as exc:
-        raise ValidationError(f"node {node.name}: {exc}") from exc
+        col_scale = _node_input(node, inits, INPUT_COL_SCALE)
+        bias = _node_input(node, inits, INPUT_BIAS)
     return {
-        "W": record.dequantize_grouped().numpy().astype(np.float64),
+        "W": node_record(node, inits).dequantize_grouped().numpy().astype(np.float64),
         "col_scale": None if col_scale is None else col_scale.astype(np.float64).reshape(k),
         "bias": None if bias is None else bias.astype(np.float64).reshape(n),
     }
+
+
+def exact_channel_faults(sites: Iterable[_LayerSite], inits: Mapping[str, np.ndarray]
+                         ) -> dict[str, str]:
+    """Layer -> what is wrong with its exact channels (input channels multiplied in float
+    beside an int8 node): the index must list the manifest's channels, the mask must zero
+    exactly those and pass the rest, and the float columns must be the node's own
+    dequantized columns (the graph then computes the layer the reference does, whatever the
+    level; the level-4 tolerance alone would let a few percent of damage through)."""
+    import torch
+
+    faults = {}
+    for s in sites:
+        channels = s.meta.get("exact_channels") or []
+        if not channels:
+            continue
+        names = s.meta.get("initializers") or {}
+        index, mask, weight = (inits[names[k]] for k in ("exact_index", "int8_mask",
+                                                           "exact_weight"))
+        want_mask = np.ones(int(_attr(s.node, "K")), np.float32)
+        want_mask[channels] = 0.0
+        if index.tolist() != list(channels):
+            faults[s.name] = f"exact_index {index.tolist()[:8]} is not the channels {channels[:8]}"
+        elif mask.shape != want_mask.shape or not np.array_equal(mask, want_mask):
+            faults[s.name] = "int8_mask does not zero exactly the exact channels"
+        else:
+            columns = node_record(s.node, inits).dequantize_columns(torch.tensor(channels)).T
+            if weight.shape != tuple(columns.shape) or not np.allclose(
+                    weight, columns.numpy(), rtol=1e-6, atol=0.0):
+                faults[s.name] = "exact_weight is not the node's dequantized columns"
+    return faults
