@@ -269,17 +269,21 @@ def _loud_head_dir(path):
     return path
 
 
-def test_a_loud_head_runs_int8_with_its_loud_channels_exact(tmp_path):
+@pytest.mark.parametrize("table_bits", [None, 8])
+def test_a_loud_head_runs_int8_with_its_loud_channels_exact(tmp_path, table_bits):
     """The output projection whose argmax int8 activations flip gets its loudest input
-    channels multiplied in float beside the node (and level 4), the validator passes it, and
-    damaged exact channels (index, mask, float columns) fail its layer by name."""
+    channels multiplied in float beside the node (and level 4), its own record's or, tied at
+    the table's width, the table's; the validator passes it, and damaged exact channels
+    (index, mask, float columns) fail its layer by name."""
     from sinq_export.validate.graph import exact_channel_faults, locate_layers
 
     src = _loud_head_dir(tmp_path / "hf")
     out = tmp_path / "out"
-    export_causal_lm(src, out, CFG, GraphConfig(accuracy_level="auto"), progress=False)
+    export_causal_lm(src, out, CFG, GraphConfig(accuracy_level="auto", embedding_bits=table_bits),
+                     progress=False)
     manifest = _manifest(out)
     head = manifest["layers"]["lm_head"]
+    assert head["shared_with"] == (None if table_bits is None else "model.embed_tokens")
     assert head["accuracy_level"] == 4 and 5 in head["exact_channels"]
     assert manifest["accuracy"]["head_exact_channels"] == {"lm_head": head["exact_channels"]}
     assert manifest["accuracy"]["head_int8_top1"]["lm_head"] >= HEAD_TOP1

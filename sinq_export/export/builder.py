@@ -83,12 +83,36 @@ class LinearPlan:
         return self.col_scale.ratio_of
 
 
+class ExactChannels(nn.Module):
+    """The plan's exact channels, taken out of an int8-activation node's input and multiplied
+    in float beside it: ``y = node(x * int8_mask) + x[..., index] @ weight`` (``weight``
+    ``[c, N]``: the node's own dequantized columns); the node and the sum stay the linear's
+    own. Parameters ``<linear>.exact.{index,int8_mask,weight}``."""
+
+    def __init__(self, plan: LinearPlan) -> None:
+        super().__init__()
+        n, k = plan.shape
+        c = len(plan.exact_channels)
+        if c and plan.choice.op != STOCK_OP:
+            raise ExportError(f"{plan.name}: exact channels need MatMulNBits, not {plan.choice.op}")
+        self.index = nn.Parameter([c], dtype=ir.DataType.INT64) if c else None
+        self.int8_mask = nn.Parameter([k]) if c else None
+        self.weight = nn.Parameter([c, n]) if c else None
+
+    def forward(self, op: OpBuilder, x: ir.Value) -> tuple[ir.Value, ir.Value | None]:
+        """(the node's input, the exact channels' product to add to its output, or None)."""
+        if self.index is None:
+            return x, None
+        return op.Mul(x, self.int8_mask), op.MatMul(op.Gather(x, self.index, axis=-1),
+                                                   self.weight)
+
+
 class SinqMatMul(nn.Module):
     """``y = (x * t) @ ((Q - z) * s).T + b`` as onnxruntime nodes; parameters = record tensors.
 
     Parameter names (``qweight``, ``scales``, ``qzeros``, ``col_scale``, ``bias`` under the HF
-    module name; with exact channels ``exact_index``, ``int8_mask``, ``exact_weight``) are the
-    export format's contract (docs/export-format.md).
+    module name; with exact channels ``exact.index``, ``exact.int8_mask``, ``exact.weight``)
+    are the export format's contract (docs/export-format.md).
     """
 
     def __init__(self, plan: LinearPlan) -> None:
@@ -104,12 +128,7 @@ class SinqMatMul(nn.Module):
                                    dtype=ir.DataType.UINT8) if plan.zero_points else None
         self.col_scale = nn.Parameter([k]) if plan.col_scale_input else None
         self.bias = nn.Parameter([n]) if plan.has_bias else None
-        c = len(plan.exact_channels)
-        if c and plan.choice.op != STOCK_OP:
-            raise ExportError(f"{plan.name}: exact channels need MatMulNBits, not {plan.choice.op}")
-        self.exact_index = nn.Parameter([c], dtype=ir.DataType.INT64) if c else None
-        self.int8_mask = nn.Parameter([k]) if c else None
-        self.exact_weight = nn.Parameter([c, n]) if c else None
+        self.exact = ExactChannels(plan)
 
     def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
         plan = self._plan
@@ -119,10 +138,7 @@ class SinqMatMul(nn.Module):
         if plan.choice.op == STOCK_OP:
             if plan.col_scale_mul:
                 x = op.Mul(x, self.col_scale)
-            exact = None
-            if self.exact_index is not None:  # y = node(x * mask) + x[exact] @ W[:, exact]^T
-                exact = op.MatMul(op.Gather(x, self.exact_index, axis=-1), self.exact_weight)
-                x = op.Mul(x, self.int8_mask)
+            x, exact = self.exact(op, x)
             zero_points = () if self.qzeros is None else (self.qzeros,)
             y = op.MatMulNBits(x, self.qweight, self.scales, *zero_points,
                                accuracy_level=plan.accuracy_level, _domain=plan.choice.domain,
@@ -242,6 +258,7 @@ class SinqTiedHead(nn.Module):
         self.qweight, self.scales, self.qzeros = (embedding.qweight, embedding.scales,
                                                   embedding.qzeros)
         self.col_scale = embedding.col_scale if plan.col_scale.mode is Mode.MUL else None
+        self.exact = ExactChannels(plan)
 
     def forward(self, op: OpBuilder, x: ir.Value) -> ir.Value:
         plan = self._plan
@@ -251,10 +268,12 @@ class SinqTiedHead(nn.Module):
         shape = np.array([n, packing.n_blocks(k, plan.group_size), blob], dtype=np.int64)
         if self.col_scale is not None:
             x = op.Mul(x, self.col_scale)
+        x, exact = self.exact(op, x)
         w = op.Reshape(self.qweight, op.Constant(value=ir.tensor(shape)))
-        return op.MatMulNBits(x, w, self.scales, self.qzeros, K=k, N=n, bits=bits,
-                              block_size=plan.group_size, accuracy_level=plan.accuracy_level,
-                              _domain=plan.choice.domain)
+        y = op.MatMulNBits(x, w, self.scales, self.qzeros, K=k, N=n, bits=bits,
+                           block_size=plan.group_size, accuracy_level=plan.accuracy_level,
+                           _domain=plan.choice.domain)
+        return y if exact is None else op.Add(y, exact)
 
 
 def _submodule(module: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -336,9 +336,9 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, plan: Plan,
 
 def _splittable(name: str, p: builder.LinearPlan, plan: Plan) -> bool:
     """Whether the graph can take input channels of this linear's node out of its int8 input
-    (`builder.SinqMatMul`): its own MatMulNBits (the float columns are its dequantized ones,
-    so no t may be folded into its rows)."""
-    return p.choice.op == STOCK_OP and p.shared_with is None and name not in plan.row_scale_from
+    (`builder.ExactChannels`): a MatMulNBits (a tied head's reads the table's record) whose
+    float columns are its dequantized ones, so no t may be folded into its rows."""
+    return p.choice.op == STOCK_OP and name not in plan.row_scale_from
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan, config: SinqConfig
@@ -363,8 +363,11 @@ def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan, config: S
 
 def _uses(plan: Plan) -> dict[str, int]:
     """How many lazy tensors read each record (so the cache knows when to drop it)."""
-    uses = {n: 2 + int(p.zero_points) + int(p.col_scale_input) + int(bool(p.exact_channels))
-            for n, p in plan.linears.items() if p.shared_with is None}
+    uses = {n: 2 + int(p.zero_points) + int(p.col_scale_input) for n, p in plan.linears.items()
+            if p.shared_with is None}
+    for n, p in plan.linears.items():
+        if p.exact_channels:  # their float columns read the record (a tied head's: the table's)
+            uses[p.shared_with or n] += 1
     for src in plan.norm_folds.values():
         uses[src] += 1
     for p in plan.linears.values():
@@ -423,8 +426,8 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
                 "scales": f"{owner}.scales",
                 "zero_points": f"{owner}.qzeros" if p.zero_points else None,
                 "col_scale": f"{owner}.col_scale" if p.col_scale_input else None,
-                **({"exact_index": f"{owner}.exact_index", "int8_mask": f"{owner}.int8_mask",
-                    "exact_weight": f"{owner}.exact_weight"} if p.exact_channels else {}),
+                **({"exact_index": f"{name}.exact.index", "int8_mask": f"{name}.exact.int8_mask",
+                    "exact_weight": f"{name}.exact.weight"} if p.exact_channels else {}),
             },
             "shared_with": p.shared_with,
             "rows": rows,
@@ -704,8 +707,10 @@ def export_causal_lm(
                                          flat=p.choice.op == EMBEDDING_OP,
                                          col_scale_over=p.ratio_of,
                                          row_scale_heads=plan.row_scale_heads.get(n, 1),
-                                         exact_channels=p.exact_channels)
-                        for n, p in plan.linears.items() if p.shared_with is None}
+                                         exact_channels=p.exact_channels,
+                                         record_of=p.shared_with)
+                        for n, p in plan.linears.items()
+                        if p.shared_with is None or p.exact_channels}
             aliases = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
             row_folded_t: dict[str, np.ndarray] = {}
             bind_weights(model, ckpt, cache, bindings, norm_folds=plan.norm_folds, aliases=aliases,

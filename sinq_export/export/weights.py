@@ -29,7 +29,8 @@ from ..quant.stats import LayerStats
 from ..quant.units import quantize_unit
 from .layout import quant_tensors
 
-PARTS = ("qweight", "scales", "qzeros", "col_scale", "exact_weight")
+PARTS = ("qweight", "scales", "qzeros", "col_scale", "exact.weight")
+EXACT_PARTS = ("exact.index", "exact.int8_mask")  # from the plan, not the record
 
 
 @dataclass
@@ -129,6 +130,7 @@ class LinearBinding:
     col_scale_over: str | None = None  # the col_scale initializer is t / this linear's t
     row_scale_heads: int = 1  # kv heads of the rows a GQA-tied t scales (`core.tied_rows`)
     exact_channels: tuple[int, ...] = ()  # input channels multiplied in float beside the node
+    record_of: str | None = None  # the linear whose record it reads (a tied head: the table)
 
 
 def bind_weights(
@@ -151,18 +153,19 @@ def bind_weights(
     norm_folds = norm_folds or {}
     aliases = aliases or {}
     parts = {f"{lin}.{p}": (lin, p) for lin in linears for p in PARTS}
+    exact = {f"{lin}.{p}": (lin, p) for lin in linears for p in EXACT_PARTS}
     biases = {f"{lin}.bias": lin for lin, b in linears.items() if b.row_scale_from}
     for name, value in model.graph.initializers.items():
         if value.const_value is not None:
             continue
-        lin, _, part = name.rpartition(".")
-        if lin in linears and part in ("exact_index", "int8_mask"):
+        if name in exact:
+            lin, part = exact[name]
             value.const_value = _lazy(_exact_func(linears[lin], part, value), value)
             continue
         if name in parts:
             lin, part = parts[name]
-            value.const_value = _lazy(_part_func(cache, lin, part, linears[lin], row_folded_t),
-                                      value)
+            value.const_value = _lazy(_part_func(cache, linears[lin].record_of or lin, part,
+                                                 linears[lin], row_folded_t), value)
             continue
         source = aliases.get(name, name)
         checkpoint.require(source, tuple(int(d) for d in value.shape))
@@ -202,7 +205,7 @@ def _exact_func(binding: LinearBinding, part: str, value: ir.Value) -> Callable[
     """The exact channels' indices, or the mask that zeroes them in the node's input."""
     def func() -> np.ndarray:
         index = np.asarray(binding.exact_channels, dtype=np.int64)
-        if part == "exact_index":
+        if part == "exact.index":
             return index
         mask = np.ones(int(value.shape[0]), dtype=np.float32)
         mask[index] = 0.0
@@ -224,7 +227,7 @@ def _part_func(cache: RecordCache, linear: str, part: str, binding: LinearBindin
                     finally:
                         cache.release(binding.col_scale_over)
                 return t.numpy()
-            if part == "exact_weight":  # what the node would multiply those channels by
+            if part == "exact.weight":  # what the node would multiply those channels by
                 columns = torch.tensor(binding.exact_channels, dtype=torch.long)
                 return record.dequantize_columns(columns).T.numpy()
             qt = quant_tensors(record, binding.container_bits)

@@ -25,13 +25,11 @@ from ..io import read_json
 from ..onnx_tensors import EXTERNAL_FOLDER_KEY, graph_bytes
 from ..runtime_ops import record_from_arrays
 from .providers import CUSTOM_DOMAIN, EXPORT_META_FILE, PROVIDERS, QUANT_OPS, ValidationError
-from .rebuild import layer_node_name, layer_rows
+from .rebuild import layer_node_name, layer_rows, record_from_node
 
 if TYPE_CHECKING:
     import onnx
     import onnxruntime as ort
-
-    from ..quant.record import QuantizedWeight
 
 # ------------------------------------------------------------------------------ export folder
 
@@ -294,47 +292,40 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
     return sites
 
 
-def _node_input(node: onnx.NodeProto, inits: Mapping[str, np.ndarray], i: int) -> np.ndarray | None:
-    if i < len(node.input) and node.input[i]:
-        if node.input[i] not in inits:
-            raise ValidationError(f"node {node.name}: input {node.input[i]!r} is not an initializer")
-        return inits[node.input[i]]
-    return None
-
-
-def node_record(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> QuantizedWeight:
-    """The quantized weight a MatMulNBits / SinqMatMulNBits node's initializers hold."""
-    k, n = int(_attr(node, "K")), int(_attr(node, "N"))
-    bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
-    if node.op_type == STOCK_OP and _node_input(node, inits, MATMUL_NBITS_G_IDX) is not None:
-        raise ValidationError(f"node {node.name}: g_idx is not supported by the NumPy reference")
-    zp = _node_input(node, inits, INPUT_ZERO_POINTS)
-    if zp is not None and zp.dtype != np.uint8:
-        raise ValidationError(f"node {node.name}: float zero points are not supported by the NumPy "
-                              "reference")
-    try:
-        return record_from_arrays(_node_input(node, inits, INPUT_B),
-                                  _node_input(node, inits, INPUT_SCALES), zp, K=k, N=n,
-                                  bits=bits, block_size=bs)
-    except ValueError as exc:
-        raise ValidationError(f"node {node.name}: {exc}") from exc
-
-
-def dequantize_node(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]
-                    ) -> dict[str, np.ndarray | None]:
+def dequantize_node(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
     """A MatMulNBits / SinqMatMulNBits node's initializers, dequantised by the record they hold.
 
     Returns ``W`` (float64 ``[N, K]``, ``(Q - z) * s`` formed in float32 as the runtimes do),
     ``col_scale`` (``[K]`` or None, the custom op's fused t) and ``bias`` (``[N]`` or None).
     """
     k, n = int(_attr(node, "K")), int(_attr(node, "N"))
+    bits, bs = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
+
+    def get(i: int) -> np.ndarray | None:
+        if i < len(node.input) and node.input[i]:
+            if node.input[i] not in inits:
+                raise ValidationError(f"node {node.name}: input {node.input[i]!r} is not an initializer")
+            return inits[node.input[i]]
+        return None
+
+    col_scale = bias = None
     if node.op_type == STOCK_OP:
-        col_scale, bias = None, _node_input(node, inits, MATMUL_NBITS_BIAS)
+        if get(MATMUL_NBITS_G_IDX) is not None:
+            raise ValidationError(f"node {node.name}: g_idx is not supported by the NumPy reference")
+        bias = get(MATMUL_NBITS_BIAS)
     else:
-        col_scale = _node_input(node, inits, INPUT_COL_SCALE)
-        bias = _node_input(node, inits, INPUT_BIAS)
+        col_scale, bias = get(INPUT_COL_SCALE), get(INPUT_BIAS)
+    zp = get(INPUT_ZERO_POINTS)
+    if zp is not None and zp.dtype != np.uint8:
+        raise ValidationError(f"node {node.name}: float zero points are not supported by the NumPy "
+                              "reference")
+    try:
+        record = record_from_arrays(get(INPUT_B), get(INPUT_SCALES), zp, K=k, N=n, bits=bits,
+                                    block_size=bs)
+    except ValueError as exc:
+        raise ValidationError(f"node {node.name}: {exc}") from exc
     return {
-        "W": node_record(node, inits).dequantize_grouped().numpy().astype(np.float64),
+        "W": record.dequantize_grouped().numpy().astype(np.float64),
         "col_scale": None if col_scale is None else col_scale.astype(np.float64).reshape(k),
         "bias": None if bias is None else bias.astype(np.float64).reshape(n),
     }
@@ -364,7 +355,8 @@ def exact_channel_faults(sites: Iterable[_LayerSite], inits: Mapping[str, np.nda
         elif mask.shape != want_mask.shape or not np.array_equal(mask, want_mask):
             faults[s.name] = "int8_mask does not zero exactly the exact channels"
         else:
-            columns = node_record(s.node, inits).dequantize_columns(torch.tensor(channels)).T
+            record = record_from_node(s.node, inits, names=names)
+            columns = record.dequantize_columns(torch.tensor(channels)).T
             if weight.shape != tuple(columns.shape) or not np.allclose(
                     weight, columns.numpy(), rtol=1e-6, atol=0.0):
                 faults[s.name] = "exact_weight is not the node's dequantized columns"
