@@ -24,6 +24,7 @@ from ..checkpoint import Checkpoint
 from ..config import SinqConfig
 from ..models import ModelLoadError
 from ..quant.core import tied_rows
+from ..quant.int8 import int8_mask
 from ..quant.record import QuantizedWeight
 from ..quant.stats import LayerStats
 from ..quant.units import quantize_unit
@@ -204,12 +205,9 @@ def _scaled_func(checkpoint: Checkpoint, source: str, cache: RecordCache,
 def _exact_func(binding: LinearBinding, part: str, value: ir.Value) -> Callable[[], np.ndarray]:
     """The exact channels' indices, or the mask that zeroes them in the node's input."""
     def func() -> np.ndarray:
-        index = np.asarray(binding.exact_channels, dtype=np.int64)
         if part == "exact.index":
-            return index
-        mask = np.ones(int(value.shape[0]), dtype=np.float32)
-        mask[index] = 0.0
-        return mask
+            return np.asarray(binding.exact_channels, dtype=np.int64)
+        return int8_mask(int(value.shape[0]), list(binding.exact_channels)).numpy()
     return func
 
 

@@ -39,9 +39,8 @@ def int8_activations(x: torch.Tensor, block: int,
         raise ValueError(f"block={block} must be >= 1")
     x = x.float()
     if exact_channels is not None and len(exact_channels):
-        exact = torch.zeros(x.shape[-1], dtype=torch.bool)
-        exact[exact_channels] = True
-        return torch.where(exact, x, int8_activations(x.masked_fill(exact, 0.0), block))
+        mask = int8_mask(x.shape[-1], exact_channels)
+        return torch.where(mask == 0, x, int8_activations(x * mask, block))
     k = x.shape[-1]
     pad = (-k) % block
     xb = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (k + pad) // block, block)
@@ -50,6 +49,14 @@ def int8_activations(x: torch.Tensor, block: int,
     q = torch.round(xb * inv)  # round half to even (MLAS: _MM_ROUND_NEAREST)
     out = q * (amax / INT8_MAX)
     return out.reshape(*x.shape[:-1], k + pad)[..., :k]
+
+
+def int8_mask(k: int, exact_channels: torch.Tensor | list[int]) -> torch.Tensor:
+    """float32 ``[k]``: 0 at the exact channels, 1 elsewhere (what the graph multiplies the
+    node's input by)."""
+    mask = torch.ones(k)
+    mask[torch.as_tensor(exact_channels, dtype=torch.long)] = 0.0
+    return mask
 
 
 def loudest_channels(x: torch.Tensor, count: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ class QuantizedWeight:
             slab = replace(
                 self, packed=self.packed[part], scales=self.scales[part],
                 zero_points=self.zero_points[part],
-                shape=(len(range(self.out_features)[part]), self.in_features))
+                shape=(min(rows, self.out_features - start), self.in_features))
             parts.append(slab.dequantize_grouped()[:, columns])
         return torch.cat(parts)
 

@@ -253,8 +253,8 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
     """
     nodes = {n.name: (i, n) for i, n in enumerate(model.graph.node)}
     producers = _producers(model)
-    inits = {t.name for t in model.graph.initializer}
-    consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    constants = ({t.name for t in model.graph.initializer}
+                 | {n.output[0] for n in model.graph.node if n.op_type == "Constant"})
     sites = []
     for name, meta in info.layers.items():
         if meta.get("op", QUANT_OPS[0]) not in QUANT_OPS:  # a gathered table: checked end to end
@@ -270,11 +270,11 @@ def locate_layers(model, info: ExportInfo) -> list[_LayerSite]:
         order, node = entry
         local_input, has_t = node.input[0], False
         if meta.get("exact_channels"):  # the node reads x * int8_mask; the layer's input is x
-            local_input = _multiplied(local_input, producers, inits | consts)
+            local_input = _multiplied(local_input, producers, constants)
         mode = col_scale_mode(meta)
         if mode == "mul":
             node_input = local_input
-            local_input = _multiplied(node_input, producers, inits | consts)
+            local_input = _multiplied(node_input, producers, constants)
             has_t = local_input == node_input
         elif mode.startswith("fold") or mode == "ratio":
             # ratio: the node's input carries t (the lead's t in the norm, the rest by the Mul)
@@ -340,6 +340,8 @@ def exact_channel_faults(sites: Iterable[_LayerSite], inits: Mapping[str, np.nda
     level; the level-4 tolerance alone would let a few percent of damage through)."""
     import torch
 
+    from ..quant.int8 import int8_mask
+
     faults = {}
     for s in sites:
         channels = s.meta.get("exact_channels") or []
@@ -348,8 +350,7 @@ def exact_channel_faults(sites: Iterable[_LayerSite], inits: Mapping[str, np.nda
         names = s.meta.get("initializers") or {}
         index, mask, weight = (inits[names[k]] for k in ("exact_index", "int8_mask",
                                                            "exact_weight"))
-        want_mask = np.ones(int(_attr(s.node, "K")), np.float32)
-        want_mask[channels] = 0.0
+        want_mask = int8_mask(int(_attr(s.node, "K")), channels).numpy()
         if index.tolist() != list(channels):
             faults[s.name] = f"exact_index {index.tolist()[:8]} is not the channels {channels[:8]}"
         elif mask.shape != want_mask.shape or not np.array_equal(mask, want_mask):
