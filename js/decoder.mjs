@@ -36,35 +36,47 @@ function int64(ort, ids) {
 // Prefill `prefill`, then `decode` steps: a number runs that many greedy steps on this
 // runtime's own argmax, an array feeds those tokens. `onStep({step, token, logits, rows})`
 // sees every step's logits (Float32Array of rows x vocab) as they come; `stopAt` ends early.
-export async function runDecoder(ort, session, { prefill, decode, pasts, onStep, stopAt }) {
+// `chunk` > 0 feeds the prompt that many tokens per run (`web_ort.prefillChunk`); the runs
+// before the last one hand their logits rows to `onRows({logits, rows, vocab})`.
+export async function runDecoder(ort, session, { prefill, decode, pasts, onStep, onRows, stopAt,
+  chunk = 0 }) {
   const specs = pastSpecs(session, pasts);
   const presentOf = (name) => name.replace('past_key_values', 'present');
   let feedsPast = {};
   for (const spec of specs) {
     feedsPast[spec.name] = new ort.Tensor('float32', new Float32Array(0), spec.dims);
   }
-  const greedy = typeof decode === 'number';
-  const steps = greedy ? decode : decode.length;
-  const fed = [];
-  let ids = prefill.slice();
   let done = 0;
-  let vocab = 0;
-  for (let step = 0; step <= steps; step += 1) {
-    const feeds = {
+  // One run on `ids` after `done` tokens; the next run's past becomes this run's present.
+  const run = async (ids) => {
+    const out = await session.run({
       input_ids: int64(ort, ids),
       attention_mask: int64(ort, new Array(done + ids.length).fill(1)),
       ...feedsPast,
-    };
-    const out = await session.run(feeds);
-    const logits = out.logits;
-    vocab = logits.dims[logits.dims.length - 1];
-    const rows = ids.length;
-    const data = logits.data;
-    const token = argmaxRow(data, rows - 1, vocab);
+    });
     for (const old of Object.values(feedsPast)) old.dispose?.();
     feedsPast = {};
     for (const spec of specs) feedsPast[spec.name] = out[presentOf(spec.name)];
-    done += rows;
+    done += ids.length;
+    const logits = out.logits;
+    return { logits, rows: ids.length, vocab: logits.dims[logits.dims.length - 1] };
+  };
+  let ids = prefill.slice();
+  while (chunk > 0 && ids.length > chunk) {
+    const { logits, rows, vocab } = await run(ids.slice(0, chunk));
+    if (onRows) await onRows({ logits: logits.data, rows, vocab });
+    logits.dispose?.();
+    ids = ids.slice(chunk);
+  }
+  const greedy = typeof decode === 'number';
+  const steps = greedy ? decode : decode.length;
+  const fed = [];
+  let vocab = 0;
+  for (let step = 0; step <= steps; step += 1) {
+    const { logits, rows, vocab: width } = await run(ids);
+    vocab = width;
+    const data = logits.data;
+    const token = argmaxRow(data, rows - 1, vocab);
     if (onStep) await onStep({ step, token, logits: data, rows, vocab });
     logits.dispose?.();
     if (step === steps || (stopAt && stopAt.includes(token))) break;
@@ -78,17 +90,21 @@ export async function runDecoder(ort, session, { prefill, decode, pasts, onStep,
 
 // A parity job's run: `job.prefill`, then `job.decode` (a number of greedy steps or the tokens
 // to feed), every step's logits rows kept in order (Float32Array chunks, rows x vocab each).
-export async function runParityJob(ort, session, job) {
+// `chunk`: as in `runDecoder`.
+export async function runParityJob(ort, session, job, chunk = 0) {
   const chunks = [];
   let rows = 0;
+  const keep = ({ logits, rows: n, vocab: v }) => {
+    chunks.push(new Float32Array(logits.subarray(0, n * v)));
+    rows += n;
+  };
   const { fed, vocab } = await runDecoder(ort, session, {
     prefill: job.prefill,
     decode: job.decode,
     pasts: job.pasts,
-    onStep: ({ logits, rows: n, vocab: v }) => {
-      chunks.push(new Float32Array(logits.subarray(0, n * v)));
-      rows += n;
-    },
+    onStep: keep,
+    onRows: keep,
+    chunk,
   });
   return { fed, vocab, rows, chunks };
 }

@@ -22,5 +22,17 @@ export async function adapterInfo() {
   const software = Boolean(adapter.isFallbackAdapter || info.isFallbackAdapter
     || /swiftshader|llvmpipe|software/i.test(text));
   return { available: true, vendor: info.vendor ?? '', architecture: info.architecture ?? '',
-    description: info.description ?? '', software };
+    description: info.description ?? '', software, subgroupMaxSize: info.subgroupMaxSize ?? null };
+}
+
+// How many prompt tokens one WebGPU run may take (0: the whole prompt). On an adapter whose
+// subgroups are narrower than 16 lanes (SwiftShader's are 4) onnxruntime-web's prefill
+// attention returns wrong rows once a run holds more than ~30 new tokens, while runs of 16
+// new tokens on top of a past are right at every length measured (docs/runtimes.md); 16 lanes
+// is the width onnxruntime's flash attention once required of an adapter.
+export const NARROW_SUBGROUP_CHUNK = 16;
+export function prefillChunk(backend, adapter) {
+  if (backend !== 'webgpu' || !adapter?.available) return 0;
+  const width = adapter.subgroupMaxSize;
+  return width != null && width < 16 ? NARROW_SUBGROUP_CHUNK : 0;
 }

@@ -117,6 +117,24 @@ def test_webgpu_software_adapter_logits_within_tolerance(exported, python_run):
     assert "WebGPU on a" in js.describe(run.info)
 
 
+def test_webgpu_long_prompt_within_tolerance(exported):
+    """A 48-token prompt: on an adapter with subgroups narrower than 16 lanes (SwiftShader's are
+    4) onnxruntime-web's prefill attention returns wrong rows past ~30 new tokens in one run
+    (this model: logits rel 0.53, top-1 0.24), so the prompt goes in runs of 16 there."""
+    _need("web-webgpu")
+    prefill = np.random.default_rng(0).integers(3, 4000, 48)
+    session = ort.InferenceSession(str(exported[1] / MODEL_FILE),
+                                   providers=["CPUExecutionProvider"])
+    reference = run_ort_lm(session, prefill, 2)
+    run = js.run_js("web-webgpu", _graph(exported), exported[1] / MODEL_FILE, prefill,
+                    reference.fed)
+    e = compare_logits(reference.logits, run.logits, prefill, len(prefill))
+    tol = tolerance_for(js.TOLERANCE_AS["web-webgpu"], 0)
+    assert e.rel <= tol.logits_rel and e.top1 >= tol.top1, (e.rel, e.top1)
+    width = run.info["adapter"].get("subgroupMaxSize")
+    assert run.info["prefill_chunk"] == (16 if width is not None and width < 16 else 0), run.info
+
+
 def _genai_greedy(folder, prompt: list[int], new: int) -> list[int]:
     og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(folder))

@@ -4,7 +4,7 @@
 // count, else the genai builder's `<graph>.data`), tokenizer.json and generation_config.json.
 import { Tokenizer } from '/js/node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs';
 import { runDecoder } from '/js/decoder.mjs';
-import { adapterInfo, loadOrt } from '/js/web_ort.mjs';
+import { adapterInfo, loadOrt, prefillChunk } from '/js/web_ort.mjs';
 
 const $ = (id) => document.getElementById(id);
 const params = new URL(location.href).searchParams;
@@ -64,9 +64,11 @@ async function generate({ model, backend, threads, prompt, tokens, ignoreEos }) 
   const eos = ignoreEos ? [] : [generation.eos_token_id ?? []].flat();
   const generated = [];
   let firstAt = 0;
+  const adapter = backend === 'webgpu' ? await adapterInfo() : null;
   const runStart = performance.now();
   await runDecoder(ort, session, {
     prefill: promptIds,
+    chunk: prefillChunk(backend, adapter),
     decode: tokens - 1,
     pasts: files.pasts,
     stopAt: eos,
@@ -83,7 +85,7 @@ async function generate({ model, backend, threads, prompt, tokens, ignoreEos }) 
   const decodeSeconds = (end - firstAt) / 1000;
   const result = {
     model, backend, threads: ort.env.wasm.numThreads, isolated: self.crossOriginIsolated,
-    adapter: backend === 'webgpu' ? await adapterInfo() : null, ort: ort.env.versions?.web ?? null,
+    adapter, prefill_chunk: prefillChunk(backend, adapter), ort: ort.env.versions?.web ?? null,
     prompt_ids: promptIds, ids: generated, text: tokenizer.decode(generated, { skip_special_tokens: true }),
     load_s: loadSeconds, first_token_s: (firstAt - runStart) / 1000,
     decode_tokens_per_s: generated.length > 1 ? (generated.length - 1) / decodeSeconds : null,

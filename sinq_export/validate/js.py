@@ -214,6 +214,9 @@ def describe(info: dict) -> str:
         kind = "software adapter" if adapter.get("software") else "GPU adapter"
         name = " ".join(filter(None, (adapter.get("vendor"), adapter.get("architecture"))))
         text += f", WebGPU on a {kind}" + (f" ({name})" if name else "")
+    if info.get("prefill_chunk"):
+        text += (f", prompt in runs of {info['prefill_chunk']} tokens (subgroups "
+                 f"{adapter.get('subgroupMaxSize')} wide)")
     return text
 
 
