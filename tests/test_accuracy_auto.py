@@ -9,6 +9,7 @@ lose the quiet channels, so gate/up of layer 1 must run exact while the rest kee
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -304,3 +305,33 @@ def test_a_loud_head_runs_int8_with_its_loud_channels_exact(tmp_path, table_bits
                          (names["exact_index"], lambda a: a[::-1].copy())):
         faults = exact_channel_faults(sites, {**tensors, name: damage(tensors[name])})
         assert list(faults) == ["lm_head"], name
+    if table_bits is None:
+        _a_js_only_validate_fails_damaged_exact_channels(out, tmp_path / "damaged",
+                                                         names["exact_weight"])
+
+
+def _a_js_only_validate_fails_damaged_exact_channels(out, damaged, name):
+    """Exact channels are checked whatever runtime runs the graph: a run on onnxruntime-node
+    alone fails a float column scaled by 1.01, with the manifest's tensor digests gone so that
+    only the exact-channel check can see it (the reference is rebuilt from the same tensors)."""
+    from onnx import numpy_helper
+
+    from sinq_export.validate import js
+
+    if js.missing("node") is not None:
+        pytest.skip(f"node: {js.missing('node')}")
+    shutil.copytree(out, damaged)
+    model = onnx.load(str(damaged / MODEL_FILE))
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name == name)
+    weight = numpy_helper.to_array(model.graph.initializer[index]) * np.float32(1.01)
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, name))
+    data = damaged / MODEL_FILE
+    for old in data.parent.glob(data.name + "_data*"):
+        old.unlink()
+    onnx.save(model, str(data), save_as_external_data=True, location=data.name + "_data")
+    manifest = _manifest(damaged)
+    manifest.pop("tensor_sha256")
+    (damaged / MANIFEST_FILE).write_text(json.dumps(manifest))
+    report = validate(damaged, providers=["node"], token_ids=PROMPT, tokens=64, decode_steps=4)
+    failures = report.providers[0].failures
+    assert not report.passed and any("lm_head" in f and "exact" in f for f in failures), failures

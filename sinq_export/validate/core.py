@@ -196,6 +196,7 @@ def validate(
                                     level, None if isinstance(plain, Path) else graph_bytes(plain),
                                     weight_check)
             if pr.end_to_end is not None:
+                _flag_faults(pr, changed, exact_faults, info.layers)
                 _verdict(pr, report.mode)
             report.providers.append(pr)
             continue
@@ -239,10 +240,7 @@ def validate(
                      for s in sites}
         pr.layers = _check_layers(sites, probe_run.captures, tensors, ref_layers,
                                   ref_run.captures if ref_run else {}, layer_tol, weight_check)
-        _flag_changed(pr, changed, info.layers)
-        for la in pr.layers:
-            if la.name in exact_faults:
-                la.passed, la.note = False, exact_faults[la.name]
+        _flag_faults(pr, changed, exact_faults, info.layers)
         _verdict(pr, report.mode)
         pr.seconds = time.perf_counter() - start
     return report
@@ -262,6 +260,21 @@ def _changed_tensors(info: ExportInfo, tensors: OnnxTensors, report: ValidationR
         raise ValidationError(f"{info.out_dir / EXPORT_META_FILE}: tensor_sha256 is not an "
                               "object of hex digests")
     return tensors.changed(recorded)
+
+
+def _flag_faults(pr: ProviderResult, changed: dict[str, str], exact_faults: dict[str, str],
+                 layers: dict[str, dict]) -> None:
+    """What the graph's tensors show whatever runtime ran them: tensors whose bytes changed
+    (`_flag_changed`) and exact channels that are not what they claim
+    (`graph.exact_channel_faults`) fail their layer, or the provider where it has no result for
+    that layer (a JavaScript runtime checks its layers only against the source weights)."""
+    _flag_changed(pr, changed, layers)
+    sites = {la.name: la for la in pr.layers}
+    for name, fault in exact_faults.items():
+        if name in sites:
+            sites[name].passed, sites[name].note = False, fault
+        else:
+            pr.failures.append(f"layer {name}: {fault}")
 
 
 def _flag_changed(pr: ProviderResult, changed: dict[str, str], layers: dict[str, dict]) -> None:
