@@ -3,7 +3,7 @@
 model builder (int4, and its strongest variant ``algo_config=k_quant_mixed``) on the three real
 models.
 
-    python bench/builder_table.py                          # smollm2, qwen, gemma
+    python bench/builder_table.py                          # smollm2, qwen, gemma3
     python bench/builder_table.py --models smollm2 --rounds 3
 
 Per model and variant: ONNX size (MB: the graph file and every external-data file it
@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from _qwen import qwen_dir  # noqa: E402  (bench/, beside this script)
+from _real_models import REAL_MODELS, real_model_dir  # noqa: E402  (bench/, beside this script)
 from e2e import (  # noqa: E402  (bench/, beside this script)
     onnx_file,
     perplexity,
@@ -63,7 +63,7 @@ from e2e import (  # noqa: E402  (bench/, beside this script)
 )
 
 from sinq_export.eval import text_windows  # noqa: E402  (the repo, not an install)
-from sinq_export.models import cache_dir, default_model_dir, gemma3_model_dir  # noqa: E402
+from sinq_export.models import cache_dir  # noqa: E402
 
 VARIANTS = {
     "ours": "sinq-export model (default)",
@@ -72,11 +72,6 @@ VARIANTS = {
 }
 BUILDER_EXTRA = {"int4": [], "kqm": ["--extra_options", "algo_config=k_quant_mixed"]}
 BUILDER_KEY = "onnxruntime-genai builder"  # the builder's builds do not depend on our tree
-
-
-def model_dir(name: str) -> Path:
-    dirs = {"smollm2": default_model_dir, "qwen": qwen_dir, "gemma": gemma3_model_dir}
-    return dirs[name]()
 
 
 def log(msg: str) -> None:
@@ -158,7 +153,7 @@ def built_row(model: str, variant: str, folder: Path, seconds: float | None, par
 
 def measure_model(model: str, variants: list[str], args: argparse.Namespace, root: Path,
                   loads: list[list[float]]) -> list[dict]:
-    hf_dir = model_dir(model)
+    hf_dir = real_model_dir(model)
     params = parameter_count(hf_dir)
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     windows = np.asarray(text_windows(tok, n_windows=4, length=512))
@@ -199,7 +194,7 @@ def measure_model(model: str, variants: list[str], args: argparse.Namespace, roo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2,qwen,gemma")
+    ap.add_argument("--models", default=",".join(REAL_MODELS))
     ap.add_argument("--variants", default="ours,int4,kqm")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=64)

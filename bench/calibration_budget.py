@@ -38,21 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from _real_models import REAL_MODELS, real_model_dir  # noqa: E402  (bench/)
+
 RESULTS = ROOT / "bench" / "results"
-MODELS = ("smollm2", "qwen", "gemma3")
-
-
-def model_dir(name: str) -> Path:
-    """The converted folder of one of the real models."""
-    from sinq_export import models
-
-    if name == "smollm2":
-        return models.default_model_dir()
-    if name == "gemma3":
-        return models.gemma3_model_dir()
-    from _qwen import qwen_dir
-
-    return qwen_dir()
 
 
 def head_k(src: Path) -> int:
@@ -133,7 +121,7 @@ def write_results(rows: list[dict[str, Any]]) -> None:
     from _sysinfo import cpu_name
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: (MODELS.index(r["model"]), r["windows"]))
+    rows = sorted(rows, key=lambda r: (REAL_MODELS.index(r["model"]), r["windows"]))
     meta = {"cpu": cpu_name(), "cpus": os.cpu_count(), "load_avg_at_write": os.getloadavg(),
             "note": "wall times measured beside other jobs on a shared machine"}
     doc = {"meta": meta, "rows": rows}
@@ -159,7 +147,8 @@ def write_results(rows: list[dict[str, Any]]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(REAL_MODELS),
+                    help=f"comma list of {', '.join(REAL_MODELS)}")
     ap.add_argument("--windows", default="2,4,8,16", help="comma list of calibration window counts")
     ap.add_argument("--no-validate", action="store_true", help="skip validate at the default N")
     args = ap.parse_args()
@@ -170,7 +159,7 @@ def main() -> int:
     windows = [int(w) for w in args.windows.split(",")]
     with tempfile.TemporaryDirectory(prefix="calibration-budget-") as tmp:
         for name in args.models.split(","):
-            src = model_dir(name)
+            src = real_model_dir(name)
             default_n = default_window_count(head_k(src), head_only=True)
             for n in windows:
                 row = measure(name, src, n, validate=not args.no_validate and n == default_n,
