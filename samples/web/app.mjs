@@ -65,10 +65,11 @@ async function generate({ model, backend, threads, prompt, tokens, ignoreEos }) 
   const generated = [];
   let firstAt = 0;
   const adapter = backend === 'webgpu' ? await adapterInfo() : null;
+  const chunk = prefillChunk(backend, adapter);
   const runStart = performance.now();
   await runDecoder(ort, session, {
     prefill: promptIds,
-    chunk: prefillChunk(backend, adapter),
+    chunk,
     decode: tokens - 1,
     pasts: files.pasts,
     stopAt: eos,
@@ -85,7 +86,7 @@ async function generate({ model, backend, threads, prompt, tokens, ignoreEos }) 
   const decodeSeconds = (end - firstAt) / 1000;
   const result = {
     model, backend, threads: ort.env.wasm.numThreads, isolated: self.crossOriginIsolated,
-    adapter, prefill_chunk: prefillChunk(backend, adapter), ort: ort.env.versions?.web ?? null,
+    adapter, prefill_chunk: chunk, ort: ort.env.versions?.web ?? null,
     prompt_ids: promptIds, ids: generated, text: tokenizer.decode(generated, { skip_special_tokens: true }),
     load_s: loadSeconds, first_token_s: (firstAt - runStart) / 1000,
     decode_tokens_per_s: generated.length > 1 ? (generated.length - 1) / decodeSeconds : null,
