@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +25,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "js"))
-import serve  # noqa: E402  (js/serve.py)
+sys.path.insert(0, str(ROOT))
+from sinq_export.validate import js  # noqa: E402  (the repo, not an install)
 
 HEADS, KV_HEADS, HEAD = 9, 3, 64
 TYPES = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
@@ -77,16 +76,12 @@ def run_webgpu(graph: bytes, feeds: dict[str, np.ndarray], job: Path) -> tuple[n
                       "dims": list(array.shape)})
     (job / "job.json").write_text(json.dumps({"backend": "webgpu", "graph": "/job/graph.onnx",
                                               "feeds": specs, "put": "/job/out_"}))
-    server, url = serve.start({}, job=job)
+    server, url = js.load_server().start({}, job=job)
     try:
-        proc = subprocess.run(["node", str(ROOT / "js" / "browser_run.mjs"),
-                               f"{url}/js/run_graph.html?job=/job/job.json", "webgpu"],
-                              capture_output=True, text=True, cwd=ROOT / "js")
+        result = js.run_page(f"{url}/js/run_graph.html?job=/job/job.json", "webgpu", 600.0)
     finally:
         server.shutdown()
-    if proc.returncode:
-        raise SystemExit(f"WebGPU run failed: {proc.stderr.strip().splitlines()[-1]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        server.server_close()
     meta = result["outputs"]["y"]
     y = np.fromfile(job / f"out_{meta['index']}.bin", np.float32).reshape(meta["dims"])
     return y, result["adapter"]

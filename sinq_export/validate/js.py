@@ -196,12 +196,18 @@ def _run_browser(job: dict, runtime: str, model: onnx.ModelProto, graph: Path, d
     (work / "job.json").write_text(json.dumps(job))
     server, url = load_server().start({"export": data_dir}, job=work)
     try:
-        return _node_command("browser_run.mjs", f"{url}/js/parity.html?job=/job/job.json",
-                             backend, timeout=timeout + 60, what=f"onnxruntime-web ({backend})",
-                             env={"SINQ_PAGE_TIMEOUT_MS": str(int(timeout * 1000))})
+        return run_page(f"{url}/js/parity.html?job=/job/job.json", backend, timeout)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def run_page(url: str, backend: str, timeout: float) -> dict:
+    """The ``window.__result`` of the page at ``url`` (served by ``js/serve.py``) in headless
+    Chromium (``backend`` ``webgpu`` turns WebGPU on), within ``timeout`` seconds."""
+    return _node_command("browser_run.mjs", url, backend, timeout=timeout + 60,
+                         what=f"onnxruntime-web ({backend})",
+                         env={"SINQ_PAGE_TIMEOUT_MS": str(int(timeout * 1000))})
 
 
 def describe(info: dict) -> str:
