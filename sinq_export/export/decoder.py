@@ -323,8 +323,7 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, plan: Plan,
         if not observer.done:
             measure_int8(folder, observer)
         measured = observer.measurement(ckpt, nodes, sources, col_scales,
-                                        splittable=[n for n, p in plan.linears.items()
-                                                    if _splittable(n, p, plan)])
+                                        splittable=[n for n in plan.linears if _splittable(n, plan)])
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     levels = choose_levels(measured.errors, measured.divergence, head_top1=measured.head_top1)
@@ -334,11 +333,11 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, plan: Plan,
     return replace(plan, linears=linears), measured
 
 
-def _splittable(name: str, p: builder.LinearPlan, plan: Plan) -> bool:
+def _splittable(name: str, plan: Plan) -> bool:
     """Whether the graph can take input channels of this linear's node out of its int8 input
     (`builder.ExactChannels`): a MatMulNBits (a tied head's reads the table's record) whose
     float columns are its dequantized ones, so no t may be folded into its rows."""
-    return p.choice.op == STOCK_OP and name not in plan.row_scale_from
+    return plan.linears[name].choice.op == STOCK_OP and name not in plan.row_scale_from
 
 
 def _check_records(records: Mapping[str, QuantizedWeight], plan: Plan, config: SinqConfig
