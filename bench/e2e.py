@@ -17,8 +17,9 @@ weight bytes read per decoded token (every initializer except the rows-only embe
 tables and the rotary caches) and the effective bandwidth tok/s x bytes/token next to the
 machine's measured single-thread read bandwidth (numpy sum over 512 MiB).
 
-The genai model is built with ``python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4
--e cpu`` in this interpreter (needs transformers >= 5). Exports are cached under
+The genai models are built with ``python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4
+-e cpu`` in this interpreter (needs transformers >= 5), ``genai-kqm`` with ``--extra_options
+algo_config=k_quant_mixed`` added. Exports are cached under
 ``<cache>/bench-built/<variant>`` keyed by the variant's arguments and the source tree;
 ``--rebuild`` rebuilds. Writes ``bench/results/e2e.{md,json}``. Timings on a shared machine
 are noisy: the table says how many rounds and the load average when it ran.
@@ -43,18 +44,29 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-# name -> (label, `sinq-export model` arguments); "genai-int4" is the builder's model
+# the genai builder's models: name -> its `--extra_options`
+BUILDER_VARIANTS: dict[str, tuple[str, ...]] = {
+    "genai-int4": (),
+    "genai-kqm": ("--extra_options", "algo_config=k_quant_mixed"),
+}
+
+# name -> (label, `sinq-export model` arguments, or the builder's extra options)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "genai-int4": ("onnxruntime-genai builder int4 (-p int4 -e cpu)", ()),
+    "genai-kqm": ("onnxruntime-genai builder int4 k_quant_mixed (8-bit head, table, and q/k/v and "
+                  "down_proj in 14 of 30 layers)", BUILDER_VARIANTS["genai-kqm"]),
     "sinq4": ("SINQ 4-bit g64, lm_head + embedding float, acc4",
               ("--lm-head-bits", "float", "--embedding-bits", "float")),
     "sinq4-acc0": ("SINQ 4-bit g64, lm_head + embedding float, acc0",
                    ("--lm-head-bits", "float", "--embedding-bits", "float", "--accuracy-level", "0")),
     "sinq4-lmh8": ("SINQ 4-bit, lm_head 8-bit, embedding float, acc4",
                    ("--lm-head-bits", "8", "--embedding-bits", "float")),
-    "sinq4-lmh4c-emb8": ("SINQ 4-bit, lm_head 4-bit g32 calibrated alone, embedding 8-bit, "
-                         "gate/up share one t, t folded where exact, acc4: the `sinq-export "
-                         "model` default", ("--bits", "4")),
+    "default": ("the `sinq-export model` default", ()),
+    "sinq4g32-lmh4c-emb8": ("the default with an 8-bit table",
+                            ("--group-size", "32", "--embedding-bits", "8")),
+    "sinq4-lmh4c-emb8": ("SINQ 4-bit g64, lm_head 4-bit g32 calibrated alone, embedding 8-bit, "
+                         "gate/up share one t, t folded where exact, acc auto: the default "
+                         "before 32-wide groups", ()),
     "sinq4-lmh4c-emb4": ("the default with the embedding 4-bit too (one shared table: the "
                          "calibrated head's record)", ("--embedding-bits", "4")),
     "sinq4-lmh4c-emb4-packed": ("all 4-bit: the default + `--embedding-bits 4` + q/k/v and "
@@ -114,6 +126,19 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                              "--no-calibrate-head")),
 }
 
+# Variants first measured beside the earlier default (64-wide groups, an 8-bit table) keep those
+# two fields unless they set them, so each name keeps meaning the export its results measured.
+_EARLIER_DEFAULT = {"--group-size": "64", "--embedding-bits": "8"}
+
+
+def _pinned(args: tuple[str, ...]) -> tuple[str, ...]:
+    return args + tuple(x for flag, value in _EARLIER_DEFAULT.items() if flag not in args
+                        for x in (flag, value))
+
+
+VARIANTS = {name: (label, args if name in BUILDER_VARIANTS or name == "default" else _pinned(args))
+            for name, (label, args) in VARIANTS.items()}
+
 
 def rotated(names: list[str], k: int) -> list[str]:
     """``names`` started at position ``k`` (mod len): round ``k``'s order, so no variant always
@@ -138,14 +163,14 @@ def build(name: str, hf_dir: Path, cache: Path, rebuild: bool) -> tuple[Path, fl
     args = VARIANTS[name][1]
     out = cache / name
     stamp = out / "bench_key.txt"
-    key = "genai" if name == "genai-int4" else source_key(args)
+    key = "genai" + " ".join(args) if name in BUILDER_VARIANTS else source_key(args)
     if not rebuild and stamp.is_file() and stamp.read_text() == key:
         return out, None
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    if name == "genai-int4":
+    if name in BUILDER_VARIANTS:
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-                        "-o", str(out), "-p", "int4", "-e", "cpu"], check=True,
+                        "-o", str(out), "-p", "int4", "-e", "cpu", *args], check=True,
                        capture_output=True, cwd=cache)
     else:
         env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -70,11 +70,12 @@ def _model_configs(argv: list[str]):
 
 
 def test_model_defaults_and_float_opt_out():
-    """The measured defaults (accuracy level per layer, a calibrated 4-bit g32 head, 8-bit
-    embedding) and 'float' to keep a tensor float."""
+    """The measured defaults (g32 decoder, accuracy level per layer, a calibrated 4-bit g32
+    head, 4-bit embedding) and 'float' to keep a tensor float."""
     cfg, graph = _model_configs([])
     assert (cfg.lm_head_bits, cfg.lm_head_group_size, cfg.calibrate_head) == (4, 32, True)
-    assert (cfg.calibrate, graph.embedding_bits, graph.accuracy_level) == (False, 8, "auto")
+    assert (cfg.group_size, cfg.calibrate) == (32, False)
+    assert (graph.embedding_bits, graph.accuracy_level) == (4, "auto")
     cfg, graph = _model_configs(["--lm-head-bits", "float", "--embedding-bits", "float",
                                  "--accuracy-level", "0"])
     assert (cfg.lm_head_bits, graph.embedding_bits, graph.accuracy_level) == (None, None, 0)

@@ -7,6 +7,8 @@ gets what users of the command get.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from _models import FAMILIES, make_family_dir, tiny_tokenizer
 
@@ -19,8 +21,8 @@ from sinq_export.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 @pytest.fixture
 def llama128(monkeypatch):
-    """The tiny Llama family (tied head; its tokenizer loads) at widths the preset's 64-wide
-    groups divide."""
+    """The tiny Llama family (tied head; its tokenizer loads) at widths every preset's groups
+    (32 and 64 wide) divide."""
     monkeypatch.setitem(FAMILIES, "llama128", {**FAMILIES["llama"], "hidden_size": 128,
                                                "num_attention_heads": 4})
     return "llama128"
@@ -44,7 +46,9 @@ def test_library_default_writes_what_the_cli_writes(tmp_path, capsys, llama128, 
     assert sorted(lib) == sorted(cli)
     assert [name for name in lib if lib[name] != cli[name]] == []
     head = result.manifest["layers"]["lm_head"]
-    assert (head["bits"], head["group_size"]) == ((4, 32) if tokenizer else (8, 64))
+    assert (head["bits"], head["group_size"]) == ((4, 32) if tokenizer else (8, 32))
+    # without a tokenizer the table follows the 8-bit head, so a tied model ships one table
+    assert result.manifest["graph"]["embedding_bits"] == (4 if tokenizer else 8)
     assert result.manifest["graph"]["accuracy_level"] == "auto"
     assert result.manifest["accuracy"]["mode"] == "auto"
     stays_8bit = [w for w in result.warnings if "lm_head stays 8-bit" in w]
@@ -57,8 +61,9 @@ def test_each_preset_builds_what_it_says(name):
     config, graph, warnings = get_preset(name).configs()
     assert warnings == []
     assert isinstance(config, SinqConfig) and isinstance(graph, GraphConfig)
-    assert (config.bits, config.group_size, config.lm_head_bits) == (4, 64, 4)
-    assert graph.embedding_bits == (4 if name == "small" else 8)
+    assert (config.bits, config.lm_head_bits) == (4, 4)
+    assert config.group_size == (64 if name == "small" else 32)
+    assert graph.embedding_bits == 4
     assert graph.accuracy_level == (0 if name == "exact" else "auto")
     assert config.calibrate is (name == "calibrated")
     # a calibrated decoder gives each linear its own t; calibration-free, gate/up share one
@@ -74,9 +79,9 @@ def test_the_web_preset_is_the_default_with_what_onnxruntime_web_fuses(tmp_path,
 
     config, graph, _ = get_preset("web").configs()
     base, base_graph, _ = get_preset(DEFAULT_PRESET).configs()
-    assert graph == base_graph
+    assert graph == replace(base_graph, embedding_bits=8)
     assert {k: v for k, v in config.to_dict().items() if base.to_dict()[k] != v} == {
-        "group_size": 32, "symmetric": True, "shared_col_scale": "all"}
+        "symmetric": True, "shared_col_scale": "all"}
     make_family_dir(tmp_path / "hf", llama128)
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
     result = export_causal_lm(tmp_path / "hf", tmp_path / "out", preset="web", progress=False)
@@ -109,6 +114,7 @@ def _fields(config: SinqConfig, graph: GraphConfig) -> dict:
 
 @pytest.mark.parametrize(("argv", "changes"), [
     (["--preset", "small", "--embedding-bits", "8"], {"embedding_bits": 8}),
+    (["--preset", "small", "--group-size", "32"], {"group_size": 32}),
     (["--preset", "exact", "--accuracy-level", "4"], {"accuracy_level": 4}),
     (["--preset", "exact", "--accuracy-level", "auto"], {"accuracy_level": "auto"}),
     (["--accuracy-level", "4"], {"accuracy_level": 4}),

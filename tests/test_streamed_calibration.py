@@ -149,8 +149,9 @@ def test_a_block_tensor_the_checkpoint_lacks_is_named(tmp_path):
 
 
 def test_model_default_calibrates_a_4bit_head_and_records_it(tmp_path, capsys):
-    """The first command's head: 4-bit g32 calibrated alone (manifest says so); without a
-    tokenizer in the source the head stays 8-bit, with a warning."""
+    """The first command's head: 4-bit g32 calibrated alone (manifest says so), beside a 4-bit
+    table; without a tokenizer in the source the head stays 8-bit, and the table with it,
+    with a warning."""
     from sinq_export.cli import main
 
     make_model_dir(tmp_path / "hf", "llama")
@@ -160,6 +161,7 @@ def test_model_default_calibrates_a_4bit_head_and_records_it(tmp_path, capsys):
     assert any("lm_head stays 8-bit" in w for w in summary["warnings"])
     manifest = json.loads((tmp_path / "plain" / "sinq_export.json").read_text())
     assert manifest["layers"]["lm_head"]["bits"] == 8
+    assert manifest["layers"]["model.embed_tokens"]["bits"] == 8
 
     _with_tokenizer(tmp_path / "hf")
     assert main(["model", str(tmp_path / "hf"), "-o", str(tmp_path / "out"), "--group-size",
@@ -171,7 +173,7 @@ def test_model_default_calibrates_a_4bit_head_and_records_it(tmp_path, capsys):
     head = manifest["layers"]["lm_head"]
     assert (head["bits"], head["group_size"]) == (4, 32)
     assert manifest["calibration"]["layers"] == "lm_head"
-    assert manifest["layers"]["model.embed_tokens"]["bits"] == 8
+    assert manifest["layers"]["model.embed_tokens"]["bits"] == 4
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
