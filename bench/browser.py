@@ -59,14 +59,14 @@ def ensure_builder(folder: Path) -> None:
 
 
 def run_page(url: str, backend: str, timeout: float) -> dict:
+    """The page's result, or ``{"error": ...}`` (one table row either way)."""
     from sinq_export.validate import js
+    from sinq_export.validate.providers import ValidationError
 
-    proc = subprocess.run(["node", str(js.js_dir() / "browser_run.mjs"), url, backend],
-                          capture_output=True, text=True, timeout=timeout, cwd=js.js_dir(),
-                          env={**os.environ, "SINQ_PAGE_TIMEOUT_MS": str(int(timeout * 1000))})
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return js.run_page(url, backend, timeout)
+    except ValidationError as e:
+        return {"error": str(e)}
 
 
 def backends(spec: str, threads: int) -> list[tuple[str, str, int]]:
