@@ -8,7 +8,8 @@ and the measurements that chose it: docs/presets.md.
 A preset is plain data: the fields it sets (``sinq``, ``graph``) and the few rules that derive
 the fields it leaves open from the ones that are set (a narrow head is calibrated in finer
 groups; calibrating every linear gives each its own t; a head that must be calibrated on text
-stays 8-bit, and the table with it, when the model has no tokenizer). `Preset.configs` applies them.
+stays 8-bit, and the table with it, when the model has no tokenizer). `Preset.configs` applies
+them.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # configuration measured in the browser (docs/runtimes.md)
     replace(_DEFAULT, name="web",
             summary="for onnxruntime-web's WebGPU: the default with symmetric 4-bit g32 "
-                    "codes and one t per block input, which its fused MLP kernel needs",
+                    "codes and one t per block input, which its fused MLP kernel needs, and "
+                    "an 8-bit table",
             sinq={**_DEFAULT.sinq, "symmetric": True, "shared_col_scale": "all"},
             graph={**_DEFAULT.graph, "embedding_bits": 8}, tie_o_proj=True),
 )}
