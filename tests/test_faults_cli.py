@@ -433,3 +433,39 @@ def test_property_tests_have_no_deadline():
         time.sleep(0.3)
 
     slow_example()
+
+
+def test_records_already_spilled_are_not_counted_twice(tiny_llama, tmp_path, monkeypatch,
+                                                        capsys):
+    """The check after the calibrate stage sees the spilled records' bytes already gone from
+    the free space, so it counts only what is still to be written: a file system with room
+    for the output and the records once (what the first check asked for) takes the export."""
+    import collections
+
+    from sinq_export.export import diskspace
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    usage = collections.namedtuple("usage", "total used free")
+    capacity = []
+    checks = []
+    real_check = diskspace.check_free_space
+
+    def written() -> int:
+        return sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
+
+    def check(target, needed):
+        if not capacity:  # a file system that holds exactly what the first check asks for
+            capacity.append(needed + written())
+        checks.append((needed, written()))
+        return real_check(target, needed)
+
+    monkeypatch.setattr(diskspace.shutil, "disk_usage",
+                        lambda path: usage(capacity[0], written(), capacity[0] - written()))
+    monkeypatch.setattr("sinq_export.export.decoder.check_free_space", check)
+    # the default preset calibrates the head on text (the folder has a tokenizer): records spill
+    rc, err = run_main(["model", str(tiny_llama), "-o", str(disk / "out")], capsys)
+    assert rc == 0, err
+    (first, _), (second, spilled) = checks
+    assert spilled > 0  # the calibrated records were on disk at the second check
+    assert second <= first - spilled

@@ -43,15 +43,16 @@ def _need(runtime: str) -> None:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(source, export) of the tiny Qwen2 at accuracy level 0, 4-bit SINQ g16."""
+    """(source, export) of the tiny Qwen2 at accuracy level 0, 4-bit SINQ g16, with the
+    default's 4-bit embedding table (GatherBlockQuantized), so every runtime below gathers it."""
     from sinq_export.export import export_causal_lm
     from sinq_export.models import default_model_dir
 
     root = tmp_path_factory.mktemp("js")
     src = qwen2_source(root / "src", default_model_dir())
     out = root / "out"
-    export_causal_lm(src, out, SinqConfig(bits=4, group_size=16), GraphConfig(accuracy_level=0),
-                     progress=False)
+    export_causal_lm(src, out, SinqConfig(bits=4, group_size=16),
+                     GraphConfig(accuracy_level=0, embedding_bits=4), progress=False)
     return src, out
 
 
@@ -93,7 +94,7 @@ def test_wasm_loads_a_split_export(exported, python_run, tmp_path, monkeypatch):
                         lambda model, path, stages: save(model, path, stages, 4_000_000))
     out = tmp_path / "split"
     decoder.export_causal_lm(exported[0], out, SinqConfig(bits=4, group_size=16),
-                             GraphConfig(accuracy_level=0), progress=False)
+                             GraphConfig(accuracy_level=0, embedding_bits=4), progress=False)
     model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
     assert len(js.data_locations(model)) > 1
     run = js.run_js("wasm", model, out / MODEL_FILE, PREFILL, python_run.fed[:2])
