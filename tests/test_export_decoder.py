@@ -526,3 +526,17 @@ def test_o_proj_tie_that_cannot_fold_is_refused(tmp_path):
         with pytest.raises(ExportError, match="o_proj_tie: model.layers.0.self_attn.o_proj"):
             export_causal_lm(tmp_path / "hf", tmp_path / "out", c, graph, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("table_bits", [4, 8])
+def test_a_float_tied_head_beside_a_quantized_table_validates(tmp_path, table_bits):
+    """The head stays float (its graph MatMul reads the source weight) while the tied table
+    is quantized: the validator's reference must not give the head the table's codes."""
+    make_family_dir(tmp_path / "hf", "llama", seed=5)
+    res = export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG.replace(lm_head_bits=None),
+                           GraphConfig(embedding_bits=table_bits), progress=False)
+    assert FAMILIES["llama"]["tie_word_embeddings"] is True
+    assert "lm_head" not in res.manifest["layers"]
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"

@@ -293,7 +293,10 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
         if owner in layers or source not in loaded:
             continue
         if model.get_parameter(target).device.type == "meta":
-            model.get_submodule(owner)._parameters[target.rpartition(".")[2]] = loaded[source]
+            if source in tables:  # a float head beside a quantized table: its graph node
+                _set_parameter(model, target, _load(ckpt, source))  # reads the float weight
+            else:
+                model.get_submodule(owner)._parameters[target.rpartition(".")[2]] = loaded[source]
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise ValidationError(f"{ckpt.folder}: checkpoint lacks tensor {still_meta[0]!r}")
