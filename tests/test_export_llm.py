@@ -70,7 +70,8 @@ def test_export_folder(export4):
     assert man["accuracy"]["layers_per_level"] == {"4": 211}
     assert head["accuracy_level"] == 4 and len(head["exact_channels"]) == 16
     assert man["accuracy"]["head_int8_top1"]["lm_head"] >= man["accuracy"]["head_top1_min"]
-    assert table["bits"] == 8 and head.get("shared_with") is None  # two tables: 4-bit head
+    # one table: the 4-bit table is the calibrated head's record
+    assert table["bits"] == 4 and head.get("shared_with") == "model.embed_tokens"
     assert man["calibration"]["layers"] == "lm_head" and man["config"]["calibrate_head"]
     # t folded where exact: down_proj's into up_proj's rows (30), the head's into the norm,
     # gate/up's shared t into the post-attention norm (60), q_proj's into the input norm (30;
