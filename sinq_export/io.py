@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .interrupts import raise_if_interrupted
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX: no stale-folder detection, no swap lock
@@ -245,6 +247,7 @@ def atomic_output_dir(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result is a normal folder
         with _as_output_error(tmp, shown_as=target):
             yield tmp
+        raise_if_interrupted()  # a signal whose exception a finalizer swallowed
         with _as_output_error(parent, anywhere=True), _locked(parent):
             check_output(target, overwrite=overwrite, marker=marker, protect=protect)
             _swap_in(tmp, target)

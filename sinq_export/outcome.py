@@ -20,6 +20,7 @@ from typing import TypeVar
 from .calibration.forward import NonFiniteActivations
 from .config import ConfigError
 from .folders import ModelLoadError
+from .interrupts import RECEIVED, Interrupted, on_signal
 from .io import OUTPUT_ERRNOS, OutputError, OutputExistsError, UnsafeOutputError, output_error
 from .quant.core import QuantizationError
 from .runtime_ops import RuntimeOpsUnavailable
@@ -60,27 +61,10 @@ def usage_errors() -> tuple[type[BaseException], ...]:
             ExportError, ValidationError)
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived. A KeyboardInterrupt, so ``except Exception`` never eats it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# Signals received during this command. The handler's exception can be swallowed on its way
-# up: raised inside a C extension's call (numpy's ``tofile`` under onnx_ir's writer), it comes
-# out as that extension's own error (a TypeError). Whatever surfaces after a signal is
-# therefore reported as the interruption it is.
-_RECEIVED: list[int] = []
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    # One signal is enough: later ones are ignored so that the cleanup it starts can finish.
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    _RECEIVED.append(signum)
-    raise Interrupted(signum)
+# The handler's exception can also be turned into another on its way up: raised inside a C
+# extension's call (numpy's ``tofile`` under onnx_ir's writer), it comes out as that
+# extension's own error (a TypeError). Whatever surfaces after a signal is therefore reported
+# as the interruption it is (`run_interruptible`).
 
 
 @contextlib.contextmanager
@@ -89,7 +73,7 @@ def signals_as_exceptions() -> Iterator[None]:
 
     Installed only in the main thread (Python delivers signals there); restored on exit.
     """
-    wanted = {signal.SIGINT: _raise_interrupted, signal.SIGTERM: _raise_interrupted}
+    wanted = {signal.SIGINT: on_signal, signal.SIGTERM: on_signal}
     if hasattr(signal, "SIGXFSZ"):
         wanted[signal.SIGXFSZ] = signal.SIG_IGN
     old = {}
@@ -103,16 +87,17 @@ def signals_as_exceptions() -> Iterator[None]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        RECEIVED.clear()  # the record is this command's
 
 
 def run_interruptible(run: Callable[[], T]) -> T:
     """``run()``, with an error that surfaces after a signal re-raised as the `Interrupted`."""
-    _RECEIVED.clear()
+    RECEIVED.clear()
     try:
         return run()
     except Exception:
-        if _RECEIVED:
-            raise Interrupted(_RECEIVED[0]) from None
+        if RECEIVED:
+            raise Interrupted(RECEIVED[0]) from None
         raise
 
 

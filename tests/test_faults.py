@@ -483,3 +483,31 @@ def test_a_signal_whose_exception_an_extension_replaced_is_still_the_signal(monk
     assert cli.main(["eval"]) == EXIT_SIGTERM
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM" in err and "internal error" not in err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_output(tmp_path):
+    """Python drops an exception raised inside ``__del__`` ("Exception ignored"): a SIGTERM
+    landing in a finalizer must still keep the new folder from replacing the old one."""
+    from sinq_export.interrupts import RECEIVED, Interrupted, on_signal
+    from sinq_export.outcome import run_interruptible, signals_as_exceptions
+
+    target = tmp_path / "out"
+    marker = io.Marker("ours.json", ("ours",))
+    with io.atomic_output_dir(target, marker=marker) as tmp:  # an earlier output of ours
+        (tmp / "ours.json").write_text('{"ours": 1}')
+
+    class Finalizer:
+        def __del__(self):
+            on_signal(signal.SIGTERM, None)  # the handler, run while the finalizer runs
+
+    def write() -> None:
+        with io.atomic_output_dir(target, overwrite=True, marker=marker) as tmp:
+            (tmp / "ours.json").write_text('{"ours": 2}')
+            Finalizer()  # collected at once: its exception is swallowed
+
+    with signals_as_exceptions(), pytest.raises(Interrupted) as info:
+        run_interruptible(write)
+    assert info.value.signum == signal.SIGTERM and RECEIVED == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / "ours.json").read_text() == '{"ours": 1}'

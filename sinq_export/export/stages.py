@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from ..interrupts import raise_if_interrupted
+
 _SAMPLE_S = 0.05
 
 
@@ -73,6 +75,7 @@ class Stages:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        raise_if_interrupted()  # not minutes more of work after a swallowed signal
         self._bar.set_postfix_str(name)
         mark_before = peak_rss_bytes()
         sampler = _RssSampler()
