@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Lowest first. A module belongs to the first layer with an entry that is the module or a
 # package holding it. To add a module, put it in the layer whose names it may use.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("contract", "verbosity", "io", "folders", "onnx_tensors", "workers", "heap")),
+    ("base", ("contract", "verbosity", "interrupts", "io", "folders", "onnx_tensors", "workers",
+              "heap")),
     ("sources", ("checkpoint", "gguf", "models", "data")),
     ("quant", ("quant",)),
     ("config", ("config", "presets")),
