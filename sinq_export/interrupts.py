@@ -36,4 +36,4 @@ def on_signal(signum: int, frame: object) -> None:
 def raise_if_interrupted() -> None:
     """Raise the `Interrupted` of a signal received earlier whose exception was swallowed."""
     if RECEIVED:
-        raise Interrupted(RECEIVED[0])
+        raise Interrupted(RECEIVED[0]) from None

@@ -20,7 +20,7 @@ from typing import TypeVar
 from .calibration.forward import NonFiniteActivations
 from .config import ConfigError
 from .folders import ModelLoadError
-from .interrupts import RECEIVED, Interrupted, on_signal
+from .interrupts import RECEIVED, on_signal, raise_if_interrupted
 from .io import OUTPUT_ERRNOS, OutputError, OutputExistsError, UnsafeOutputError, output_error
 from .quant.core import QuantizationError
 from .runtime_ops import RuntimeOpsUnavailable
@@ -61,12 +61,6 @@ def usage_errors() -> tuple[type[BaseException], ...]:
             ExportError, ValidationError)
 
 
-# The handler's exception can also be turned into another on its way up: raised inside a C
-# extension's call (numpy's ``tofile`` under onnx_ir's writer), it comes out as that
-# extension's own error (a TypeError). Whatever surfaces after a signal is therefore reported
-# as the interruption it is (`run_interruptible`).
-
-
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """SIGINT/SIGTERM -> `Interrupted`; SIGXFSZ ignored so a ``ulimit -f`` is an EFBIG error.
@@ -91,13 +85,17 @@ def signals_as_exceptions() -> Iterator[None]:
 
 
 def run_interruptible(run: Callable[[], T]) -> T:
-    """``run()``, with an error that surfaces after a signal re-raised as the `Interrupted`."""
+    """``run()``, with an error that surfaces after a signal re-raised as the `Interrupted`.
+
+    The handler's exception can be turned into another on its way up: raised inside a C
+    extension's call (numpy's ``tofile`` under onnx_ir's writer), it comes out as that
+    extension's own error (a TypeError).
+    """
     RECEIVED.clear()
     try:
         return run()
     except Exception:
-        if RECEIVED:
-            raise Interrupted(RECEIVED[0]) from None
+        raise_if_interrupted()
         raise
 
 

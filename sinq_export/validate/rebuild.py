@@ -293,8 +293,9 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
         if owner in layers or source not in loaded:
             continue
         if model.get_parameter(target).device.type == "meta":
-            if source in tables:  # a float head beside a quantized table: its graph node
-                _set_parameter(model, target, _load(ckpt, source))  # reads the float weight
+            # a float head beside a quantized table: its graph node reads the float weight
+            if source in tables:
+                _set_parameter(model, target, _load(ckpt, source))
             else:
                 model.get_submodule(owner)._parameters[target.rpartition(".")[2]] = loaded[source]
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
