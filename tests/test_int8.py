@@ -127,6 +127,28 @@ def test_t_is_applied_before_quantization():
     assert int8_error(x, w, 64, t) < 1e-6 < int8_error(x, w, 64)
 
 
+@settings(deadline=None, max_examples=25)
+@given(block=st.sampled_from([16, 32]), k=st.integers(2, 96), n=st.integers(1, 12),
+       seed=st.integers(0, 2**31 - 1))
+def test_int8_error_is_the_output_difference_and_takes_a_computed_output(block, k, n, seed):
+    """The error is computed as one product (rounding times weight) and may be given the
+    output a forward already computed: both agree with the difference of the two outputs."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
+    x[:, int(rng.integers(k))] *= 40.0  # a loud channel: a real int8 error
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+    t = torch.from_numpy(rng.uniform(0.5, 2.0, k).astype(np.float32))
+    xt = (x * t).double()
+    ref = xt @ w.double().T
+    test = int8_activations(x * t, block).double() @ w.double().T
+    expected = relative_error(ref, test)
+    assert int8_error(x, w, block, t) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert int8_error(x, w, block, t, reference=ref.float()) == pytest.approx(
+        expected, rel=1e-4, abs=1e-7)
+    assert int8_error(x, w, block, t, reference=2 * ref.float()) == pytest.approx(
+        expected / 2, rel=1e-4, abs=1e-7)
+
+
 
 def _split_matmulnbits(codes: np.ndarray, scales: np.ndarray, block: int, exact: np.ndarray
                        ) -> ort.InferenceSession:

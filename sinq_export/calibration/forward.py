@@ -198,14 +198,18 @@ def calibrate_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, An
     return _block_output(block, hidden, kwargs, dtype, f"{where} (quantized)")
 
 
+# A linear's (input, output) in one forward, as its forward hook sees them.
+LinearIO = tuple[torch.Tensor, torch.Tensor]
+
+
 class BlockObserver(Protocol):
     """What `ProbeStream` shows a per-block measurement (e.g. `export.accuracy.Int8Observer`)
     while the float blocks are loaded: the stream's first hidden state, each block's linears'
-    probe inputs, then the final float hidden state."""
+    probe inputs and outputs, then the final float hidden state."""
 
     def start(self, hidden: torch.Tensor) -> None: ...
 
-    def block(self, block: nn.Module, prefix: str, inputs: Mapping[str, torch.Tensor],
+    def block(self, block: nn.Module, prefix: str, io: Mapping[str, LinearIO],
               kwargs: Mapping[str, Any], records: Mapping[str, QuantizedWeight] | None
               ) -> None: ...
 
@@ -217,7 +221,7 @@ class ProbeStream:
     else runs the blocks (a calibration loop, or nothing: `input_energies`).
 
     Each block must still be float when it `advance`s: the stream measures the input energies
-    of the block's linears and, for an ``observer``, keeps their inputs until `observe` hands
+    of the block's linears and, for an ``observer``, keeps their inputs and outputs until `observe` hands
     them over (with the records the block was given, if quantized since), so that one pass
     over the checkpoint serves the energy refit and the accuracy measurement.
 
@@ -231,7 +235,7 @@ class ProbeStream:
         self.hidden, self.kwargs = capture_block_inputs(model, windows)
         self.dtype = dtype
         self.observer = observer
-        self._inputs: dict[str, torch.Tensor] = {}
+        self._io: dict[str, LinearIO] = {}
         if observer is not None:
             observer.start(self.hidden)
 
@@ -240,7 +244,7 @@ class ProbeStream:
         input of each of its linears ``names`` (relative to the block, `LayerStats(full=False)`)."""
         names = list(names)
         hooks = [] if self.observer is None else [
-            m.register_forward_hook(lambda _m, args, _o, n=n: self._inputs.__setitem__(n, args[0]))
+            m.register_forward_hook(lambda _m, args, out, n=n: self._io.__setitem__(n, (args[0], out)))
             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         try:
             stats, self.hidden = collect_stats(
@@ -254,11 +258,11 @@ class ProbeStream:
 
     def observe(self, block: nn.Module, prefix: str,
                 records: Mapping[str, QuantizedWeight] | None = None) -> None:
-        """Hand the last `advance`'s inputs to the observer, with the records the block's
-        linears were given since, if any (``block`` still float)."""
-        inputs, self._inputs = self._inputs, {}
+        """Hand the last `advance`'s linear inputs and outputs to the observer, with the records
+        the block's linears were given since, if any (``block`` still float)."""
+        io, self._io = self._io, {}
         if self.observer is not None:
-            self.observer.block(block, prefix, inputs, self.kwargs, records)
+            self.observer.block(block, prefix, io, self.kwargs, records)
 
     def head_energies(self, model: nn.Module, names: Iterable[str]) -> dict[str, LayerStats]:
         """The output projection's input energies (the final norm of the stream), if in ``names``."""

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.forward import forward_dtype, forward_precision, input_energies
+from ..calibration.forward import LinearIO, forward_dtype, forward_precision, input_energies
 from ..calibration.probe import probe_tokens, release_memory
 from ..checkpoint import Checkpoint
 from ..config import SinqConfig, is_head
@@ -205,31 +205,32 @@ class Int8Observer:
         self._noisy = hidden
 
     @torch.no_grad()
-    def block(self, block: nn.Module, prefix: str, inputs: Mapping[str, torch.Tensor],
+    def block(self, block: nn.Module, prefix: str, io: Mapping[str, LinearIO],
               kwargs: Mapping[str, Any], records: Mapping[str, QuantizedWeight] | None) -> None:
         start = prefix + "."
         hooks = []
         try:
-            for unit, t, size in self._units(block, start, inputs, records):
+            for unit, t, size in self._units(block, start, io, records):
                 for n in unit:
                     m = block.get_submodule(n[len(start):])
+                    x, out = io[n[len(start):]]
+                    ref = out.float() if m.bias is None else out.float() - m.bias.float()
                     w = m.weight.float()
-                    self.errors[n] = int8_error(inputs[n[len(start):]],
-                                                w if t is None else w / t, size, t)
+                    self.errors[n] = int8_error(x, w if t is None else w / t, size, t, ref)
                     hooks.append(m.register_forward_pre_hook(_int8_input(t, size)))
             self._noisy = _run(block, self._noisy, kwargs, self.dtype)
         finally:
             for h in hooks:
                 h.remove()
 
-    def _units(self, block: nn.Module, start: str, inputs: Mapping[str, torch.Tensor],
+    def _units(self, block: nn.Module, start: str, io: Mapping[str, LinearIO],
                records: Mapping[str, QuantizedWeight] | None
                ) -> list[tuple[list[str], torch.Tensor | None, int]]:
         """(linears sharing one t, that t, their node block size) of the block's quantized
         linears: from the records it was just given, else as the config will quantize them."""
         if records is not None:
             return [([n], r.col_scale, r.group_size) for n, r in records.items()]
-        names = [start + n for n in inputs if self.config.bits_for(start + n) is not None]
+        names = [start + n for n in io if self.config.bits_for(start + n) is not None]
         settings = {n: (self.config.bits_for(n), self.config.group_size_for(n)) for n in names}
         joint = joint_groups(names, settings, self.config.shared_col_scale)
         out = []

@@ -68,23 +68,35 @@ def loudest_channels(x: torch.Tensor, count: int) -> torch.Tensor:
 
 def relative_error(ref: torch.Tensor, test: torch.Tensor) -> float:
     """``max |test - ref| / max |ref|``: the validator's layer metric (`validate.metrics`)."""
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    return float((test - ref).abs().max()) / max(scale, 1e-30) if ref.numel() else 0.0
+    return _relative_to(test - ref, ref)
+
+
+def _relative_to(error: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |error| / max |ref|`` (0 for empty tensors)."""
+    if not ref.numel():
+        return 0.0
+    return float(error.abs().max()) / max(float(ref.abs().max()), 1e-30)
 
 
 @torch.no_grad()
 def int8_error(x: torch.Tensor, weight: torch.Tensor, block: int,
-               col_scale: torch.Tensor | None = None) -> float:
+               col_scale: torch.Tensor | None = None,
+               reference: torch.Tensor | None = None) -> float:
     """The error int8 activations add to the linear ``x -> (x * t) @ weight^T``, relative to
     its output (`relative_error`), for inputs ``x [..., K]`` and node block size ``block``.
 
     ``weight`` is what the node multiplies by (``(Q - z) * s``, or the float weight over ``t``);
     ``col_scale`` is the ``t`` applied to the activations before the node (folded into a norm
-    or not, the node's input is ``x * t``), None when there is none.
+    or not, the node's input is ``x * t``), None when there is none. ``reference``: that
+    output (without bias) where a forward already computed it, else it is computed here.
+
+    The error is one product, the rounding of the input times the weight: the difference of
+    two outputs would cost a second product and lose the small error to cancellation.
     """
     x = x.reshape(-1, x.shape[-1]).float()
     if col_scale is not None:
         x = x * col_scale.float()
     w = weight.float()
-    ref = x @ w.T
-    return relative_error(ref, int8_activations(x, block) @ w.T)
+    error = (int8_activations(x, block) - x) @ w.T
+    ref = x @ w.T if reference is None else reference.reshape(-1, w.shape[0])
+    return _relative_to(error, ref)
