@@ -141,7 +141,11 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
                         "+2.6; default: on below 8 bits)")
     p.add_argument("--embedding-bits", type=config.arg_type(config.parse_width, config.EMBEDDING_BITS),
                    help="store the token embedding quantized at 4 or 8 bits (GatherBlockQuantized; one "
-                        "table with a tied lm_head of the same width), or 'float' (default 8)")
+                        "table with a tied lm_head of the same width), or 'float' (default 4)")
+    p.add_argument("--table-ops", choices=config.TABLE_OPS_CHOICES,
+                   help="how the graph reads a quantized table: 'contrib' (onnxruntime's "
+                        "GatherBlockQuantized, default) or 'standard' (Gather and standard ONNX ops: "
+                        "for runtimes without that op, e.g. transformers.js in a browser)")
     p.add_argument("--with-reference", action="store_true", help="also write OUT_DIR/reference (the "
                    "PyTorch model) for validating the export away from the source folder; loads the "
                    "float model")

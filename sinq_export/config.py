@@ -357,6 +357,7 @@ class SinqConfig:
 
 
 EMBEDDING_BITS = (4, 8)  # GatherBlockQuantized's CPU kernel
+TABLE_OPS_CHOICES = ("contrib", "standard")
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,10 @@ class GraphConfig:
             preceding norm / up_proj where exact, or ``fused`` into the custom op.
         embedding_bits: store the token embedding table quantized (GatherBlockQuantized) at this
             width; None keeps it float.
+        table_ops: how the graph reads a quantized table: ``"contrib"`` (onnxruntime's
+            ``GatherBlockQuantized``) or ``"standard"`` (``Gather`` of the packed rows and
+            their dequantization in standard ONNX ops, for runtimes without that op; the same
+            tensors and numbers).
     """
 
     runtime: Literal["stock", "custom"] = "stock"
@@ -382,6 +387,7 @@ class GraphConfig:
     dtype: Literal["fp32", "fp16"] = "fp32"
     col_scale: Literal["mul", "fold", "fused"] = "mul"
     embedding_bits: int | None = None
+    table_ops: Literal["contrib", "standard"] = "contrib"
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -399,6 +405,8 @@ class GraphConfig:
         if self.embedding_bits is not None and self.embedding_bits not in EMBEDDING_BITS:
             raise ConfigError(f"embedding_bits={self.embedding_bits!r} is not one of {EMBEDDING_BITS} "
                               "(GatherBlockQuantized)")
+        if self.table_ops not in TABLE_OPS_CHOICES:
+            raise ConfigError(f"table_ops={self.table_ops!r} is not one of {TABLE_OPS_CHOICES}")
 
     def replace(self, **changes: Any) -> GraphConfig:
         return replace(self, **changes)

@@ -44,6 +44,11 @@ CUSTOM_OP_CUDA_LIBRARY = "libsinq_ops_cuda.so"
 STOCK_DOMAIN = "com.microsoft"
 STOCK_OP = "MatMulNBits"
 EMBEDDING_OP = "GatherBlockQuantized"
+# A quantized table gathered with standard ONNX ops (Gather of the packed rows, then their
+# dequantization): the same tensors, for runtimes without the contrib op.
+STANDARD_TABLE_OP = "Gather"
+STANDARD_DOMAIN = ""  # ONNX's own ops
+TABLE_OPS = (EMBEDDING_OP, STANDARD_TABLE_OP)
 QUANT_OPS = (STOCK_OP, CUSTOM_OP)
 
 # ----------------------------------------------------------------------------- files

@@ -127,13 +127,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # tied o_proj t leaves no Mul in front of o_proj; the fusion also needs gate and up at one
     # accuracy level, which "auto" gives them (it chooses per shared-input group), and a model
     # whose int8 activations fail its validator still runs exact; its 8-bit table is the
-    # configuration measured in the browser (docs/runtimes.md)
+    # configuration measured in the browser (docs/runtimes.md), read by standard ops because
+    # transformers.js's own onnxruntime-web build has no GatherBlockQuantized kernel
     replace(_DEFAULT, name="web",
-            summary="for onnxruntime-web's WebGPU: the default with symmetric 4-bit g32 "
-                    "codes and one t per block input, which its fused MLP kernel needs, and "
-                    "an 8-bit table",
+            summary="for browsers (onnxruntime-web's WebGPU, transformers.js): the default "
+                    "with symmetric 4-bit g32 codes and one t per block input, which the "
+                    "WebGPU fused MLP kernel needs, and an 8-bit table in standard ops",
             sinq={**_DEFAULT.sinq, "symmetric": True, "shared_col_scale": "all"},
-            graph={**_DEFAULT.graph, "embedding_bits": 8}, tie_o_proj=True),
+            graph={**_DEFAULT.graph, "embedding_bits": 8, "table_ops": "standard"},
+            tie_o_proj=True),
 )}
 
 

@@ -35,6 +35,7 @@ def test_bad_values_name_the_field(kwargs, message):
         ({"runtime": "cuda"}, "runtime"),
         ({"dtype": "bf16"}, "dtype"),
         ({"embedding_bits": 3}, "embedding_bits"),
+        ({"table_ops": "bitwise"}, "table_ops"),
     ],
 )
 def test_bad_graph_values_name_the_field(kwargs, message):

@@ -540,3 +540,51 @@ def test_a_float_tied_head_beside_a_quantized_table_validates(tmp_path, table_bi
     from sinq_export.validate import validate
 
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+@pytest.mark.parametrize(("table_bits", "group_size"), [(4, 32), (4, 16), (8, 32)])
+def test_a_table_in_standard_ops_computes_what_gather_block_quantized_does(
+        tmp_path, table_bits, group_size):
+    """``table_ops="standard"`` reads the same tensors with Gather and standard ops: the same
+    bytes on disk, bit-identical logits, and it validates. Group size 32 on the 96-wide hidden
+    gives three 4-bit zero points per row (the last byte's padding nibble is cut off), 16 six."""
+    make_family_dir(tmp_path / "hf", "llama", seed=3)
+    cfg = CFG.replace(group_size=group_size, lm_head_bits=table_bits,
+                      lm_head_group_size=group_size)
+    runs, manifests = {}, {}
+    for ops in ("contrib", "standard"):
+        res = export_causal_lm(tmp_path / "hf", tmp_path / ops, cfg,
+                               GraphConfig(embedding_bits=table_bits, table_ops=ops),
+                               progress=False)
+        manifests[ops] = res.manifest["layers"]["model.embed_tokens"]
+        runs[ops] = run_ort_lm(cpu_session(tmp_path / ops), PROMPT, STEPS)
+    assert (manifests["contrib"]["op"], manifests["standard"]["op"]) == (
+        "GatherBlockQuantized", "Gather")
+    graph = onnx.load(str(tmp_path / "standard" / MODEL_FILE), load_external_data=False)
+    assert "GatherBlockQuantized" not in {n.op_type for n in graph.graph.node}
+    data = sorted(p.name for p in (tmp_path / "standard" / "onnx").glob("*_data*"))
+    assert data and all((tmp_path / "standard" / "onnx" / name).read_bytes()
+                        == (tmp_path / "contrib" / "onnx" / name).read_bytes() for name in data)
+    np.testing.assert_array_equal(runs["standard"].logits, runs["contrib"].logits)
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "standard", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
+def test_a_table_gathered_with_its_nibbles_swapped_fails_validate(tmp_path):
+    """The standard-op table's unpacking is checked end to end: the graph reading each byte's
+    high nibble first (every tensor unchanged) must not pass."""
+    make_family_dir(tmp_path / "hf", "llama", seed=3)
+    export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG,
+                     GraphConfig(embedding_bits=4, table_ops="standard"), progress=False)
+    path = tmp_path / "out" / MODEL_FILE
+    model = onnx.load(str(path), load_external_data=False)
+    pairs = [n for n in model.graph.node if n.op_type == "Concat" and len(n.input) == 2
+             and all("Unsqueeze" in i or "unsqueeze" in i.lower() for i in n.input)]
+    assert pairs, "the nibble pairs' Concat nodes"
+    for node in pairs:
+        node.input[0], node.input[1] = node.input[1], node.input[0]
+    onnx.save(model, str(path))
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "failed"

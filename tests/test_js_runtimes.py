@@ -57,14 +57,16 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def float_table_export(exported, tmp_path_factory):
-    """The same export with a float embedding table: transformers.js's own onnxruntime-web
-    build has no GatherBlockQuantized kernel (docs/runtimes.md)."""
+def standard_table_export(exported, tmp_path_factory):
+    """The same export with its 4-bit table read by standard ops (``table_ops="standard"``):
+    transformers.js's own onnxruntime-web build has no GatherBlockQuantized kernel
+    (docs/runtimes.md)."""
     from sinq_export.export import export_causal_lm
 
-    out = tmp_path_factory.mktemp("js-float-table") / "out"
+    out = tmp_path_factory.mktemp("js-standard-table") / "out"
     export_causal_lm(exported[0], out, SinqConfig(bits=4, group_size=16),
-                     GraphConfig(accuracy_level=0), progress=False)
+                     GraphConfig(accuracy_level=0, embedding_bits=4, table_ops="standard"),
+                     progress=False)
     return out
 
 
@@ -189,17 +191,17 @@ def _run_page(folder: Path, page: str, query: dict, backend: str = "wasm") -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_transformers_js_in_the_browser_generates_genai_tokens(float_table_export):
+def test_transformers_js_in_the_browser_generates_genai_tokens(standard_table_export):
     """transformers.js inside headless Chromium (WASM, from js/node_modules, no CDN) loads the
     folder as served and its greedy tokens are onnxruntime-genai's."""
     _need("wasm")
     if not (js.js_dir() / "node_modules" / "@huggingface" / "transformers").is_dir():
         pytest.skip(f"transformers.js not installed; fix: {js.NPM_FIX}")
     prompt, new = [int(t) for t in PREFILL[:6]], 10
-    web = _run_page(float_table_export, "js/tjs_page.html",
+    web = _run_page(standard_table_export, "js/tjs_page.html",
                     {"model": "export", "ids": json.dumps(prompt), "new": new})
     assert web["version"] == "4.3.1" and web["device"] == "wasm"
-    assert web["ids"] == _genai_greedy(float_table_export, prompt, new)
+    assert web["ids"] == _genai_greedy(standard_table_export, prompt, new)
 
 
 def _webgpu_nodes(folder: Path) -> dict:

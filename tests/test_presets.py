@@ -79,7 +79,7 @@ def test_the_web_preset_is_the_default_with_what_onnxruntime_web_fuses(tmp_path,
 
     config, graph, _ = get_preset("web").configs()
     base, base_graph, _ = get_preset(DEFAULT_PRESET).configs()
-    assert graph == replace(base_graph, embedding_bits=8)
+    assert graph == replace(base_graph, embedding_bits=8, table_ops="standard")
     assert {k: v for k, v in config.to_dict().items() if base.to_dict()[k] != v} == {
         "symmetric": True, "shared_col_scale": "all"}
     make_family_dir(tmp_path / "hf", llama128)
@@ -114,6 +114,8 @@ def _fields(config: SinqConfig, graph: GraphConfig) -> dict:
 
 @pytest.mark.parametrize(("argv", "changes"), [
     (["--preset", "small", "--embedding-bits", "8"], {"embedding_bits": 8}),
+    (["--table-ops", "standard"], {"table_ops": "standard"}),
+    (["--preset", "web", "--table-ops", "contrib"], {"table_ops": "contrib"}),
     (["--preset", "small", "--group-size", "32"], {"group_size": 32}),
     (["--preset", "exact", "--accuracy-level", "4"], {"accuracy_level": 4}),
     (["--preset", "exact", "--accuracy-level", "auto"], {"accuracy_level": "auto"}),

@@ -32,7 +32,13 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import OpBuilder, nn
 
-from ..contract import EMBEDDING_OP, STOCK_OP, SUPPORTED_MODEL_TYPES, custom_op_inputs
+from ..contract import (
+    EMBEDDING_OP,
+    STOCK_OP,
+    SUPPORTED_MODEL_TYPES,
+    TABLE_OPS,
+    custom_op_inputs,
+)
 from ..quant import packing
 from . import families
 from .graph import ExportError
@@ -218,10 +224,11 @@ def linear_shapes(module: nn.Module) -> dict[str, tuple[tuple[int, int], bool]]:
 
 
 class SinqEmbedding(nn.Module):
-    """Quantized token embedding: ``GatherBlockQuantized`` rows, then ``* t`` (t acts on the
-    columns, so it follows the gather). ``qweight`` is the record's packed codes viewed 2-D
-    ``[V, K*bits/8]`` (same bytes), the layout GatherBlockQuantized reads. ``embed_scale``
-    is the factor of the embedding it replaces (Gemma's ``sqrt(hidden)``; 1 elsewhere)."""
+    """Quantized token embedding: ``GatherBlockQuantized`` rows (or the same in standard ops,
+    ``GraphConfig.table_ops``), then ``* t`` (t acts on the columns, so it follows the
+    gather). ``qweight`` is the record's packed codes viewed 2-D ``[V, K*bits/8]`` (same
+    bytes), the layout GatherBlockQuantized reads. ``embed_scale`` is the factor of the
+    embedding it replaces (Gemma's ``sqrt(hidden)``; 1 elsewhere)."""
 
     def __init__(self, plan: LinearPlan, embed_scale: float = 1.0) -> None:
         super().__init__()
@@ -238,14 +245,49 @@ class SinqEmbedding(nn.Module):
 
     def forward(self, op: OpBuilder, input_ids: ir.Value) -> ir.Value:
         plan = self._plan
-        y = op.GatherBlockQuantized(self.qweight, input_ids, self.scales, self.qzeros,
-                                    bits=plan.choice.container_bits, block_size=plan.group_size,
-                                    gather_axis=0, quantize_axis=1, _domain=plan.choice.domain)
+        if plan.choice.op == EMBEDDING_OP:
+            y = op.GatherBlockQuantized(self.qweight, input_ids, self.scales, self.qzeros,
+                                        bits=plan.choice.container_bits, block_size=plan.group_size,
+                                        gather_axis=0, quantize_axis=1, _domain=plan.choice.domain)
+        else:
+            y = self._dequantized_rows(op, input_ids)
         y.dtype = self.scales.dtype
         y.shape = ir.Shape([*(input_ids.shape or ["batch", "sequence_len"]), plan.shape[1]])
         if self._embed_scale != 1.0:
             y = op.Mul(y, self._embed_scale)
         return y if self.col_scale is None else op.Mul(y, self.col_scale)
+
+
+    def _dequantized_rows(self, op: OpBuilder, input_ids: ir.Value) -> ir.Value:
+        """What GatherBlockQuantized returns, in standard ops: the rows' codes, zero points
+        and scales gathered, then ``(q - z) * s`` per block (every step exact but the one
+        product, so the numbers are the contrib op's)."""
+        plan = self._plan
+        _, k = plan.shape
+        g, bits = plan.group_size, plan.choice.container_bits
+        nb = packing.n_blocks(k, g)
+        dtype = self.scales.dtype
+        codes = _unpacked(op, op.Gather(self.qweight, input_ids, axis=0), bits, dtype)
+        zeros = _unpacked(op, op.Gather(self.qzeros, input_ids, axis=0), bits, dtype)
+        if bits * nb % 8:  # the last byte's high nibble pads an odd count of 4-bit zero points
+            zeros = op.Slice(zeros, [0], [nb], [2])
+        scales = op.Gather(self.scales, input_ids, axis=0)
+        blocks = op.Reshape(codes, [0, 0, nb, g])
+        rows = op.Mul(op.Sub(blocks, op.Unsqueeze(zeros, [-1])), op.Unsqueeze(scales, [-1]))
+        return op.Reshape(rows, [0, 0, k])
+
+
+def _unpacked(op: OpBuilder, packed: ir.Value, bits: int, dtype: ir.DataType) -> ir.Value:
+    """uint8 ``[batch, sequence, bytes]`` -> the codes they hold as ``dtype`` ``[batch, sequence,
+    bytes * 8 / bits]``, low nibble first (`quant.packing`): a nibble split in float arithmetic,
+    exact for integers below 256, because bitwise ops are missing from some web runtimes."""
+    value = op.Cast(packed, to=dtype)
+    if bits == 8:
+        return value
+    high = op.Floor(op.Mul(value, 1.0 / 16))
+    low = op.Sub(value, op.Mul(high, 16.0))
+    pairs = op.Concat(op.Unsqueeze(low, [-1]), op.Unsqueeze(high, [-1]), axis=-1)
+    return op.Reshape(pairs, [0, 0, -1])
 
 
 class SinqTiedHead(nn.Module):
@@ -288,7 +330,7 @@ def replace_linears(module: nn.Module, plans: Mapping[str, LinearPlan]) -> None:
     """Swap each planned mobius ``Linear`` for a `SinqMatMul` and a planned embedding for a
     `SinqEmbedding` (+ `SinqTiedHead`), in place, before the build."""
     for name, plan in plans.items():
-        if plan.choice.op == EMBEDDING_OP:
+        if plan.choice.op in TABLE_OPS:
             parent, leaf = _submodule(module, name)
             old = getattr(parent, leaf)
             setattr(parent, leaf, SinqEmbedding(plan, getattr(old, "embed_scale", 1.0)))
@@ -297,7 +339,7 @@ def replace_linears(module: nn.Module, plans: Mapping[str, LinearPlan]) -> None:
         if plan.shared_with is not None:
             emb_parent, emb_leaf = _submodule(module, plan.shared_with)
             setattr(parent, leaf, SinqTiedHead(getattr(emb_parent, emb_leaf), plan))
-        elif plan.choice.op != EMBEDDING_OP:
+        elif plan.choice.op not in TABLE_OPS:
             setattr(parent, leaf, SinqMatMul(plan))
 
 

@@ -35,8 +35,11 @@ from ..contract import (
     EMBEDDING_OP,
     FOLDED_T_FILE,
     MODEL_FILE,
+    STANDARD_DOMAIN,
+    STANDARD_TABLE_OP,
     STOCK_DOMAIN,
     STOCK_OP,
+    TABLE_OPS,
     add_transformers_js_config,
     data_file_names,
 )
@@ -247,7 +250,10 @@ def plan_export(module: object, ckpt: Checkpoint, config: SinqConfig, graph: Gra
     norm_folds: dict[str, str] = {}
     choices = {n: choose_node(bits[n], graph.runtime, graph.col_scale) for n in bits}
     if embedding is not None:
-        choices[EMBEDDING] = NodeChoice(EMBEDDING_OP, STOCK_DOMAIN, graph.embedding_bits, False)
+        choices[EMBEDDING] = (
+            NodeChoice(EMBEDDING_OP, STOCK_DOMAIN, graph.embedding_bits, False)
+            if graph.table_ops == "contrib" else
+            NodeChoice(STANDARD_TABLE_OP, STANDARD_DOMAIN, graph.embedding_bits, False))
     for n in bits:
         choice = choices[n]
         if not has_t[n]:
@@ -316,7 +322,7 @@ def _measured_levels(folder: Path, ckpt: Checkpoint, plan: Plan,
     (`export.accuracy`), the exact channels of an output projection at level 4, and the
     measurement. ``observer`` rode on the export's float pass (probe or calibration); without
     one it gets its own pass now."""
-    nodes = {n: p.group_size for n, p in plan.linears.items() if p.choice.op != EMBEDDING_OP}
+    nodes = {n: p.group_size for n, p in plan.linears.items() if p.choice.op not in TABLE_OPS}
     sources = {n: _weight_source(n, ckpt, tied) for n in nodes}
     col_scales = {n: r.col_scale for n, r in records.items()}
     try:
@@ -435,7 +441,7 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
             "ratio_of": p.ratio_of,
             "output_scaled_by": plan.row_scale_from.get(name),
             "output_scale_heads": plan.row_scale_heads.get(name, 1),
-            "accuracy_level": None if p.choice.op == EMBEDDING_OP else p.accuracy_level,
+            "accuracy_level": None if p.choice.op in TABLE_OPS else p.accuracy_level,
             "exact_channels": list(p.exact_channels),
         }
         if name in int8_errors:
@@ -704,7 +710,7 @@ def export_causal_lm(
                                 quantize_as=plan.quantize_as, keep=with_reference)
             bindings = {n: LinearBinding(p.choice.container_bits, p.col_scale_input,
                                          plan.row_scale_from.get(n),
-                                         flat=p.choice.op == EMBEDDING_OP,
+                                         flat=p.choice.op in TABLE_OPS,
                                          col_scale_over=p.ratio_of,
                                          row_scale_heads=plan.row_scale_heads.get(n, 1),
                                          exact_channels=p.exact_channels,

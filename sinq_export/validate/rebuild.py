@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..contract import CUSTOM_OP, INPUT_COL_SCALE
+from ..contract import CUSTOM_OP, INPUT_COL_SCALE, TABLE_OPS
 from ..models import ModelLoadError, hub_offline
 from ..nn import SinqLinear
 from ..quant import packing
@@ -249,7 +249,7 @@ def build_reference(ckpt: Checkpoint, layers: dict[str, dict], nodes: dict, tens
     modules = dict(model.named_modules())
     tables: dict[str, torch.Tensor] = {}
     for name, meta in layers.items():
-        if meta.get("op") == "GatherBlockQuantized":  # a quantized embedding: its float table
+        if meta.get("op") in TABLE_OPS:  # a quantized embedding: its float table
             tables[name + ".weight"] = _embedding_table(meta, tensors)
             continue
         node = nodes.get(layer_node_name(meta) or "")
@@ -428,7 +428,7 @@ def _graph_bias(meta: dict, node: onnx.NodeProto, tensors: Tensors) -> torch.Ten
 
 
 def _embedding_table(meta: dict, tensors: Tensors) -> torch.Tensor:
-    """``(Q - z) * s * t`` of a GatherBlockQuantized record (what the gather returns per row)."""
+    """``(Q - z) * s * t`` of a quantized table's record (what the gather returns per row)."""
     names = meta["initializers"]
     n, k = meta["shape"]
     bits, g = int(meta["container_bits"]), int(meta["group_size"])
