@@ -1,6 +1,6 @@
 """Perplexity of the default export against its calibration token budget, on the real models.
 
-    python bench/calibration_budget.py                              # SmolLM2, Qwen, Gemma3 x 2,4,8,16
+    python bench/calibration_budget.py                              # SmolLM2, Qwen, Gemma3 x 2,3,4,8
     python bench/calibration_budget.py --models smollm2 --windows 4,8
 
 The default preset (`sinq-export model`) calibrates only its 4-bit g32 lm_head (A-SINQ + GPTQ on
@@ -128,11 +128,11 @@ def write_results(rows: list[dict[str, Any]]) -> None:
     (RESULTS / "calibration_budget.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["# Default export vs. calibration windows (x 512 tokens)", "",
              f"CPU: {meta['cpu']} ({meta['cpus']} cores), shared with other jobs: export times are",
-             "noisy. ppl: `sinq-export eval OUT` (4 x 512 Wikipedia tokens, onnxruntime). Δ8: ppl minus",
-             "the N = 8 row of the same model. validate: at the N the default picks.", "",
-             "| model | head K | N | tokens | ppl | Δ8 | export s | calibrate s | peak RSS MiB | validate |",
+             "noisy. ppl: `sinq-export eval OUT` (4 x 512 Wikipedia tokens, onnxruntime). Δ: ppl minus",
+             "the row of the same model at the N the default picks; validate: at that N.", "",
+             "| model | head K | N | tokens | ppl | Δ | export s | calibrate s | peak RSS MiB | validate |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    base = {r["model"]: r.get("ppl") for r in rows if r["windows"] == 8}
+    base = {r["model"]: r.get("ppl") for r in rows if r["windows"] == r.get("default_n")}
     for r in rows:
         ppl, b = r.get("ppl"), base.get(r["model"])
         delta = f"{ppl - b:+.3f}" if ppl is not None and b is not None else ""
@@ -149,7 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(REAL_MODELS),
                     help=f"comma list of {', '.join(REAL_MODELS)}")
-    ap.add_argument("--windows", default="2,4,8,16", help="comma list of calibration window counts")
+    ap.add_argument("--windows", default="2,3,4,8", help="comma list of calibration window counts")
     ap.add_argument("--no-validate", action="store_true", help="skip validate at the default N")
     args = ap.parse_args()
     from sinq_export.calibration.windows import default_window_count
