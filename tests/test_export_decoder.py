@@ -571,6 +571,18 @@ def test_a_table_in_standard_ops_computes_what_gather_block_quantized_does(
     assert validate(tmp_path / "standard", token_ids=PROMPT, decode_steps=4).status == "passed"
 
 
+def test_a_standard_op_table_in_an_fp16_graph_validates(tmp_path):
+    """In float16 each gathered element is rounded once (``(q - z) * s``), so the logits match
+    the contrib op's to float16 rounding, not bit for bit; the export validates."""
+    make_family_dir(tmp_path / "hf", "llama", seed=3)
+    export_causal_lm(tmp_path / "hf", tmp_path / "out", CFG,
+                     GraphConfig(embedding_bits=4, table_ops="standard", dtype="fp16"),
+                     progress=False)
+    from sinq_export.validate import validate
+
+    assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
+
+
 def test_a_table_gathered_with_its_nibbles_swapped_fails_validate(tmp_path):
     """The standard-op table's unpacking is checked end to end: the graph reading each byte's
     high nibble first (every tensor unchanged) must not pass."""
