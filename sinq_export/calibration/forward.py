@@ -221,9 +221,9 @@ class ProbeStream:
     else runs the blocks (a calibration loop, or nothing: `input_energies`).
 
     Each block must still be float when it `advance`s: the stream measures the input energies
-    of the block's linears and, for an ``observer``, keeps their inputs and outputs until `observe` hands
-    them over (with the records the block was given, if quantized since), so that one pass
-    over the checkpoint serves the energy refit and the accuracy measurement.
+    of the block's linears and, for an ``observer``, keeps their inputs and outputs until
+    `observe` hands them over (with the records the block was given, if quantized since), so
+    that one pass over the checkpoint serves the energy refit and the accuracy measurement.
 
     Why the float model's energies: they only say which channels are loud, one forward per
     block is enough, and nothing quantized has to run first; they did better at 3 bits than the
@@ -243,8 +243,11 @@ class ProbeStream:
         """Run the float ``block`` (named ``prefix``) on the stream; return ``E[x^2]`` of the
         input of each of its linears ``names`` (relative to the block, `LayerStats(full=False)`)."""
         names = list(names)
+        def keep(name: str, args: tuple, out: torch.Tensor) -> None:
+            self._io[name] = (args[0], out)
+
         hooks = [] if self.observer is None else [
-            m.register_forward_hook(lambda _m, args, out, n=n: self._io.__setitem__(n, (args[0], out)))
+            m.register_forward_hook(lambda _m, args, out, n=n: keep(n, args, out))
             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         try:
             stats, self.hidden = collect_stats(

@@ -257,7 +257,6 @@ class SinqEmbedding(nn.Module):
             y = op.Mul(y, self._embed_scale)
         return y if self.col_scale is None else op.Mul(y, self.col_scale)
 
-
     def _dequantized_rows(self, op: OpBuilder, input_ids: ir.Value) -> ir.Value:
         """What GatherBlockQuantized returns, in standard ops: the rows' codes, zero points
         and scales gathered, then ``(q - z) * s`` per block (every step exact but the one
@@ -279,8 +278,9 @@ class SinqEmbedding(nn.Module):
 
 def _unpacked(op: OpBuilder, packed: ir.Value, bits: int, dtype: ir.DataType) -> ir.Value:
     """uint8 ``[batch, sequence, bytes]`` -> the codes they hold as ``dtype`` ``[batch, sequence,
-    bytes * 8 / bits]``, low nibble first (`quant.packing`): a nibble split in float arithmetic,
-    exact for integers below 256, because bitwise ops are missing from some web runtimes."""
+    bytes * 8 / bits]``, low nibble first (`quant.packing`). The nibbles are split in float
+    arithmetic (exact below 256), which needs only ops every runtime has for floats, rather
+    than integer bit operations."""
     value = op.Cast(packed, to=dtype)
     if bits == 8:
         return value
