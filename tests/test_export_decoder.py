@@ -542,13 +542,15 @@ def test_a_float_tied_head_beside_a_quantized_table_validates(tmp_path, table_bi
     assert validate(tmp_path / "out", token_ids=PROMPT, decode_steps=4).status == "passed"
 
 
-@pytest.mark.parametrize(("table_bits", "group_size"), [(4, 32), (4, 16), (8, 32)])
+@pytest.mark.parametrize(("family", "table_bits", "group_size"), [
+    ("llama", 4, 32), ("llama", 4, 16), ("llama", 8, 32), ("qwen2", 4, 32)])
 def test_a_table_in_standard_ops_computes_what_gather_block_quantized_does(
-        tmp_path, table_bits, group_size):
+        tmp_path, family, table_bits, group_size):
     """``table_ops="standard"`` reads the same tensors with Gather and standard ops: the same
-    bytes on disk, bit-identical logits, and it validates. Group size 32 on the 96-wide hidden
-    gives three 4-bit zero points per row (the last byte's padding nibble is cut off), 16 six."""
-    make_family_dir(tmp_path / "hf", "llama", seed=3)
+    bytes on disk, bit-identical logits, and it validates, tied (llama: the head reads the
+    table's record) or not (qwen2). Group size 32 on the 96-wide hidden gives three 4-bit zero
+    points per row (the last byte's padding nibble is cut off), 16 six."""
+    make_family_dir(tmp_path / "hf", family, seed=3)
     cfg = CFG.replace(group_size=group_size, lm_head_bits=table_bits,
                       lm_head_group_size=group_size)
     runs, manifests = {}, {}
