@@ -273,7 +273,13 @@ class SinqEmbedding(nn.Module):
         scales = op.Gather(self.scales, input_ids, axis=0)
         blocks = op.Reshape(codes, [0, 0, nb, g])
         rows = op.Mul(op.Sub(blocks, op.Unsqueeze(zeros, [-1])), op.Unsqueeze(scales, [-1]))
-        return op.Reshape(rows, [0, 0, k])
+        return op.Reshape(rows, [0, 0, k], _outputs=[table_rows(plan.name)])
+
+
+def table_rows(name: str) -> str:
+    """The name given to the gathered, dequantized rows of the standard-op table ``name``
+    (what GatherBlockQuantized's own output holds); the graph's value ends with it."""
+    return f"{name}.rows"
 
 
 def _unpacked(op: OpBuilder, packed: ir.Value, bits: int, dtype: ir.DataType) -> ir.Value:

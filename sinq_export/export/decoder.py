@@ -401,6 +401,15 @@ def _copy_ops_library(out: Path) -> None:
         raise ExportError(f"runtime=custom needs the sinq.ops library: {exc}") from None
 
 
+def _value(model: ir.Model, name: str) -> ir.Value:
+    """The node output of ``model``'s graph given the name ``name`` when it was built (the
+    builder puts the module's scope in front of it)."""
+    found = [v for node in model.graph for v in node.outputs if (v.name or "").endswith(name)]
+    if len(found) != 1:
+        raise ExportError(f"the graph has {len(found)} values named ...{name!r}, expected 1")
+    return found[0]
+
+
 def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows],
                    int8_errors: Mapping[str, float]) -> dict[str, dict]:
     """Manifest ``layers`` (docs/export-format.md); a linear packed with
@@ -413,7 +422,9 @@ def _layer_records(model: ir.Model, plan: Plan, packed: Mapping[str, PackedRows]
         if name in packed:
             owner, rows = packed[name].owner, [packed[name].start, packed[name].stop]
         node = builder.node_of(model, f"{owner}.qweight", p.choice.op)
-        output = node.outputs[0]
+        # a standard-op table's node gathers its codes; its rows come out several nodes on
+        output = (node.outputs[0] if p.choice.op != STANDARD_TABLE_OP
+                  else _value(model, builder.table_rows(name)))
         for added in (bool(p.exact_channels), p.has_bias):  # the exact channels' sum, the bias
             users = [u.node for u in output.uses()]
             if added and len(users) == 1 and users[0].op_type == "Add":
